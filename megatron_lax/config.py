@@ -1,0 +1,310 @@
+"""Typed configuration: one dataclass per concern, presets named as in the paper, YAML files and
+`--section.key value` command-line overrides.
+
+A config file is YAML with an optional top-level `preset:` (a name from PRESETS) and one mapping
+per section (`model:`, `optim:`, `data:`, `train:`, `parallel:`, `checkpoint:`, `logging:`).
+Values are applied in this order: dataclass defaults, the preset, the file, the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+METHODS = ("dense", "svd", "cola")
+GATES = ("none", "identity", "linear", "dense", "tensor")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says which field and why."""
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_dim: int = 688
+    vocab_size: int = 0  # 0: follow the tokenizer, rounded up to a multiple of 64
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    init_std: float = 0.02
+    method: str = "dense"  # dense | svd (B A x) | cola (B silu(A x))
+    rank: int = 0  # rank of every low-rank projection unless attn_rank / mlp_rank say otherwise
+    attn_rank: Optional[int] = None  # q, k, v, o
+    mlp_rank: Optional[int] = None  # gate, up, down
+    lax_gate: str = "none"  # none | identity | linear | dense | tensor
+    lax_modules: list = field(default_factory=lambda: list(PROJECTIONS))
+    flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
+
+    def rank_of(self, projection: str) -> int:
+        specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
+        return specific if specific is not None else self.rank
+
+    @property
+    def uses_lax(self) -> bool:
+        return self.lax_gate != "none"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
+    warmup_steps: int = -1  # -1: warmup_ratio of the total steps
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 0.5  # on the global gradient norm; 0 disables
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/prepared/sample"  # prepared shards (data_prep.prepare output)
+    raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing
+    tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
+    seq_len: int = 256
+    mode: str = "packed"  # packed | paper (one document per sequence, padded)
+    val_tokens: int = 10_000_000
+    seed: int = 0
+    workers: int = 1  # preprocessing workers when `path` is prepared on the fly
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # 0: follow token_budget
+    token_budget: str = "0"  # paper | chinchilla | a number such as 500M, 2B (0: use steps)
+    allow_repetition: bool = False  # allow a budget larger than the prepared data
+    global_batch: int = 512  # sequences per optimizer step
+    micro_batch: int = 16  # sequences per forward/backward on one rank
+    precision: str = "auto"  # auto | fp32 | bf16-mixed | bf16-pure
+    eval_every: int = 0  # steps between validations; 0: only at the end
+    eval_tokens: int = 0  # 0: data.val_tokens
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class ParallelConfig:
+    engine: str = "single"  # single | ddp | fsdp | deepspeed
+    zero_stage: int = 1  # deepspeed only
+    deepspeed_config: str = ""  # a user's own DeepSpeed JSON instead of the generated one
+    backend: str = "auto"  # auto | nccl | gloo
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0: only at the end
+    keep: int = 2  # last K complete checkpoints kept
+    resume: str = "none"  # none | auto | a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- presets (GaLore / CoLA shapes; the paper's ranks for the low-rank variants) -----------------
+
+def _llama(dim, ffn_dim, n_heads, n_layers, rank, steps, warmup) -> dict:
+    return {
+        "model": dict(dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_layers=n_layers,
+                      vocab_size=32000, rank=rank),
+        "optim": dict(warmup_steps=warmup),
+        "train": dict(steps=steps, global_batch=512),
+    }
+
+
+PRESETS: dict[str, dict] = {
+    "llama_tiny": {"model": dict(dim=256, ffn_dim=688, n_heads=4, n_layers=4, rank=64)},
+    "llama_mini": {"model": dict(dim=384, ffn_dim=1024, n_heads=6, n_layers=6, rank=96)},
+    "llama_60m": _llama(512, 1376, 8, 8, rank=128, steps=10_000, warmup=2_000),
+    "llama_130m": _llama(768, 2048, 12, 12, rank=256, steps=20_000, warmup=4_000),
+    "llama_350m": _llama(1024, 2736, 16, 24, rank=256, steps=60_000, warmup=12_000),
+    "llama_1b": _llama(2048, 5461, 32, 24, rank=512, steps=100_000, warmup=20_000),
+}
+
+
+# --- building, validating, overriding --------------------------------------------------------------
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str, annotation) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if text.lower() in ("none", "null", ""):
+            return None
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        return _parse_value(text, inner)
+    if annotation is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    if annotation is int:
+        return int(float(text)) if "e" in text.lower() else int(text)
+    if annotation is float:
+        return float(text)
+    if annotation is list or origin is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _coerce(value: Any, annotation, where: str) -> Any:
+    try:
+        if isinstance(value, str):
+            return _parse_value(value, annotation)
+        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if annotation is str and isinstance(value, (int, float)):
+            return str(value)
+        return value
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def apply_dict(cfg: Config, values: dict, source: str = "config") -> Config:
+    """Merge a {section: {key: value}} mapping into cfg, refusing unknown sections and keys."""
+    sections = _field_types(Config)
+    for section, entries in (values or {}).items():
+        if section == "preset":
+            continue
+        if section not in sections:
+            raise ConfigError(f"{source}: unknown section {section!r} (known: {', '.join(sections)})")
+        if not isinstance(entries, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        target = getattr(cfg, section)
+        types = _field_types(type(target))
+        for key, value in entries.items():
+            if key not in types:
+                raise ConfigError(f"{source}: unknown field {section}.{key} (known: {', '.join(types)})")
+            setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+    return cfg
+
+
+def load_config(name_or_path: Optional[str] = None, overrides: Optional[dict] = None) -> Config:
+    """A preset name or a YAML path, then overrides ({"model.rank": "128", ...} or nested)."""
+    cfg = Config()
+    if name_or_path:
+        if name_or_path in PRESETS:
+            apply_dict(cfg, PRESETS[name_or_path], source=name_or_path)
+        else:
+            path = Path(name_or_path)
+            if not path.is_file():
+                raise ConfigError(f"config {name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+            try:
+                values = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: expected a mapping of sections")
+            preset = values.get("preset")
+            if preset is not None:
+                if preset not in PRESETS:
+                    raise ConfigError(f"{path}: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+                apply_dict(cfg, PRESETS[preset], source=preset)
+            apply_dict(cfg, values, source=str(path))
+    if overrides:
+        nested: dict = {}
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"override {key!r} must look like section.key")
+            nested.setdefault(section, {})[name] = value
+        apply_dict(cfg, nested, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m = cfg.model
+    if m.method not in METHODS:
+        raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(METHODS)})")
+    if m.lax_gate not in GATES:
+        raise ConfigError(f"model.lax_gate {m.lax_gate!r} is unknown (choose from {', '.join(GATES)})")
+    if m.method == "dense" and m.uses_lax:
+        raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
+    unknown = [p for p in m.lax_modules if p not in PROJECTIONS]
+    if unknown:
+        raise ConfigError(f"model.lax_modules has unknown projections {unknown} (known: {', '.join(PROJECTIONS)})")
+    if m.dim % m.n_heads != 0:
+        raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
+    if (m.dim // m.n_heads) % 2 != 0:
+        raise ConfigError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.method != "dense":
+        shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim)}
+        for projection, (d_in, d_out) in shapes.items():
+            r = m.rank_of(projection)
+            kind = "attention" if projection == "q" else "MLP"
+            if r <= 0:
+                raise ConfigError(f"model.method {m.method} needs a positive {kind} rank (model.rank), got {r}")
+            if r > min(d_in, d_out):
+                raise ConfigError(f"{kind} rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)}")
+    if cfg.data.mode not in ("packed", "paper"):
+        raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
+    if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):
+        raise ConfigError(f"train.precision {cfg.train.precision!r} is unknown (auto, fp32, bf16-mixed, bf16-pure)")
+    if cfg.parallel.engine not in ("single", "ddp", "fsdp", "deepspeed"):
+        raise ConfigError(f"parallel.engine {cfg.parallel.engine!r} is unknown (single, ddp, fsdp, deepspeed)")
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.train.global_batch <= 0 or cfg.train.micro_batch <= 0:
+        raise ConfigError("train.global_batch and train.micro_batch must be positive")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds --config and one --section.key option per field, each with its default in the help."""
+    parser.add_argument("--config", help=f"YAML file or preset ({', '.join(PRESETS)})")
+    defaults = Config()
+    for section, section_type in _field_types(Config).items():
+        group = parser.add_argument_group(section)
+        for key, annotation in _field_types(section_type).items():
+            default = getattr(getattr(defaults, section), key)
+            shown = ",".join(default) if isinstance(default, list) else default
+            group.add_argument(f"--{section}.{key}", dest=f"override:{section}.{key}", metavar="V",
+                               default=argparse.SUPPRESS, help=f"(default: {shown})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {k.split(":", 1)[1]: v for k, v in vars(args).items() if k.startswith("override:")}
+    return load_config(args.config, overrides)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
