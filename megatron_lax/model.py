@@ -28,6 +28,9 @@ Latents = dict[str, torch.Tensor]
 # --- LaX gates: map the previous block's latent into this block's latent space ------------------
 
 class IdentityGate(nn.Module):
+    def __init__(self, rank: int):
+        super().__init__()
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z
 

@@ -1,0 +1,59 @@
+"""A model's row as in the paper's Table 5:
+
+    python -m megatron_lax.info --config FILE_OR_PRESET [--section.key value ...] [--json]
+
+Parameters (M), the memory estimate (GB: BF16 weights, gradients and two Adam states; activations
+excluded) and FLOPs per token (training = 3 x forward).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError, add_config_arguments, config_from_args
+from .model import count_parameters, flops_per_token, memory_gb
+
+DEFAULT_VOCAB = 32000  # for configs whose vocabulary follows a tokenizer (model.vocab_size 0)
+
+
+def describe(cfg) -> dict:
+    m = cfg.model
+    if m.vocab_size <= 0:
+        m.vocab_size = DEFAULT_VOCAB
+    params = count_parameters(m)
+    flops = flops_per_token(m, cfg.data.seq_len)
+    variant = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}[m.method]
+    if m.uses_lax:
+        variant += f" + LaX ({m.lax_gate})"
+    ranks = sorted({m.rank_of(p) for p in ("q", "gate")}) if m.method != "dense" else []
+    return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
+            "memory_gb": memory_gb(params), "flops_per_token": flops["train"],
+            "forward_flops_per_token": flops["forward"], "seq_len": cfg.data.seq_len, "vocab_size": m.vocab_size,
+            "dim": m.dim, "n_layers": m.n_layers}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lax.info", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        row = describe(config_from_args(args))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(row))
+        return 0
+    rank = "/".join(map(str, row["rank"])) or "-"
+    print("| variant | rank | params (M) | memory (GB) | FLOPs/token (train) |")
+    print("|---|---|---|---|---|")
+    print(f"| {row['variant']} | {rank} | {row['params_m']:.1f} | {row['memory_gb']:.2f} | "
+          f"{row['flops_per_token'] / 1e6:.1f}M |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Pre-training entry point:  python -m megatron_lax.train --config FILE [--section.key value ...]
+
+The loop is the same on every engine: gather the micro-batches of one global batch, back-propagate
+each with a weight of 1 / (scored tokens of the global batch), step, log, validate, checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, data
+from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
+from .evaluate import evaluate_nll
+from .metrics import MetricsLogger
+from .model import LlamaLax, count_parameters, flops_per_token
+from .optim import lr_at
+from .parallel import build_engine
+from .parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
+    """Prepares the shards on rank 0 if needed, and sizes the vocabulary from the tokenizer."""
+    if dist.is_main:
+        data.ensure_prepared(cfg.data)
+    barrier()
+    manifest = data.read_manifest(cfg.data.path)
+    cfg.model.vocab_size = data.model_vocab_size(manifest, cfg.model.vocab_size)
+    return Path(cfg.data.path), manifest
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
+        seed_everything(cfg.train.seed)
+        self.data_path, _ = prepare_data(cfg, self.dist)
+        t = cfg.train
+        per_step = t.micro_batch * self.dist.world_size
+        if t.global_batch % per_step:
+            raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x ranks = {per_step}")
+        self.accumulation = t.global_batch // per_step
+        self.loader = data.TrainLoader(self.data_path, cfg.data.seq_len, cfg.data.mode, t.global_batch,
+                                       t.micro_batch, self.dist.rank, self.dist.world_size, cfg.data.seed,
+                                       t.allow_repetition)
+        self.n_params = count_parameters(cfg.model)
+        self.total_steps = data.resolve_steps(t, cfg.model, cfg.data.seq_len, self.loader.total_tokens, self.n_params)
+        self.engine = build_engine(cfg, LlamaLax(cfg.model), self.dist)
+        self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in data.validation_batches(
+            self.data_path, cfg.data.seq_len, t.micro_batch, t.eval_tokens or cfg.data.val_tokens,
+            cfg.data.mode, self.dist.rank, self.dist.world_size)]
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, cfg.logging.tensorboard)
+        self.step, self.tokens, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
+        self.last_val: dict = {}
+        self.best_val_ppl = math.inf
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_ppl": self.best_val_ppl,
+                "last_val": self.last_val}
+
+    def save_checkpoint(self) -> Path:
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        path = checkpoint.save(self.run_dir / "checkpoints", self.step, self.engine, self.trainer_state(),
+                               rank_state, self.cfg, self.dist, self.cfg.checkpoint.keep)
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def resume(self) -> None:
+        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, self.log)
+        if path is None:
+            return
+        state, rank_state = checkpoint.load(path, self.engine, self.dist)
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+        self.best_val_ppl, self.last_val = state["best_val_ppl"], state["last_val"]
+        if rank_state:
+            self.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # --- one optimizer step ----------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        micro_batches = [next(self.loader) for _ in range(self.accumulation)]
+        device = self.dist.device
+        scored = all_reduce_sum(torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)),
+                                             device=device))
+        total_nll = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(micro_batches):
+            nll, _ = self.engine.forward_backward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                                  1.0 / float(scored), sync=i == len(micro_batches) - 1)
+            total_nll += nll.float()
+        lr = lr_at(self.step, self.total_steps, self.cfg.optim)
+        result = self.engine.step(lr)
+        loss = float(all_reduce_sum(total_nll) / scored)
+        self.step += 1
+        self.tokens += int(scored)
+        if result.skipped or not math.isfinite(loss):
+            self.skipped_steps += 1
+            self.nonfinite_in_a_row += 1
+            if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+                raise TrainingError(f"step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row "
+                                    f"(loss {loss}, grad norm {result.grad_norm}); stopping. The last good "
+                                    f"checkpoint is left as it was.")
+        else:
+            self.nonfinite_in_a_row = 0
+        return {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "grad_norm": result.grad_norm,
+                "skipped": int(result.skipped)}
+
+    def validate(self) -> dict:
+        self.engine.train(False)
+        nll, count = evaluate_nll(self.engine, self.val_batches)
+        self.engine.train(True)
+        val_loss = nll / max(count, 1)
+        record = {"step": self.step, "tokens": self.tokens, "val_loss": val_loss,
+                  "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": count}
+        self.last_val = record
+        self.best_val_ppl = min(self.best_val_ppl, record["val_ppl"])
+        self.metrics.log(record, prefix="val")
+        self.log(f"step {self.step}: val_loss {val_loss:.4f}  val_ppl {record['val_ppl']:.2f}  ({count} tokens)")
+        return record
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        self.resume()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+            self.log(f"model: {cfg.model.method}"
+                     f"{' + LaX (' + cfg.model.lax_gate + ')' if cfg.model.uses_lax else ''}, "
+                     f"{self.n_params / 1e6:.2f}M parameters; {self.total_steps} steps of {t.global_batch} x "
+                     f"{cfg.data.seq_len} tokens on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, "
+                     f"precision {self.engine.precision}")
+        tokens_per_step = t.global_batch * cfg.data.seq_len
+        flops_per_tok = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
+                   dynamic_ncols=True, desc="train")
+        start, window_start, window_tokens = time.time(), time.time(), 0
+        self.engine.train(True)
+        while self.step < self.total_steps:
+            record = self.train_step()
+            window_tokens += tokens_per_step
+            if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
+                elapsed = time.time() - window_start
+                record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
+                record["flops_per_s"] = record["tokens_per_s"] * flops_per_tok
+                self.metrics.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                window_start, window_tokens = time.time(), 0
+            bar.update(1)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                self.validate()
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.validate()
+        path = self.save_checkpoint()
+        summary = {"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
+                   "best_val_ppl": self.best_val_ppl, "steps": self.step, "tokens": self.tokens,
+                   "seconds": time.time() - start, "checkpoint": str(path), "run_dir": str(self.run_dir)}
+        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens; "
+                 f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "
+                 f"logs {self.run_dir / 'metrics.jsonl'}")
+        self.metrics.close()
+        return summary
+
+
+def train(cfg: Config) -> dict:
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        shutdown()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lax.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        train(config_from_args(args))
+    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [line.strip() for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+
+setup(
+    name="megatron-lax",
+    version="0.1.0",
+    description="Low-rank LLaMA pre-training with LaX (Latent Crossing), from one CPU to multi-node ZeRO/FSDP2",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_lax", "megatron_lax.*", "tokenizer", "tokenizer.*",
+                                    "data_prep", "data_prep.*"]),
+    include_package_data=True,
+    package_data={"tokenizer": ["sample/*"]},
+    install_requires=requirements,
+    extras_require={
+        "deepspeed": ["deepspeed>=0.16"],
+        "hf": ["transformers>=4.45", "datasets"],
+        "plot": ["matplotlib"],
+        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "megatron-lax-train=megatron_lax.train:main",
+            "megatron-lax-info=megatron_lax.info:main",
+            "megatron-lax-evaluate=megatron_lax.evaluate:main",
+            "megatron-lax-export=megatron_lax.export:main",
+            "megatron-lax-generate=megatron_lax.generate:main",
+            "megatron-lax-compare=megatron_lax.compare:main",
+            "megatron-lax-prepare=data_prep.prepare:main",
+            "megatron-lax-tokenizer=tokenizer.train:main",
+        ],
+    },
+)

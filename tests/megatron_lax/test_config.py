@@ -1,0 +1,70 @@
+"""Configs: presets, YAML, command-line overrides, and a clear error for every bad configuration."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from megatron_lax.config import Config, ConfigError, load_config
+
+BAD = [
+    ({"model.lax_gate": "sigmoid", "model.method": "svd"}, "model.lax_gate 'sigmoid' is unknown"),
+    ({"model.method": "svd", "model.rank": "600"}, "rank 600 is larger than min(d_in, d_out) = 512"),
+    ({"model.method": "svd", "model.rank": "128", "model.mlp_rank": "2000"}, "MLP rank 2000 is larger"),
+    ({"model.n_heads": "7"}, "model.dim 512 is not divisible by model.n_heads 7"),
+    ({"model.method": "dense", "model.lax_gate": "identity"}, "needs a low-rank model.method"),
+    ({"model.method": "tucker"}, "model.method 'tucker' is unknown"),
+    ({"model.lax_modules": "q,qkv", "model.method": "svd"}, "unknown projections ['qkv']"),
+    ({"model.rank": "many"}, "command line: model.rank"),
+    ({"modle.rank": "8"}, "unknown section 'modle'"),
+    ({"model.rnak": "8"}, "unknown field model.rnak"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD)
+def test_bad_configurations_fail_clearly(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("llama_60m", overrides)
+    assert message in str(error.value)
+
+
+def test_yaml_file_with_preset_and_command_line_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: llama_130m\nmodel:\n  method: cola\n  lax_gate: dense\noptim:\n  lr: 0.02\n")
+    cfg = load_config(str(path), {"optim.lr": "3e-3", "model.lax_modules": "q,k"})
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.rank) == (768, 12, 256)
+    assert cfg.model.method == "cola" and cfg.model.lax_gate == "dense"
+    assert cfg.optim.lr == 3e-3 and cfg.model.lax_modules == ["q", "k"]
+    assert cfg.train.steps == 20_000 and cfg.optim.warmup_steps == 4_000
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_cli_help_lists_every_field_and_errors_are_one_line(tmp_path):
+    help_text = subprocess.run([sys.executable, "-m", "megatron_lax.info", "--help"], capture_output=True,
+                               text=True, check=True).stdout
+    for section, value in Config().to_dict().items():
+        for key in value:
+            assert f"--{section}.{key}" in help_text
+    bad = subprocess.run([sys.executable, "-m", "megatron_lax.info", "--config", "llama_60m", "--model.method", "svd",
+                          "--model.lax_gate", "fancy"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == ["error: model.lax_gate 'fancy' is unknown "
+                                               "(choose from none, identity, linear, dense, tensor)"]
+
+
+def test_info_json_reports_table5_row():
+    import json
+    out = subprocess.run([sys.executable, "-m", "megatron_lax.info", "--config", "llama_1b", "--model.method", "svd",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    row = json.loads(out)
+    assert round(row["params"] / 1e6) == 609 and round(row["memory_gb"], 2) == 4.54
+    assert row["flops_per_token"] > 6 * row["params"] * 0.5
