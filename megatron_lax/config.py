@@ -116,6 +116,8 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    lax_stats_every: int = 100  # steps between LaX gate / latent-RMS records; 0 disables
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0: known GPUs by name, measured on CPU
 
 
 @dataclass

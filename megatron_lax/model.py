@@ -36,11 +36,12 @@ class IdentityGate(nn.Module):
 
 
 class LinearGate(nn.Module):
-    """One trainable scalar; starts at 1 (the identity gate)."""
+    """One trainable scalar; starts at 1 (the identity gate). Stored with shape (1,) because FSDP2
+    shards parameters along dim 0."""
 
     def __init__(self, rank: int):
         super().__init__()
-        self.beta = nn.Parameter(torch.ones(()))
+        self.beta = nn.Parameter(torch.ones(1))
 
     def forward(self, z):
         return self.beta * z

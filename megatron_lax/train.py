@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data
+from . import checkpoint, data, introspection
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
@@ -160,6 +160,15 @@ class Trainer:
         self.log(f"step {self.step}: val_loss {val_loss:.4f}  val_ppl {record['val_ppl']:.2f}  ({count} tokens)")
         return record
 
+    def log_latent_stats(self) -> None:
+        if not self.cfg.model.uses_lax or not self.val_batches:
+            return
+        x, y = self.val_batches[0]
+        self.engine.train(False)
+        stats = introspection.latent_rms(self.engine.base_model, lambda: self.engine.eval_nll(x, y))
+        self.engine.train(True)
+        self.metrics.log({"step": self.step, **stats}, prefix="lax")
+
     # --- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict:
@@ -175,6 +184,7 @@ class Trainer:
                      f"precision {self.engine.precision}")
         tokens_per_step = t.global_batch * cfg.data.seq_len
         flops_per_tok = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        cluster_peak = introspection.peak_flops(self.dist.device, cfg.logging.peak_flops) * self.dist.world_size
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
         start, window_start, window_tokens = time.time(), time.time(), 0
@@ -186,10 +196,16 @@ class Trainer:
                 elapsed = time.time() - window_start
                 record["tokens_per_s"] = window_tokens / max(elapsed, 1e-9)
                 record["flops_per_s"] = record["tokens_per_s"] * flops_per_tok
+                if cluster_peak > 0:
+                    record["mfu"] = record["flops_per_s"] / cluster_peak
+                record["peak_memory_gb"] = introspection.peak_memory_gb(self.dist.device)
+                record.update(introspection.gate_values(self.engine.base_model))
                 self.metrics.log(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
                 window_start, window_tokens = time.time(), 0
             bar.update(1)
+            if cfg.logging.lax_stats_every and self.step % cfg.logging.lax_stats_every == 0:
+                self.log_latent_stats()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:

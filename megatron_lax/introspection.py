@@ -1,0 +1,95 @@
+"""What training does inside LaX, and how fast it goes: linear-gate values per projection and block
+(the paper's Table 19 view), the RMS of each crossing latent G(z_{i-1}) against its own A_i x_i, peak
+memory, and model FLOPs utilisation."""
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+import torch.nn as nn
+
+from .model import LinearGate, LowRankLinear
+
+# Dense BF16 peak FLOP/s (no sparsity) of common accelerators, matched by substring of the device name.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "GH200": 989e12, "B200": 2250e12,
+    "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12, "A6000": 155e12,
+    "V100": 125e12, "4090": 165e12, "3090": 71e12, "MI300X": 1307e12, "MI250X": 383e12,
+}
+
+
+def full_value(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value whatever shards it (FSDP2 DTensor, DeepSpeed ZeRO-3)."""
+    if hasattr(p, "full_tensor"):
+        return p.full_tensor()
+    if hasattr(p, "ds_id"):
+        import deepspeed
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().clone()
+    return p.detach()
+
+
+def crossing_projections(model: nn.Module):
+    """(projection name, block index, module) for every projection that receives a latent."""
+    for index, block in enumerate(model.layers):
+        for parent in (block.attn, block.mlp):
+            for name, module in parent.named_children():
+                if isinstance(module, LowRankLinear) and module.gate is not None:
+                    yield name, index, module
+
+
+def gate_values(model: nn.Module) -> dict[str, float]:
+    return {f"lax_gate/{name}/{index}": float(full_value(module.gate.beta).float().reshape(-1)[0])
+            for name, index, module in crossing_projections(model) if isinstance(module.gate, LinearGate)}
+
+
+@torch.no_grad()
+def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
+    """Runs `run_forward()` once with hooks that record RMS(G(z_{i-1})) and RMS(A_i x_i)."""
+    stats, handles = {}, []
+
+    def recorder(key):
+        def hook(module, inputs, output):
+            stats[key] = float(output.float().pow(2).mean().sqrt())
+        return hook
+
+    for name, index, module in crossing_projections(model):
+        handles.append(module.gate.register_forward_hook(recorder(f"lax_rms/{name}/{index}/crossing")))
+        handles.append(module.A.register_forward_hook(recorder(f"lax_rms/{name}/{index}/own")))
+    try:
+        run_forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def measure_matmul_flops(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
+    """Best observed FLOP/s of a square fp32 matmul: the CPU's practical peak for MFU."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, configured: float = 0.0) -> float:
+    if configured > 0:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value
+        return 0.0  # unknown GPU: MFU is not reported unless logging.peak_flops is given
+    return measure_matmul_flops(device)

@@ -1,0 +1,45 @@
+"""LaX introspection: linear-gate values per projection and block, latent RMS, MFU's peak."""
+from __future__ import annotations
+
+import torch
+
+from megatron_lax.config import PROJECTIONS, load_config
+from megatron_lax.introspection import PEAK_BF16_FLOPS, gate_values, latent_rms, peak_flops
+from megatron_lax.model import LlamaLax
+
+
+def tiny(gate):
+    cfg = load_config("llama_tiny", {"model.method": "svd", "model.lax_gate": gate, "model.vocab_size": 64,
+                                     "model.dim": 32, "model.n_heads": 2, "model.ffn_dim": 48, "model.rank": 8,
+                                     "model.n_layers": 3})
+    return LlamaLax(cfg.model)
+
+
+def test_gate_values_name_every_crossing_projection():
+    model = tiny("linear")
+    with torch.no_grad():
+        model.layers[2].mlp.up.gate.beta.fill_(0.25)
+    values = gate_values(model)
+    assert set(values) == {f"lax_gate/{p}/{i}" for p in PROJECTIONS for i in (1, 2)}
+    assert values["lax_gate/up/2"] == 0.25 and values["lax_gate/q/1"] == 1.0
+    assert gate_values(tiny("identity")) == {}
+
+
+def test_latent_rms_records_crossing_and_own_latents():
+    model = tiny("identity")
+    x = torch.randint(0, 64, (2, 8))
+    stats = latent_rms(model, lambda: model(x))
+    assert len(stats) == 2 * 2 * len(PROJECTIONS)
+    # With the identity gate the crossing latent of block 1 is block 0's own A x.
+    own0 = {}
+    handle = model.layers[0].attn.q.A.register_forward_hook(lambda m, i, o: own0.update(rms=o.pow(2).mean().sqrt()))
+    model(x)
+    handle.remove()
+    assert abs(stats["lax_rms/q/1/crossing"] - float(own0["rms"])) < 1e-6
+    assert all(not h for h in [m._forward_hooks for m in model.modules()])  # hooks removed
+
+
+def test_peak_flops_given_or_measured():
+    assert peak_flops(torch.device("cpu"), 123.0) == 123.0
+    assert peak_flops(torch.device("cpu")) > 1e8
+    assert PEAK_BF16_FLOPS["H100"] == 989e12
