@@ -18,8 +18,11 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The fused AdamW kernel (CPU and CUDA) is several times faster than the default per-tensor loop."""
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= {"cpu", "cuda"}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
 def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
