@@ -77,6 +77,10 @@ class Trainer:
                                        t.allow_repetition)
         self.n_params = count_parameters(cfg.model)
         self.total_steps = data.resolve_steps(t, cfg.model, cfg.data.seq_len, self.loader.total_tokens, self.n_params)
+        if self.total_steps > self.loader.steps_per_epoch and not t.allow_repetition:
+            raise ValueError(f"{self.total_steps} steps need {self.total_steps * t.global_batch:,} sequences but the "
+                             f"prepared data ({cfg.data.mode} mode) offers {self.loader.sequences_per_epoch:,} per "
+                             f"epoch; add data or set train.allow_repetition true")
         self.engine = build_engine(cfg, LlamaLax(cfg.model), self.dist)
         self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in data.validation_batches(
             self.data_path, cfg.data.seq_len, t.micro_batch, t.eval_tokens or cfg.data.val_tokens,
@@ -237,7 +241,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         train(config_from_args(args))
-    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError,
+            data.DataExhausted) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

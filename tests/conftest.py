@@ -27,9 +27,15 @@ def prepared_sample(tmp_path_factory) -> Path:
     return path
 
 
-def tiny_overrides(prepared: Path, run_dir: Path, **extra) -> dict:
-    """Overrides for a tiny training run on the prepared sample, plus `extra` ({"model.method": "svd"})."""
+def make_tiny_overrides(prepared: Path, run_dir: Path, **extra) -> dict:
+    """Overrides for a tiny training run on the prepared sample, plus `extra` (model__method="svd")."""
     values = dict(TINY)
     values.update({"data.path": str(prepared), "logging.run_dir": str(run_dir)})
     values.update({k.replace("__", "."): str(v) for k, v in extra.items()})
     return values
+
+
+@pytest.fixture
+def tiny_overrides(prepared_sample):
+    """tiny_overrides(run_dir, **extra) -> a dict of overrides for a tiny run on the prepared sample."""
+    return lambda run_dir, **extra: make_tiny_overrides(prepared_sample, run_dir, **extra)

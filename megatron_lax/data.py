@@ -1,0 +1,274 @@
+"""Training and validation data from prepared shards (see data_prep/prepare.py), memory-mapped.
+
+Two ways to cut documents into sequences of `seq_len` inputs (+1 token for the shifted targets):
+- packed: the split is one token stream (documents joined by EOS), cut every seq_len tokens; each
+  token is a target exactly once and nothing is padded.
+- paper: one document per sequence, truncated and padded; padding is not scored (targets -100).
+  This is the GaLore/CoLA protocol, so perplexities compare with the paper's tables.
+
+Sequence order is a seeded permutation per epoch. Optimizer step s uses the global batch
+order[s*G : (s+1)*G]; rank r takes the r-th contiguous slice of G / world_size, in micro-batches.
+So the data of a step does not depend on how many ranks share it, and the loader's state is just
+(epoch, step, micro-batch): resume is exact, even onto a different number of ranks at a step boundary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IGNORE = -100
+PAPER_BUDGETS = {512: 1.1e9, 768: 2.2e9, 1024: 6.4e9, 2048: 13.1e9}  # tokens, by model dim (60M..1B)
+
+
+# --- preparation and the manifest ------------------------------------------------------------------
+
+def read_manifest(path) -> dict:
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest.json; prepare the data with `python -m data_prep.prepare`")
+    try:
+        return json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{manifest_path}: malformed JSON ({e})") from None
+
+
+def ensure_prepared(data_cfg) -> Path:
+    """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there."""
+    path = Path(data_cfg.path)
+    if (path / "manifest.json").is_file():
+        return path
+    if not data_cfg.raw:
+        raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
+    from data_prep.prepare import expand_inputs, prepare
+    inputs = expand_inputs(data_cfg.raw)
+    if not inputs:
+        raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
+    prepare(inputs, data_cfg.tokenizer, path, data_cfg.workers, progress=False)
+    return path
+
+
+def model_vocab_size(manifest: dict, configured: int) -> int:
+    """The model's vocabulary: as configured (which must hold the tokenizer), or the tokenizer's
+    size rounded up to a multiple of 64."""
+    tokenizer_vocab = manifest["tokenizer"]["vocab_size"]
+    if configured <= 0:
+        return 64 * math.ceil(tokenizer_vocab / 64)
+    if tokenizer_vocab > configured:
+        raise ValueError(f"the tokenizer has {tokenizer_vocab} entries but model.vocab_size is {configured}; "
+                         f"set model.vocab_size >= {tokenizer_vocab} (or 0 to follow the tokenizer)")
+    return configured
+
+
+# --- reading a split ---------------------------------------------------------------------------------
+
+class Split:
+    """The shards of one split as one token stream with document offsets."""
+
+    def __init__(self, path, split: str):
+        manifest = read_manifest(path)
+        if split not in manifest["splits"]:
+            raise ValueError(f"{path}: the prepared data has no {split} split")
+        dtype = np.dtype(manifest["dtype"])
+        self.eos_id, self.pad_id = manifest["tokenizer"]["eos_id"], max(manifest["tokenizer"]["pad_id"], 0)
+        self.shards, self.doc_offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
+        for name in manifest["splits"][split]["shards"]:
+            tokens = np.memmap(Path(path) / split / f"{name}.bin", dtype=dtype, mode="r")
+            offsets = np.load(Path(path) / split / f"{name}.idx.npy")
+            self.shards.append((base, tokens))
+            self.doc_offsets.append(offsets[1:] + base)
+            base += len(tokens)
+        self.doc_offsets = np.concatenate(self.doc_offsets)
+        self.n_tokens = base
+        self._starts = np.array([start for start, _ in self.shards] + [base], dtype=np.int64)
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Tokens [start, end) of the stream, across shard boundaries."""
+        pieces = []
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < end:
+            shard_start, shard = self.shards[i]
+            take = min(end, shard_start + len(shard)) - start
+            pieces.append(shard[start - shard_start: start - shard_start + take])
+            start += take
+            i += 1
+        return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else pieces[0].astype(np.int64)
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.doc_offsets) - 1
+
+
+class Sequences:
+    """Indexable sequences of one split in one mode; item i -> (inputs, targets) int64 arrays."""
+
+    def __init__(self, split: Split, seq_len: int, mode: str):
+        self.split, self.seq_len, self.mode = split, seq_len, mode
+        if mode == "packed":
+            self.count = max(0, (split.n_tokens - 1) // seq_len)
+        else:  # documents of at least one scored target
+            lengths = np.diff(split.doc_offsets)
+            self.documents = np.nonzero(lengths >= 2)[0]
+            self.count = len(self.documents)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        T = self.seq_len
+        if self.mode == "packed":
+            window = self.split.tokens(i * T, i * T + T + 1)
+            return window[:-1], window[1:]
+        doc = int(self.documents[i])
+        start = int(self.split.doc_offsets[doc])
+        end = min(int(self.split.doc_offsets[doc + 1]), start + T + 1)
+        window = self.split.tokens(start, end)
+        inputs = np.full(T, self.split.pad_id, dtype=np.int64)
+        targets = np.full(T, IGNORE, dtype=np.int64)
+        inputs[: len(window) - 1], targets[: len(window) - 1] = window[:-1], window[1:]
+        return inputs, targets
+
+    def scored_tokens(self, i: int) -> int:
+        if self.mode == "packed":
+            return self.seq_len
+        doc = int(self.documents[i])
+        return min(int(self.split.doc_offsets[doc + 1] - self.split.doc_offsets[doc]) - 1, self.seq_len)
+
+
+def _stack(sequences: Sequences, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [sequences[int(i)] for i in indices]
+    return (torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+
+# --- training ------------------------------------------------------------------------------------------
+
+class DataExhausted(RuntimeError):
+    pass
+
+
+class TrainLoader:
+    """An endless iterator of this rank's micro-batches (inputs, targets), resumable exactly."""
+
+    def __init__(self, path, seq_len: int, mode: str, global_batch: int, micro_batch: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, allow_repetition: bool = False):
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
+                             f"x {world_size} ranks")
+        self.sequences = Sequences(Split(path, "train"), seq_len, mode)
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.allow_repetition = allow_repetition
+        self.per_rank = global_batch // world_size
+        self.micro_per_step = self.per_rank // micro_batch
+        self.steps_per_epoch = len(self.sequences) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the prepared train split holds {len(self.sequences)} sequences, fewer than one "
+                             f"global batch of {global_batch}")
+        self.epoch, self.step, self.micro = 0, 0, 0
+        self._order = None
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens the train split offers per epoch (what a token budget is checked against)."""
+        return self.sequences.split.n_tokens
+
+    @property
+    def sequences_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.global_batch
+
+    def order(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._order = rng.permutation(len(self.sequences)).astype(np.int64)
+        return self._order
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step >= self.steps_per_epoch:
+            if not self.allow_repetition:
+                raise DataExhausted(f"the train split is exhausted after {self.steps_per_epoch} steps; set "
+                                    f"train.allow_repetition true to start another epoch")
+            self.epoch, self.step, self._order = self.epoch + 1, 0, None
+        start = self.step * self.global_batch + self.rank * self.per_rank + self.micro * self.micro_batch
+        batch = _stack(self.sequences, self.order()[start: start + self.micro_batch])
+        self.micro += 1
+        if self.micro == self.micro_per_step:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
+                "global_batch": self.global_batch, "sequences": len(self.sequences)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["sequences"] != len(self.sequences) or state["seed"] != self.seed:
+            raise ValueError("the loader state belongs to other data or another data seed")
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"the loader state was saved with global batch {state['global_batch']}, "
+                             f"not {self.global_batch}")
+        self.epoch, self.step, self.micro, self._order = state["epoch"], state["step"], state["micro"], None
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def validation_sequence_ids(sequences: Sequences, n_tokens: int) -> list[int]:
+    """The first sequences of the validation split holding n_tokens scored tokens (at least one)."""
+    ids, scored = [], 0
+    for i in range(len(sequences)):
+        if scored >= n_tokens:
+            break
+        ids.append(i)
+        scored += sequences.scored_tokens(i)
+    return ids
+
+
+def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode: str, rank: int = 0,
+                       world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share (round-robin) of the fixed validation set: the same sequences for every
+    run, batch size and number of ranks."""
+    sequences = Sequences(Split(path, "validation"), seq_len, mode)
+    mine = validation_sequence_ids(sequences, n_tokens)[rank::world_size]
+    return [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+
+
+# --- token budget ----------------------------------------------------------------------------------
+
+def parse_token_count(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
+    if not match:
+        raise ValueError(f"train.token_budget {text!r} is not paper, chinchilla or a number such as 500M or 2B")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def budget_tokens(budget: str, model_cfg, n_params: int) -> float:
+    """Tokens for train.token_budget, or 0 when the budget is not set (steps are given instead)."""
+    if budget == "paper":
+        if model_cfg.dim not in PAPER_BUDGETS:
+            raise ValueError(f"train.token_budget paper is defined for the 60M/130M/350M/1B shapes "
+                             f"(dim 512/768/1024/2048), not dim {model_cfg.dim}")
+        return PAPER_BUDGETS[model_cfg.dim]
+    if budget == "chinchilla":
+        return 20.0 * n_params
+    return parse_token_count(budget)
+
+
+def resolve_steps(train_cfg, model_cfg, seq_len: int, available_tokens: int, n_params: int) -> int:
+    """Optimizer steps: from the token budget when one is set, else train.steps. Refuses a run that
+    needs more tokens than the prepared data holds unless repetition is allowed."""
+    tokens_per_step = train_cfg.global_batch * seq_len
+    budget = budget_tokens(train_cfg.token_budget, model_cfg, n_params)
+    steps = math.ceil(budget / tokens_per_step) if budget else train_cfg.steps
+    if steps <= 0:
+        raise ValueError("set train.steps or train.token_budget")
+    needed = steps * tokens_per_step
+    if needed > available_tokens and not train_cfg.allow_repetition:
+        raise ValueError(f"the run needs {needed:,} tokens ({steps} steps of {tokens_per_step:,}) but the "
+                         f"prepared data holds {available_tokens:,}; add data or set train.allow_repetition true")
+    return steps

@@ -1,0 +1,102 @@
+"""One loader for every tokenizer the trainer and the preprocessing accept:
+
+- a directory written by `python -m tokenizer.train` (holds tokenizer.model),
+- any local SentencePiece `.model` file,
+- any local Hugging Face tokenizer directory (e.g. a copy of t5-base),
+- a hub name, when the hub is reachable.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+
+class Tokenizer:
+    """encode/decode plus the ids and the content hash that a data manifest records."""
+
+    def __init__(self, kind: str, backend, files: list[Path], name: str):
+        self.kind, self.backend, self.name = kind, backend, name
+        self.hash = _content_hash(files)
+        if kind == "sentencepiece":
+            sp = backend
+            self.vocab_size = sp.get_piece_size()
+            self.bos_id, self.eos_id, self.pad_id = sp.bos_id(), sp.eos_id(), sp.pad_id()
+        else:
+            tok = backend
+            self.vocab_size = len(tok)
+            self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else -1
+            self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else -1
+            self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else -1
+        if self.eos_id < 0:
+            raise ValueError(f"tokenizer {name} has no end-of-sequence token")
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "sentencepiece":
+            return self.backend.encode(texts)
+        return self.backend(texts, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
+                "eos_id": self.eos_id, "pad_id": self.pad_id, "hash": self.hash}
+
+
+def _content_hash(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _sentencepiece(model_file: Path, name: str) -> Tokenizer:
+    import sentencepiece as spm
+    return Tokenizer("sentencepiece", spm.SentencePieceProcessor(model_file=str(model_file)), [model_file], name)
+
+
+def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise ValueError(f"tokenizer {name}: loading Hugging Face tokenizers needs `pip install transformers`") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+    except OSError as e:
+        where = "the local directory" if local else "the Hugging Face hub (is it reachable?)"
+        raise ValueError(f"tokenizer {name}: could not load it from {where}: {str(e).splitlines()[0]}") from None
+    files = [p for p in Path(source).iterdir() if p.is_file()] if local else []
+    if not local:  # hash what was downloaded
+        files = [Path(p) for p in _cached_files(tok)]
+    return Tokenizer("huggingface", tok, files, name)
+
+
+def _cached_files(tok) -> list[str]:
+    names = getattr(tok, "vocab_files_names", {}) or {}
+    init = getattr(tok, "init_kwargs", {}) or {}
+    return [init[k] for k in names if isinstance(init.get(k), str) and Path(init[k]).is_file()]
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    path = Path(spec)
+    if path.is_file() and path.suffix == ".model":
+        return _sentencepiece(path, spec)
+    if path.is_dir():
+        if (path / "tokenizer.model").is_file() and not (path / "tokenizer_config.json").is_file():
+            return _sentencepiece(path / "tokenizer.model", spec)
+        if any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "spiece.model")):
+            return _huggingface(str(path), spec, local=True)
+        raise ValueError(f"tokenizer {spec}: directory holds neither tokenizer.model nor a Hugging Face tokenizer")
+    if path.exists() or spec.startswith((".", "/")) or spec.count("/") > 1:
+        raise ValueError(f"tokenizer {spec}: not a .model file or a tokenizer directory")
+    return _huggingface(spec, spec, local=False)  # a hub name such as t5-base
+
+
+__all__ = ["Tokenizer", "load_tokenizer"]
