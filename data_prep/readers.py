@@ -3,7 +3,6 @@ text field, and plain text (.txt, documents separated by blank lines). Damaged i
 each bad record is skipped and counted by reason, and everything readable is kept."""
 from __future__ import annotations
 
-import gzip
 import json
 import zlib
 from collections import Counter
@@ -13,13 +12,41 @@ from typing import Iterator
 SKIP_REASONS = ("truncated_file", "bad_json", "no_text", "invalid_utf8", "empty")
 
 
+def _gzip_chunks(path: Path, skipped: Counter, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed bytes of a (possibly multi-member) gzip file. Unlike gzip.open, a truncated or
+    corrupt file yields everything decodable before the damage, then counts it as truncated."""
+    decompressor, in_member = zlib.decompressobj(wbits=31), False
+    with open(path, "rb") as f:
+        try:
+            while chunk := f.read(chunk_size):
+                while chunk:
+                    in_member = True
+                    yield decompressor.decompress(chunk)
+                    chunk = decompressor.unused_data
+                    if not decompressor.eof:
+                        break
+                    decompressor, in_member = zlib.decompressobj(wbits=31), False
+        except zlib.error:
+            skipped["truncated_file"] += 1
+            return
+    if in_member:  # the file ended inside a gzip member
+        yield decompressor.flush()
+        skipped["truncated_file"] += 1
+
+
 def _raw_lines(path: Path, skipped: Counter) -> Iterator[bytes]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
+    if not path.name.endswith(".gz"):
+        with open(path, "rb") as f:
             yield from f
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError):
-        skipped["truncated_file"] += 1  # everything decoded before the damage was yielded
+        return
+    truncated_before, pending = skipped["truncated_file"], b""
+    for data in _gzip_chunks(path, skipped):
+        pending += data
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
+    if pending and skipped["truncated_file"] == truncated_before:
+        yield pending  # a last line without a newline; the cut-off tail of a damaged file is dropped
 
 
 def _json_documents(path: Path, skipped: Counter, text_field: str) -> Iterator[str]:

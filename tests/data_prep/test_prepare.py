@@ -1,0 +1,104 @@
+"""Preprocessing: exact counts, damaged input skipped and counted, valid records kept, idempotent re-runs."""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.prepare import prepare
+from data_prep.readers import SKIP_REASONS
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "sample"
+TOKENIZER = str(REPO / "tokenizer" / "sample")
+
+
+def record(text) -> bytes:
+    return (json.dumps({"text": text, "timestamp": "2019-04-25T12:57:54Z", "url": "https://example.org"}) + "\n").encode()
+
+
+def make_damaged_inputs(directory: Path) -> dict:
+    """One file per kind of damage, plus the texts of the valid records each holds."""
+    good = [f"Valid document number {i} with some words in it." for i in range(6)]
+    lines = [record(good[0]), b"{not json at all\n", record(good[1]), json.dumps({"url": "x"}).encode() + b"\n",
+             record(good[2]), b'{"text": "bad \xff\xfe bytes"}\n', record("   "), record(good[3])]
+    with gzip.open(directory / "c4-train.00000-of-00002.json.gz", "wb") as f:
+        f.writelines(lines)
+    incompressible = random.Random(0).choices(string.ascii_letters, k=20000)
+    whole = gzip.compress(b"".join(record(t) for t in good[4:]) + record("".join(incompressible)))
+    (directory / "c4-train.00001-of-00002.json.gz").write_bytes(whole[: len(whole) - 200])  # truncated gzip
+    with gzip.open(directory / "c4-validation.00000-of-00001.json.gz", "wb") as f:
+        f.write(record("A validation document."))
+    return {"valid": good, "skipped": {"bad_json": 1, "no_text": 1, "invalid_utf8": 1, "empty": 1,
+                                       "truncated_file": 1}}
+
+
+def documents_of(output: Path, split: str, shard: str) -> list[np.ndarray]:
+    tokens = np.fromfile(output / split / f"{shard}.bin", dtype=np.uint16)
+    offsets = np.load(output / split / f"{shard}.idx.npy")
+    return [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+
+def test_damaged_shards_are_skipped_counted_and_valid_records_kept(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    expected = make_damaged_inputs(raw)
+    manifest = prepare(sorted(raw.iterdir()), TOKENIZER, tmp_path / "out", workers=2, progress=False)
+    assert manifest["skipped"] == {reason: expected["skipped"].get(reason, 0) for reason in SKIP_REASONS}
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(TOKENIZER)
+    decoded = [tok.decode(d[:-1]) for shard in ("c4-train.00000-of-00002", "c4-train.00001-of-00002")
+               for d in documents_of(tmp_path / "out", "train", shard)]
+    assert decoded[:4] == expected["valid"][:4]
+    assert set(expected["valid"]) <= set(decoded)  # the truncated file's readable records survive
+    assert manifest["splits"]["validation"]["documents"] == 1
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+
+
+def test_sample_counts_round_trip_and_idempotent_rerun(tmp_path):
+    out = tmp_path / "out"
+    first = prepare(sorted(SAMPLE.glob("*.json.gz")), TOKENIZER, out, workers=2, progress=False)
+    texts = [json.loads(line)["text"] for line in gzip.open(SAMPLE / "c4-train.00000-of-00001.json.gz", "rt")]
+    assert first["splits"]["train"]["documents"] == len(texts) == 2893
+    docs = documents_of(out, "train", "c4-train.00000-of-00001")
+    assert sum(len(d) for d in docs) == first["splits"]["train"]["tokens"]
+    assert all(d[-1] == first["tokenizer"]["eos_id"] for d in docs)
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(TOKENIZER)
+    for i in (0, 17, 2892):  # token-level round trip, modulo whitespace normalisation
+        assert " ".join(tok.decode(docs[i][:-1]).split()) == " ".join(texts[i].split())
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    second = prepare(sorted(SAMPLE.glob("*.json.gz")), TOKENIZER, out, workers=1, progress=False)
+    assert second == first
+    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+
+
+def test_incomplete_shard_is_redone(tmp_path):
+    out = tmp_path / "out"
+    prepare([SAMPLE / "c4-validation.00000-of-00001.json.gz"], TOKENIZER, out, progress=False)
+    meta = out / "validation" / "c4-validation.00000-of-00001.json"
+    meta.unlink()  # as if the worker died before finishing
+    (out / "validation" / "c4-validation.00000-of-00001.bin").write_bytes(b"garbage")
+    manifest = prepare([SAMPLE / "c4-validation.00000-of-00001.json.gz"], TOKENIZER, out, progress=False)
+    assert meta.is_file() and manifest["splits"]["validation"]["documents"] == 424
+    assert (out / "validation" / "c4-validation.00000-of-00001.bin").stat().st_size == 2 * manifest["splits"]["validation"]["tokens"]
+
+
+def test_cli_plain_text_and_missing_input(tmp_path):
+    (tmp_path / "notes.txt").write_text("First paragraph.\nStill first.\n\nSecond paragraph.\n")
+    ok = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(tmp_path / "*.txt"), "--tokenizer",
+                         TOKENIZER, "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress"],
+                        capture_output=True, text=True, cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["documents"] == 2
+    missing = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(tmp_path / "nothing*.gz"),
+                              "--tokenizer", TOKENIZER, "--output", str(tmp_path / "o2")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and missing.stderr.strip() == "error: no input files matched"

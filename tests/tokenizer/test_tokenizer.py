@@ -1,0 +1,51 @@
+"""Tokenizer training and the one loader."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tokenizer import load_tokenizer
+from tokenizer.train import sample_documents, train_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE_TRAIN = REPO / "data" / "sample" / "c4-train.00000-of-00001.json.gz"
+
+
+def test_trained_tokenizer_is_t5_style(tmp_path):
+    train_tokenizer([SAMPLE_TRAIN], 1000, tmp_path / "tok", max_documents=300)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert (tok.vocab_size, tok.pad_id, tok.eos_id) == (1000, 0, 1)
+    ids = tok.encode("Room 1234 costs   €5")
+    digits = [tok.backend.id_to_piece(i) for i in tok.encode("1234")]
+    assert all(len(p.strip("▁")) <= 1 for p in digits)  # digits are split
+    assert tok.decode(ids) == "Room 1234 costs €5"  # whitespace normalised, byte fallback keeps €
+    same_file = load_tokenizer(str(tmp_path / "tok" / "tokenizer.model"))
+    assert same_file.hash == tok.hash and same_file.encode("hello") == tok.encode("hello")
+
+
+def test_sampling_is_capped_and_uniform_over_the_input():
+    sample, seen = sample_documents([SAMPLE_TRAIN], 100, seed=0)
+    assert len(sample) == 100 and seen == 2893
+    texts = [json.loads(line)["text"] for line in gzip.open(SAMPLE_TRAIN, "rt")]
+    positions = sorted(texts.index(t) for t in sample)
+    assert positions[0] < 500 and positions[-1] > 2400  # drawn from the whole file, not its head
+
+
+def test_huggingface_directory_and_clear_errors(tmp_path):
+    """A directory laid out like a local copy of t5-base (spiece.model + tokenizer_config.json)."""
+    pytest.importorskip("transformers")
+    (tmp_path / "hf").mkdir()
+    shutil.copy(REPO / "tokenizer" / "sample" / "tokenizer.model", tmp_path / "hf" / "spiece.model")
+    (tmp_path / "hf" / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer", "extra_ids": 0}')
+    tok = load_tokenizer(str(tmp_path / "hf"))
+    assert tok.kind == "huggingface" and tok.eos_id == 1 and tok.vocab_size == 8192
+    assert tok.decode(tok.encode("A short sentence.")) == "A short sentence."
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither tokenizer.model nor"):
+        load_tokenizer(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="not a .model file"):
+        load_tokenizer(str(tmp_path / "missing" / "x.model"))
