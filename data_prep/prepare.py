@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing as mp
 import os
+import queue
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -81,6 +85,36 @@ def shard_is_complete(out_dir: Path, path: Path, tokenizer_hash: str) -> bool:
     return same_input and meta.get("tokenizer_hash") == tokenizer_hash
 
 
+def document_batches(path: Path, skipped: Counter) -> Iterator[list[str]]:
+    """Batches of documents, read and parsed on a background thread so that reading overlaps with
+    tokenizing (SentencePiece releases the GIL while it encodes)."""
+    batches: queue.Queue = queue.Queue(maxsize=4)
+    failure: list[BaseException] = []
+
+    def produce():
+        batch: list[str] = []
+        try:
+            for text in iter_documents(path, skipped):
+                batch.append(text)
+                if len(batch) == BATCH_DOCUMENTS:
+                    batches.put(batch)
+                    batch = []
+            if batch:
+                batches.put(batch)
+        except BaseException as e:  # re-raised in the consumer
+            failure.append(e)
+        finally:
+            batches.put(None)
+
+    reader = threading.Thread(target=produce, daemon=True)
+    reader.start()
+    while (batch := batches.get()) is not None:
+        yield batch
+    reader.join()
+    if failure:
+        raise failure[0]
+
+
 def tokenize_file(task: tuple[str, str]) -> dict:
     """Worker: tokenizes one input file into out_dir; returns the shard's metadata."""
     path, out_dir = Path(task[0]), Path(task[1])
@@ -91,26 +125,17 @@ def tokenize_file(task: tuple[str, str]) -> dict:
     skipped: Counter = Counter()
     offsets, n_tokens = [0], 0
     with open(tmp_bin, "wb") as out:
-        batch: list[str] = []
-
-        def flush():
-            nonlocal n_tokens
+        for batch in document_batches(path, skipped):
             encoded = tok.encode_batch(batch)
+            batch_tokens = 0
             for ids in encoded:
                 ids.append(tok.eos_id)
-                n_tokens += len(ids)
-                offsets.append(n_tokens)
-            out.write(np.fromiter((t for ids in encoded for t in ids), dtype=dtype).tobytes())
+                batch_tokens += len(ids)
+                offsets.append(n_tokens + batch_tokens)
+            n_tokens += batch_tokens
+            out.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=batch_tokens).tobytes())
             if _worker_progress is not None:
-                _worker_progress.put((len(batch), sum(len(ids) for ids in encoded)))
-            batch.clear()
-
-        for text in iter_documents(path, skipped):
-            batch.append(text)
-            if len(batch) == BATCH_DOCUMENTS:
-                flush()
-        if batch:
-            flush()
+                _worker_progress.put((len(batch), batch_tokens))
     np.save(out_dir / f"{name}.idx.tmp.npy", np.asarray(offsets, dtype=np.int64))
     os.replace(out_dir / f"{name}.idx.tmp.npy", out_dir / f"{name}.idx.npy")
     os.replace(tmp_bin, out_dir / f"{name}.bin")

@@ -34,8 +34,8 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self.kind == "sentencepiece":
-            return self.backend.encode(texts)
+        if self.kind == "sentencepiece":  # one thread: preprocessing parallelises over processes
+            return self.backend.encode(texts, num_threads=1)
         return self.backend(texts, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids) -> str:
