@@ -1,0 +1,60 @@
+"""The paper's pre-training recipes (Table 14) behind run_scripts/pretrain_*.sh.
+
+Each run script is both a bash script (which starts the DeepSpeed launcher or torchrun) and a Python
+script (which those launchers run on every rank); the Python side calls `main(scale)`, which trains
+with the recipe's settings followed by the user's own arguments, so anything can be overridden.
+Environment: METHOD (svd | cola | dense; default cola), GATE (identity | none | linear | dense |
+tensor; default identity), ENGINE (deepspeed | fsdp | ddp | single; default deepspeed), ZERO_STAGE
+(default 1), DATA, RUN_DIR.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+SCALES = {  # preset, rank, peak LR by (method, with LaX)
+    "60m": ("llama_60m", 128, {("svd", False): 2e-3, ("svd", True): 2e-2, ("cola", False): 6e-3, ("cola", True): 4e-2}),
+    "130m": ("llama_130m", 256, {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 4e-3, ("cola", True): 2e-2}),
+    "350m": ("llama_350m", 256, {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 3e-3, ("cola", True): 2e-2}),
+    "1b": ("llama_1b", 512, {("svd", False): 8e-4, ("svd", True): 3e-3, ("cola", False): 2e-3, ("cola", True): 1e-2}),
+}
+FULL_RANK_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 1e-3}  # GaLore's full-rank baselines
+
+
+def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str) -> list[str]:
+    preset, rank, lrs = SCALES[scale]
+    lr = FULL_RANK_LR[scale] if method == "dense" else lrs[(method, gate != "none")]
+    return ["--config", preset, "--model.method", method, "--model.rank", str(rank), "--model.lax_gate", gate,
+            "--optim.lr", str(lr), "--optim.warmup_steps", "-1", "--optim.warmup_ratio", "0.2",
+            "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5", "--optim.min_lr_ratio", "0.1",
+            "--train.token_budget", "paper", "--train.global_batch", "512", "--data.seq_len", "256",
+            "--data.path", data, "--parallel.engine", engine, "--parallel.zero_stage", zero_stage,
+            "--logging.run_dir", run_dir, "--checkpoint.every", "1000", "--checkpoint.resume", "auto",
+            "--train.eval_every", "1000"]
+
+
+def user_arguments(argv: list[str]) -> list[str]:
+    """The user's arguments, without the --local_rank=N the DeepSpeed launcher adds."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank="):
+            continue
+        elif arg == "--local_rank":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main(scale: str) -> int:
+    method, gate = os.environ.get("METHOD", "cola"), os.environ.get("GATE", "identity")
+    if method == "dense":
+        gate = "none"
+    engine = os.environ.get("ENGINE", "deepspeed")
+    run_dir = os.environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")
+    args = recipe(scale, method, gate, engine, os.environ.get("ZERO_STAGE", "1"),
+                  os.environ.get("DATA", "data/prepared/c4"), run_dir) + user_arguments(sys.argv[1:])
+    from .train import main as train_main
+    return train_main(args)

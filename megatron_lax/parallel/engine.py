@@ -1,0 +1,120 @@
+"""The trainer's one view of whatever runs the model: forward+backward of a micro-batch, the
+optimizer step, and checkpoint state. `LocalEngine` serves a single process and DDP; FSDP2 and
+DeepSpeed have their own subclasses. The training loop never branches on the engine."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..model import token_nll
+from ..optim import build_optimizer
+from .distributed import DistInfo
+
+
+@dataclass
+class StepResult:
+    grad_norm: float
+    skipped: bool  # the gradient was not finite, so no update was applied
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto`: bf16-mixed where the device computes in bf16 natively (CUDA), fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    return "bf16-mixed" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Engine:
+    """Interface. `model` is what to call; `base_model` is the unwrapped LlamaLax."""
+
+    model: nn.Module
+    base_model: nn.Module
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str):
+        self.cfg, self.dist, self.precision = cfg, dist_info, precision
+
+    def forward_backward(self, inputs, targets, loss_weight: float, sync: bool):
+        """Backpropagates loss_weight * (summed NLL of this micro-batch) so that, over all micro-batches
+        of all ranks, the gradient is that of (total NLL / total scored tokens) of the global batch.
+        Returns the detached summed NLL and the number of scored tokens."""
+        raise NotImplementedError
+
+    def step(self, lr: float) -> StepResult:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def eval_nll(self, inputs, targets):
+        with autocast_context(self.precision, self.dist.device):
+            return token_nll(self.model(inputs), targets)
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+
+    def save(self, directory: Path) -> list[str]:
+        """Writes this rank's model and optimizer state into `directory`; returns the file names written."""
+        raise NotImplementedError
+
+    def load(self, directory: Path) -> None:
+        raise NotImplementedError
+
+
+class LocalEngine(Engine):
+    """A single process, or plain DDP (every rank holds the whole model and optimizer)."""
+
+    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, model: nn.Module, ddp: bool = False):
+        super().__init__(cfg, dist_info, precision)
+        model.to(dist_info.device)
+        if precision == "bf16-pure":
+            model.to(torch.bfloat16)
+        self.base_model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+        self.model = model
+        if ddp:
+            device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # DDP averages gradients over ranks; the loss is scaled up to turn that into a sum.
+        self.rank_scale = dist_info.world_size if ddp else 1
+
+    def forward_backward(self, inputs, targets, loss_weight, sync):
+        no_sync = self.model.no_sync if (isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync) \
+            else contextlib.nullcontext
+        with no_sync():
+            with autocast_context(self.precision, self.dist.device):
+                nll, count = token_nll(self.model(inputs), targets)
+            (nll * (loss_weight * self.rank_scale)).backward()
+        return nll.detach(), count
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), max_norm))
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm, skipped)
+
+    def save(self, directory):
+        if not self.dist.is_main:
+            return []
+        torch.save(self.base_model.state_dict(), directory / "model.pt")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        return ["model.pt", "optimizer.pt"]
+
+    def load(self, directory):
+        device = self.dist.device
+        self.base_model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True))
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))

@@ -1,0 +1,85 @@
+"""PyTorch FSDP2: `fully_shard` on every transformer block and on the root; sharded checkpoints
+through torch.distributed.checkpoint (DCP)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from ..model import token_nll
+from ..optim import build_optimizer
+from .engine import Engine, StepResult
+
+DCP_DIR = "dcp"
+
+
+def shard_model(model: torch.nn.Module, world_size: int, device: torch.device, precision: str) -> None:
+    """Shards in place. With bf16-mixed, parameters are gathered in bf16 and gradients reduced in fp32
+    (the sharded fp32 parameters are the master weights)."""
+    mesh = init_device_mesh(device.type, (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16-mixed" else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+class FSDPEngine(Engine):
+    def __init__(self, cfg, dist_info, precision, model):
+        super().__init__(cfg, dist_info, precision)
+        model.to(dist_info.device)
+        if precision == "bf16-pure":
+            model.to(torch.bfloat16)
+        shard_model(model, dist_info.world_size, dist_info.device, precision)
+        self.model = self.base_model = model
+        self.optimizer = build_optimizer(model, cfg.optim)
+
+    def forward_backward(self, inputs, targets, loss_weight, sync):
+        self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-batch
+        nll, count = token_nll(self.model(inputs), targets)
+        # FSDP averages gradients over ranks; scaling by the world size turns that into a sum.
+        (nll * (loss_weight * self.dist.world_size)).backward()
+        return nll.detach(), count
+
+    @torch.no_grad()
+    def eval_nll(self, inputs, targets):
+        return token_nll(self.model(inputs), targets)
+
+    def step(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm, skipped)
+
+    def save(self, directory):
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR))
+        return [p.name for p in (directory / DCP_DIR).iterdir()]
+
+    def load(self, directory):
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state}
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def consolidate(directory) -> dict:
+    """The full model state dict of an FSDP checkpoint, on one process without a process group."""
+    import tempfile
+    from pathlib import Path
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "full.pt"
+        dcp_to_torch_save(str(Path(directory) / DCP_DIR), str(target))
+        return torch.load(target, weights_only=False)["model"]
