@@ -39,3 +39,38 @@ def make_tiny_overrides(prepared: Path, run_dir: Path, **extra) -> dict:
 def tiny_overrides(prepared_sample):
     """tiny_overrides(run_dir, **extra) -> a dict of overrides for a tiny run on the prepared sample."""
     return lambda run_dir, **extra: make_tiny_overrides(prepared_sample, run_dir, **extra)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_cli(overrides: dict) -> list[str]:
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]
+
+
+def run_command(command: list[str], timeout: int = 600, env: dict | None = None):
+    """Runs a command from the repo root; fails the test with the output's tail if it fails."""
+    import os
+    import subprocess
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+def torchrun(module_args: list[str], nproc: int = 2, timeout: int = 600):
+    """`torchrun --nproc_per_node N -m megatron_lax.train ...` on a free local port."""
+    import sys
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *module_args]
+    return run_command(command, timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    import json
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
