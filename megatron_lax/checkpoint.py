@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from . import config as config_lib
+from . import faults
 from .parallel.distributed import DistInfo, barrier, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -55,32 +56,48 @@ def _write_json_atomic(path: Path, obj) -> None:
 
 def save(root: Path, step: int, engine, trainer_state: dict, rank_state: dict, cfg, dist: DistInfo,
          keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. A failed write (disk
+    full, no permission) raises CheckpointError and leaves the previous checkpoints as they were."""
     final = root / step_dir_name(step)
     staging = root / (step_dir_name(step) + ".incomplete")
-    if dist.is_main:
+    try:
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        barrier()
+        engine.save(staging)
+        torch.save(rank_state, staging / f"rank_{dist.rank:05d}.pt")
+        if dist.is_main:
+            (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
+            _write_json_atomic(staging / "trainer_state.json", trainer_state)
+        if step in faults.KILL_IN_CHECKPOINT:
+            faults.kill_self()
+        barrier()
+        if dist.is_main:
+            _publish(root, staging, final, step, cfg, dist, keep)
+    except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    barrier()
-    engine.save(staging)
-    torch.save(rank_state, staging / f"rank_{dist.rank:05d}.pt")
-    if dist.is_main:
-        (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
-        _write_json_atomic(staging / "trainer_state.json", trainer_state)
-    barrier()
-    if dist.is_main:
-        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
-        manifest = {"step": step, "world_size": dist.world_size, "engine": cfg.parallel.engine,
-                    "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256(staging / name)}
-                              for name in files}}
-        _write_json_atomic(staging / MANIFEST, manifest)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
-        (root / (LATEST + ".tmp")).write_text(final.name)
-        os.replace(root / (LATEST + ".tmp"), root / LATEST)
-        prune(root, keep)
+        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
+                              f"is unchanged") from None
     barrier()
     return final
+
+
+def _publish(root: Path, staging: Path, final: Path, step: int, cfg, dist: DistInfo, keep: int) -> None:
+    """Checksums every file, writes the manifest, renames the directory into place, moves `latest`."""
+    missing = [r for r in range(dist.world_size) if not (staging / f"rank_{r:05d}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {final}: ranks {missing} did not write their state")
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    manifest = {"step": step, "world_size": dist.world_size, "engine": cfg.parallel.engine,
+                "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256(staging / name)}
+                          for name in files}}
+    _write_json_atomic(staging / MANIFEST, manifest)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(staging, final)
+    (root / (LATEST + ".tmp")).write_text(final.name)
+    os.replace(root / (LATEST + ".tmp"), root / LATEST)
+    prune(root, keep)
 
 
 def verify(directory: Path) -> Optional[str]:
@@ -144,6 +161,25 @@ def resolve_resume(spec: str, run_dir: Path, dist: DistInfo, log=print) -> Optio
                 raise CheckpointError(f"cannot resume from {path}: {problem}")
     path = broadcast_object(str(path) if path else None)
     return Path(path) if path else None
+
+
+# Fields that change the model's parameters or the meaning of the saved data position.
+SHAPE_FIELDS = {"model": ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "method", "rank", "attn_rank",
+                          "mlp_rank", "lax_gate", "lax_modules"),
+                "data": ("seq_len", "mode", "seed"), "train": ("global_batch",)}
+
+
+def check_compatible(directory: Path, cfg) -> None:
+    """Refuses to resume with a config that changes the model shape or the data stream; steps,
+    learning rate, logging and the like may change."""
+    saved = config_lib.load_config(str(directory / "config.yaml"))
+    differences = [f"{section}.{name}: {getattr(getattr(saved, section), name)!r} -> "
+                   f"{getattr(getattr(cfg, section), name)!r}"
+                   for section, names in SHAPE_FIELDS.items() for name in names
+                   if getattr(getattr(saved, section), name) != getattr(getattr(cfg, section), name)]
+    if differences:
+        raise CheckpointError(f"cannot resume from {directory} with a different model or data layout: "
+                              + "; ".join(differences))
 
 
 def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict]:

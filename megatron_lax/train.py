@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, introspection
+from . import checkpoint, data, faults, introspection
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
@@ -113,6 +113,7 @@ class Trainer:
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, self.log)
         if path is None:
             return
+        checkpoint.check_compatible(path, self.cfg)
         state, rank_state = checkpoint.load(path, self.engine, self.dist)
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
@@ -130,9 +131,10 @@ class Trainer:
         scored = all_reduce_sum(torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)),
                                              device=device))
         total_nll = torch.zeros((), device=device)
+        loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
         for i, (x, y) in enumerate(micro_batches):
             nll, _ = self.engine.forward_backward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                                  1.0 / float(scored), sync=i == len(micro_batches) - 1)
+                                                  loss_weight, sync=i == len(micro_batches) - 1)
             total_nll += nll.float()
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         result = self.engine.step(lr)
@@ -192,9 +194,12 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
         start, window_start, window_tokens = time.time(), time.time(), 0
+        stop = faults.StopFlag(self.dist.device)
         self.engine.train(True)
         while self.step < self.total_steps:
             record = self.train_step()
+            if self.step in faults.KILL_AT_STEPS:
+                faults.kill_self()
             window_tokens += tokens_per_step
             if self.step % cfg.logging.log_every == 0 or self.step == self.total_steps:
                 elapsed = time.time() - window_start
@@ -214,6 +219,12 @@ class Trainer:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            if stop.agreed():
+                bar.close()
+                path = self.save_checkpoint()
+                self.log(f"preempted by signal {stop.signal}: stopped after step {self.step}, checkpoint {path}")
+                self.metrics.close()
+                return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
         bar.close()
         final = self.validate()
         path = self.save_checkpoint()

@@ -1,0 +1,45 @@
+"""Preemption and fault handling: SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before they kill
+a job) ask the loop to finish its step, write a checkpoint and exit 0; every rank stops at the same
+step. Also the test hooks that inject faults at a chosen step (environment variables, read once)."""
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+from .parallel.distributed import all_reduce_sum
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Set by a preemption signal on any rank; `agreed()` is the all-ranks view (one tiny all-reduce)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.signal = device, None
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=self.device)
+        return bool(all_reduce_sum(flag).item() > 0)
+
+
+def _steps_from_env(name: str) -> set[int]:
+    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
+
+
+# Test hooks: MEGATRON_LAX_TEST_NAN_STEPS=3,4 poisons the gradients of those steps;
+# MEGATRON_LAX_TEST_KILL_AT_STEP=5 SIGKILLs the process after step 5;
+# MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT=4 SIGKILLs it halfway through writing the step-4 checkpoint.
+NAN_STEPS = _steps_from_env("MEGATRON_LAX_TEST_NAN_STEPS")
+KILL_AT_STEPS = _steps_from_env("MEGATRON_LAX_TEST_KILL_AT_STEP")
+KILL_IN_CHECKPOINT = _steps_from_env("MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT")
+
+
+def kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
