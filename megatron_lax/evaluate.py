@@ -1,22 +1,27 @@
-"""Validation perplexity of a checkpoint:
+"""Validation perplexity of a checkpoint written by any engine:
 
     python -m megatron_lax.evaluate --checkpoint DIR [--data DIR] [--tokens N] [--json]
+    torchrun --nproc_per_node 8 -m megatron_lax.evaluate --checkpoint DIR     (same number, faster)
 
 Perplexity is exp(total NLL / total scored target tokens) over the fixed validation set, padding
-excluded (never a mean of per-batch means).
+excluded (never a mean of per-batch means). The 95% interval treats each validation sequence (one
+document in `paper` mode, a fixed-length window of the token stream in `packed` mode) as a unit:
+a delta-method interval for the ratio estimator of the mean token NLL, exponentiated.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from . import checkpoint, data
-from .parallel.distributed import all_reduce_sum
+from .parallel.distributed import all_reduce_sum, init_distributed, is_distributed, shutdown
 
 
 @torch.no_grad()
@@ -32,26 +37,60 @@ def evaluate_nll(engine, batches) -> tuple[float, int]:
     return float(totals[0]), int(totals[1])
 
 
-def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0) -> dict:
-    from .parallel import build_engine
-    from .parallel.distributed import init_distributed
+@torch.no_grad()
+def sequence_nll(model, batches, device) -> torch.Tensor:
+    """(n_sequences, 2): summed NLL and scored tokens of each of this rank's sequences."""
+    rows = []
+    for x, y in batches:
+        logits = model(x.to(device)).float()
+        y = y.to(device)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=data.IGNORE, reduction="none")
+        rows.append(torch.stack([nll.view_as(y).sum(1).double(), (y != data.IGNORE).sum(1).double()], dim=1))
+    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
+
+
+def perplexity_interval(per_sequence: torch.Tensor, z: float = 1.96) -> dict:
+    nll, tokens = per_sequence[:, 0], per_sequence[:, 1]
+    loss = float(nll.sum() / tokens.sum())
+    n = len(per_sequence)
+    residual = nll - loss * tokens
+    stderr = math.sqrt(float(residual.pow(2).sum()) / max(n - 1, 1) / n) / float(tokens.mean()) if n > 1 else 0.0
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "ppl_low": math.exp(loss - z * stderr),
+            "ppl_high": math.exp(loss + z * stderr), "tokens": int(tokens.sum()), "sequences": n}
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return rows
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows.cpu())
+    return torch.cat(gathered)
+
+
+def load_model(path: Path, device: torch.device):
+    """The model of a checkpoint of any engine (sharded ones consolidated), and its config."""
     from .model import LlamaLax
+    from .parallel import consolidated_state_dict
 
     ckpt = checkpoint.resolve_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
-    cfg.parallel.engine, cfg.train.compile, cfg.train.activation_checkpointing = "single", False, False
-    if data_path:
-        cfg.data.path = data_path
-    dist = init_distributed("single", cfg.train.device)
-    engine = build_engine(cfg, LlamaLax(cfg.model), dist)
-    engine.load(ckpt)
-    engine.train(False)
-    n_tokens = tokens or cfg.train.eval_tokens or cfg.data.val_tokens
-    batches = data.validation_batches(cfg.data.path, cfg.data.seq_len, micro_batch or cfg.train.micro_batch,
-                                      n_tokens, cfg.data.mode)
-    nll, count = evaluate_nll(engine, [(x.to(dist.device), y.to(dist.device)) for x, y in batches])
-    loss = nll / max(count, 1)
-    return {"checkpoint": str(ckpt), "val_loss": loss, "val_ppl": math.exp(loss), "tokens": count}
+    model = LlamaLax(cfg.model)
+    state = consolidated_state_dict(ckpt, cfg.parallel.engine)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model.to(device).eval(), cfg, ckpt
+
+
+def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0) -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = init_distributed("ddp" if world > 1 else "single", "auto")
+    model, cfg, ckpt = load_model(path, dist.device)
+    batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
+                                      micro_batch or cfg.train.micro_batch,
+                                      tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
+                                      dist.rank, dist.world_size)
+    result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
+            "engine": cfg.parallel.engine, "mode": cfg.data.mode, **result}
 
 
 def main(argv=None) -> int:
@@ -60,18 +99,23 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
     parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
+    parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"validation perplexity {result['val_ppl']:.3f} (loss {result['val_loss']:.4f}) "
-              f"on {result['tokens']} tokens  [{result['checkpoint']}]")
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"validation perplexity {result['val_ppl']:.3f} (95% interval {result['ppl_low']:.3f}-"
+                  f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "
+                  f"{result['sequences']} sequences  [{result['checkpoint']}, step {result['step']}]")
     return 0
 
 

@@ -1,0 +1,113 @@
+"""Export a checkpoint (any engine) for use outside this codebase:
+
+    python -m megatron_lax.export --checkpoint DIR --output DIR
+
+Dense models, and SVD models without LaX (their factors merged, W = B A), become a Hugging Face
+`LlamaForCausalLM` directory (config.json + model.safetensors) that `transformers` loads with
+`from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they are written in our
+own format (config.yaml + model.safetensors) and loaded with `megatron_lax.load_pretrained(DIR)`.
+The tokenizer the run used is copied alongside when it is a local directory or file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import ModelConfig, dump_yaml, load_config
+from .evaluate import load_model
+from .model import LlamaLax
+
+HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
+            "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
+            "mlp.down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+OUR_FORMAT = "megatron_lax.json"
+
+
+def mergeable(cfg: ModelConfig) -> bool:
+    return cfg.method == "dense" or (cfg.method == "svd" and not cfg.uses_lax)
+
+
+def hf_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face LLaMA names; SVD factors merged into W = B A. Both codebases use
+    the rotate-half rotary convention, so q and k need no permutation."""
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.layers):
+        for ours, theirs in HF_NAMES.items():
+            module = block.get_submodule(ours)
+            weight = module.B.weight @ module.A.weight if hasattr(module, "A") else module.weight
+            out[f"model.layers.{i}.{theirs}.weight"] = weight
+    return {k: v.detach().contiguous().float() for k, v in out.items()}
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+            "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+
+
+def copy_tokenizer(spec: str, output: Path) -> None:
+    source = Path(spec)
+    if source.is_dir():
+        shutil.copytree(source, output / "tokenizer", dirs_exist_ok=True)
+    elif source.is_file():
+        (output / "tokenizer").mkdir(exist_ok=True)
+        shutil.copy(source, output / "tokenizer" / source.name)
+
+
+def export(checkpoint_dir: Path, output: Path) -> str:
+    from safetensors.torch import save_file
+
+    model, cfg, _ = load_model(checkpoint_dir, torch.device("cpu"))
+    output.mkdir(parents=True, exist_ok=True)
+    if mergeable(cfg.model):
+        save_file(hf_state_dict(model), str(output / "model.safetensors"), metadata={"format": "pt"})
+        (output / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=1))
+        kind = "huggingface"
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output / "model.safetensors"))
+        (output / "config.yaml").write_text(dump_yaml(cfg))
+        (output / OUR_FORMAT).write_text(json.dumps({"format": "megatron_lax", "version": 1}))
+        kind = "megatron_lax"
+    copy_tokenizer(cfg.data.tokenizer, output)
+    return kind
+
+
+def load_pretrained(directory, device: str = "cpu") -> LlamaLax:
+    """A model exported in our format (LaX / CoLA), ready for inference."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / OUR_FORMAT).is_file():
+        raise ValueError(f"{directory} is not a megatron_lax export (a Hugging Face export loads with "
+                         f"transformers.LlamaForCausalLM.from_pretrained)")
+    model = LlamaLax(load_config(str(directory / "config.yaml")).model)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    return model.to(device).eval()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lax.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        kind = export(args.checkpoint, args.output)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote a {kind} export to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
