@@ -223,6 +223,13 @@ def plot_curves(runs: Sequence[Run], output: Union[str, Path]) -> Path:
     return output
 
 
+def best_run(runs: Sequence[Run]) -> Run:
+    finished = [run for run in runs if run.final_val_ppl is not None and math.isfinite(run.final_val_ppl)]
+    if not finished:
+        raise RunError("no run has a finite validation perplexity")
+    return min(finished, key=lambda run: run.final_val_ppl)
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 def _with_base_run(runs: list[Run], base: str) -> list[Run]:
@@ -245,9 +252,14 @@ def main(argv=None) -> int:
     parser.add_argument("--base", help="run directory or label to compare every run against")
     parser.add_argument("--output", default="comparison.png", help="PNG path (default: %(default)s)")
     parser.add_argument("--labels", nargs="+", help="one legend/table label per run (default: from the config)")
+    parser.add_argument("--best", action="store_true",
+                        help="only print the directory of the run with the lowest final validation perplexity")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs, args.labels)
+        if args.best:
+            print(best_run(runs).path)
+            return 0
         if args.base:
             runs = _with_base_run(runs, args.base)
         table = comparison_table(runs, args.base)

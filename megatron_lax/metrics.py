@@ -40,15 +40,3 @@ def _plain(value):
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
-    """All records of a run's metrics.jsonl and the number of malformed lines skipped."""
-    records, bad = [], 0
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                bad += 1
-    return records, bad

@@ -122,3 +122,15 @@ def test_run_without_records_is_an_error(tmp_path):
     (path / "metrics.jsonl").write_text("garbage\n")
     with pytest.raises(compare.RunError, match="no training or validation records"):
         compare.load_run(path)
+
+
+def test_best_picks_the_lowest_final_validation_perplexity(tmp_path, capsys):
+    from megatron_lax.compare import main
+    for name, ppl in (("a", 40.0), ("b", 31.5), ("c", float("nan"))):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        (run_dir / "config.yaml").write_text(dump_yaml(load_config("llama_60m")))
+        (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "val_loss": 3.0,
+                                                           "val_ppl": ppl}) + "\n")
+    assert main([str(tmp_path / n) for n in "abc"] + ["--best"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "b")
