@@ -26,6 +26,7 @@ SECONDS=0
 train() {  # train RUN_DIR STEPS [overrides...]
   local dir=$1 n=$2; shift 2
   echo "  $dir"
+  mkdir -p "$(dirname "$dir")"
   "$py" -m megatron_lax.train "${common[@]}" --train.steps "$n" --logging.run_dir "$dir" "$@" > "$dir.log" 2>&1 \
     || { echo "error: run $dir failed, see $dir.log" >&2; tail -5 "$dir.log" >&2; exit 1; }
 }

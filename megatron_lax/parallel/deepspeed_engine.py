@@ -44,6 +44,8 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
 
 
 class DeepSpeedEngine(Engine):
+    uses_autocast = False  # DeepSpeed's bf16 mode casts the model itself
+
     def __init__(self, cfg, dist_info, precision, model):
         import deepspeed
 
@@ -65,13 +67,8 @@ class DeepSpeedEngine(Engine):
                 self.model.step()  # not an accumulation boundary: DeepSpeed only counts the micro-step
         return nll.detach(), count
 
-    @torch.no_grad()
-    def eval_nll(self, inputs, targets):
-        return token_nll(self.model(inputs), targets)
-
     def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.set_lr(lr)
         with torch.no_grad():  # gloo's all-gather fallback writes into split views
             self.model.step()  # the boundary: reduce, clip to gradient_clipping, update
         norm = self.model.get_global_grad_norm()

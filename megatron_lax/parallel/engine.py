@@ -41,6 +41,8 @@ class Engine:
 
     model: nn.Module
     base_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    uses_autocast = True  # False where the engine casts itself (FSDP2's policy, DeepSpeed's bf16)
 
     def __init__(self, cfg: Config, dist_info: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist_info, precision
@@ -54,10 +56,30 @@ class Engine:
     def step(self, lr: float) -> StepResult:
         raise NotImplementedError
 
+    def autocast(self):
+        if not self.uses_autocast:
+            return contextlib.nullcontext()
+        return autocast_context(self.precision, self.dist.device)
+
     @torch.no_grad()
     def eval_nll(self, inputs, targets):
-        with autocast_context(self.precision, self.dist.device):
+        with self.autocast():
             return token_nll(self.model(inputs), targets)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def clipped_step(self, parameters) -> StepResult:
+        """Clips to optim.grad_clip on the global norm, then steps unless the norm is not finite."""
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(grad_norm, skipped)
 
     def train(self, mode: bool = True):
         self.model.train(mode)
@@ -91,21 +113,14 @@ class LocalEngine(Engine):
         no_sync = self.model.no_sync if (isinstance(self.model, nn.parallel.DistributedDataParallel) and not sync) \
             else contextlib.nullcontext
         with no_sync():
-            with autocast_context(self.precision, self.dist.device):
+            with self.autocast():
                 nll, count = token_nll(self.model(inputs), targets)
             (nll * (loss_weight * self.rank_scale)).backward()
         return nll.detach(), count
 
     def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.base_model.parameters(), max_norm))
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm, skipped)
+        self.set_lr(lr)
+        return self.clipped_step(self.base_model.parameters())
 
     def save(self, directory):
         if not self.dist.is_main:

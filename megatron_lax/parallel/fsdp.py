@@ -2,8 +2,6 @@
 through torch.distributed.checkpoint (DCP)."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -12,7 +10,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from ..model import token_nll
 from ..optim import build_optimizer
-from .engine import Engine, StepResult
+from .engine import Engine
 
 DCP_DIR = "dcp"
 
@@ -29,6 +27,8 @@ def shard_model(model: torch.nn.Module, world_size: int, device: torch.device, p
 
 
 class FSDPEngine(Engine):
+    uses_autocast = False  # the MixedPrecisionPolicy casts
+
     def __init__(self, cfg, dist_info, precision, model):
         super().__init__(cfg, dist_info, precision)
         model.to(dist_info.device)
@@ -45,21 +45,9 @@ class FSDPEngine(Engine):
         (nll * (loss_weight * self.dist.world_size)).backward()
         return nll.detach(), count
 
-    @torch.no_grad()
-    def eval_nll(self, inputs, targets):
-        return token_nll(self.model(inputs), targets)
-
     def step(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm, skipped)
+        self.set_lr(lr)
+        return self.clipped_step(self.model.parameters())
 
     def save(self, directory):
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
