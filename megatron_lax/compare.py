@@ -122,8 +122,10 @@ def load_runs(paths: Sequence[Union[str, Path]], labels: Optional[Sequence[str]]
 
 
 def _make_labels_unique(runs: list[Run]) -> None:
+    """Runs that share a label all get their directory name appended."""
+    shared = {run.label for run in runs if sum(other.label == run.label for other in runs) > 1}
     for run in runs:
-        if sum(other.label == run.label for other in runs) > 1:
+        if run.label in shared:
             run.label = f"{run.label} [{run.path.name}]"
 
 

@@ -23,12 +23,14 @@ common=(--config llama_tiny --model.rank 64 --train.global_batch 8 --train.micro
 mkdir -p "$out"
 SECONDS=0
 
-train() {  # train RUN_DIR STEPS [overrides...]
+train() {  # train RUN_DIR STEPS [overrides...]; a finished run (RUN_DIR/done) is not repeated
   local dir=$1 n=$2; shift 2
   echo "  $dir"
-  mkdir -p "$(dirname "$dir")"
-  "$py" -m megatron_lax.train "${common[@]}" --train.steps "$n" --logging.run_dir "$dir" "$@" > "$dir.log" 2>&1 \
-    || { echo "error: run $dir failed, see $dir.log" >&2; tail -5 "$dir.log" >&2; exit 1; }
+  [ -f "$dir/done" ] && return
+  mkdir -p "$dir"
+  "$py" -m megatron_lax.train "${common[@]}" --train.steps "$n" --logging.run_dir "$dir" "$@" > "$dir/train.log" 2>&1 \
+    || { echo "error: run $dir failed, see $dir/train.log" >&2; tail -5 "$dir/train.log" >&2; exit 1; }
+  touch "$dir/done"
 }
 
 echo "LR sweep ($sweep_steps steps each):"

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_lax.config import load_config
 from megatron_lax.train import Trainer
@@ -64,3 +66,15 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_overrides, tmp_p
         trainer = Trainer(cfg)
         losses.append([trainer.train_step()["loss"] for _ in range(4)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-pure"])
+def test_bf16_precisions_on_one_process(tiny_overrides, tmp_path, precision):
+    cfg = load_config("llama_tiny", tiny_overrides(tmp_path, model__method="cola", model__lax_gate="identity",
+                                                   train__precision=precision, train__steps=3))
+    trainer = Trainer(cfg)
+    dtypes = {p.dtype for p in trainer.engine.base_model.parameters()}
+    assert dtypes == ({torch.bfloat16} if precision == "bf16-pure" else {torch.float32})
+    first = trainer.train_step()["loss"]
+    trainer.train_step()
+    assert math.isfinite(trainer.train_step()["loss"]) and first > 8.0
