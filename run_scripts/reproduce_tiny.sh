@@ -18,7 +18,7 @@ steps=${STEPS:-200}
 sweep_steps=${SWEEP_STEPS:-100}
 base_lrs=${BASE_LRS:-"1e-3 3e-3 1e-2"}
 common=(--config llama_tiny --model.rank 64 --train.global_batch 8 --train.micro_batch 8 --train.seed "$seed"
-        --data.seed "$seed" --train.eval_tokens 100000 --logging.progress false --logging.tensorboard false
+        --data.seed "$seed" --train.eval_tokens 100000 --train.eval_every 50 --logging.progress false --logging.tensorboard false
         --logging.lax_stats_every 0 "$@")
 mkdir -p "$out"
 SECONDS=0
