@@ -32,7 +32,7 @@ def test_latent_rms_records_crossing_and_own_latents():
     assert len(stats) == 2 * 2 * len(PROJECTIONS)
     # With the identity gate the crossing latent of block 1 is block 0's own A x.
     own0 = {}
-    handle = model.layers[0].attn.q.A.register_forward_hook(lambda m, i, o: own0.update(rms=o.pow(2).mean().sqrt()))
+    handle = model.layers[0].attn.q.A.register_forward_hook(lambda m, i, o: own0.update(rms=o.detach().pow(2).mean().sqrt()))
     model(x)
     handle.remove()
     assert abs(stats["lax_rms/q/1/crossing"] - float(own0["rms"])) < 1e-6
