@@ -1,6 +1,7 @@
 """Tokenize C4-format shards (or JSON lines / plain text, or a hub dataset) into memory-mappable shards:
 
     python -m data_prep.prepare --input 'c4/en/c4-*.json.gz' --tokenizer t5-base --output DIR --workers 16
+    python -m data_prep.prepare --input allenai/c4 --hub-config en --tokenizer t5-base --output DIR
 
 DIR/<split>/<shard>.bin        flat token array (uint16 when the vocabulary fits, else uint32), each document + EOS
 DIR/<split>/<shard>.idx.npy    int64 document offsets into the .bin (n_documents + 1 entries)
@@ -8,7 +9,9 @@ DIR/<split>/<shard>.json       the shard's counts; written last, so its presence
 DIR/manifest.json              tokenizer (hash, vocabulary, ids), inputs with sizes, documents, tokens,
                                skipped records by reason, format version
 
-One process per input file. A re-run skips shards already complete for the same input and tokenizer.
+One process per input file; with fewer files than workers, each JSON-lines file is cut into contiguous
+parts (<shard>.partKKKK-of-NNNN), so every worker has work and the documents keep their order. A re-run
+skips files already complete for the same input and tokenizer, whatever parts they were cut into.
 Bad records are skipped and counted; a shard is written under a temporary name and renamed when done.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import glob
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -30,23 +34,26 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.readers import SKIP_REASONS, iter_documents, split_of
+from data_prep.readers import SKIP_REASONS, is_text_file, iter_documents, split_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files cut into parts; skipped records per split
 BATCH_DOCUMENTS = 512
 INPUT_SUFFIXES = (".json.gz", ".jsonl", ".jsonl.gz", ".json", ".txt", ".txt.gz")
+OUTPUT_SUFFIXES = (".bin", ".bin.tmp", ".idx.npy", ".idx.tmp.npy", ".json", ".json.tmp")
 
 
 def token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def shard_name(path: Path) -> str:
+def shard_name(path: Path, part: tuple[int, int] = (0, 1)) -> str:
     name = path.name
     for suffix in INPUT_SUFFIXES:
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+            name = name[: -len(suffix)]
+            break
+    k, n = part
+    return name if n == 1 else f"{name}.part{k:04d}-of-{n:04d}"
 
 
 # --- one input file -> one shard (runs in a worker process) ---------------------------------------
@@ -72,20 +79,36 @@ def input_record(path: Path) -> dict:
     return {"path": str(path), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def shard_is_complete(out_dir: Path, path: Path, tokenizer_hash: str) -> bool:
-    meta_path = out_dir / f"{shard_name(path)}.json"
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return False
-    same_input = {k: meta["input"].get(k) for k in ("bytes", "mtime")} == {k: v for k, v in input_record(path).items()
-                                                                           if k != "path"}
-    return same_input and meta.get("tokenizer_hash") == tokenizer_hash
+def completed_shards(out_dir: Path, path: Path, tokenizer_hash: str) -> list[dict] | None:
+    """The shard metadata of `path` when every part of it is done for this input and tokenizer."""
+    name = glob.escape(shard_name(path))
+    metas = []
+    for meta_path in glob.glob(str(out_dir / f"{name}.json")) + glob.glob(str(out_dir / f"{name}.part*-of-*.json")):
+        try:
+            metas.append(json.loads(Path(meta_path).read_text()))
+        except json.JSONDecodeError:
+            continue
+    current = {k: v for k, v in input_record(path).items() if k != "path"}
+    metas = [m for m in metas if m.get("format_version") == FORMAT_VERSION and m["tokenizer_hash"] == tokenizer_hash
+             and {k: m["input"].get(k) for k in current} == current]
+    for n in {m["part"][1] for m in metas}:
+        parts = sorted((m for m in metas if m["part"][1] == n), key=lambda m: m["part"][0])
+        if [m["part"][0] for m in parts] == list(range(n)):
+            return parts
+    return None
 
 
-def document_batches(path: Path, skipped: Counter) -> Iterator[list[str]]:
+def remove_outputs(out_dir: Path, path: Path) -> None:
+    """Deletes whatever an earlier, unfinished or outdated run left for `path`."""
+    name = glob.escape(shard_name(path))
+    for base in (name, f"{name}.part*-of-*"):
+        for suffix in OUTPUT_SUFFIXES:
+            for stale in map(Path, glob.glob(str(out_dir / (base + suffix)))):
+                if stale.resolve() != path.resolve():
+                    stale.unlink()
+
+
+def document_batches(path: Path, part: tuple[int, int], skipped: Counter) -> Iterator[list[str]]:
     """Batches of documents, read and parsed on a background thread so that reading overlaps with
     tokenizing (SentencePiece releases the GIL while it encodes)."""
     batches: queue.Queue = queue.Queue(maxsize=4)
@@ -94,7 +117,7 @@ def document_batches(path: Path, skipped: Counter) -> Iterator[list[str]]:
     def produce():
         batch: list[str] = []
         try:
-            for text in iter_documents(path, skipped):
+            for text in iter_documents(path, skipped, part=part):
                 batch.append(text)
                 if len(batch) == BATCH_DOCUMENTS:
                     batches.put(batch)
@@ -115,17 +138,17 @@ def document_batches(path: Path, skipped: Counter) -> Iterator[list[str]]:
         raise failure[0]
 
 
-def tokenize_file(task: tuple[str, str]) -> dict:
-    """Worker: tokenizes one input file into out_dir; returns the shard's metadata."""
-    path, out_dir = Path(task[0]), Path(task[1])
+def tokenize_file(task: tuple[str, str, tuple[int, int]]) -> dict:
+    """Worker: tokenizes one input file, or one part of it, into out_dir; returns the shard's metadata."""
+    path, out_dir, part = Path(task[0]), Path(task[1]), tuple(task[2])
     tok = _worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
-    name = shard_name(path)
+    name = shard_name(path, part)
     tmp_bin = out_dir / f"{name}.bin.tmp"
     skipped: Counter = Counter()
     offsets, n_tokens = [0], 0
     with open(tmp_bin, "wb") as out:
-        for batch in document_batches(path, skipped):
+        for batch in document_batches(path, part, skipped):
             encoded = tok.encode_batch(batch)
             batch_tokens = 0
             for ids in encoded:
@@ -139,8 +162,9 @@ def tokenize_file(task: tuple[str, str]) -> dict:
     np.save(out_dir / f"{name}.idx.tmp.npy", np.asarray(offsets, dtype=np.int64))
     os.replace(out_dir / f"{name}.idx.tmp.npy", out_dir / f"{name}.idx.npy")
     os.replace(tmp_bin, out_dir / f"{name}.bin")
-    meta = {"input": input_record(path), "split": out_dir.name, "shard": name, "documents": len(offsets) - 1,
-            "tokens": n_tokens, "skipped": dict(skipped), "tokenizer_hash": tok.hash, "dtype": np.dtype(dtype).name}
+    meta = {"format_version": FORMAT_VERSION, "input": input_record(path), "split": out_dir.name, "shard": name,
+            "part": list(part), "documents": len(offsets) - 1, "tokens": n_tokens, "skipped": dict(skipped),
+            "tokenizer_hash": tok.hash, "dtype": np.dtype(dtype).name}
     _atomic_json(out_dir / f"{name}.json", meta)
     return meta
 
@@ -158,23 +182,35 @@ def expand_inputs(spec: str) -> list[Path]:
     return sorted(paths)
 
 
+def _skip_counts(shards: list[dict]) -> dict:
+    total = Counter()
+    for meta in shards:
+        total.update(meta["skipped"])
+    return {reason: total.get(reason, 0) for reason in SKIP_REASONS}
+
+
 def write_manifest(output: Path, tok, shards: list[dict]) -> dict:
+    """Writes DIR/manifest.json, leaving the file untouched when nothing changed."""
     shards = sorted(shards, key=lambda m: (m["split"], m["shard"]))
-    splits: dict = {}
-    for meta in shards:
-        split = splits.setdefault(meta["split"], {"shards": [], "documents": 0, "tokens": 0})
-        split["shards"].append(meta["shard"])
-        split["documents"] += meta["documents"]
-        split["tokens"] += meta["tokens"]
-    skipped = Counter()
-    for meta in shards:
-        skipped.update(meta["skipped"])
+    splits = {}
+    for name in sorted({m["split"] for m in shards}):
+        mine = [m for m in shards if m["split"] == name]
+        splits[name] = {"shards": [m["shard"] for m in mine], "documents": sum(m["documents"] for m in mine),
+                        "tokens": sum(m["tokens"] for m in mine), "skipped": _skip_counts(mine)}
+    inputs = {}
+    for m in shards:
+        entry = inputs.setdefault(m["input"]["path"], dict(m["input"], split=m["split"], documents=0, tokens=0,
+                                                           skipped=Counter()))
+        entry["documents"] += m["documents"]
+        entry["tokens"] += m["tokens"]
+        entry["skipped"].update(m["skipped"])
     manifest = {"format_version": FORMAT_VERSION, "tokenizer": tok.describe(),
                 "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "splits": splits,
-                "inputs": [dict(m["input"], split=m["split"], documents=m["documents"], tokens=m["tokens"],
-                                skipped=m["skipped"]) for m in shards],
-                "skipped": {reason: skipped.get(reason, 0) for reason in SKIP_REASONS}}
-    _atomic_json(output / "manifest.json", manifest)
+                "inputs": [dict(entry, skipped=dict(entry["skipped"])) for entry in inputs.values()],
+                "skipped": _skip_counts(shards)}
+    path = output / "manifest.json"
+    if not path.is_file() or json.loads(path.read_text()) != manifest:
+        _atomic_json(path, manifest)
     return manifest
 
 
@@ -189,27 +225,40 @@ def prepare(inputs: list[Path], tokenizer_spec: str, output: Path, workers: int 
     for path in inputs:
         out_dir = output / split_of(path)
         out_dir.mkdir(exist_ok=True)
-        if shard_is_complete(out_dir, path, tok.hash):
-            done.append(json.loads((out_dir / f"{shard_name(path)}.json").read_text()))
+        complete = completed_shards(out_dir, path, tok.hash)
+        if complete:
+            done += complete
         else:
-            todo.append((str(path), str(out_dir)))
+            todo.append((path, out_dir))
     if todo:
-        done += _run_tasks(todo, tokenizer_spec, workers, progress)
+        done += _run_tasks(split_into_parts(todo, workers), tokenizer_spec, workers, progress)
     manifest = write_manifest(output, tok, done)
     skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if v) or "none"
-    totals = {s: f"{v['documents']} documents / {v['tokens']} tokens" for s, v in manifest["splits"].items()}
-    print(f"prepared {output}: {totals}; {len(inputs) - len(todo)} of {len(inputs)} shards already done; "
+    totals = "; ".join(f"{s} {v['documents']:,} documents, {v['tokens']:,} tokens" for s, v in manifest["splits"].items())
+    print(f"prepared {output}: {totals}; {len(inputs) - len(todo)} of {len(inputs)} inputs already done; "
           f"skipped records: {skipped}", file=sys.stderr)
     return manifest
+
+
+def split_into_parts(todo: list[tuple[Path, Path]], workers: int) -> list[tuple[str, str, tuple[int, int]]]:
+    """One task per file, or, with fewer files than workers, enough parts per JSON-lines file to
+    give every worker one."""
+    n = max(1, math.ceil(workers / len(todo)))
+    tasks = []
+    for path, out_dir in todo:
+        remove_outputs(out_dir, path)
+        parts = 1 if is_text_file(path) else n
+        tasks += [(str(path), str(out_dir), (k, parts)) for k in range(parts)]
+    return tasks
 
 
 def _run_tasks(todo: list, tokenizer_spec: str, workers: int, progress: bool) -> list[dict]:
     workers = max(1, min(workers, len(todo)))
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    progress_queue = ctx.Queue()
     bar = tqdm(desc="prepare", unit=" docs", disable=not progress, dynamic_ncols=True)
     start, tokens, results = time.time(), 0, []
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec, queue)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_spec, progress_queue)) as pool:
         pending = pool.imap_unordered(tokenize_file, todo)
         remaining = len(todo)
         while remaining:
@@ -218,41 +267,45 @@ def _run_tasks(todo: list, tokenizer_spec: str, workers: int, progress: bool) ->
                 remaining -= 1
             except mp.TimeoutError:
                 pass
-            while not queue.empty():
-                docs, toks = queue.get()
+            while not progress_queue.empty():
+                docs, toks = progress_queue.get()
                 tokens += toks
                 bar.update(docs)
-                bar.set_postfix(tok_s=f"{tokens / max(time.time() - start, 1e-9):.0f}", shards=f"{len(results)}/{len(todo)}")
-    while not queue.empty():
-        bar.update(queue.get()[0])
+                bar.set_postfix(tok_s=f"{tokens / max(time.time() - start, 1e-9):.0f}", parts=f"{len(results)}/{len(todo)}")
+    while not progress_queue.empty():
+        bar.update(progress_queue.get()[0])
     bar.close()
     return results
 
 
-def stream_hub_dataset(name: str, tokenizer_spec: str, output: Path, split: str, max_documents: int) -> dict:
-    """Streams a hub dataset (e.g. allenai/c4 with --hub-config en) into C4-layout JSON-lines shards,
-    then prepares them like local files."""
+def stream_hub_dataset(name: str, config: str | None, splits: list[str], max_documents: int, raw_dir: Path) -> list[Path]:
+    """Streams the first max_documents records of each split of a hub dataset (e.g. allenai/c4,
+    config en) into JSON-lines files named after the split, which then prepare like local files."""
     try:
         from datasets import load_dataset
     except ImportError:
-        raise ValueError("streaming from the hub needs `pip install datasets`") from None
+        raise ValueError(f"{name} is not a local file; streaming it from the hub needs `pip install datasets`") from None
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise ValueError(f"{name}: the hub is offline (HF_HUB_OFFLINE=1); pass local shards instead")
-    raw_dir = output / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
-    target = raw_dir / f"{name.replace('/', '_')}-{split}.00000.jsonl"
-    if not target.is_file():
-        try:
-            rows = load_dataset(name, split=split, streaming=True)
-        except Exception as e:  # network and hub errors come in many types
-            raise ValueError(f"{name}: could not stream it from the hub: {str(e).splitlines()[0]}") from None
-        with open(str(target) + ".tmp", "w") as f:
-            for i, row in enumerate(rows):
-                if i >= max_documents:
-                    break
-                f.write(json.dumps({"text": row["text"]}) + "\n")
-        os.replace(str(target) + ".tmp", target)
-    return prepare([target], tokenizer_spec, output)
+    targets = []
+    for split in splits:
+        target = raw_dir / f"{name.replace('/', '_')}-{split}.jsonl"
+        if not target.is_file():
+            try:
+                rows = load_dataset(name, config, split=split, streaming=True)
+                with open(f"{target}.tmp", "w") as f:
+                    for row in itertools.islice(rows, max_documents):
+                        f.write(json.dumps({"text": row["text"]}, ensure_ascii=False) + "\n")
+            except Exception as e:  # network and hub errors come in many types
+                raise ValueError(f"{name}: could not stream split {split} from the hub: {str(e).splitlines()[0]}") from None
+            os.replace(f"{target}.tmp", target)
+        targets.append(target)
+    return targets
+
+
+def looks_like_hub_name(spec: str) -> bool:
+    return spec.count("/") == 1 and not any(c in spec for c in "*?[,") and not Path(spec).exists()
 
 
 def main(argv=None) -> int:
@@ -262,17 +315,17 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, .model file, HF directory or hub name")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--hub-split", default="train", help="split to stream when --input is a hub dataset")
-    parser.add_argument("--hub-max-documents", type=int, default=1_000_000)
+    parser.add_argument("--hub-config", default=None, help="hub dataset configuration (allenai/c4: en)")
+    parser.add_argument("--hub-splits", default="train,validation", help="splits to stream from a hub dataset")
+    parser.add_argument("--hub-max-documents", type=int, default=1_000_000, help="per split")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         inputs = expand_inputs(args.input)
-        if not inputs and "/" in args.input and not any(c in args.input for c in "*?[") \
-                and not Path(args.input).exists():
-            stream_hub_dataset(args.input, args.tokenizer, args.output, args.hub_split, args.hub_max_documents)
-        else:
-            prepare(inputs, args.tokenizer, args.output, args.workers, progress=not args.no_progress)
+        if not inputs and looks_like_hub_name(args.input):
+            inputs = stream_hub_dataset(args.input, args.hub_config, args.hub_splits.split(","),
+                                        args.hub_max_documents, args.output / "raw")
+        prepare(inputs, args.tokenizer, args.output, args.workers, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

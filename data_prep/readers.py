@@ -3,6 +3,7 @@ text field, and plain text (.txt, documents separated by blank lines). Damaged i
 each bad record is skipped and counted by reason, and everything readable is kept."""
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from collections import Counter
@@ -34,13 +35,19 @@ def _gzip_chunks(path: Path, skipped: Counter, chunk_size: int = 1 << 20) -> Ite
         skipped["truncated_file"] += 1
 
 
+def _plain_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def _byte_chunks(path: Path, skipped: Counter) -> Iterator[bytes]:
+    return _gzip_chunks(path, skipped) if path.name.endswith(".gz") else _plain_chunks(path)
+
+
 def _raw_lines(path: Path, skipped: Counter) -> Iterator[bytes]:
-    if not path.name.endswith(".gz"):
-        with open(path, "rb") as f:
-            yield from f
-        return
     truncated_before, pending = skipped["truncated_file"], b""
-    for data in _gzip_chunks(path, skipped):
+    for data in _byte_chunks(path, skipped):
         pending += data
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -49,8 +56,22 @@ def _raw_lines(path: Path, skipped: Counter) -> Iterator[bytes]:
         yield pending  # a last line without a newline; the cut-off tail of a damaged file is dropped
 
 
-def _json_documents(path: Path, skipped: Counter, text_field: str) -> Iterator[str]:
-    for raw in _raw_lines(path, skipped):
+def count_lines(path: Path) -> int:
+    """How many lines _raw_lines yields, counted without splitting them."""
+    skipped, newlines, last = Counter(), 0, b"\n"
+    for data in _byte_chunks(path, skipped):
+        if data:
+            newlines, last = newlines + data.count(b"\n"), data[-1:]
+    return newlines + (last != b"\n" and not skipped["truncated_file"])
+
+
+def _json_documents(path: Path, skipped: Counter, text_field: str, part: tuple[int, int]) -> Iterator[str]:
+    k, n = part
+    lines = _raw_lines(path, skipped)
+    if n > 1:  # the k-th of n contiguous line ranges; the last reads on to the end, and to any damage
+        total = count_lines(path)
+        lines = itertools.islice(lines, k * total // n, (k + 1) * total // n if k < n - 1 else None)
+    for raw in lines:
         if not raw.strip():
             continue
         try:
@@ -93,12 +114,16 @@ def is_text_file(path: Path) -> bool:
     return path.name.endswith((".txt", ".txt.gz"))
 
 
-def iter_documents(path: Path, skipped: Counter, text_field: str = "text") -> Iterator[str]:
-    """Yields the documents of one file; `skipped` counts what was dropped, by reason."""
+def iter_documents(path: Path, skipped: Counter, text_field: str = "text",
+                   part: tuple[int, int] = (0, 1)) -> Iterator[str]:
+    """Yields the documents of one file, or of its part k of n (JSON lines only); `skipped` counts
+    what was dropped, by reason."""
     path = Path(path)
     if is_text_file(path):
+        if part != (0, 1):
+            raise ValueError(f"{path}: plain-text files are read whole, not in parts")
         return _text_documents(path, skipped)
-    return _json_documents(path, skipped, text_field)
+    return _json_documents(path, skipped, text_field, part)
 
 
 def split_of(path: Path) -> str:

@@ -204,7 +204,7 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
-                "global_batch": self.global_batch, "sequences": len(self.sequences)}
+                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences)}
 
     def load_state_dict(self, state: dict) -> None:
         if state["sequences"] != len(self.sequences) or state["seed"] != self.seed:
@@ -212,6 +212,9 @@ class TrainLoader:
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"the loader state was saved with global batch {state['global_batch']}, "
                              f"not {self.global_batch}")
+        if state["micro"] and state.get("world_size", self.world_size) != self.world_size:  # a micro-batch index means per-rank data
+            raise ValueError(f"the loader state was saved mid-step on {state['world_size']} ranks; it resumes on "
+                             f"another number of ranks only at a step boundary")
         self.epoch, self.step, self.micro, self._order = state["epoch"], state["step"], state["micro"], None
 
 
@@ -240,7 +243,7 @@ def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode
 # --- token budget ----------------------------------------------------------------------------------
 
 def parse_token_count(text: str) -> float:
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e\+?[0-9]+)?)\s*([kmbt]?)\s*", str(text).lower())
     if not match:
         raise ValueError(f"train.token_budget {text!r} is not paper, chinchilla or a number such as 500M or 2B")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]

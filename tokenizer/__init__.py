@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from pathlib import Path
 
 
@@ -62,6 +63,12 @@ def _sentencepiece(model_file: Path, name: str) -> Tokenizer:
     return Tokenizer("sentencepiece", spm.SentencePieceProcessor(model_file=str(model_file)), [model_file], name)
 
 
+# The files that define a Hugging Face tokenizer; a model directory's weights are not hashed.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                      "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+                      "merges.txt")
+
+
 def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
     try:
         from transformers import AutoTokenizer
@@ -69,19 +76,13 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
         raise ValueError(f"tokenizer {name}: loading Hugging Face tokenizers needs `pip install transformers`") from None
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         where = "the local directory" if local else "the Hugging Face hub (is it reachable?)"
         raise ValueError(f"tokenizer {name}: could not load it from {where}: {str(e).splitlines()[0]}") from None
-    files = [p for p in Path(source).iterdir() if p.is_file()] if local else []
-    if not local:  # hash what was downloaded
-        files = [Path(p) for p in _cached_files(tok)]
-    return Tokenizer("huggingface", tok, files, name)
-
-
-def _cached_files(tok) -> list[str]:
-    names = getattr(tok, "vocab_files_names", {}) or {}
-    init = getattr(tok, "init_kwargs", {}) or {}
-    return [init[k] for k in names if isinstance(init.get(k), str) and Path(init[k]).is_file()]
+    with tempfile.TemporaryDirectory() as tmp:  # hash the files as saved: the same for a local copy and the hub
+        tok.save_pretrained(tmp)
+        files = [p for p in Path(tmp).iterdir() if p.name in HF_TOKENIZER_FILES and p.name != "tokenizer_config.json"]
+        return Tokenizer("huggingface", tok, files, name)
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -94,8 +95,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
         if any((path / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "spiece.model")):
             return _huggingface(str(path), spec, local=True)
         raise ValueError(f"tokenizer {spec}: directory holds neither tokenizer.model nor a Hugging Face tokenizer")
-    if path.exists() or spec.startswith((".", "/")) or spec.count("/") > 1:
+    if path.exists():
         raise ValueError(f"tokenizer {spec}: not a .model file or a tokenizer directory")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".model"):
+        raise ValueError(f"tokenizer {spec}: no such file or directory")
     return _huggingface(spec, spec, local=False)  # a hub name such as t5-base
 
 

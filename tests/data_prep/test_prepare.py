@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from data_prep.prepare import prepare
 from data_prep.readers import SKIP_REASONS
@@ -52,6 +51,8 @@ def test_damaged_shards_are_skipped_counted_and_valid_records_kept(tmp_path):
     expected = make_damaged_inputs(raw)
     manifest = prepare(sorted(raw.iterdir()), TOKENIZER, tmp_path / "out", workers=2, progress=False)
     assert manifest["skipped"] == {reason: expected["skipped"].get(reason, 0) for reason in SKIP_REASONS}
+    assert manifest["splits"]["train"]["skipped"] == manifest["skipped"]
+    assert manifest["splits"]["train"]["documents"] == len(expected["valid"])
     from tokenizer import load_tokenizer
     tok = load_tokenizer(TOKENIZER)
     decoded = [tok.decode(d[:-1]) for shard in ("c4-train.00000-of-00002", "c4-train.00001-of-00002")
@@ -74,10 +75,31 @@ def test_sample_counts_round_trip_and_idempotent_rerun(tmp_path):
     tok = load_tokenizer(TOKENIZER)
     for i in (0, 17, 2892):  # token-level round trip, modulo whitespace normalisation
         assert " ".join(tok.decode(docs[i][:-1]).split()) == " ".join(texts[i].split())
-    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     second = prepare(sorted(SAMPLE.glob("*.json.gz")), TOKENIZER, out, workers=1, progress=False)
     assert second == first
-    assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+
+
+def test_one_file_is_cut_into_parts_for_every_worker(tmp_path):
+    """Parts keep the documents' order, so the prepared stream does not depend on --workers, and a
+    re-run with another number of workers reuses the parts."""
+    damaged = tmp_path / "raw"
+    damaged.mkdir()
+    make_damaged_inputs(damaged)  # the truncated file: its damage must be counted once, not per part
+    inputs = [SAMPLE / "c4-validation.00000-of-00001.json.gz", damaged / "c4-train.00001-of-00002.json.gz"]
+    whole = prepare(inputs, TOKENIZER, tmp_path / "one", workers=1, progress=False)
+    parts = prepare(inputs, TOKENIZER, tmp_path / "three", workers=5, progress=False)
+    assert parts["splits"]["validation"]["shards"] == [f"c4-validation.00000-of-00001.part{k:04d}-of-0003" for k in range(3)]
+    for split in ("train", "validation"):
+        assert {k: v for k, v in parts["splits"][split].items() if k != "shards"} == \
+            {k: v for k, v in whole["splits"][split].items() if k != "shards"}
+        stream = [np.fromfile(tmp_path / d / split / f"{name}.bin", dtype=np.uint16)
+                  for d, m in (("one", whole), ("three", parts)) for name in m["splits"][split]["shards"]]
+        assert np.array_equal(stream[0], np.concatenate(stream[1:]))
+    assert parts["inputs"] == whole["inputs"]
+    again = prepare(inputs, TOKENIZER, tmp_path / "three", workers=1, progress=False)
+    assert again == parts
 
 
 def test_incomplete_shard_is_redone(tmp_path):
@@ -102,3 +124,23 @@ def test_cli_plain_text_and_missing_input(tmp_path):
                               "--tokenizer", TOKENIZER, "--output", str(tmp_path / "o2")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and missing.stderr.strip() == "error: no input files matched"
+
+
+def test_parts_cover_every_line_once_and_are_balanced(tmp_path):
+    from collections import Counter
+
+    from data_prep.readers import _raw_lines, count_lines, iter_documents
+    texts = [f"document {i}" for i in range(10)]
+    (tmp_path / "no-final-newline.jsonl").write_bytes(b"".join(record(t) for t in texts).rstrip(b"\n"))
+    (tmp_path / "final-newline.jsonl.gz").write_bytes(gzip.compress(b"".join(record(t) for t in texts)))
+    for path in tmp_path.iterdir():
+        assert count_lines(path) == len(list(_raw_lines(path, Counter()))) == 10
+        for n in (1, 3, 7, 12):
+            parts = [list(iter_documents(path, Counter(), part=(k, n))) for k in range(n)]
+            assert sum(parts, []) == texts, (path.name, n)
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    make_damaged_inputs(damaged)
+    for path in damaged.iterdir():
+        assert count_lines(path) == len(list(_raw_lines(path, Counter())))

@@ -41,6 +41,24 @@ def test_resume_from_state_continues_the_same_stream(prepared_sample):
     assert seen == expected
 
 
+def test_resume_onto_another_number_of_ranks_at_a_step_boundary(prepared_sample):
+    one = TrainLoader(prepared_sample, 32, "packed", 8, 2, seed=2)
+    expected = [row for batch in take(one, 16) for row in rows(batch)][16:]  # steps 2 and 3
+    two = [TrainLoader(prepared_sample, 32, "packed", 8, 2, rank=r, world_size=2, seed=2) for r in range(2)]
+    for loader in two:
+        take(loader, 4)  # two steps
+    resumed = TrainLoader(prepared_sample, 32, "packed", 8, 2, seed=2)
+    resumed.load_state_dict(two[0].state_dict())
+    assert [row for batch in take(resumed, 8) for row in rows(batch)] == expected
+    next(two[0])  # now mid-step: a micro-batch index that only means something on 2 ranks
+    with pytest.raises(ValueError, match="only at a step boundary"):
+        resumed.load_state_dict(two[0].state_dict())
+    with pytest.raises(ValueError, match="global batch 8, not 16"):
+        TrainLoader(prepared_sample, 32, "packed", 16, 2, seed=2).load_state_dict(one.state_dict())
+    with pytest.raises(ValueError, match="not a multiple of micro batch 3 x 2 ranks"):
+        TrainLoader(prepared_sample, 32, "packed", 8, 3, world_size=2)
+
+
 def test_epochs_need_permission_and_reshuffle(prepared_sample):
     loader = TrainLoader(prepared_sample, 256, "paper", 512, 512, seed=0)
     assert loader.steps_per_epoch == 5  # 2893 documents
@@ -106,6 +124,13 @@ def test_token_budgets():
         resolve_steps(cfg.train, cfg.model, 256, 1_000_000, 58e6)
     cfg.train.allow_repetition = True
     assert resolve_steps(cfg.train, cfg.model, 256, 1_000_000, 58e6) == 3815
+    cfg.train.token_budget = "1.5e9"
+    assert resolve_steps(cfg.train, cfg.model, 256, 2e9, 58e6) == 11445  # ceil(1.5e9 / 131072)
+    cfg.train.token_budget, cfg.train.steps = "0", 7
+    assert resolve_steps(cfg.train, cfg.model, 256, 2e9, 58e6) == 7
+    tiny = load_config("llama_tiny", {"train.token_budget": "paper"})
+    with pytest.raises(ValueError, match="not dim 256"):
+        resolve_steps(tiny.train, tiny.model, 256, 2e9, 5e6)
     cfg.train.token_budget = "lots"
     with pytest.raises(ValueError, match="not paper, chinchilla or a number"):
         resolve_steps(cfg.train, cfg.model, 256, 1e9, 58e6)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,5 +50,19 @@ def test_huggingface_directory_and_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="neither tokenizer.model nor"):
         load_tokenizer(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="not a .model file"):
+    with pytest.raises(ValueError, match="x.model: no such file or directory"):
         load_tokenizer(str(tmp_path / "missing" / "x.model"))
+    (tmp_path / "notes.txt").write_text("not a tokenizer")
+    with pytest.raises(ValueError, match="not a .model file or a tokenizer directory"):
+        load_tokenizer(str(tmp_path / "notes.txt"))
+
+
+def test_hub_name_without_a_hub_is_one_clear_line():
+    """HF_HUB_OFFLINE makes the failure immediate; an unreachable hub gives the same line after retries."""
+    pytest.importorskip("transformers")
+    result = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(SAMPLE_TRAIN), "--tokenizer",
+                             "megatron-lax/not-cached", "--output", "unused"], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: tokenizer megatron-lax/not-cached: could not load it from the Hugging Face hub")
+    assert len(result.stderr.strip().splitlines()) == 1
