@@ -1,46 +1,71 @@
-"""The DeepSpeed engine (ZeRO stage 0-3). Its JSON config is generated from ours unless the user
-gives their own (parallel.deepspeed_config); our AdamW is handed to DeepSpeed as the client
-optimizer, and the trainer sets the learning rate every step."""
+"""The DeepSpeed engine (ZeRO stage 1-3). Its JSON config is generated from ours (batch geometry,
+gradient clipping, AdamW, bf16, ZeRO stage) unless the user gives their own
+(parallel.deepspeed_config); either way the trainer sets the learning rate of every step, so no
+DeepSpeed scheduler runs. The JSON actually used is written to RUN_DIR/deepspeed_config.json."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
 
 from ..model import token_nll
-from ..optim import build_optimizer
+from ..optim import param_groups
 from .engine import Engine, StepResult
 
 TAG = "deepspeed"
 
 
-def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
-    t = cfg.train
-    accumulation = t.global_batch // (t.micro_batch * world_size)
-    if cfg.parallel.deepspeed_config:
-        path = Path(cfg.parallel.deepspeed_config)
-        try:
-            user = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"parallel.deepspeed_config {path}: {e}") from None
-        # The batch geometry must agree with ours, whatever else the user's file says.
-        user.update(train_micro_batch_size_per_gpu=t.micro_batch, gradient_accumulation_steps=accumulation,
-                    train_batch_size=t.global_batch)
-        user.pop("optimizer", None), user.pop("scheduler", None)
-        return user
+def bf16_section(precision: str) -> dict:
+    """bf16-mixed: bf16 compute, fp32 master weights and optimizer state (DeepSpeed's default);
+    bf16-pure: weights, gradients and optimizer state all in bf16."""
+    if precision == "bf16-pure":
+        return {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True}
+    return {"enabled": precision == "bf16-mixed"}
+
+
+def generated_config(cfg, precision: str) -> dict:
+    o = cfg.optim
     return {
-        "train_batch_size": t.global_batch,
-        "train_micro_batch_size_per_gpu": t.micro_batch,
-        "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": o.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": precision == "bf16-mixed"},
-        "zero_allow_untested_optimizer": True,
+        "bf16": bf16_section(precision),
+        # torch's fused AdamW (CPU and CUDA) instead of DeepSpeed's, which is compiled on first use;
+        # the per-group weight decay of optim.param_groups overrides the default here.
+        "optimizer": {"type": "AdamW", "params": {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                                                  "weight_decay": o.weight_decay, "torch_adam": True,
+                                                  "fused": True}},
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+
+
+def user_config(path: str) -> dict:
+    try:
+        user = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"parallel.deepspeed_config {path}: {e}") from None
+    if not isinstance(user, dict):
+        raise ValueError(f"parallel.deepspeed_config {path}: expected a JSON object")
+    user.pop("scheduler", None)  # the trainer's warmup + cosine schedule sets every step's LR
+    return user
+
+
+def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
+    """The user's JSON or the generated one, with our batch geometry (DeepSpeed checks
+    train_batch_size = micro batch x accumulation x ranks)."""
+    t = cfg.train
+    ds = user_config(cfg.parallel.deepspeed_config) if cfg.parallel.deepspeed_config \
+        else generated_config(cfg, precision)
+    ds.setdefault("optimizer", generated_config(cfg, precision)["optimizer"])
+    ds.update(train_batch_size=t.global_batch, train_micro_batch_size_per_gpu=t.micro_batch,
+              gradient_accumulation_steps=t.global_batch // (t.micro_batch * world_size))
+    if ds.get("zero_optimization", {}).get("stage", 0) not in (1, 2, 3):
+        # Stage 0 would apply a non-finite gradient instead of skipping the step, and keeps no bf16
+        # optimizer state; it shards nothing, which is what parallel.engine ddp does.
+        raise ValueError("parallel.engine deepspeed needs ZeRO stage 1, 2 or 3; use parallel.engine ddp "
+                         "for unsharded data parallelism")
+    return ds
 
 
 class DeepSpeedEngine(Engine):
@@ -50,13 +75,18 @@ class DeepSpeedEngine(Engine):
         import deepspeed
 
         super().__init__(cfg, dist_info, precision)
-        if precision == "bf16-pure":
-            model.to(torch.bfloat16)
         self.base_model = model
         self.accumulation = cfg.train.global_batch // (cfg.train.micro_batch * dist_info.world_size)
         self.ds_config = deepspeed_config(cfg, dist_info.world_size, precision)
+        if dist_info.is_main:
+            run_dir = Path(cfg.logging.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=1))
         self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=build_optimizer(model, cfg.optim), config=self.ds_config)
+            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=self.ds_config)
+        if not hasattr(self.optimizer, "has_overflow"):  # DeepSpeed's BF16_Optimizer: stage 1, fp32 grad_accum_dtype
+            raise ValueError(f"this DeepSpeed configuration uses {type(self.optimizer).__name__}, which cannot skip "
+                             f"a step with non-finite gradients; use ZeRO stage 2/3 or drop data_types.grad_accum_dtype")
 
     def forward_backward(self, inputs, targets, loss_weight, sync):
         nll, count = token_nll(self.model(inputs), targets)
@@ -70,10 +100,14 @@ class DeepSpeedEngine(Engine):
     def step(self, lr):
         self.set_lr(lr)
         with torch.no_grad():  # gloo's all-gather fallback writes into split views
-            self.model.step()  # the boundary: reduce, clip to gradient_clipping, update
-        norm = self.model.get_global_grad_norm()
-        grad_norm = float(norm) if norm is not None else float("nan")
-        return StepResult(grad_norm, skipped=not math.isfinite(grad_norm))
+            # ZeRO looks for inf/NaN in the reduced gradients only under fp16 loss scaling (stage 3)
+            # or when configured (stages 1-2, bf16). Ask it on every stage and precision: with
+            # `overflow` set, it clears the gradients and skips the update.
+            self.optimizer.overflow = self.optimizer.has_overflow()
+            self.model.step()  # the boundary: clip to gradient_clipping, update
+        if not self.model.was_step_applied():
+            return StepResult(float("nan"), skipped=True)
+        return StepResult(float(self.model.get_global_grad_norm()), skipped=False)
 
     def save(self, directory):
         self.model.save_checkpoint(str(directory), tag=TAG)

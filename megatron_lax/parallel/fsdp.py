@@ -2,6 +2,8 @@
 through torch.distributed.checkpoint (DCP)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -62,12 +64,13 @@ class FSDPEngine(Engine):
 
 
 def consolidate(directory) -> dict:
-    """The full model state dict of an FSDP checkpoint, on one process without a process group."""
-    import tempfile
-    from pathlib import Path
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The full model state dict of an FSDP checkpoint, read on one process without a process group
+    (the optimizer state in the same files is not read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        target = Path(tmp) / "full.pt"
-        dcp_to_torch_save(str(Path(directory) / DCP_DIR), str(target))
-        return torch.load(target, weights_only=False)["model"]
+    state: dict = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(str(Path(directory) / DCP_DIR)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return state["model"]
