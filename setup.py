@@ -16,7 +16,7 @@ setup(
     packages=find_packages(include=["megatron_lax", "megatron_lax.*", "tokenizer", "tokenizer.*",
                                     "data_prep", "data_prep.*"]),
     include_package_data=True,
-    package_data={"tokenizer": ["sample/*"]},
+    package_data={"tokenizer": ["sample/*", "english/*"]},
     install_requires=requirements,
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],

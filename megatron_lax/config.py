@@ -19,6 +19,10 @@ import yaml
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 METHODS = ("dense", "svd", "cola")
 GATES = ("none", "identity", "linear", "dense", "tensor")
+LOWRANK_INITS = ("auto", "cola", "matched")
+# model.lowrank_init auto: each method's default, chosen from the multi-seed, swept-LR measurements
+# in docs/RESULTS.md ("Initialisation").
+DEFAULT_LOWRANK_INIT = {"svd": "cola", "cola": "cola"}
 
 
 class ConfigError(ValueError):
@@ -35,13 +39,16 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    init_std: float = 0.02
+    init_std: float = 0.02  # embeddings, LM head, dense projections; low-rank factors see lowrank_init
     method: str = "dense"  # dense | svd (B A x) | cola (B silu(A x))
+    lowrank_init: str = "auto"  # auto | cola (factor std (r (d_in+d_out))^-1/4) | matched (B A std init_std)
     rank: int = 0  # rank of every low-rank projection unless attn_rank / mlp_rank say otherwise
     attn_rank: Optional[int] = None  # q, k, v, o
     mlp_rank: Optional[int] = None  # gate, up, down
     lax_gate: str = "none"  # none | identity | linear | dense | tensor
     lax_modules: list = field(default_factory=lambda: list(PROJECTIONS))
+    lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
+    lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias)
     flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
 
     def rank_of(self, projection: str) -> int:
@@ -51,6 +58,12 @@ class ModelConfig:
     @property
     def uses_lax(self) -> bool:
         return self.lax_gate != "none"
+
+    @property
+    def resolved_lowrank_init(self) -> str:
+        if self.lowrank_init != "auto":
+            return self.lowrank_init
+        return DEFAULT_LOWRANK_INIT.get(self.method, "cola")
 
 
 @dataclass
@@ -93,6 +106,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    stop_if_diverged: bool = False  # stop once the loss is non-finite or above its starting value (LR sweeps)
+    stop_after: int = 0  # pause after this step (validate, checkpoint, exit); the schedule keeps train.steps
 
 
 @dataclass
@@ -134,24 +149,30 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# --- presets (GaLore / CoLA shapes; the paper's ranks for the low-rank variants) -----------------
+# --- presets (GaLore / CoLA shapes; the paper's ranks and Table 14 schedules) -----------------------
+# The vocabulary is not pinned: it follows the tokenizer (32,100 entries for t5-base -> 32,128 rows),
+# and `info` counts parameters at the paper's 32,000 when no tokenizer is given.
 
 def _llama(dim, ffn_dim, n_heads, n_layers, rank, steps, warmup) -> dict:
     return {
-        "model": dict(dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_layers=n_layers,
-                      vocab_size=32000, rank=rank),
+        "model": dict(dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_layers=n_layers, rank=rank),
         "optim": dict(warmup_steps=warmup),
         "train": dict(steps=steps, global_batch=512),
     }
 
 
+# Table 14: steps and warmup per scale (512 sequences of 256 tokens per step).
+PAPER_SCHEDULES = {"llama_60m": (10_000, 2_000), "llama_130m": (20_000, 4_000), "llama_350m": (60_000, 12_000),
+                   "llama_1b": (100_000, 20_000)}
+
 PRESETS: dict[str, dict] = {
+    "llama_micro": {"model": dict(dim=128, ffn_dim=344, n_heads=4, n_layers=4, rank=32)},
     "llama_tiny": {"model": dict(dim=256, ffn_dim=688, n_heads=4, n_layers=4, rank=64)},
     "llama_mini": {"model": dict(dim=384, ffn_dim=1024, n_heads=6, n_layers=6, rank=96)},
-    "llama_60m": _llama(512, 1376, 8, 8, rank=128, steps=10_000, warmup=2_000),
-    "llama_130m": _llama(768, 2048, 12, 12, rank=256, steps=20_000, warmup=4_000),
-    "llama_350m": _llama(1024, 2736, 16, 24, rank=256, steps=60_000, warmup=12_000),
-    "llama_1b": _llama(2048, 5461, 32, 24, rank=512, steps=100_000, warmup=20_000),
+    "llama_60m": _llama(512, 1376, 8, 8, 128, *PAPER_SCHEDULES["llama_60m"]),
+    "llama_130m": _llama(768, 2048, 12, 12, 256, *PAPER_SCHEDULES["llama_130m"]),
+    "llama_350m": _llama(1024, 2736, 16, 24, 256, *PAPER_SCHEDULES["llama_350m"]),
+    "llama_1b": _llama(2048, 5461, 32, 24, 512, *PAPER_SCHEDULES["llama_1b"]),
 }
 
 
@@ -256,6 +277,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(METHODS)})")
     if m.lax_gate not in GATES:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} is unknown (choose from {', '.join(GATES)})")
+    if m.lowrank_init not in LOWRANK_INITS:
+        raise ConfigError(f"model.lowrank_init {m.lowrank_init!r} is unknown (choose from {', '.join(LOWRANK_INITS)})")
+    if m.lax_latent not in ("output", "projection"):
+        raise ConfigError(f"model.lax_latent {m.lax_latent!r} is unknown (output or projection)")
+    if m.lax_gate_init not in ("identity", "small"):
+        raise ConfigError(f"model.lax_gate_init {m.lax_gate_init!r} is unknown (identity or small)")
+    if m.lax_gate_init == "small" and m.lax_gate != "dense":
+        raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
     if m.method == "dense" and m.uses_lax:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
     unknown = [p for p in m.lax_modules if p not in PROJECTIONS]

@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 IGNORE = -100
-PAPER_BUDGETS = {512: 1.1e9, 768: 2.2e9, 1024: 6.4e9, 2048: 13.1e9}  # tokens, by model dim (60M..1B)
+# Table 14's steps by model dim (60M..1B); `train.token_budget paper` is exactly steps x 512 x 256
+# tokens. (The 1.1B/2.2B/6.4B/13.1B figures quoted with Table 5 are GaLore's, and disagree with these
+# step counts at 512 x 256 tokens a step.)
+PAPER_STEPS = {512: 10_000, 768: 20_000, 1024: 60_000, 2048: 100_000}
+PAPER_TOKENS_PER_STEP = 512 * 256
 
 
 # --- preparation and the manifest ------------------------------------------------------------------
@@ -253,25 +257,58 @@ def parse_token_count(text: str) -> float:
 def budget_tokens(budget: str, model_cfg, n_params: int) -> float:
     """Tokens for train.token_budget, or 0 when the budget is not set (steps are given instead)."""
     if budget == "paper":
-        if model_cfg.dim not in PAPER_BUDGETS:
+        if model_cfg.dim not in PAPER_STEPS:
             raise ValueError(f"train.token_budget paper is defined for the 60M/130M/350M/1B shapes "
                              f"(dim 512/768/1024/2048), not dim {model_cfg.dim}")
-        return PAPER_BUDGETS[model_cfg.dim]
+        return float(PAPER_STEPS[model_cfg.dim] * PAPER_TOKENS_PER_STEP)
     if budget == "chinchilla":
         return 20.0 * n_params
     return parse_token_count(budget)
 
 
-def resolve_steps(train_cfg, model_cfg, seq_len: int, available_tokens: int, n_params: int) -> int:
-    """Optimizer steps: from the token budget when one is set, else train.steps. Refuses a run that
-    needs more tokens than the prepared data holds unless repetition is allowed."""
-    tokens_per_step = train_cfg.global_batch * seq_len
+def planned_steps(train_cfg, model_cfg, seq_len: int, n_params: int) -> int:
+    """Optimizer steps: from the token budget when one is set, else train.steps."""
     budget = budget_tokens(train_cfg.token_budget, model_cfg, n_params)
-    steps = math.ceil(budget / tokens_per_step) if budget else train_cfg.steps
+    steps = math.ceil(budget / (train_cfg.global_batch * seq_len)) if budget else train_cfg.steps
     if steps <= 0:
         raise ValueError("set train.steps or train.token_budget")
+    return steps
+
+
+def resolve_steps(train_cfg, model_cfg, seq_len: int, available_tokens: int, n_params: int) -> int:
+    """planned_steps, refusing a run that needs more tokens than the prepared data holds unless
+    repetition is allowed."""
+    tokens_per_step = train_cfg.global_batch * seq_len
+    steps = planned_steps(train_cfg, model_cfg, seq_len, n_params)
     needed = steps * tokens_per_step
     if needed > available_tokens and not train_cfg.allow_repetition:
         raise ValueError(f"the run needs {needed:,} tokens ({steps} steps of {tokens_per_step:,}) but the "
                          f"prepared data holds {available_tokens:,}; add data or set train.allow_repetition true")
     return steps
+
+
+# --- the unigram baseline ---------------------------------------------------------------------------
+
+def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_tokens: int = 50_000_000) -> float:
+    """The perplexity on the fixed validation set of a model that ignores context: each token's
+    frequency in (the first max_train_tokens of) the train split, add-one smoothed over the
+    tokenizer's vocabulary. A trained model should end far below it."""
+    train = Split(path, "train")
+    vocab = read_manifest(path)["tokenizer"]["vocab_size"]
+    counts = np.zeros(vocab, dtype=np.float64)
+    remaining = max_train_tokens
+    for _, shard in train.shards:
+        take = shard[: min(len(shard), remaining)]
+        counts += np.bincount(np.asarray(take, dtype=np.int64), minlength=vocab)[:vocab]
+        remaining -= len(take)
+        if remaining <= 0:
+            break
+    log_prob = np.log((counts + 1.0) / (counts.sum() + vocab))
+    sequences = Sequences(Split(path, "validation"), seq_len, mode)
+    nll, scored = 0.0, 0
+    for i in validation_sequence_ids(sequences, n_tokens):
+        targets = sequences[i][1]
+        targets = targets[targets != IGNORE]
+        nll -= float(log_prob[targets].sum())
+        scored += len(targets)
+    return math.exp(nll / max(scored, 1))

@@ -30,33 +30,46 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
     return p.detach()
 
 
-def crossing_projections(model: nn.Module):
-    """(projection name, block index, module) for every projection that receives a latent."""
+def gate_values(model: nn.Module) -> dict[str, float]:
+    return {f"lax_gate/{name}/{index}": float(full_value(module.lax_gate.beta).float().reshape(-1)[0])
+            for name, index, module in crossing_projections(model) if isinstance(module.lax_gate, LinearGate)}
+
+
+def lowrank_projections(model: nn.Module):
+    """(projection name, block index, module) for every low-rank projection."""
     for index, block in enumerate(model.layers):
         for parent in (block.attn, block.mlp):
             for name, module in parent.named_children():
-                if isinstance(module, LowRankLinear) and module.gate is not None:
+                if isinstance(module, LowRankLinear):
                     yield name, index, module
 
 
-def gate_values(model: nn.Module) -> dict[str, float]:
-    return {f"lax_gate/{name}/{index}": float(full_value(module.gate.beta).float().reshape(-1)[0])
-            for name, index, module in crossing_projections(model) if isinstance(module.gate, LinearGate)}
+def crossing_projections(model: nn.Module):
+    """(projection name, block index, module) for every projection that receives a latent."""
+    return ((name, index, m) for name, index, m in lowrank_projections(model) if m.lax_gate is not None)
 
 
 @torch.no_grad()
 def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
-    """Runs `run_forward()` once with hooks that record RMS(G(z_{i-1})) and RMS(A_i x_i)."""
+    """Runs `run_forward()` once with hooks that record, for every low-rank projection of block i:
+    `own` RMS(A_i x_i), `crossing` RMS(G(z_{i-1})) where LaX crosses, `latent` RMS of what B_i
+    multiplies (after the sum, LayerNorm and activation) and `out` RMS(B_i z_i). With LaX the
+    LayerNorm fixes `latent` near 1 whatever A's scale, so B's initial scale alone sets `out`."""
     stats, handles = {}, []
 
-    def recorder(key):
+    def recorder(key, use_input=False):
         def hook(module, inputs, output):
-            stats[key] = float(output.float().pow(2).mean().sqrt())
+            value = inputs[0] if use_input else output
+            stats[key] = float(value.float().pow(2).mean().sqrt())
         return hook
 
-    for name, index, module in crossing_projections(model):
-        handles.append(module.gate.register_forward_hook(recorder(f"lax_rms/{name}/{index}/crossing")))
-        handles.append(module.A.register_forward_hook(recorder(f"lax_rms/{name}/{index}/own")))
+    for name, index, module in lowrank_projections(model):
+        at = f"lax_rms/{name}/{index}"
+        if module.lax_gate is not None:
+            handles.append(module.lax_gate.register_forward_hook(recorder(f"{at}/crossing")))
+        handles.append(module.A.register_forward_hook(recorder(f"{at}/own")))
+        handles.append(module.B.register_forward_hook(recorder(f"{at}/latent", use_input=True)))
+        handles.append(module.B.register_forward_hook(recorder(f"{at}/out")))
     try:
         run_forward()
     finally:

@@ -4,12 +4,19 @@ by LaX (Latent Crossing): for block i > 0 a projection computes
     z_i = LN(A_i x_i + G(z_{i-1}))      (CoLA: z_i = silu(z_i))      y_i = B_i z_i
 
 where z_{i-1} is the latent of the same-named projection (q->q, ..., down->down) of block i-1.
-Blocks therefore take and return a dict of latents alongside the residual stream.
+Blocks therefore take and return a dict of latents alongside the residual stream. Which latent a
+projection hands on is `model.lax_latent`: `output` (z_i after the sum, LayerNorm and activation; the
+official LaX code, recursive) or `projection` (h_i = A_i x_i, the paper's equations 2-5).
+
+Parameters get their initial values from `init_weights`, one seeded generator per parameter name, so
+a model has the same weights whether it is built whole, on the meta device and sharded by FSDP2, or
+partitioned by DeepSpeed ZeRO-3.
 """
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -28,7 +35,7 @@ Latents = dict[str, torch.Tensor]
 # --- LaX gates: map the previous block's latent into this block's latent space ------------------
 
 class IdentityGate(nn.Module):
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, init: str = "identity"):
         super().__init__()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -39,23 +46,26 @@ class LinearGate(nn.Module):
     """One trainable scalar; starts at 1 (the identity gate). Stored with shape (1,) because FSDP2
     shards parameters along dim 0."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, init: str = "identity"):
         super().__init__()
-        self.beta = nn.Parameter(torch.ones(1))
+        self.beta = nn.Parameter(torch.empty(1))
 
     def forward(self, z):
         return self.beta * z
 
 
 class DenseGate(nn.Module):
-    """An r x r linear map; starts as the identity."""
+    """An r x r linear map. `model.lax_gate_init identity`: starts as the identity, no bias;
+    `small`: weight N(0, 0.02^2) and a zero bias, as the official LaX code starts it."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, init: str = "identity"):
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(rank))
+        self.init = init
+        self.weight = nn.Parameter(torch.empty(rank, rank))
+        self.bias = nn.Parameter(torch.empty(rank)) if init == "small" else None
 
     def forward(self, z):
-        return F.linear(z, self.weight)
+        return F.linear(z, self.weight, self.bias)
 
 
 def balanced_factors(n: int) -> tuple[int, int]:
@@ -70,11 +80,11 @@ class TensorGate(nn.Module):
     """Folds the r-vector into an r0 x r1 matrix Z and returns C0 Z C1^T, i.e. (C0 kron C1) z:
     a Kronecker-factored r x r map with r0^2 + r1^2 parameters. Starts as the identity."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, init: str = "identity"):
         super().__init__()
         self.r0, self.r1 = balanced_factors(rank)
-        self.core0 = nn.Parameter(torch.eye(self.r0))
-        self.core1 = nn.Parameter(torch.eye(self.r1))
+        self.core0 = nn.Parameter(torch.empty(self.r0, self.r0))
+        self.core1 = nn.Parameter(torch.empty(self.r1, self.r1))
 
     def forward(self, z):
         folded = z.unflatten(-1, (self.r0, self.r1))
@@ -90,47 +100,57 @@ GATES = {"identity": IdentityGate, "linear": LinearGate, "dense": DenseGate, "te
 class DenseLinear(nn.Linear):
     """A plain bias-free linear with the low-rank layers' call signature."""
 
-    def __init__(self, d_in, d_out, std):
+    def __init__(self, d_in, d_out):
         super().__init__(d_in, d_out, bias=False)
-        nn.init.normal_(self.weight, std=std)
 
     def forward(self, x, prev_latent=None):
         return super().forward(x), None
 
 
-class LowRankLinear(nn.Module):
-    """y = B z with z = A x (svd) or silu(A x) (cola); with LaX, z also takes in the previous
-    block's latent through a gate and a LayerNorm over the r latent features."""
+def lowrank_factor_std(d_in: int, d_out: int, rank: int, init: str, init_std: float) -> float:
+    """The std of each factor A, B. Var((B A)_jk) = r Var(A) Var(B), so with equal factor stds s the
+    product has std s^2 sqrt(r).
+    - cola: the CoLA reference, s = (r (d_in + d_out))^(-1/4): product std (d_in + d_out)^(-1/2).
+    - matched: the product has the std of a dense layer's weights, init_std (0.02)."""
+    if init == "cola":
+        return (rank * (d_in + d_out)) ** -0.25
+    return math.sqrt(init_std / math.sqrt(rank))
 
-    def __init__(self, d_in, d_out, rank, std, activation: bool, gate: Optional[str]):
+
+class LowRankLinear(nn.Module):
+    """y = B z with z = A x (svd) or silu(A x) (cola). With LaX (a gate), z = LN(A x + G(prev)) before
+    the activation; `norm=False` leaves the LayerNorm out. Returns (y, the latent handed on)."""
+
+    def __init__(self, d_in, d_out, rank, activation: bool, gate: Optional[str], gate_init: str = "identity",
+                 latent: str = "output", norm: bool = True):
         super().__init__()
+        self.d_in, self.d_out, self.rank = d_in, d_out, rank
         self.A = nn.Linear(d_in, rank, bias=False)
         self.B = nn.Linear(rank, d_out, bias=False)
-        # Var(B A x)_j = r Var(A) Var(B) Var(x) d_in: equal factor stds of sqrt(std / sqrt(r))
-        # give the product the variance std^2 of a dense layer's weights.
-        factor_std = math.sqrt(std / math.sqrt(rank))
-        nn.init.normal_(self.A.weight, std=factor_std)
-        nn.init.normal_(self.B.weight, std=factor_std)
-        self.activation = activation
-        self.gate = GATES[gate](rank) if gate else None
-        self.norm = nn.LayerNorm(rank) if gate else None
+        self.activation, self.latent = activation, latent
+        self.lax_gate = GATES[gate](rank, gate_init) if gate else None
+        self.lax_norm = nn.LayerNorm(rank) if gate and norm else None
 
     def forward(self, x, prev_latent=None):
-        z = self.A(x)
-        if self.gate is not None:
-            z = self.norm(z + self.gate(prev_latent))
+        h = self.A(x)
+        z = h
+        if self.lax_gate is not None:
+            z = z + self.lax_gate(prev_latent)
+            if self.lax_norm is not None:
+                z = self.lax_norm(z)
         if self.activation:
             z = F.silu(z)
-        return self.B(z), z
+        return self.B(z), (z if self.latent == "output" else h)
 
 
 def make_linear(cfg: ModelConfig, projection: str, d_in: int, d_out: int, layer: int) -> nn.Module:
     """The one factory for every projection of every block."""
     if cfg.method == "dense":
-        return DenseLinear(d_in, d_out, cfg.init_std)
+        return DenseLinear(d_in, d_out)
     crosses = cfg.uses_lax and layer > 0 and projection in cfg.lax_modules
-    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), cfg.init_std,
-                         activation=cfg.method == "cola", gate=cfg.lax_gate if crosses else None)
+    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), activation=cfg.method == "cola",
+                         gate=cfg.lax_gate if crosses else None, gate_init=cfg.lax_gate_init,
+                         latent=cfg.lax_latent)
 
 
 # --- LLaMA ----------------------------------------------------------------------------------------
@@ -146,9 +166,12 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rotary_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+def rotary_tables(head_dim: int, length: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, (length, head_dim), always fp32. Computed on every forward (a few KB of work)
+    rather than stored as buffers, which bf16 casts of the model (FSDP2 bf16-pure, DeepSpeed bf16)
+    would round, and which a meta-device build would leave empty."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim), rotate-half layout
     return angles.cos(), angles.sin()
 
@@ -218,35 +241,97 @@ class Block(nn.Module):
 
 
 class LlamaLax(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """init_seed: initialise with init_weights(model, init_seed); None leaves the values to the caller
+    (engines that build on the meta device or partitioned, and then call init_weights themselves)."""
+
+    def __init__(self, cfg: ModelConfig, init_seed: Optional[int] = 0):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
-        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-
-    def reset_rotary(self):
-        """Recompute the (non-persistent) rotary tables, e.g. after materialising from meta."""
-        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta)
-        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        if init_seed is not None and not self.embed.weight.is_meta:
+            init_weights(self, init_seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab)."""
-        T = tokens.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, tokens.shape[1], self.cfg.rope_theta, tokens.device)
         x = self.embed(tokens)
         latents: Latents = {}
         for block in self.layers:
             x, latents = block(x, cos, sin, latents)
         return self.lm_head(self.norm(x))
+
+
+# --- initial values -------------------------------------------------------------------------------
+
+def init_rules(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, float]]:
+    """(kind, std) for every parameter name: `normal` with that std, `ones`, `zeros` or `eye`."""
+    rules = {}
+    for prefix, module in model.named_modules():
+        at = f"{prefix}." if prefix else ""
+        if isinstance(module, LowRankLinear):
+            std = lowrank_factor_std(module.d_in, module.d_out, module.rank, cfg.resolved_lowrank_init, cfg.init_std)
+            rules.update({f"{at}A.weight": ("normal", std), f"{at}B.weight": ("normal", std)})
+        elif isinstance(module, (DenseLinear, nn.Embedding)) or prefix == "lm_head":
+            rules[f"{at}weight"] = ("normal", cfg.init_std)
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+            rules[f"{at}weight"] = ("ones", 0.0)
+            if getattr(module, "bias", None) is not None:
+                rules[f"{at}bias"] = ("zeros", 0.0)
+        elif isinstance(module, LinearGate):
+            rules[f"{at}beta"] = ("ones", 0.0)
+        elif isinstance(module, DenseGate):
+            rules[f"{at}weight"] = ("normal", 0.02) if module.init == "small" else ("eye", 0.0)
+            if module.bias is not None:
+                rules[f"{at}bias"] = ("zeros", 0.0)
+        elif isinstance(module, TensorGate):
+            rules.update({f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)})
+    return rules
+
+
+def name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.Tensor:
+    """The full fp32 CPU value of one parameter, the same on every process."""
+    if kind == "normal":
+        return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))) * std
+    if kind == "eye":
+        return torch.eye(shape[0])
+    return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
+
+
+@torch.no_grad()
+def assign_parameters(model: nn.Module, value_of: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Sets every parameter to value_of(name, param), a full-size CPU tensor, whether the parameter is
+    a plain tensor, an FSDP2 shard (DTensor: each rank keeps its own slice, no communication) or a
+    DeepSpeed ZeRO-3 partition (gathered one parameter at a time)."""
+    for name, p in model.named_parameters():
+        full = value_of(name, p)
+        if hasattr(p, "device_mesh"):  # DTensor
+            from torch.distributed.tensor import distribute_tensor
+            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            p.to_local().copy_(local.to_local())
+        elif hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.copy_(full.to(p.device, p.dtype))
+        else:
+            p.copy_(full.to(p.device, p.dtype))
+
+
+def init_weights(model: "LlamaLax", seed: int) -> None:
+    rules = init_rules(model, model.cfg)
+    missing = [name for name, _ in model.named_parameters() if name not in rules]
+    if missing:
+        raise RuntimeError(f"no initialisation rule for {missing[:3]}")
+    shape_of = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+    assign_parameters(model, lambda name, p: initial_value(*rules[name], shape_of(p), seed, name))
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):
@@ -274,15 +359,15 @@ def count_parameters(cfg: ModelConfig) -> int:
             r = cfg.rank_of(name)
             total += r * (d_in + d_out)
             if cfg.uses_lax and layer > 0 and name in cfg.lax_modules:
-                total += 2 * r + _gate_parameters(cfg.lax_gate, r)
+                total += 2 * r + _gate_parameters(cfg.lax_gate, r, cfg.lax_gate_init)
     return total
 
 
-def _gate_parameters(gate: str, r: int) -> int:
+def _gate_parameters(gate: str, r: int, init: str = "identity") -> int:
     if gate == "linear":
         return 1
     if gate == "dense":
-        return r * r
+        return r * r + (r if init == "small" else 0)
     if gate == "tensor":
         r0, r1 = balanced_factors(r)
         return r0 * r0 + r1 * r1

@@ -9,11 +9,16 @@ from .config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (projections, embeddings, dense/tensor gates) decay; norms and scalar gates do not."""
+    """Matrices (projections, embeddings) decay; norms, biases and every LaX gate do not. A gate is a
+    mixing weight that starts at the identity (or near zero): decaying it would pull a dense or
+    tensor gate toward switching the crossing off rather than toward its starting point, and the
+    gates hold a negligible share of the parameters, so they need no regularising."""
+    from .model import GATES
+    gate_params = {id(p) for m in model.modules() if isinstance(m, tuple(GATES.values())) for p in m.parameters()}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+            (decay if p.dim() >= 2 and id(p) not in gate_params else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -6,6 +6,7 @@ each with a weight of 1 / (scored tokens of the global batch), step, log, valida
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import random
 import sys
@@ -81,13 +82,14 @@ class Trainer:
             raise ValueError(f"{self.total_steps} steps need {self.total_steps * t.global_batch:,} sequences but the "
                              f"prepared data ({cfg.data.mode} mode) offers {self.loader.sequences_per_epoch:,} per "
                              f"epoch; add data or set train.allow_repetition true")
-        self.engine = build_engine(cfg, LlamaLax(cfg.model), self.dist)
+        self.engine = build_engine(cfg, LlamaLax(cfg.model, init_seed=t.seed), self.dist)
         self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in data.validation_batches(
             self.data_path, cfg.data.seq_len, t.micro_batch, t.eval_tokens or cfg.data.val_tokens,
             cfg.data.mode, self.dist.rank, self.dist.world_size)]
         self.run_dir = Path(cfg.logging.run_dir)
         self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, cfg.logging.tensorboard)
         self.step, self.tokens, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
+        self.first_loss: float | None = None  # the divergence detector's reference (train.stop_if_diverged)
         self.last_val: dict = {}
         self.best_val_ppl = math.inf
 
@@ -100,7 +102,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_ppl": self.best_val_ppl,
-                "last_val": self.last_val}
+                "last_val": self.last_val, "first_loss": self.first_loss}
 
     def save_checkpoint(self) -> Path:
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
@@ -118,6 +120,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.best_val_ppl, self.last_val = state["best_val_ppl"], state["last_val"]
+        self.first_loss = state.get("first_loss")
         if rank_state:
             self.loader.load_state_dict(rank_state["loader"])
             set_rng_state(rank_state["rng"])
@@ -166,8 +169,18 @@ class Trainer:
         self.log(f"step {self.step}: val_loss {val_loss:.4f}  val_ppl {record['val_ppl']:.2f}  ({count} tokens)")
         return record
 
+    DIVERGENCE_MARGIN = 1.1
+
+    def diverged(self, loss: float) -> bool:
+        """The LR sweep's stopping rule: the loss is non-finite, or above its starting value (the first
+        step's loss, about ln(vocabulary) at initialisation) by more than 10%, a margin well above
+        the step-to-step noise of a healthy run and well below the jumps of a diverging one."""
+        if self.first_loss is None:
+            self.first_loss = loss
+        return not math.isfinite(loss) or loss > self.DIVERGENCE_MARGIN * self.first_loss
+
     def log_latent_stats(self) -> None:
-        if not self.cfg.model.uses_lax or not self.val_batches:
+        if self.cfg.model.method == "dense" or not self.val_batches:
             return
         x, y = self.val_batches[0]
         self.engine.train(False)
@@ -219,6 +232,23 @@ class Trainer:
                 self.validate()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
+            if t.stop_if_diverged and self.diverged(record["loss"]):
+                bar.close()
+                self.log(f"diverged at step {self.step}: loss {record['loss']:.4f} (first step "
+                         f"{self.first_loss:.4f}); stopping (train.stop_if_diverged)")
+                self.metrics.log({"step": self.step, "diverged": 1}, prefix="event")
+                self.metrics.close()
+                return {"diverged": True, "steps": self.step, "loss": record["loss"], "run_dir": str(self.run_dir)}
+            if t.stop_after and self.step >= t.stop_after and self.step < self.total_steps:
+                bar.close()
+                record = self.validate() if self.last_val.get("step") != self.step else self.last_val
+                path = self.save_checkpoint() if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) \
+                    else checkpoint.resolve_checkpoint_dir(self.run_dir / "checkpoints")
+                self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
+                         f"--checkpoint.resume auto")
+                self.metrics.close()
+                return {"paused": True, "steps": self.step, "val_loss": record["val_loss"],
+                        "val_ppl": record["val_ppl"], "checkpoint": str(path), "run_dir": str(self.run_dir)}
             if stop.agreed():
                 bar.close()
                 path = self.save_checkpoint()
@@ -231,11 +261,25 @@ class Trainer:
         summary = {"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
                    "best_val_ppl": self.best_val_ppl, "steps": self.step, "tokens": self.tokens,
                    "seconds": time.time() - start, "checkpoint": str(path), "run_dir": str(self.run_dir)}
-        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens; "
+        if self.dist.is_main:
+            summary["unigram_ppl"] = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
+                                                             t.eval_tokens or cfg.data.val_tokens)
+            self.metrics.log({"step": self.step, "unigram_ppl": summary["unigram_ppl"]}, prefix="val")
+        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens "
+                 f"(unigram baseline {summary.get('unigram_ppl', float('nan')):.2f}); "
                  f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "
                  f"logs {self.run_dir / 'metrics.jsonl'}")
         self.metrics.close()
         return summary
+
+
+def resolved_for_display(cfg: Config) -> Config:
+    """The config with train.steps resolved from the token budget (no data needed for that)."""
+    if cfg.train.token_budget not in ("0", ""):
+        vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000
+        model = dataclasses.replace(cfg.model, vocab_size=vocab)
+        cfg.train.steps = data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
+    return cfg
 
 
 def train(cfg: Config) -> dict:
@@ -249,9 +293,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML (train.steps from the token budget) and exit")
     args = parser.parse_args(argv)
     try:
-        train(config_from_args(args))
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(dump_yaml(resolved_for_display(cfg)), end="")
+            return 0
+        train(cfg)
     except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError,
             data.DataExhausted) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -129,7 +129,7 @@ def test_best_picks_the_lowest_final_validation_perplexity(tmp_path, capsys):
     for name, ppl in (("a", 40.0), ("b", 31.5), ("c", float("nan"))):
         run_dir = tmp_path / name
         run_dir.mkdir()
-        (run_dir / "config.yaml").write_text(dump_yaml(load_config("llama_60m")))
+        (run_dir / "config.yaml").write_text(dump_yaml(load_config("llama_60m", {"model.vocab_size": "32000"})))
         (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 10, "val_loss": 3.0,
                                                            "val_ppl": ppl}) + "\n")
     assert main([str(tmp_path / n) for n in "abc"] + ["--best"]) == 0

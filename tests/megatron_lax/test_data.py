@@ -115,8 +115,10 @@ def test_vocabulary_follows_the_tokenizer_or_must_hold_it():
 
 
 def test_token_budgets():
+    for preset, steps in (("llama_60m", 10_000), ("llama_130m", 20_000), ("llama_350m", 60_000), ("llama_1b", 100_000)):
+        paper = load_config(preset, {"train.token_budget": "paper", "train.steps": "1"})
+        assert resolve_steps(paper.train, paper.model, 256, 2e10, 58e6) == steps  # Table 14, exactly
     cfg = load_config("llama_60m", {"train.token_budget": "paper"})
-    assert resolve_steps(cfg.train, cfg.model, 256, 2e9, 58e6) == 8393  # 1.1B / (512 x 256)
     cfg.train.token_budget = "chinchilla"
     assert resolve_steps(cfg.train, cfg.model, 256, 2e9, 58e6) == 8851  # ceil(20 x 58M / (512 x 256))
     cfg.train.token_budget = "500M"

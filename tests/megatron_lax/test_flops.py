@@ -87,6 +87,6 @@ def test_lax_cost_scales_with_the_number_of_crossing_projections():
     base = flops_per_token(config(method="cola"), 64)["train"]
     every = flops_per_token(config(method="cola", lax_gate="dense"), 64)["train"] - base
     attention_only = config(method="cola", lax_gate="dense", lax_modules="q,k,v,o")
-    crossing = [m for m in LlamaLax(attention_only).modules() if isinstance(m, LowRankLinear) and m.gate is not None]
+    crossing = [m for m in LlamaLax(attention_only).modules() if isinstance(m, LowRankLinear) and m.lax_gate is not None]
     assert len(crossing) == 4 * (SMALL["model.n_layers"] - 1)
     assert flops_per_token(attention_only, 64)["train"] - base == every * 4 // 7

@@ -18,7 +18,7 @@ def tiny(gate):
 def test_gate_values_name_every_crossing_projection():
     model = tiny("linear")
     with torch.no_grad():
-        model.layers[2].mlp.up.gate.beta.fill_(0.25)
+        model.layers[2].mlp.up.lax_gate.beta.fill_(0.25)
     values = gate_values(model)
     assert set(values) == {f"lax_gate/{p}/{i}" for p in PROJECTIONS for i in (1, 2)}
     assert values["lax_gate/up/2"] == 0.25 and values["lax_gate/q/1"] == 1.0
@@ -29,7 +29,8 @@ def test_latent_rms_records_crossing_and_own_latents():
     model = tiny("identity")
     x = torch.randint(0, 64, (2, 8))
     stats = latent_rms(model, lambda: model(x))
-    assert len(stats) == 2 * 2 * len(PROJECTIONS)
+    # own, latent and out for each of 3 blocks x 7 projections, crossing for blocks 1 and 2
+    assert len(stats) == 3 * 3 * len(PROJECTIONS) + 2 * len(PROJECTIONS)
     # With the identity gate the crossing latent of block 1 is block 0's own A x.
     own0 = {}
     handle = model.layers[0].attn.q.A.register_forward_hook(lambda m, i, o: own0.update(rms=o.detach().pow(2).mean().sqrt()))

@@ -27,6 +27,9 @@ def test_deepspeed_launcher_runs_the_1b_script_shrunk(prepared_sample, tmp_path)
                           *as_cli(SHRINK)], env=env)
     assert "cola + LaX (identity)" in result.stdout + result.stderr  # the script's default variant
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+    from megatron_lax.config import load_config
+    cfg = load_config(str(tmp_path / "run" / "config.yaml"))  # the 1B CoLA + LaX recipe, shrunk by our overrides
+    assert (cfg.parallel.engine, cfg.optim.lr, cfg.optim.grad_clip, cfg.train.global_batch) == ("deepspeed", 1e-2, 0.5, 8)
 
 
 def test_bash_script_launches_torchrun_and_user_arguments_win(prepared_sample, tmp_path):
@@ -36,14 +39,36 @@ def test_bash_script_launches_torchrun_and_user_arguments_win(prepared_sample, t
     from megatron_lax.config import load_config
     cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     assert (cfg.parallel.engine, cfg.model.method, cfg.model.lax_gate) == ("ddp", "svd", "linear")
-    assert cfg.optim.lr == 0.005 and cfg.optim.grad_clip == 0.5 and cfg.optim.warmup_ratio == 0.2
+    assert cfg.optim.lr == 0.005 and cfg.optim.grad_clip == 0.5 and cfg.data.mode == "paper"
+
+
+TABLE_14 = {  # scale: steps, warmup, LR of (SVD, SVD + LaX, CoLA, CoLA + LaX)
+    "60m": (10_000, 2_000, (2e-3, 2e-2, 6e-3, 4e-2)), "130m": (20_000, 4_000, (1e-3, 1e-2, 4e-3, 2e-2)),
+    "350m": (60_000, 12_000, (1e-3, 1e-2, 3e-3, 2e-2)), "1b": (100_000, 20_000, (8e-4, 3e-3, 2e-3, 1e-2)),
+}
+
+
+@pytest.mark.parametrize("scale", TABLE_14)
+def test_each_script_resolves_to_table_14(scale):
+    """The config each script trains with, as resolved (token budget -> steps): Table 14 exactly."""
+    import yaml
+    steps, warmup, lrs = TABLE_14[scale]
+    variants = [("svd", "none"), ("svd", "identity"), ("cola", "none"), ("cola", "identity")]
+    for (method, gate), lr in zip(variants, lrs):
+        result = run_command([sys.executable, f"run_scripts/pretrain_{scale}.sh", "--print-config"],
+                             env={"METHOD": method, "GATE": gate})
+        cfg = yaml.safe_load(result.stdout)
+        assert (cfg["train"]["steps"], cfg["optim"]["warmup_steps"], cfg["optim"]["lr"]) == (steps, warmup, lr)
+        assert (cfg["train"]["token_budget"], cfg["train"]["global_batch"], cfg["data"]["seq_len"]) == ("paper", 512, 256)
+        assert (cfg["optim"]["weight_decay"], cfg["optim"]["grad_clip"], cfg["optim"]["min_lr_ratio"]) == (0.01, 0.5, 0.1)
+        assert cfg["data"]["mode"] == "paper" and (cfg["model"]["method"], cfg["model"]["lax_gate"]) == (method, gate)
 
 
 def test_two_nodes_rendezvous_on_localhost(prepared_sample, tmp_path):
     port = free_port()
     args = ["-m", "megatron_lax.train", "--config", "llama_tiny",
             *as_cli({**SHRINK, "data.path": prepared_sample, "logging.run_dir": tmp_path / "run",
-                     "parallel.engine": "ddp"})]
+                     "parallel.engine": "fsdp"})]
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                                "--node_rank", str(rank), "--rdzv_backend", "c10d", "--rdzv_id", "two-nodes",
                                "--rdzv_endpoint", f"127.0.0.1:{port}", *args],
@@ -56,8 +81,14 @@ def test_two_nodes_rendezvous_on_localhost(prepared_sample, tmp_path):
 
 
 @pytest.mark.parametrize("scale", ["60m", "130m", "350m", "1b"])
-def test_each_script_runs_under_bash_and_python(scale):
-    """bash hands over to the launcher (here ENGINE=single: plain python), which runs the same file
-    as Python; --help reaches the trainer's argument parser."""
-    result = run_command(["bash", f"run_scripts/pretrain_{scale}.sh", "--help"], env=launcher_env(ENGINE="single"))
-    assert "--model.lax_gate" in result.stdout
+def test_each_script_is_bash_and_python_for_its_scale(scale):
+    """Every script, run by bash, hands itself and the user's arguments to the launcher (here
+    ENGINE=single with `echo` as the Python, so nothing starts); read as Python, it compiles and
+    trains at its own scale. The full bash -> launcher -> Python path runs above for 60m (torchrun)
+    and 1b (DeepSpeed)."""
+    script = f"run_scripts/pretrain_{scale}.sh"
+    result = run_command(["bash", script, "--optim.lr", "0.1"], env=launcher_env(ENGINE="single", PYTHON="echo"))
+    assert result.stdout.split() == [script, "--optim.lr", "0.1"]
+    source = (REPO / script).read_text()
+    compile(source, script, "exec")
+    assert f'main("{scale}")' in source

@@ -66,3 +66,37 @@ def test_hub_name_without_a_hub_is_one_clear_line():
     assert result.returncode == 2
     assert result.stderr.startswith("error: tokenizer megatron-lax/not-cached: could not load it from the Hugging Face hub")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def t5_layout_directory(path: Path) -> Path:
+    """Laid out as a local copy of t5-base: spiece.model plus 100 sentinel ids after its pieces."""
+    path.mkdir()
+    shutil.copy(REPO / "tokenizer" / "sample" / "tokenizer.model", path / "spiece.model")
+    (path / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer", "extra_ids": 100}')
+    return path
+
+
+def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
+    """t5-base has 32,000 pieces + 100 sentinels = 32,100 entries: the presets do not pin the
+    vocabulary, so the embedding follows the tokenizer, rounded up to a multiple of 64, while `info`
+    keeps counting Table 5's 32,000."""
+    pytest.importorskip("transformers")
+    from conftest import TINY
+    from megatron_lax.config import PRESETS, load_config
+    from megatron_lax.data import model_vocab_size
+    from megatron_lax.info import describe
+    from megatron_lax.train import Trainer
+
+    tok = load_tokenizer(str(t5_layout_directory(tmp_path / "t5")))
+    assert tok.vocab_size == 8192 + 100 and tok.eos_id == 1
+    for preset in PRESETS:
+        assert model_vocab_size({"tokenizer": {"vocab_size": 32100}}, load_config(preset).model.vocab_size) == 32128
+    row = describe(load_config("llama_60m", {"model.method": "svd"}))
+    assert (row["vocab_size"], row["params"]) == (32000, 42_770_944) and "32,000" in row["vocab_source"]
+
+    overrides = {**TINY, "data.path": str(tmp_path / "prepared"), "data.tokenizer": str(tmp_path / "t5"),
+                 "data.raw": str(REPO / "data" / "sample"), "logging.run_dir": str(tmp_path / "run"),
+                 "train.steps": "2", "model.method": "svd", "model.lax_gate": "identity"}
+    summary = Trainer(load_config("llama_tiny", overrides)).fit()
+    run_cfg = load_config(str(tmp_path / "run" / "config.yaml"))
+    assert run_cfg.model.vocab_size == 8320 and summary["steps"] == 2
