@@ -113,7 +113,7 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     engine: str = "single"  # single | ddp | fsdp | deepspeed
-    zero_stage: int = 1  # deepspeed only
+    zero_stage: int = 1  # deepspeed only: 1, 2 or 3 (stage 0 shards nothing: use engine ddp)
     deepspeed_config: str = ""  # a user's own DeepSpeed JSON instead of the generated one
     backend: str = "auto"  # auto | nccl | gloo
 
@@ -309,8 +309,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision {cfg.train.precision!r} is unknown (auto, fp32, bf16-mixed, bf16-pure)")
     if cfg.parallel.engine not in ("single", "ddp", "fsdp", "deepspeed"):
         raise ConfigError(f"parallel.engine {cfg.parallel.engine!r} is unknown (single, ddp, fsdp, deepspeed)")
-    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.zero_stage not in (1, 2, 3):
+        hint = "; stage 0 shards nothing: use parallel.engine ddp" if cfg.parallel.zero_stage == 0 else ""
+        raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}{hint}")
     if cfg.train.global_batch <= 0 or cfg.train.micro_batch <= 0:
         raise ConfigError("train.global_batch and train.micro_batch must be positive")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

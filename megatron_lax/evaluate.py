@@ -4,13 +4,16 @@
     torchrun --nproc_per_node 8 -m megatron_lax.evaluate --checkpoint DIR     (same number, faster)
 
 Perplexity is exp(total NLL / total scored target tokens) over the fixed validation set, padding
-excluded (never a mean of per-batch means). The 95% interval treats each validation sequence (one
+excluded (never a mean of per-batch means). It is computed in the precision the run validated in
+during training (`--precision run`, the default; see `evaluation_precision`), so the two agree, or in
+`--precision fp32` on the fp32 master weights. The 95% interval treats each validation sequence (one
 document in `paper` mode, a fixed-length window of the token stream in `packed` mode) as a unit:
 a delta-method interval for the ratio estimator of the mean token NLL, exponentiated.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -80,17 +83,40 @@ def load_model(path: Path, device: torch.device):
     return model.to(device).eval(), cfg, ckpt
 
 
-def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0) -> dict:
+def evaluation_precision(cfg, device: torch.device, requested: str = "run") -> tuple[str, torch.dtype, bool]:
+    """(name, weight dtype, autocast) that reproduce how the run computed during training:
+    fp32 -> fp32; bf16-pure -> bf16 weights; bf16-mixed -> bf16 autocast over fp32 weights on the
+    single/DDP engines, bf16 weights on FSDP2 (its MixedPrecisionPolicy gathers bf16 parameters) and
+    DeepSpeed (its bf16 mode casts the module)."""
+    from .parallel.engine import resolve_precision
+    precision = "fp32" if requested == "fp32" else resolve_precision(cfg.train.precision, device)
+    if precision == "fp32":
+        return "fp32", torch.float32, False
+    if precision == "bf16-pure" or cfg.parallel.engine in ("fsdp", "deepspeed"):
+        return f"{precision} (bf16 weights)", torch.bfloat16, False
+    return f"{precision} (bf16 autocast)", torch.float32, True
+
+
+def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0,
+                        precision: str = "run") -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = init_distributed("ddp" if world > 1 else "single", "auto")
     model, cfg, ckpt = load_model(path, dist.device)
+    name, dtype, autocast = evaluation_precision(cfg, dist.device, precision)
+    model.to(dtype)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
                                       dist.rank, dist.world_size)
-    result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+    context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+    data_dir = data_path or cfg.data.path
+    unigram = data.unigram_perplexity(data_dir, cfg.data.seq_len, cfg.data.mode,
+                                      tokens or cfg.train.eval_tokens or cfg.data.val_tokens)
     return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-            "engine": cfg.parallel.engine, "mode": cfg.data.mode, **result}
+            "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": name, "unigram_ppl": unigram,
+            **result}
 
 
 def main(argv=None) -> int:
@@ -100,10 +126,12 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
     parser.add_argument("--micro-batch", type=int, default=0)
+    parser.add_argument("--precision", choices=("run", "fp32"), default="run",
+                        help="run: as the run validated during training (default); fp32: fp32 master weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch, args.precision)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -115,7 +143,8 @@ def main(argv=None) -> int:
         else:
             print(f"validation perplexity {result['val_ppl']:.3f} (95% interval {result['ppl_low']:.3f}-"
                   f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "
-                  f"{result['sequences']} sequences  [{result['checkpoint']}, step {result['step']}]")
+                  f"{result['sequences']} sequences, {result['precision']}; unigram baseline "
+                  f"{result['unigram_ppl']:.3f}  [{result['checkpoint']}, step {result['step']}]")
     return 0
 
 

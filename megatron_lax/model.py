@@ -300,7 +300,7 @@ def name_seed(seed: int, name: str) -> int:
 def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.Tensor:
     """The full fp32 CPU value of one parameter, the same on every process."""
     if kind == "normal":
-        return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))) * std
+        return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(std)
     if kind == "eye":
         return torch.eye(shape[0])
     return torch.ones(shape) if kind == "ones" else torch.zeros(shape)

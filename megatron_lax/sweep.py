@@ -5,8 +5,8 @@ note) as a tool, with successive halving so that a grid costs about two full run
     python -m megatron_lax.sweep ... --lr-range 1e-3:3e-2:6      (6 log-spaced values from 1e-3 to 3e-2)
 
 Every learning rate trains with the full schedule of the run it stands for (warmup and cosine over
-train.steps). The runs are paused at rung boundaries (by default 1/4 and 1/2 of the steps), compared on
-validation loss, and only the best 1/eta of them continue; a run whose training loss turns
+train.steps). The runs are paused at rung boundaries (halvings: by default 1/4 and 1/2 of the steps), compared on
+validation loss, and only the best 1/eta of them (rounded up) continue; a run whose training loss turns
 non-finite or rises above its first step's loss is stopped at once and marked diverged. Since a
 paused run resumes exactly, the winner's run is an ordinary complete run at its learning rate.
 
@@ -50,9 +50,9 @@ def parse_lrs(lrs: str | None, lr_range: str | None) -> list[float]:
     return sorted(set(values))
 
 
-def rung_steps(total: int, rungs: int, eta: int) -> list[int]:
-    """Pause points: total / eta^(rungs-1), ..., total / eta, total."""
-    return sorted({max(1, total // eta ** k) for k in range(rungs)})
+def rung_steps(total: int, rungs: int) -> list[int]:
+    """Pause points at halvings of the run: total / 2^(rungs-1), ..., total / 2, total."""
+    return sorted({max(1, total // 2 ** k) for k in range(rungs)})
 
 
 def run_dir(out: Path, lr: float) -> Path:
@@ -60,14 +60,14 @@ def run_dir(out: Path, lr: float) -> Path:
 
 
 def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
-    """Trains (or resumes) the run of this learning rate up to step stop_after and returns its state:
-    {"step", "val_loss", "diverged"}. A rung already reached is read back, not trained again."""
+    """Trains (or resumes) the run of this learning rate up to step stop_after; returns
+    {"step", "diverged", "val_loss": {step: loss}}. A rung already reached is read back, not trained again."""
     from .train import Trainer
 
     directory = run_dir(out, lr)
     state_file = directory / "sweep_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
-    if state.get("diverged") or state.get("step", 0) >= stop_after:
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"step": 0, "diverged": False, "val_loss": {}}
+    if state["diverged"] or state["step"] >= stop_after:
         return state
     run = copy.deepcopy(cfg)
     run.optim.lr = lr
@@ -77,12 +77,15 @@ def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
     run.checkpoint.resume = "auto"
     run.checkpoint.keep = 1
     summary = Trainer(run).fit()
-    state = {"lr": lr, "step": summary["steps"], "diverged": bool(summary.get("diverged")),
-             "val_loss": summary.get("val_loss", math.inf)}
-    if state["diverged"]:
-        state["val_loss"] = math.inf
+    state["step"], state["diverged"] = summary["steps"], bool(summary.get("diverged"))
+    state["val_loss"][str(stop_after)] = math.inf if state["diverged"] else summary["val_loss"]
     state_file.write_text(json.dumps(state))
     return state
+
+
+def val_loss_at(state: dict, step: int) -> float:
+    """The run's validation loss at a pause point; inf once it has diverged."""
+    return math.inf if state["diverged"] else state["val_loss"].get(str(step), math.inf)
 
 
 def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3, eta: int = 2, log=print) -> dict:
@@ -92,14 +95,14 @@ def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3,
 
     model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000)
     total = data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
-    stops = rung_steps(total, rungs, eta)
+    stops = rung_steps(total, rungs)
     results: dict[float, dict[int, float]] = {lr: {} for lr in lrs}
     alive = list(lrs)
     for k, stop in enumerate(stops):
         for lr in alive:
             state = train_until(cfg, lr, stop, out)
-            results[lr][stop] = state["val_loss"]
-            status = "diverged" if state.get("diverged") else f"val loss {state['val_loss']:.4f}"
+            results[lr][stop] = val_loss_at(state, stop)
+            status = "diverged" if state["diverged"] else f"val loss {results[lr][stop]:.4f}"
             log(f"sweep: lr {lr:g} step {stop}/{total}: {status}")
         if k < len(stops) - 1:
             keep = max(1, math.ceil(len(alive) / eta))

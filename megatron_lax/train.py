@@ -21,9 +21,9 @@ from . import checkpoint, data, faults, introspection
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
-from .model import LlamaLax, count_parameters, flops_per_token
+from .model import LlamaLax, count_parameters, flops_per_token, init_weights
 from .optim import lr_at
-from .parallel import build_engine
+from .parallel import ModelRecipe, build_engine
 from .parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 
 
@@ -82,7 +82,8 @@ class Trainer:
             raise ValueError(f"{self.total_steps} steps need {self.total_steps * t.global_batch:,} sequences but the "
                              f"prepared data ({cfg.data.mode} mode) offers {self.loader.sequences_per_epoch:,} per "
                              f"epoch; add data or set train.allow_repetition true")
-        self.engine = build_engine(cfg, LlamaLax(cfg.model, init_seed=t.seed), self.dist)
+        self.engine = build_engine(cfg, ModelRecipe(build=lambda: LlamaLax(cfg.model, init_seed=None),
+                                                    initialize=lambda model: init_weights(model, t.seed)), self.dist)
         self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in data.validation_batches(
             self.data_path, cfg.data.seq_len, t.micro_batch, t.eval_tokens or cfg.data.val_tokens,
             cfg.data.mode, self.dist.rank, self.dist.world_size)]

@@ -1,9 +1,15 @@
 """Engines (single, DDP, FSDP2, DeepSpeed) and the functions that apply activation checkpointing
-and compilation to an unmodified model."""
+and compilation to an unmodified model.
+
+An engine is given either a built model or a `ModelRecipe`. From a recipe no rank ever holds the whole
+model: it is constructed on the meta device (or inside DeepSpeed's zero.Init for ZeRO-3), sharded,
+allocated shard by shard, and only then given its values."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -23,27 +29,65 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block's forward in place (parameter names unchanged; blocks of the same
-    shape share the compiled code). Apply it before activation checkpointing, which then recomputes
-    the compiled forward: compiling a checkpointed forward silently compiles nothing."""
+    """torch.compile each block's forward in place, whole (fullgraph: a graph break is an error), with
+    parameter names unchanged; blocks of the same shape share the compiled code. Per block rather
+    than the whole model, so that FSDP2's per-block hooks stay outside the graphs. Apply it before
+    activation checkpointing, which then recomputes the compiled forward: compiling a checkpointed
+    forward silently compiles nothing."""
     for block in model.layers:
-        block.forward = torch.compile(block.forward)
+        block.forward = torch.compile(block.forward, fullgraph=True)
 
 
-def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo) -> Engine:
+@dataclass
+class ModelRecipe:
+    """build(): the model's modules, called on the meta device or inside zero.Init, so values do not
+    matter; initialize(model): fills every parameter in place, whether a plain tensor, an FSDP2 shard
+    or a ZeRO-3 partition (see model.assign_parameters)."""
+    build: Callable[[], nn.Module]
+    initialize: Callable[[nn.Module], None]
+
+
+def construct(source: Union[nn.Module, ModelRecipe], cfg: Config, precision: str, world_size: int):
+    """(model, initialize or None). A recipe is built on the meta device, or for ZeRO-3 inside
+    deepspeed.zero.Init, which partitions each module's parameters as soon as it is built."""
+    if isinstance(source, nn.Module):
+        return source, None
+    if cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        import deepspeed
+        from .deepspeed_engine import deepspeed_config
+        deepspeed.init_distributed()  # joins the existing process group
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, world_size, precision)):
+            return source.build(), source.initialize
+    with torch.device("meta"):
+        return source.build(), source.initialize
+
+
+def materialize(model: nn.Module, initialize: Optional[Callable], device: torch.device,
+                dtype: Optional[torch.dtype] = None) -> None:
+    """Allocates a meta model's (or its shards') storage on `device` and gives it its values."""
+    if initialize is None:
+        return
+    if dtype is not None:
+        model.to(dtype)
+    model.to_empty(device=device)
+    initialize(model)
+
+
+def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: DistInfo) -> Engine:
     precision = resolve_precision(cfg.train.precision, dist_info.device)
+    model, initialize = construct(source, cfg, precision, dist_info.world_size)
     if cfg.train.compile:
         apply_compile(model)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     engine = cfg.parallel.engine
     if engine in ("single", "ddp"):
-        return LocalEngine(cfg, dist_info, precision, model, ddp=engine == "ddp")
+        return LocalEngine(cfg, dist_info, precision, model, ddp=engine == "ddp", initialize=initialize)
     if engine == "fsdp":
         from .fsdp import FSDPEngine
-        return FSDPEngine(cfg, dist_info, precision, model)
+        return FSDPEngine(cfg, dist_info, precision, model, initialize)
     from .deepspeed_engine import DeepSpeedEngine
-    return DeepSpeedEngine(cfg, dist_info, precision, model)
+    return DeepSpeedEngine(cfg, dist_info, precision, model, initialize)
 
 
 def checkpoint_engine(checkpoint_dir: Path) -> str:
@@ -74,5 +118,5 @@ def consolidated_state_dict(checkpoint_dir: Path, cfg: Config | str | None = Non
     return torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True)
 
 
-__all__ = ["Engine", "StepResult", "build_engine", "checkpoint_engine", "consolidated_state_dict", "apply_activation_checkpointing",
+__all__ = ["Engine", "ModelRecipe", "StepResult", "build_engine", "materialize", "checkpoint_engine", "consolidated_state_dict", "apply_activation_checkpointing",
            "apply_compile"]

@@ -71,10 +71,16 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
 class DeepSpeedEngine(Engine):
     uses_autocast = False  # DeepSpeed's bf16 mode casts the model itself
 
-    def __init__(self, cfg, dist_info, precision, model):
+    def __init__(self, cfg, dist_info, precision, model, initialize=None):
+        """With `initialize`, the model comes partitioned from zero.Init (stage 3) or on the meta device."""
         import deepspeed
+        from . import materialize
 
         super().__init__(cfg, dist_info, precision)
+        if initialize is not None and cfg.parallel.zero_stage == 3:
+            initialize(model)
+        else:
+            materialize(model, initialize, dist_info.device)
         self.base_model = model
         self.accumulation = cfg.train.global_batch // (cfg.train.micro_batch * dist_info.world_size)
         self.ds_config = deepspeed_config(cfg, dist_info.world_size, precision)

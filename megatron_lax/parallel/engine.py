@@ -95,8 +95,11 @@ class Engine:
 class LocalEngine(Engine):
     """A single process, or plain DDP (every rank holds the whole model and optimizer)."""
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, model: nn.Module, ddp: bool = False):
+    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, model: nn.Module, ddp: bool = False,
+                 initialize=None):
+        from . import materialize
         super().__init__(cfg, dist_info, precision)
+        materialize(model, initialize, dist_info.device)
         model.to(dist_info.device)
         if precision == "bf16-pure":
             model.to(torch.bfloat16)

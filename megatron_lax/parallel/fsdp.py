@@ -31,12 +31,16 @@ def shard_model(model: torch.nn.Module, world_size: int, device: torch.device, p
 class FSDPEngine(Engine):
     uses_autocast = False  # the MixedPrecisionPolicy casts
 
-    def __init__(self, cfg, dist_info, precision, model):
+    def __init__(self, cfg, dist_info, precision, model, initialize=None):
+        """A meta model (with `initialize`) is sharded first and then allocated shard by shard."""
+        from . import materialize
         super().__init__(cfg, dist_info, precision)
-        model.to(dist_info.device)
+        if initialize is None:
+            model.to(dist_info.device)
         if precision == "bf16-pure":
             model.to(torch.bfloat16)
         shard_model(model, dist_info.world_size, dist_info.device, precision)
+        materialize(model, initialize, dist_info.device)
         self.model = self.base_model = model
         self.optimizer = build_optimizer(model, cfg.optim)
 

@@ -1,0 +1,119 @@
+"""The first GPU hour: training tokens/s, MFU and peak memory of every scale x method x LaX, in bf16, with
+and without torch.compile, through the trainer's own engine (single GPU, bf16-mixed autocast, fused
+AdamW, flash-attn when installed):
+
+    python benchmarks/bench_gpu.py                      # llama_60m/350m/1b x dense/svd/cola x LaX off/on x compile off/on
+    python benchmarks/bench_gpu.py --shapes llama_1b --methods cola --compile on --json out.json
+    python benchmarks/bench_gpu.py --device cpu --shapes llama_micro --steps 2 --warmup 1 --micro-batch 2 --seq-len 32
+
+Peak memory is the CUDA allocator's peak (the process's peak RSS on CPU). Prints one Markdown table (paste it into docs/BENCHMARKS.md with the GPU's name). A configuration that
+runs out of memory is reported as OOM and the rest go on. Timing: `--warmup` steps (compilation
+included) are discarded, then `--steps` steps are timed with the device synchronised.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import machine  # noqa: E402
+from megatron_lax.config import load_config  # noqa: E402
+from megatron_lax.introspection import peak_flops, peak_memory_gb  # noqa: E402
+from megatron_lax.model import LlamaLax, flash_attn_func, flops_per_token, init_weights  # noqa: E402
+from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
+from megatron_lax.parallel.distributed import DistInfo  # noqa: E402
+
+MICRO_BATCH = {"llama_micro": 32, "llama_tiny": 32, "llama_60m": 64, "llama_130m": 64, "llama_350m": 32, "llama_1b": 16}
+
+
+def measure(shape: str, method: str, lax: str, compiled: bool, args, device: torch.device) -> dict:
+    micro = args.micro_batch or MICRO_BATCH.get(shape, 16)
+    cfg = load_config(shape, {"model.method": method, "model.lax_gate": lax if method != "dense" else "none",
+                              "model.vocab_size": str(args.vocab), "data.seq_len": str(args.seq_len),
+                              "train.micro_batch": str(micro), "train.global_batch": str(micro),
+                              "train.precision": args.precision, "train.compile": str(compiled),
+                              "parallel.engine": "single"})
+    dist = DistInfo(0, 1, 0, device)
+    engine = build_engine(cfg, ModelRecipe(lambda: LlamaLax(cfg.model, init_seed=None),
+                                           lambda model: init_weights(model, 0)), dist)
+    tokens = torch.randint(0, args.vocab, (micro, args.seq_len + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weight = 1.0 / targets.numel()
+
+    def step():
+        engine.forward_backward(inputs, targets, weight, sync=True)
+        engine.step(1e-4)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(args.warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    tokens_per_s = args.steps * micro * args.seq_len / (time.perf_counter() - start)
+    flops = flops_per_token(cfg.model, args.seq_len)["train"] * tokens_per_s
+    return {"tokens_per_s": tokens_per_s, "mfu": flops / peak_flops(device), "peak_memory_gb": peak_memory_gb(device),
+            "micro_batch": micro}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="llama_60m,llama_350m,llama_1b")
+    parser.add_argument("--methods", default="dense,svd,cola")
+    parser.add_argument("--lax", default="none,identity", help="LaX gates to try on the low-rank methods")
+    parser.add_argument("--compile", default="off,on")
+    parser.add_argument("--precision", default="bf16-mixed")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--micro-batch", type=int, default=0, help="sequences per step (default: per shape)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else machine()
+    rows = []
+    combos = itertools.product(args.shapes.split(","), args.methods.split(","), args.lax.split(","),
+                               [c == "on" for c in args.compile.split(",")])
+    for shape, method, lax, compiled in combos:
+        if method == "dense" and lax != args.lax.split(",")[0]:
+            continue  # LaX needs a low-rank method: dense is measured once
+        row = {"shape": shape, "method": method, "lax": lax if method != "dense" else "-", "compile": compiled}
+        try:
+            row.update(measure(shape, method, lax, compiled, args, device))
+        except torch.cuda.OutOfMemoryError:
+            row["oom"] = True
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    flash = "flash-attn" if flash_attn_func is not None and device.type == "cuda" else "SDPA"
+    print(f"### Training throughput on {name} ({args.precision}, {flash}, sequence {args.seq_len})\n")
+    print("| shape | method | LaX | compile | micro-batch | tokens/s | MFU | peak memory (GB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("oom"):
+            print(f"| {r['shape']} | {r['method']} | {r['lax']} | {r['compile']} | - | OOM | - | - |")
+        else:
+            print(f"| {r['shape']} | {r['method']} | {r['lax']} | {r['compile']} | {r['micro_batch']} | "
+                  f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['peak_memory_gb']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The paper's pre-training comparison at CPU scale (docs/RESULTS.md): dense, SVD, SVD + LaX, CoLA,
+# CoLA + LaX (identity gate) and CoLA + LaX (dense gate, Table 6) on real English text, each at its own
+# swept learning rate (megatron_lax.sweep), 3 seeds, mean and spread. The plan, with every setting, is
+# configs/reproduce_small.yaml; the studies behind the defaults (initialisation, which latent crosses,
+# dense-gate init) are extra variants of the same plan:
+#
+#   bash run_scripts/reproduce_small.sh                                   # the default variants
+#   bash run_scripts/reproduce_small.sh --variants svd.init_matched,cola.init_matched
+#
+# Finished runs are not repeated. Results: runs/reproduce_small/results*.md and .json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+exec "${PYTHON:-python}" -m megatron_lax.reproduce --plan configs/reproduce_small.yaml "$@"
