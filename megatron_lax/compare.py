@@ -12,7 +12,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -34,6 +34,7 @@ class Run:
     train: list[dict]  # {"step", "tokens", "loss", ...}, one per step, in step order
     val: list[dict]  # {"step", "tokens", "val_loss", "val_ppl", ...}, in step order
     malformed_lines: int
+    latent: list[dict] = field(default_factory=list)  # {"step", "lax_rms/<proj>/<block>/<kind>": rms, ...}
 
     @property
     def final_val_ppl(self) -> Optional[float]:
@@ -110,7 +111,8 @@ def load_run(path: Union[str, Path], label: Optional[str] = None) -> Run:
     train, val = split_records(records)
     if not train and not val:
         raise RunError(f"{path}: metrics.jsonl holds no training or validation records")
-    return Run(path, label or variant_label(cfg.model), cfg, train, val, malformed)
+    latent = [r for r in records if any(k.startswith("lax_rms/") for k in r)]
+    return Run(path, label or variant_label(cfg.model), cfg, train, val, malformed, latent)
 
 
 def load_runs(paths: Sequence[Union[str, Path]], labels: Optional[Sequence[str]] = None) -> list[Run]:
@@ -197,6 +199,24 @@ def comparison_table(runs: Sequence[Run], base: Union[Run, str, None] = None) ->
     return "\n".join(lines)
 
 
+LATENT_KINDS = ("own", "crossing", "latent", "out")
+
+
+def latent_rms_table(runs: Sequence[Run]) -> str:
+    """Per logged step, the mean over projections and blocks of each latent RMS the trainer records
+    (see introspection.latent_rms): A x (`own`), the crossing G(z), what B multiplies (`latent`) and
+    B's output (`out`)."""
+    lines = ["| run | step | " + " | ".join(LATENT_KINDS) + " |", "|---|---|" + "---|" * len(LATENT_KINDS)]
+    for run in runs:
+        for record in run.latent:
+            cells = []
+            for kind in LATENT_KINDS:
+                values = [v for k, v in record.items() if k.startswith("lax_rms/") and k.endswith(f"/{kind}")]
+                cells.append(f"{sum(values) / len(values):.3f}" if values else "-")
+            lines.append(f"| {run.label} | {record['step']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- the plot -------------------------------------------------------------------------------------
 
 def plot_curves(runs: Sequence[Run], output: Union[str, Path]) -> Path:
@@ -256,11 +276,16 @@ def main(argv=None) -> int:
     parser.add_argument("--labels", nargs="+", help="one legend/table label per run (default: from the config)")
     parser.add_argument("--best", action="store_true",
                         help="only print the directory of the run with the lowest final validation perplexity")
+    parser.add_argument("--latent-rms", action="store_true",
+                        help="only print the latent RMS records (mean over projections and blocks) of each run")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(args.runs, args.labels)
         if args.best:
             print(best_run(runs).path)
+            return 0
+        if args.latent_rms:
+            print(latent_rms_table(runs))
             return 0
         if args.base:
             runs = _with_base_run(runs, args.base)

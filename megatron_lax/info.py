@@ -12,7 +12,7 @@ import json
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
-from .model import count_parameters, flops_per_token, memory_gb
+from .model import count_parameters, flops_per_token, lowrank_factor_std, memory_gb
 
 PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without its 100 sentinel ids
 
@@ -31,11 +31,24 @@ def describe(cfg) -> dict:
     if m.uses_lax:
         variant += f" + LaX ({m.lax_gate})"
     ranks = sorted({m.rank_of(p) for p in ("q", "gate")}) if m.method != "dense" else []
-    return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
+    return {"variant": variant, "rank": ranks, "params": params, "init": init_scales(m), "params_m": params / 1e6,
             "memory_gb": memory_gb(params), "flops_per_token": flops["train"],
             "forward_flops_per_token": flops["forward"], "seq_len": cfg.data.seq_len, "vocab_size": m.vocab_size,
-            "vocab_source": vocab_source,
+            "vocab_source": vocab_source, "lowrank_init": m.resolved_lowrank_init,
             "dim": m.dim, "n_layers": m.n_layers}
+
+
+def init_scales(m) -> dict:
+    """Factor and product (B A) stds of q (dim x dim) and up (dim x ffn) under both low-rank inits."""
+    if m.method == "dense":
+        return {}
+    scales = {}
+    for init in ("cola", "matched"):
+        for name, (d_in, d_out) in (("q", (m.dim, m.dim)), ("up", (m.dim, m.ffn_dim))):
+            r = m.rank_of(name)
+            factor = lowrank_factor_std(d_in, d_out, r, init, m.init_std)
+            scales[f"{init}/{name}"] = {"factor_std": factor, "product_std": factor**2 * r**0.5}
+    return scales
 
 
 def main(argv=None) -> int:
@@ -53,11 +66,18 @@ def main(argv=None) -> int:
         print(json.dumps(row))
         return 0
     rank = "/".join(map(str, row["rank"])) or "-"
+    config_init = row["lowrank_init"]
     print("| variant | rank | params (M) | memory (GB) | FLOPs/token (train) |")
     print("|---|---|---|---|---|")
     print(f"| {row['variant']} | {rank} | {row['params_m']:.1f} | {row['memory_gb']:.2f} | "
           f"{row['flops_per_token'] / 1e6:.1f}M |")
     print(f"\nvocabulary {row['vocab_size']:,}: {row['vocab_source']}")
+    for init in ("cola", "matched"):
+        if row["init"]:
+            q, up = row["init"][f"{init}/q"], row["init"][f"{init}/up"]
+            chosen = " (this config)" if init == config_init else ""
+            print(f"model.lowrank_init {init}{chosen}: factor std q {q['factor_std']:.4f}, up {up['factor_std']:.4f}; "
+                  f"B A std q {q['product_std']:.4f}, up {up['product_std']:.4f}")
     return 0
 
 

@@ -209,6 +209,8 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         start, window_start, window_tokens = time.time(), time.time(), 0
         stop = faults.StopFlag(self.dist.device)
+        if cfg.logging.lax_stats_every and self.step == 0:
+            self.log_latent_stats()  # the initialisation's latent scales, before any update
         self.engine.train(True)
         while self.step < self.total_steps:
             record = self.train_step()

@@ -134,3 +134,15 @@ def test_best_picks_the_lowest_final_validation_perplexity(tmp_path, capsys):
                                                            "val_ppl": ppl}) + "\n")
     assert main([str(tmp_path / n) for n in "abc"] + ["--best"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "b")
+
+
+def test_latent_rms_table_averages_each_kind_over_projections_and_blocks(tmp_path):
+    from megatron_lax.compare import latent_rms_table, load_run
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(dump_yaml(load_config("llama_60m", {"model.vocab_size": "32000"})))
+    records = [{"step": 1, "tokens": 10, "loss": 5.0},
+               {"step": 0, "lax_rms/q/1/latent": 1.0, "lax_rms/up/2/latent": 3.0, "lax_rms/q/1/out": 0.5}]
+    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    table = latent_rms_table([load_run(run_dir, label="r")])
+    assert "| r | 0 | - | - | 2.000 | 0.500 |" in table
