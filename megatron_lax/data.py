@@ -6,13 +6,18 @@ Two ways to cut documents into sequences of `seq_len` inputs (+1 token for the s
 - paper: one document per sequence, truncated and padded; padding is not scored (targets -100).
   This is the GaLore/CoLA protocol, so perplexities compare with the paper's tables.
 
-Sequence order is a seeded permutation per epoch. Optimizer step s uses the global batch
-order[s*G : (s+1)*G]; rank r takes the r-th contiguous slice of G / world_size, in micro-batches.
-So the data of a step does not depend on how many ranks share it, and the loader's state is just
-(epoch, step, micro-batch): resume is exact, even onto a different number of ranks at a step boundary.
+Sequence order is a seeded pseudo-random permutation per epoch, computed per position (no array of
+the epoch's order is ever built). Optimizer step s uses the global positions [s*G, (s+1)*G) of it;
+rank r takes the r-th contiguous slice of G / world_size, in micro-batches. So the data of a step
+does not depend on how many ranks share it, and the loader's state is just (epoch, step,
+micro-batch): resume is exact, even onto a different number of ranks at a step boundary.
+
+Memory per rank does not grow with the number of documents: tokens and document offsets stay in
+memory-mapped files, and only a few numbers per shard are held in RAM.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -27,6 +32,9 @@ IGNORE = -100
 # step counts at 512 x 256 tokens a step.)
 PAPER_STEPS = {512: 10_000, 768: 20_000, 1024: 60_000, 2048: 100_000}
 PAPER_TOKENS_PER_STEP = 512 * 256
+# Memory maps kept open per kind of file (tokens, offsets). Each holds a file descriptor, and C4 has
+# 1024 train shards, more than a common open-file limit; a map reopened later costs ~0.1 ms.
+OPEN_SHARDS = 128
 
 
 # --- preparation and the manifest ------------------------------------------------------------------
@@ -42,9 +50,11 @@ def read_manifest(path) -> dict:
 
 
 def ensure_prepared(data_cfg) -> Path:
-    """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there."""
+    """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there,
+    and refuses prepared data that another tokenizer wrote."""
     path = Path(data_cfg.path)
     if (path / "manifest.json").is_file():
+        check_tokenizer(read_manifest(path), data_cfg.tokenizer, path)
         return path
     if not data_cfg.raw:
         raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
@@ -54,6 +64,16 @@ def ensure_prepared(data_cfg) -> Path:
         raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
     prepare(inputs, data_cfg.tokenizer, path, data_cfg.workers, progress=False)
     return path
+
+
+def check_tokenizer(manifest: dict, tokenizer_spec: str, path) -> None:
+    """Token ids mean nothing under another tokenizer: compare content hashes, not names."""
+    from tokenizer import load_tokenizer
+    prepared, wanted = manifest["tokenizer"], load_tokenizer(tokenizer_spec)
+    if prepared["hash"] != wanted.hash:
+        raise ValueError(f"{path} was prepared with tokenizer {prepared['name']} (hash {prepared['hash']}) but "
+                         f"data.tokenizer is {tokenizer_spec} (hash {wanted.hash}); set data.tokenizer to the "
+                         f"tokenizer the data was prepared with, or prepare it again")
 
 
 def model_vocab_size(manifest: dict, configured: int) -> int:
@@ -70,54 +90,106 @@ def model_vocab_size(manifest: dict, configured: int) -> int:
 
 # --- reading a split ---------------------------------------------------------------------------------
 
+# The stamp (inode, mtime, size) in each key keeps a file replaced by a new preparation from being
+# served out of a map of the old one.
+@functools.lru_cache(maxsize=OPEN_SHARDS)
+def _mapped_tokens(path: str, stamp: tuple, dtype: str) -> np.ndarray:
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+@functools.lru_cache(maxsize=OPEN_SHARDS)
+def _mapped_offsets(path: str, stamp: tuple) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+def _stamp(path: Path) -> tuple:
+    stat = path.stat()
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _shard_files(directory: Path, name: str, itemsize: int) -> tuple[tuple, tuple, int, int]:
+    """(tokens file, offsets file, tokens, documents) of one prepared shard, each file as (path,
+    stamp); the two files are checked against each other without reading the shard."""
+    bin_path, idx_path = directory / f"{name}.bin", directory / f"{name}.idx.npy"
+    try:
+        bin_file, idx_file = (str(bin_path), _stamp(bin_path)), (str(idx_path), _stamp(idx_path))
+        offsets = np.load(idx_path, mmap_mode="r")
+        documents, end = len(offsets) - 1, int(offsets[-1])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e.filename}: missing; the prepared data is incomplete (run data_prep.prepare "
+                                f"again)") from None
+    except (ValueError, OSError, IndexError, TypeError) as e:
+        raise ValueError(f"{idx_path}: not a document index ({e}); delete the shard and run data_prep.prepare "
+                         f"again") from None
+    size = bin_file[1][2]
+    if size % itemsize or end != size // itemsize:
+        raise ValueError(f"{bin_path}: {size} bytes, but its index ends at token {end}; the shard is damaged "
+                         f"(delete it and run data_prep.prepare again)")
+    return bin_file, idx_file, size // itemsize, documents
+
+
 class Split:
-    """The shards of one split as one token stream with document offsets."""
+    """The shards of one split as one token stream of documents. RAM holds only where each shard
+    starts (in tokens and in documents); shards without tokens are left out."""
 
     def __init__(self, path, split: str):
         manifest = read_manifest(path)
         if split not in manifest["splits"]:
             raise ValueError(f"{path}: the prepared data has no {split} split")
-        dtype = np.dtype(manifest["dtype"])
+        self.dtype = np.dtype(manifest["dtype"])
         self.eos_id, self.pad_id = manifest["tokenizer"]["eos_id"], max(manifest["tokenizer"]["pad_id"], 0)
-        self.shards, self.doc_offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
+        self._token_files, self._offset_files, tokens, documents = [], [], [0], [0]
         for name in manifest["splits"][split]["shards"]:
-            tokens = np.memmap(Path(path) / split / f"{name}.bin", dtype=dtype, mode="r")
-            offsets = np.load(Path(path) / split / f"{name}.idx.npy")
-            self.shards.append((base, tokens))
-            self.doc_offsets.append(offsets[1:] + base)
-            base += len(tokens)
-        self.doc_offsets = np.concatenate(self.doc_offsets)
-        self.n_tokens = base
-        self._starts = np.array([start for start, _ in self.shards] + [base], dtype=np.int64)
+            bin_file, idx_file, n_tokens, n_documents = _shard_files(Path(path) / split, name, self.dtype.itemsize)
+            if n_tokens:
+                self._token_files.append(bin_file)
+                self._offset_files.append(idx_file)
+                tokens.append(n_tokens)
+                documents.append(n_documents)
+        self.token_starts = np.cumsum(tokens, dtype=np.int64)
+        self.document_starts = np.cumsum(documents, dtype=np.int64)
+        self.n_tokens, self.n_documents = int(self.token_starts[-1]), int(self.document_starts[-1])
+
+    def _tokens_of(self, shard: int) -> np.ndarray:
+        return _mapped_tokens(*self._token_files[shard], self.dtype.name)
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the stream, across shard boundaries."""
         pieces = []
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        i = int(np.searchsorted(self.token_starts, start, side="right")) - 1
         while start < end:
-            shard_start, shard = self.shards[i]
+            shard_start, shard = int(self.token_starts[i]), self._tokens_of(i)
             take = min(end, shard_start + len(shard)) - start
             pieces.append(shard[start - shard_start: start - shard_start + take])
             start += take
             i += 1
         return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else pieces[0].astype(np.int64)
 
-    @property
-    def n_documents(self) -> int:
-        return len(self.doc_offsets) - 1
+    def _document_span(self, doc: int) -> tuple[int, int, int]:
+        """(shard, first token, end token) of a document, within its shard: documents never cross shards."""
+        shard = int(np.searchsorted(self.document_starts, doc, side="right")) - 1
+        offsets = _mapped_offsets(*self._offset_files[shard])
+        local = doc - int(self.document_starts[shard])
+        return shard, int(offsets[local]), int(offsets[local + 1])
+
+    def document(self, doc: int, max_tokens: int) -> np.ndarray:
+        """The first max_tokens tokens of document `doc` (EOS included)."""
+        shard, start, end = self._document_span(doc)
+        return self._tokens_of(shard)[start: min(end, start + max_tokens)].astype(np.int64)
+
+    def document_length(self, doc: int) -> int:
+        _, start, end = self._document_span(doc)
+        return end - start
 
 
 class Sequences:
-    """Indexable sequences of one split in one mode; item i -> (inputs, targets) int64 arrays."""
+    """Indexable sequences of one split in one mode; item i -> (inputs, targets) int64 arrays.
+    In paper mode item i is document i; one without a scored target (just EOS, which
+    data_prep.prepare no longer writes) is a fully masked sequence."""
 
     def __init__(self, split: Split, seq_len: int, mode: str):
         self.split, self.seq_len, self.mode = split, seq_len, mode
-        if mode == "packed":
-            self.count = max(0, (split.n_tokens - 1) // seq_len)
-        else:  # documents of at least one scored target
-            lengths = np.diff(split.doc_offsets)
-            self.documents = np.nonzero(lengths >= 2)[0]
-            self.count = len(self.documents)
+        self.count = max(0, (split.n_tokens - 1) // seq_len) if mode == "packed" else split.n_documents
 
     def __len__(self):
         return self.count
@@ -127,10 +199,7 @@ class Sequences:
         if self.mode == "packed":
             window = self.split.tokens(i * T, i * T + T + 1)
             return window[:-1], window[1:]
-        doc = int(self.documents[i])
-        start = int(self.split.doc_offsets[doc])
-        end = min(int(self.split.doc_offsets[doc + 1]), start + T + 1)
-        window = self.split.tokens(start, end)
+        window = self.split.document(i, T + 1)
         inputs = np.full(T, self.split.pad_id, dtype=np.int64)
         targets = np.full(T, IGNORE, dtype=np.int64)
         inputs[: len(window) - 1], targets[: len(window) - 1] = window[:-1], window[1:]
@@ -139,13 +208,74 @@ class Sequences:
     def scored_tokens(self, i: int) -> int:
         if self.mode == "packed":
             return self.seq_len
-        doc = int(self.documents[i])
-        return min(int(self.split.doc_offsets[doc + 1] - self.split.doc_offsets[doc]) - 1, self.seq_len)
+        return min(self.split.document_length(i) - 1, self.seq_len)
 
 
 def _stack(sequences: Sequences, indices) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [sequences[int(i)] for i in indices]
     return (torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+
+# --- the order of an epoch -------------------------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """SplitMix64's output function on a Python int: well-spread 64-bit keys from small seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A seeded pseudo-random permutation of range(n), evaluated per position in O(1) memory.
+
+    A balanced Feistel network on 2h bits (the fewest covering n) is a bijection of [0, 4^h)
+    whatever its round function. A position it sends to n or beyond is sent again (cycle walking)
+    until it lands below n, which makes it a bijection of range(n); 4^h < 4n, so that takes fewer
+    than four tries on average. All arithmetic is on uint64, so the order is the same everywhere."""
+
+    ROUNDS = 6
+    FMIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))  # MurmurHash3's finaliser
+
+    def __init__(self, n: int, *key: int):
+        self.n = n
+        self.half_bits = np.uint64(max(1, ((n - 1).bit_length() + 1) // 2))
+        self.mask = np.uint64((1 << int(self.half_bits)) - 1)
+        state = 0
+        for k in key:
+            state = mix64(state ^ (k & MASK64))
+        self.round_keys = [np.uint64(mix64(state + r)) for r in range(self.ROUNDS)]
+
+    def _round(self, half: np.ndarray, key: np.uint64) -> np.ndarray:
+        shift = np.uint64(33)
+        x = half ^ key
+        x ^= x >> shift
+        x *= self.FMIX[0]
+        x ^= x >> shift
+        x *= self.FMIX[1]
+        x ^= x >> shift
+        return x & self.mask
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half_bits, x & self.mask
+        for key in self.round_keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half_bits) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        """The sequence ids at these positions of the order (int64)."""
+        positions = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+            raise IndexError(f"positions must lie in [0, {self.n})")
+        ids = self._feistel(positions.astype(np.uint64))
+        outside = ids >= np.uint64(self.n)
+        while outside.any():
+            ids[outside] = self._feistel(ids[outside])
+            outside = ids >= np.uint64(self.n)
+        return ids.astype(np.int64)
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -156,6 +286,8 @@ class DataExhausted(RuntimeError):
 
 class TrainLoader:
     """An endless iterator of this rank's micro-batches (inputs, targets), resumable exactly."""
+
+    ORDER = "feistel-6"  # saved with the state: a state from another ordering cannot continue exactly
 
     def __init__(self, path, seq_len: int, mode: str, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, allow_repetition: bool = False):
@@ -173,7 +305,6 @@ class TrainLoader:
             raise ValueError(f"the prepared train split holds {len(self.sequences)} sequences, fewer than one "
                              f"global batch of {global_batch}")
         self.epoch, self.step, self.micro = 0, 0, 0
-        self._order = None
 
     @property
     def total_tokens(self) -> int:
@@ -184,11 +315,8 @@ class TrainLoader:
     def sequences_per_epoch(self) -> int:
         return self.steps_per_epoch * self.global_batch
 
-    def order(self) -> np.ndarray:
-        if self._order is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(len(self.sequences)).astype(np.int64)
-        return self._order
+    def order(self) -> Permutation:
+        return Permutation(len(self.sequences), self.seed, self.epoch)
 
     def __iter__(self):
         return self
@@ -198,9 +326,9 @@ class TrainLoader:
             if not self.allow_repetition:
                 raise DataExhausted(f"the train split is exhausted after {self.steps_per_epoch} steps; set "
                                     f"train.allow_repetition true to start another epoch")
-            self.epoch, self.step, self._order = self.epoch + 1, 0, None
+            self.epoch, self.step = self.epoch + 1, 0
         start = self.step * self.global_batch + self.rank * self.per_rank + self.micro * self.micro_batch
-        batch = _stack(self.sequences, self.order()[start: start + self.micro_batch])
+        batch = _stack(self.sequences, self.order()(np.arange(start, start + self.micro_batch)))
         self.micro += 1
         if self.micro == self.micro_per_step:
             self.step, self.micro = self.step + 1, 0
@@ -208,18 +336,23 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
-                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences)}
+                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences),
+                "order": self.ORDER}
 
     def load_state_dict(self, state: dict) -> None:
         if state["sequences"] != len(self.sequences) or state["seed"] != self.seed:
             raise ValueError("the loader state belongs to other data or another data seed")
+        if state.get("order") != self.ORDER:
+            raise ValueError(f"the loader state was saved by a loader with another sequence order "
+                             f"({state.get('order', 'a full permutation in memory')}, not {self.ORDER}); it "
+                             f"cannot be continued exactly")
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"the loader state was saved with global batch {state['global_batch']}, "
                              f"not {self.global_batch}")
         if state["micro"] and state.get("world_size", self.world_size) != self.world_size:  # a micro-batch index means per-rank data
             raise ValueError(f"the loader state was saved mid-step on {state['world_size']} ranks; it resumes on "
                              f"another number of ranks only at a step boundary")
-        self.epoch, self.step, self.micro, self._order = state["epoch"], state["step"], state["micro"], None
+        self.epoch, self.step, self.micro = state["epoch"], state["step"], state["micro"]
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -296,13 +429,9 @@ def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_t
     train = Split(path, "train")
     vocab = read_manifest(path)["tokenizer"]["vocab_size"]
     counts = np.zeros(vocab, dtype=np.float64)
-    remaining = max_train_tokens
-    for _, shard in train.shards:
-        take = shard[: min(len(shard), remaining)]
-        counts += np.bincount(np.asarray(take, dtype=np.int64), minlength=vocab)[:vocab]
-        remaining -= len(take)
-        if remaining <= 0:
-            break
+    end, chunk = min(train.n_tokens, max_train_tokens), 1 << 22
+    for start in range(0, end, chunk):
+        counts += np.bincount(train.tokens(start, min(end, start + chunk)), minlength=vocab)[:vocab]
     log_prob = np.log((counts + 1.0) / (counts.sum() + vocab))
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
     nll, scored = 0.0, 0
