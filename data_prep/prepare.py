@@ -28,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -43,6 +44,7 @@ from data_prep.readers import SKIP_REASONS, is_text_file, iter_documents, split_
 FORMAT_VERSION = 2  # 2: files cut into parts; skipped records per split
 BATCH_DOCUMENTS = 512
 INPUT_SUFFIXES = (".json.gz", ".jsonl", ".jsonl.gz", ".json", ".txt", ".txt.gz")
+PART_SUFFIX = re.compile(r"\.part\d+-of-\d+$")
 OUTPUT_SUFFIXES = (".bin", ".bin.tmp", ".idx.npy", ".idx.tmp.npy", ".json", ".json.tmp")
 
 
@@ -283,10 +285,12 @@ def earlier_shards(output: Path, tok, inputs: list[Path]) -> list[dict]:
     kept, gone = [], []
     for split, entry in splits.items():
         for name in entry["shards"]:
+            if (split, PART_SUFFIX.sub("", name)) in rerun:
+                continue
             meta = _complete_shard(output / split, name, tok.hash)
             if meta is None:
                 gone.append(f"{split}/{name}")
-            elif (split, shard_name(Path(meta["input"]["path"]))) not in rerun:
+            else:
                 kept.append(meta)
     if gone:
         print(f"warning: dropping from {manifest_path} {len(gone)} listed shard(s) whose files are missing or "

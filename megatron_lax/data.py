@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import re
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,6 @@ IGNORE = -100
 # step counts at 512 x 256 tokens a step.)
 PAPER_STEPS = {512: 10_000, 768: 20_000, 1024: 60_000, 2048: 100_000}
 PAPER_TOKENS_PER_STEP = 512 * 256
-# Memory maps kept open per kind of file (tokens, offsets). Each holds a file descriptor, and C4 has
-# 1024 train shards, more than a common open-file limit; a map reopened later costs ~0.1 ms.
-OPEN_SHARDS = 128
 
 
 # --- preparation and the manifest ------------------------------------------------------------------
@@ -90,30 +88,29 @@ def model_vocab_size(manifest: dict, configured: int) -> int:
 
 # --- reading a split ---------------------------------------------------------------------------------
 
-# The stamp (inode, mtime, size) in each key keeps a file replaced by a new preparation from being
-# served out of a map of the old one. Plain ndarray views of the maps slice several times faster
-# than np.memmap objects; they keep their map open.
-@functools.lru_cache(maxsize=OPEN_SHARDS)
-def _mapped_tokens(path: str, stamp: tuple, dtype: str) -> np.ndarray:
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r"))
+def _map_tokens(paths: list[str], dtype: str, shard: int) -> np.ndarray:
+    # a plain ndarray view slices several times faster than an np.memmap, and keeps the map open
+    return np.asarray(np.memmap(paths[shard], dtype=dtype, mode="r"))
 
 
-@functools.lru_cache(maxsize=OPEN_SHARDS)
-def _mapped_offsets(path: str, stamp: tuple) -> np.ndarray:
-    return np.asarray(np.load(path, mmap_mode="r"))
+def _map_offsets(paths: list[str], shard: int) -> np.ndarray:
+    return np.asarray(np.load(paths[shard], mmap_mode="r"))
 
 
-def _stamp(path: Path) -> tuple:
-    stat = path.stat()
-    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+def shards_kept_mapped(n_shards: int) -> int:
+    """Every shard stays mapped when the open-file limit allows (a map holds a file descriptor, and a
+    shard has two files); else the most recently used that fit in a quarter of the limit. Remapping
+    a shard costs ~0.1 ms, too much to do for every sequence."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return n_shards if soft == resource.RLIM_INFINITY else max(8, min(n_shards, soft // 8))
 
 
-def _shard_files(directory: Path, name: str, itemsize: int) -> tuple[tuple, tuple, int, int]:
-    """(tokens file, offsets file, tokens, documents) of one prepared shard, each file as (path,
-    stamp); the two files are checked against each other without reading the shard."""
+def _shard_size(directory: Path, name: str, itemsize: int) -> tuple[int, int]:
+    """(tokens, documents) of one prepared shard, its two files checked against each other without
+    reading them."""
     bin_path, idx_path = directory / f"{name}.bin", directory / f"{name}.idx.npy"
     try:
-        bin_file, idx_file = (str(bin_path), _stamp(bin_path)), (str(idx_path), _stamp(idx_path))
+        size = bin_path.stat().st_size
         offsets = np.load(idx_path, mmap_mode="r")
         documents, end = len(offsets) - 1, int(offsets[-1])
     except FileNotFoundError as e:
@@ -122,11 +119,10 @@ def _shard_files(directory: Path, name: str, itemsize: int) -> tuple[tuple, tupl
     except (ValueError, OSError, IndexError, TypeError) as e:
         raise ValueError(f"{idx_path}: not a document index ({e}); delete the shard and run data_prep.prepare "
                          f"again") from None
-    size = bin_file[1][2]
     if size % itemsize or end != size // itemsize:
         raise ValueError(f"{bin_path}: {size} bytes, but its index ends at token {end}; the shard is damaged "
                          f"(delete it and run data_prep.prepare again)")
-    return bin_file, idx_file, size // itemsize, documents
+    return size // itemsize, documents
 
 
 class Split:
@@ -138,22 +134,21 @@ class Split:
         if split not in manifest["splits"]:
             raise ValueError(f"{path}: the prepared data has no {split} split")
         dtype = np.dtype(manifest["dtype"])
-        self.dtype = dtype.name
         self.eos_id, self.pad_id = manifest["tokenizer"]["eos_id"], max(manifest["tokenizer"]["pad_id"], 0)
-        self._token_files, self._offset_files, tokens, documents = [], [], [0], [0]
+        directory, token_paths, offset_paths, tokens, documents = Path(path) / split, [], [], [0], [0]
         for name in manifest["splits"][split]["shards"]:
-            bin_file, idx_file, n_tokens, n_documents = _shard_files(Path(path) / split, name, dtype.itemsize)
+            n_tokens, n_documents = _shard_size(directory, name, dtype.itemsize)
             if n_tokens:
-                self._token_files.append(bin_file)
-                self._offset_files.append(idx_file)
+                token_paths.append(str(directory / f"{name}.bin"))
+                offset_paths.append(str(directory / f"{name}.idx.npy"))
                 tokens.append(n_tokens)
                 documents.append(n_documents)
         self.token_starts = np.cumsum(tokens, dtype=np.int64)
         self.document_starts = np.cumsum(documents, dtype=np.int64)
         self.n_tokens, self.n_documents = int(self.token_starts[-1]), int(self.document_starts[-1])
-
-    def _tokens_of(self, shard: int) -> np.ndarray:
-        return _mapped_tokens(*self._token_files[shard], self.dtype)
+        cached = functools.lru_cache(maxsize=shards_kept_mapped(len(token_paths)))
+        self._tokens_of = cached(functools.partial(_map_tokens, token_paths, dtype.name))
+        self._offsets_of = cached(functools.partial(_map_offsets, offset_paths))
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the stream, across shard boundaries."""
@@ -170,7 +165,7 @@ class Split:
     def _document_span(self, doc: int) -> tuple[int, int, int]:
         """(shard, first token, end token) of a document, within its shard: documents never cross shards."""
         shard = int(np.searchsorted(self.document_starts, doc, side="right")) - 1
-        offsets = _mapped_offsets(*self._offset_files[shard])
+        offsets = self._offsets_of(shard)
         local = doc - int(self.document_starts[shard])
         return shard, int(offsets[local]), int(offsets[local + 1])
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from data_prep.prepare import prepare, write_manifest, write_shard
+from megatron_lax import data
 from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data import (IGNORE, DataExhausted, Permutation, Sequences, Split, TrainLoader, ensure_prepared,
                                model_vocab_size, resolve_steps, unigram_perplexity, validation_batches)
@@ -182,6 +183,17 @@ def test_a_document_without_targets_is_masked_and_empty_shards_are_skipped(tmp_p
     assert [a.tolist() for a in paper[2]] == [[7, pad, pad], [eos, IGNORE, IGNORE]]  # after the empty shard
     packed = Sequences(Split(path, "train"), 2, "packed")  # the stream 5 6 1 1 7 1
     assert [[a.tolist() for a in packed[i]] for i in range(len(packed))] == [[[5, 6], [6, eos]], [[eos, eos], [eos, 7]]]
+
+
+def test_reads_are_the_same_when_few_shards_stay_mapped(tmp_path, monkeypatch):
+    documents = [[[3 * k + 2, 3 * k + 3, 1], [3 * k + 4, 1]] for k in range(5)]
+    path = write_prepared(tmp_path, {"train": documents})
+    everything = Split(path, "train")
+    monkeypatch.setattr(data, "shards_kept_mapped", lambda n: 1)  # as under a low open-file limit
+    one_at_a_time = Split(path, "train")
+    picks = np.random.default_rng(0).integers(0, 10, 50)
+    assert [everything.document(d, 3).tolist() for d in picks] == [one_at_a_time.document(d, 3).tolist() for d in picks]
+    assert everything.tokens(0, 25).tolist() == one_at_a_time.tokens(0, 25).tolist() == sum(sum(documents, []), [])
 
 
 def test_a_damaged_shard_is_named_in_a_one_line_error(tmp_path):
