@@ -229,24 +229,25 @@ def mix64(x: int) -> int:
 class Permutation:
     """A seeded pseudo-random permutation of range(n), evaluated per position in O(1) memory.
 
-    A balanced Feistel network on 2h bits (the fewest covering n) is a bijection of [0, 4^h)
-    whatever its round function. A position it sends to n or beyond is sent again (cycle walking)
-    until it lands below n, which makes it a bijection of range(n); 4^h < 4n, so that takes fewer
-    than four tries on average. All arithmetic is on uint64, so the order is the same everywhere."""
+    A Feistel network on the b bits of n - 1 (the two halves of floor(b/2) and ceil(b/2) bits swap
+    widths every round; an even number of rounds restores them) is a bijection of [0, 2^b) whatever
+    its round function. A position it sends to n or beyond is sent again (cycle walking) until it
+    lands below n, which makes it a bijection of range(n); 2^b < 2n, so that takes fewer than two
+    tries on average. All arithmetic is on uint64, so the order is the same everywhere."""
 
-    ROUNDS = 6
+    ROUNDS = 6  # even
     FMIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))  # MurmurHash3's finaliser
 
     def __init__(self, n: int, *key: int):
         self.n = n
-        self.half_bits = np.uint64(max(1, ((n - 1).bit_length() + 1) // 2))
-        self.mask = np.uint64((1 << int(self.half_bits)) - 1)
+        bits = max(2, (n - 1).bit_length())
+        self.widths = (bits // 2, bits - bits // 2)  # of the high and the low part
         state = 0
         for k in key:
             state = mix64(state ^ (k & MASK64))
         self.round_keys = [np.uint64(mix64(state + r)) for r in range(self.ROUNDS)]
 
-    def _round(self, half: np.ndarray, key: np.uint64) -> np.ndarray:
+    def _round(self, half: np.ndarray, key: np.uint64, width: int) -> np.ndarray:
         shift = np.uint64(33)
         x = half ^ key
         x ^= x >> shift
@@ -254,13 +255,15 @@ class Permutation:
         x ^= x >> shift
         x *= self.FMIX[1]
         x ^= x >> shift
-        return x & self.mask
+        return x & np.uint64((1 << width) - 1)
 
     def _feistel(self, x: np.ndarray) -> np.ndarray:
-        left, right = x >> self.half_bits, x & self.mask
-        for key in self.round_keys:
-            left, right = right, left ^ self._round(right, key)
-        return (left << self.half_bits) | right
+        high, low = self.widths
+        left, right = x >> np.uint64(low), x & np.uint64((1 << low) - 1)
+        for key in self.round_keys:  # (left: high bits, right: low bits) -> (right, left ^ F(right))
+            left, right = right, left ^ self._round(right, key, high)
+            high, low = low, high
+        return (left << np.uint64(low)) | right
 
     def __call__(self, positions) -> np.ndarray:
         """The sequence ids at these positions of the order (int64)."""

@@ -72,6 +72,7 @@ def test_the_order_looks_shuffled():
         assert len({tuple(Permutation(k, seed, 0)(np.arange(k))) for seed in range(500)}) == orderings
     # The order is what a saved loader state means: the same on every platform and in every version.
     assert Permutation(1000, 7, 0)(np.arange(8)).tolist() == [781, 852, 104, 625, 191, 797, 862, 378]
+    assert Permutation(5000, 7, 0)(np.arange(6)).tolist() == [1315, 705, 2794, 1197, 4122, 2028]  # odd bit count
 
 
 def test_resume_from_state_continues_the_same_stream(prepared_sample):
