@@ -117,7 +117,8 @@ def test_more_inputs_or_another_split_extend_the_manifest(tmp_path, capsys):
     assert manifest["splits"]["train"]["shards"] == ["a-train", "c-train"]
     assert manifest["splits"]["validation"]["shards"] == ["b-validation"]
     assert (manifest["splits"]["train"]["documents"], manifest["splits"]["validation"]["documents"]) == (5, 1)
-    assert sorted(Path(i["path"]).name for i in manifest["inputs"]) == ["a-train.jsonl", "b-validation.jsonl", "c-train.jsonl"]
+    inputs = sorted(Path(i["path"]).name for i in manifest["inputs"])
+    assert inputs == ["a-train.jsonl", "b-validation.jsonl", "c-train.jsonl"]
     assert all(p.read_bytes() == data for p, data in first.items()) and Split(out, "train").n_documents == 5
     assert prepare([raw / "a-train.jsonl"], TOKENIZER, out, progress=False) == manifest  # a re-run keeps the rest
     (out / "train" / "c-train.bin").unlink()  # a listed shard lost: dropped, said so

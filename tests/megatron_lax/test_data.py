@@ -217,7 +217,8 @@ def test_parts_without_records_and_a_fully_damaged_file_are_skipped(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
     words = " ".join(f"word{i}" for i in range(60))
-    (raw / "c4-train.00000-of-00002.jsonl").write_text("".join(json.dumps({"text": f"{k} {words}"}) + "\n" for k in range(2)))
+    two_lines = "".join(json.dumps({"text": f"{k} {words}"}) + "\n" for k in range(2))
+    (raw / "c4-train.00000-of-00002.jsonl").write_text(two_lines)
     (raw / "c4-train.00001-of-00002.json.gz").write_bytes(gzip.compress(b"x" * 1000)[:20] + b"\xff" * 100)
     (raw / "c4-validation.00000-of-00001.jsonl").write_text(json.dumps({"text": words}) + "\n")
     out = tmp_path / "out"
@@ -231,7 +232,8 @@ def test_parts_without_records_and_a_fully_damaged_file_are_skipped(tmp_path):
     assert sorted(rows(next(paper))) == sorted(tuple(doc[:16]) for doc in documents)
     packed = TrainLoader(out, 16, "packed", 2, 1)
     assert len(take(packed, 2 * packed.steps_per_epoch)) == 2 * packed.steps_per_epoch
-    assert [len(validation_batches(out, 16, 4, 100, mode)) for mode in ("packed", "paper")] == [2, 1]  # 7 windows; 1 document
+    batches = [len(validation_batches(out, 16, 4, 100, mode)) for mode in ("packed", "paper")]
+    assert batches == [2, 1]  # 7 windows of 16; 1 document
     assert unigram_perplexity(out, 16, "paper", 100) > 1
 
 
