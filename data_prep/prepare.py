@@ -4,6 +4,8 @@
     python -m data_prep.prepare --input allenai/c4 --hub-config en --tokenizer t5-base --output DIR
 
 DIR/<split>/<shard>.bin        flat token array (uint16 when the vocabulary fits, else uint32), each document + EOS
+                               (a document always has a token besides EOS: text that tokenizes to nothing is
+                               skipped, counted as no_tokens)
 DIR/<split>/<shard>.idx.npy    int64 document offsets into the .bin (n_documents + 1 entries)
 DIR/<split>/<shard>.json       the shard's counts; written last, so its presence means the shard is complete
 DIR/manifest.json              tokenizer (hash, vocabulary, ids), inputs with sizes, documents, tokens,
@@ -12,6 +14,8 @@ DIR/manifest.json              tokenizer (hash, vocabulary, ids), inputs with si
 One process per input file; with fewer files than workers, each JSON-lines file is cut into contiguous
 parts (<shard>.partKKKK-of-NNNN), so every worker has work and the documents keep their order. A re-run
 skips files already complete for the same input and tokenizer, whatever parts they were cut into.
+Preparing more files, or another split, into an existing DIR adds them to its manifest (with the
+same tokenizer only).
 Bad records are skipped and counted; a shard is written under a temporary name and renamed when done.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -39,6 +44,7 @@ from data_prep.readers import SKIP_REASONS, is_text_file, iter_documents, split_
 FORMAT_VERSION = 2  # 2: files cut into parts; skipped records per split
 BATCH_DOCUMENTS = 512
 INPUT_SUFFIXES = (".json.gz", ".jsonl", ".jsonl.gz", ".json", ".txt", ".txt.gz")
+PART_SUFFIX = re.compile(r"\.part\d+-of-\d+$")
 OUTPUT_SUFFIXES = (".bin", ".bin.tmp", ".idx.npy", ".idx.tmp.npy", ".json", ".json.tmp")
 
 
@@ -144,12 +150,13 @@ def tokenize_file(task: tuple[str, str, tuple[int, int]]) -> dict:
     tok = _worker_tokenizer
     dtype = token_dtype(tok.vocab_size)
     name = shard_name(path, part)
-    tmp_bin = out_dir / f"{name}.bin.tmp"
     skipped: Counter = Counter()
     offsets, n_tokens = [0], 0
-    with open(tmp_bin, "wb") as out:
+    with open(out_dir / f"{name}.bin.tmp", "wb") as out:
         for batch in document_batches(path, part, skipped):
             encoded = tok.encode_batch(batch)
+            skipped.update("no_tokens" for ids in encoded if not ids)  # e.g. only zero-width characters
+            encoded = [ids for ids in encoded if ids]
             batch_tokens = 0
             for ids in encoded:
                 ids.append(tok.eos_id)
@@ -159,14 +166,31 @@ def tokenize_file(task: tuple[str, str, tuple[int, int]]) -> dict:
             out.write(np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=batch_tokens).tobytes())
             if _worker_progress is not None:
                 _worker_progress.put((len(batch), batch_tokens))
-    np.save(out_dir / f"{name}.idx.tmp.npy", np.asarray(offsets, dtype=np.int64))
+    return finish_shard(out_dir, name, np.asarray(offsets, dtype=np.int64), source=input_record(path), part=part,
+                        skipped=skipped, tokenizer_hash=tok.hash, dtype=dtype)
+
+
+def finish_shard(out_dir: Path, name: str, offsets: np.ndarray, *, source: dict, part: tuple[int, int],
+                 skipped: Counter, tokenizer_hash: str, dtype) -> dict:
+    """Publishes a shard whose tokens are written to <name>.bin.tmp: its document offsets, then its
+    tokens, then its metadata (returned), whose presence means the shard is complete."""
+    np.save(out_dir / f"{name}.idx.tmp.npy", offsets)
     os.replace(out_dir / f"{name}.idx.tmp.npy", out_dir / f"{name}.idx.npy")
-    os.replace(tmp_bin, out_dir / f"{name}.bin")
-    meta = {"format_version": FORMAT_VERSION, "input": input_record(path), "split": out_dir.name, "shard": name,
-            "part": list(part), "documents": len(offsets) - 1, "tokens": n_tokens, "skipped": dict(skipped),
-            "tokenizer_hash": tok.hash, "dtype": np.dtype(dtype).name}
+    os.replace(out_dir / f"{name}.bin.tmp", out_dir / f"{name}.bin")
+    meta = {"format_version": FORMAT_VERSION, "input": source, "split": out_dir.name, "shard": name,
+            "part": list(part), "documents": len(offsets) - 1, "tokens": int(offsets[-1]), "skipped": dict(skipped),
+            "tokenizer_hash": tokenizer_hash, "dtype": np.dtype(dtype).name}
     _atomic_json(out_dir / f"{name}.json", meta)
     return meta
+
+
+def write_shard(out_dir: Path, name: str, tokens: np.ndarray, offsets: np.ndarray, source: dict,
+                tokenizer_hash: str) -> dict:
+    """Writes already tokenized documents (tokens in the data's dtype, int64 document offsets) as one
+    shard, exactly as tokenize_file does; for synthetic data sets."""
+    tokens.tofile(out_dir / f"{name}.bin.tmp")
+    return finish_shard(out_dir, name, offsets, source=source, part=(0, 1), skipped=Counter(),
+                        tokenizer_hash=tokenizer_hash, dtype=tokens.dtype)
 
 
 # --- the job -------------------------------------------------------------------------------------
@@ -221,6 +245,7 @@ def prepare(inputs: list[Path], tokenizer_spec: str, output: Path, workers: int 
         raise FileNotFoundError("no input files matched")
     tok = load_tokenizer(tokenizer_spec)
     output.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_shards(output, tok, inputs)
     done, todo = [], []
     for path in inputs:
         out_dir = output / split_of(path)
@@ -232,12 +257,57 @@ def prepare(inputs: list[Path], tokenizer_spec: str, output: Path, workers: int 
             todo.append((path, out_dir))
     if todo:
         done += _run_tasks(split_into_parts(todo, workers), tokenizer_spec, workers, progress)
-    manifest = write_manifest(output, tok, done)
+    manifest = write_manifest(output, tok, earlier + done)
     skipped = ", ".join(f"{k} {v}" for k, v in manifest["skipped"].items() if v) or "none"
     totals = "; ".join(f"{s} {v['documents']:,} documents, {v['tokens']:,} tokens" for s, v in manifest["splits"].items())
     print(f"prepared {output}: {totals}; {len(inputs) - len(todo)} of {len(inputs)} inputs already done; "
           f"skipped records: {skipped}", file=sys.stderr)
     return manifest
+
+
+def earlier_shards(output: Path, tok, inputs: list[Path]) -> list[dict]:
+    """The shards that output/manifest.json lists for files other than `inputs`, so that preparing
+    more files, or another split, extends the manifest. Refuses a directory prepared with another
+    tokenizer; a listed shard whose files are gone is dropped, with a warning."""
+    manifest_path = output / "manifest.json"
+    if not manifest_path.is_file():
+        return []
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        theirs, splits = manifest["tokenizer"], manifest["splits"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{manifest_path}: not a manifest ({type(e).__name__}: {e}); delete it and prepare all "
+                         f"the inputs again (finished shards are reused)") from None
+    if theirs["hash"] != tok.hash:
+        raise ValueError(f"{output} holds data prepared with tokenizer {theirs['name']} (hash {theirs['hash']}), "
+                         f"not {tok.name} (hash {tok.hash}); prepare into another directory")
+    rerun = {(split_of(path), shard_name(path)) for path in inputs}
+    kept, gone = [], []
+    for split, entry in splits.items():
+        for name in entry["shards"]:
+            if (split, PART_SUFFIX.sub("", name)) in rerun:
+                continue
+            meta = _complete_shard(output / split, name, tok.hash)
+            if meta is None:
+                gone.append(f"{split}/{name}")
+            else:
+                kept.append(meta)
+    if gone:
+        print(f"warning: dropping from {manifest_path} {len(gone)} listed shard(s) whose files are missing or "
+              f"incomplete: {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}", file=sys.stderr)
+    return kept
+
+
+def _complete_shard(out_dir: Path, name: str, tokenizer_hash: str) -> dict | None:
+    """A shard's metadata when its files are all there and it belongs to this tokenizer."""
+    try:
+        meta = json.loads((out_dir / f"{name}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    files_there = all((out_dir / f"{name}{suffix}").is_file() for suffix in (".bin", ".idx.npy"))
+    if not files_there or meta.get("format_version") != FORMAT_VERSION or meta.get("tokenizer_hash") != tokenizer_hash:
+        return None
+    return meta
 
 
 def split_into_parts(todo: list[tuple[Path, Path]], workers: int) -> list[tuple[str, str, tuple[int, int]]]:

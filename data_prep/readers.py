@@ -10,7 +10,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-SKIP_REASONS = ("truncated_file", "bad_json", "no_text", "invalid_utf8", "empty")
+# no_tokens: text that the tokenizer turns into nothing (counted by data_prep.prepare)
+SKIP_REASONS = ("truncated_file", "bad_json", "no_text", "invalid_utf8", "empty", "no_tokens")
 
 
 def _gzip_chunks(path: Path, skipped: Counter, chunk_size: int = 1 << 20) -> Iterator[bytes]:

@@ -6,16 +6,22 @@ Two ways to cut documents into sequences of `seq_len` inputs (+1 token for the s
 - paper: one document per sequence, truncated and padded; padding is not scored (targets -100).
   This is the GaLore/CoLA protocol, so perplexities compare with the paper's tables.
 
-Sequence order is a seeded permutation per epoch. Optimizer step s uses the global batch
-order[s*G : (s+1)*G]; rank r takes the r-th contiguous slice of G / world_size, in micro-batches.
-So the data of a step does not depend on how many ranks share it, and the loader's state is just
-(epoch, step, micro-batch): resume is exact, even onto a different number of ranks at a step boundary.
+Sequence order is a seeded pseudo-random permutation per epoch, computed per position (no array of
+the epoch's order is ever built). Optimizer step s uses the global positions [s*G, (s+1)*G) of it;
+rank r takes the r-th contiguous slice of G / world_size, in micro-batches. So the data of a step
+does not depend on how many ranks share it, and the loader's state is just (epoch, step,
+micro-batch): resume is exact, even onto a different number of ranks at a step boundary.
+
+Memory per rank does not grow with the number of documents: tokens and document offsets stay in
+memory-mapped files, and only a few numbers per shard are held in RAM.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +48,11 @@ def read_manifest(path) -> dict:
 
 
 def ensure_prepared(data_cfg) -> Path:
-    """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there."""
+    """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there,
+    and refuses prepared data that another tokenizer wrote."""
     path = Path(data_cfg.path)
     if (path / "manifest.json").is_file():
+        check_tokenizer(read_manifest(path), data_cfg.tokenizer, path)
         return path
     if not data_cfg.raw:
         raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
@@ -54,6 +62,16 @@ def ensure_prepared(data_cfg) -> Path:
         raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
     prepare(inputs, data_cfg.tokenizer, path, data_cfg.workers, progress=False)
     return path
+
+
+def check_tokenizer(manifest: dict, tokenizer_spec: str, path) -> None:
+    """Token ids mean nothing under another tokenizer: compare content hashes, not names."""
+    from tokenizer import load_tokenizer
+    prepared, wanted = manifest["tokenizer"], load_tokenizer(tokenizer_spec)
+    if prepared["hash"] != wanted.hash:
+        raise ValueError(f"{path} was prepared with tokenizer {prepared['name']} (hash {prepared['hash']}) but "
+                         f"data.tokenizer is {tokenizer_spec} (hash {wanted.hash}); set data.tokenizer to the "
+                         f"tokenizer the data was prepared with, or prepare it again")
 
 
 def model_vocab_size(manifest: dict, configured: int) -> int:
@@ -70,8 +88,46 @@ def model_vocab_size(manifest: dict, configured: int) -> int:
 
 # --- reading a split ---------------------------------------------------------------------------------
 
+def _map_tokens(paths: list[str], dtype: str, shard: int) -> np.ndarray:
+    # a plain ndarray view slices several times faster than an np.memmap, and keeps the map open
+    return np.asarray(np.memmap(paths[shard], dtype=dtype, mode="r"))
+
+
+def _map_offsets(paths: list[str], shard: int) -> np.ndarray:
+    return np.asarray(np.load(paths[shard], mmap_mode="r"))
+
+
+def shards_kept_mapped(n_shards: int) -> int:
+    """Every shard stays mapped when the open-file limit allows (a map holds a file descriptor, and a
+    shard has two files); else the most recently used that fit in a quarter of the limit. Remapping
+    a shard costs ~0.1 ms, too much to do for every sequence."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return n_shards if soft == resource.RLIM_INFINITY else max(8, min(n_shards, soft // 8))
+
+
+def _shard_size(directory: Path, name: str, itemsize: int) -> tuple[int, int]:
+    """(tokens, documents) of one prepared shard, its two files checked against each other without
+    reading them."""
+    bin_path, idx_path = directory / f"{name}.bin", directory / f"{name}.idx.npy"
+    try:
+        size = bin_path.stat().st_size
+        offsets = np.load(idx_path, mmap_mode="r")
+        documents, end = len(offsets) - 1, int(offsets[-1])
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e.filename}: missing; the prepared data is incomplete (run data_prep.prepare "
+                                f"again)") from None
+    except (ValueError, OSError, IndexError, TypeError) as e:
+        raise ValueError(f"{idx_path}: not a document index ({e}); delete the shard and run data_prep.prepare "
+                         f"again") from None
+    if size % itemsize or end != size // itemsize:
+        raise ValueError(f"{bin_path}: {size} bytes, but its index ends at token {end}; the shard is damaged "
+                         f"(delete it and run data_prep.prepare again)")
+    return size // itemsize, documents
+
+
 class Split:
-    """The shards of one split as one token stream with document offsets."""
+    """The shards of one split as one token stream of documents. RAM holds only where each shard
+    starts (in tokens and in documents); shards without tokens are left out."""
 
     def __init__(self, path, split: str):
         manifest = read_manifest(path)
@@ -79,45 +135,58 @@ class Split:
             raise ValueError(f"{path}: the prepared data has no {split} split")
         dtype = np.dtype(manifest["dtype"])
         self.eos_id, self.pad_id = manifest["tokenizer"]["eos_id"], max(manifest["tokenizer"]["pad_id"], 0)
-        self.shards, self.doc_offsets, base = [], [np.zeros(1, dtype=np.int64)], 0
+        directory, token_paths, offset_paths, tokens, documents = Path(path) / split, [], [], [0], [0]
         for name in manifest["splits"][split]["shards"]:
-            tokens = np.memmap(Path(path) / split / f"{name}.bin", dtype=dtype, mode="r")
-            offsets = np.load(Path(path) / split / f"{name}.idx.npy")
-            self.shards.append((base, tokens))
-            self.doc_offsets.append(offsets[1:] + base)
-            base += len(tokens)
-        self.doc_offsets = np.concatenate(self.doc_offsets)
-        self.n_tokens = base
-        self._starts = np.array([start for start, _ in self.shards] + [base], dtype=np.int64)
+            n_tokens, n_documents = _shard_size(directory, name, dtype.itemsize)
+            if n_tokens:
+                token_paths.append(str(directory / f"{name}.bin"))
+                offset_paths.append(str(directory / f"{name}.idx.npy"))
+                tokens.append(n_tokens)
+                documents.append(n_documents)
+        self.token_starts = np.cumsum(tokens, dtype=np.int64)
+        self.document_starts = np.cumsum(documents, dtype=np.int64)
+        self.n_tokens, self.n_documents = int(self.token_starts[-1]), int(self.document_starts[-1])
+        cached = functools.lru_cache(maxsize=shards_kept_mapped(len(token_paths)))
+        self._tokens_of = cached(functools.partial(_map_tokens, token_paths, dtype.name))
+        self._offsets_of = cached(functools.partial(_map_offsets, offset_paths))
 
     def tokens(self, start: int, end: int) -> np.ndarray:
         """Tokens [start, end) of the stream, across shard boundaries."""
         pieces = []
-        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        i = int(np.searchsorted(self.token_starts, start, side="right")) - 1
         while start < end:
-            shard_start, shard = self.shards[i]
+            shard_start, shard = int(self.token_starts[i]), self._tokens_of(i)
             take = min(end, shard_start + len(shard)) - start
             pieces.append(shard[start - shard_start: start - shard_start + take])
             start += take
             i += 1
         return np.concatenate(pieces).astype(np.int64) if len(pieces) > 1 else pieces[0].astype(np.int64)
 
-    @property
-    def n_documents(self) -> int:
-        return len(self.doc_offsets) - 1
+    def _document_span(self, doc: int) -> tuple[int, int, int]:
+        """(shard, first token, end token) of a document, within its shard: documents never cross shards."""
+        shard = int(np.searchsorted(self.document_starts, doc, side="right")) - 1
+        offsets = self._offsets_of(shard)
+        local = doc - int(self.document_starts[shard])
+        return shard, int(offsets[local]), int(offsets[local + 1])
+
+    def document(self, doc: int, max_tokens: int) -> np.ndarray:
+        """The first max_tokens tokens of document `doc` (EOS included)."""
+        shard, start, end = self._document_span(doc)
+        return self._tokens_of(shard)[start: min(end, start + max_tokens)].astype(np.int64)
+
+    def document_length(self, doc: int) -> int:
+        _, start, end = self._document_span(doc)
+        return end - start
 
 
 class Sequences:
-    """Indexable sequences of one split in one mode; item i -> (inputs, targets) int64 arrays."""
+    """Indexable sequences of one split in one mode; item i -> (inputs, targets) int64 arrays.
+    In paper mode item i is document i; one without a scored target (just EOS, which
+    data_prep.prepare no longer writes) is a fully masked sequence."""
 
     def __init__(self, split: Split, seq_len: int, mode: str):
         self.split, self.seq_len, self.mode = split, seq_len, mode
-        if mode == "packed":
-            self.count = max(0, (split.n_tokens - 1) // seq_len)
-        else:  # documents of at least one scored target
-            lengths = np.diff(split.doc_offsets)
-            self.documents = np.nonzero(lengths >= 2)[0]
-            self.count = len(self.documents)
+        self.count = max(0, (split.n_tokens - 1) // seq_len) if mode == "packed" else split.n_documents
 
     def __len__(self):
         return self.count
@@ -127,10 +196,7 @@ class Sequences:
         if self.mode == "packed":
             window = self.split.tokens(i * T, i * T + T + 1)
             return window[:-1], window[1:]
-        doc = int(self.documents[i])
-        start = int(self.split.doc_offsets[doc])
-        end = min(int(self.split.doc_offsets[doc + 1]), start + T + 1)
-        window = self.split.tokens(start, end)
+        window = self.split.document(i, T + 1)
         inputs = np.full(T, self.split.pad_id, dtype=np.int64)
         targets = np.full(T, IGNORE, dtype=np.int64)
         inputs[: len(window) - 1], targets[: len(window) - 1] = window[:-1], window[1:]
@@ -139,13 +205,77 @@ class Sequences:
     def scored_tokens(self, i: int) -> int:
         if self.mode == "packed":
             return self.seq_len
-        doc = int(self.documents[i])
-        return min(int(self.split.doc_offsets[doc + 1] - self.split.doc_offsets[doc]) - 1, self.seq_len)
+        return min(self.split.document_length(i) - 1, self.seq_len)
 
 
 def _stack(sequences: Sequences, indices) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = [sequences[int(i)] for i in indices]
     return (torch.from_numpy(np.stack([p[0] for p in pairs])), torch.from_numpy(np.stack([p[1] for p in pairs])))
+
+
+# --- the order of an epoch -------------------------------------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def mix64(x: int) -> int:
+    """SplitMix64's output function on a Python int: well-spread 64-bit keys from small seeds."""
+    x = (x + 0x9E3779B97F4A7C15) & MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & MASK64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A seeded pseudo-random permutation of range(n), evaluated per position in O(1) memory.
+
+    A Feistel network on the b bits of n - 1 (the two halves of floor(b/2) and ceil(b/2) bits swap
+    widths every round; an even number of rounds restores them) is a bijection of [0, 2^b) whatever
+    its round function. A position it sends to n or beyond is sent again (cycle walking) until it
+    lands below n, which makes it a bijection of range(n); 2^b < 2n, so that takes fewer than two
+    tries on average. All arithmetic is on uint64, so the order is the same everywhere."""
+
+    ROUNDS = 6  # even
+    FMIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))  # MurmurHash3's finaliser
+
+    def __init__(self, n: int, *key: int):
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        self.widths = (bits // 2, bits - bits // 2)  # of the high and the low part
+        state = 0
+        for k in key:
+            state = mix64(state ^ (k & MASK64))
+        self.round_keys = [np.uint64(mix64(state + r)) for r in range(self.ROUNDS)]
+
+    def _round(self, half: np.ndarray, key: np.uint64, width: int) -> np.ndarray:
+        shift = np.uint64(33)
+        x = half ^ key
+        x ^= x >> shift
+        x *= self.FMIX[0]
+        x ^= x >> shift
+        x *= self.FMIX[1]
+        x ^= x >> shift
+        return x & np.uint64((1 << width) - 1)
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        high, low = self.widths
+        left, right = x >> np.uint64(low), x & np.uint64((1 << low) - 1)
+        for key in self.round_keys:  # (left: high bits, right: low bits) -> (right, left ^ F(right))
+            left, right = right, left ^ self._round(right, key, high)
+            high, low = low, high
+        return (left << np.uint64(low)) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        """The sequence ids at these positions of the order (int64)."""
+        positions = np.atleast_1d(np.asarray(positions, dtype=np.int64))
+        if positions.size and (positions.min() < 0 or positions.max() >= self.n):
+            raise IndexError(f"positions must lie in [0, {self.n})")
+        ids = self._feistel(positions.astype(np.uint64))
+        outside = ids >= np.uint64(self.n)
+        while outside.any():
+            ids[outside] = self._feistel(ids[outside])
+            outside = ids >= np.uint64(self.n)
+        return ids.astype(np.int64)
 
 
 # --- training ------------------------------------------------------------------------------------------
@@ -156,6 +286,8 @@ class DataExhausted(RuntimeError):
 
 class TrainLoader:
     """An endless iterator of this rank's micro-batches (inputs, targets), resumable exactly."""
+
+    ORDER = "feistel-6"  # saved with the state: a state from another ordering cannot continue exactly
 
     def __init__(self, path, seq_len: int, mode: str, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, allow_repetition: bool = False):
@@ -173,7 +305,7 @@ class TrainLoader:
             raise ValueError(f"the prepared train split holds {len(self.sequences)} sequences, fewer than one "
                              f"global batch of {global_batch}")
         self.epoch, self.step, self.micro = 0, 0, 0
-        self._order = None
+        self._step_ids = (None, None)  # ((epoch, step), this rank's sequence ids of that step)
 
     @property
     def total_tokens(self) -> int:
@@ -184,11 +316,16 @@ class TrainLoader:
     def sequences_per_epoch(self) -> int:
         return self.steps_per_epoch * self.global_batch
 
-    def order(self) -> np.ndarray:
-        if self._order is None:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            self._order = rng.permutation(len(self.sequences)).astype(np.int64)
-        return self._order
+    def order(self) -> Permutation:
+        return Permutation(len(self.sequences), self.seed, self.epoch)
+
+    def rank_ids(self) -> np.ndarray:
+        """This rank's sequence ids in the current step, computed once a step: numpy's per-call cost
+        dominates the permutation for a few positions."""
+        if self._step_ids[0] != (self.epoch, self.step):
+            start = self.step * self.global_batch + self.rank * self.per_rank
+            self._step_ids = ((self.epoch, self.step), self.order()(np.arange(start, start + self.per_rank)))
+        return self._step_ids[1]
 
     def __iter__(self):
         return self
@@ -198,9 +335,9 @@ class TrainLoader:
             if not self.allow_repetition:
                 raise DataExhausted(f"the train split is exhausted after {self.steps_per_epoch} steps; set "
                                     f"train.allow_repetition true to start another epoch")
-            self.epoch, self.step, self._order = self.epoch + 1, 0, None
-        start = self.step * self.global_batch + self.rank * self.per_rank + self.micro * self.micro_batch
-        batch = _stack(self.sequences, self.order()[start: start + self.micro_batch])
+            self.epoch, self.step = self.epoch + 1, 0
+        first = self.micro * self.micro_batch
+        batch = _stack(self.sequences, self.rank_ids()[first: first + self.micro_batch])
         self.micro += 1
         if self.micro == self.micro_per_step:
             self.step, self.micro = self.step + 1, 0
@@ -208,18 +345,23 @@ class TrainLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
-                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences)}
+                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences),
+                "order": self.ORDER}
 
     def load_state_dict(self, state: dict) -> None:
         if state["sequences"] != len(self.sequences) or state["seed"] != self.seed:
             raise ValueError("the loader state belongs to other data or another data seed")
+        if state.get("order") != self.ORDER:
+            raise ValueError(f"the loader state was saved by a loader with another sequence order "
+                             f"({state.get('order', 'a full permutation in memory')}, not {self.ORDER}); it "
+                             f"cannot be continued exactly")
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"the loader state was saved with global batch {state['global_batch']}, "
                              f"not {self.global_batch}")
         if state["micro"] and state.get("world_size", self.world_size) != self.world_size:  # a micro-batch index means per-rank data
             raise ValueError(f"the loader state was saved mid-step on {state['world_size']} ranks; it resumes on "
                              f"another number of ranks only at a step boundary")
-        self.epoch, self.step, self.micro, self._order = state["epoch"], state["step"], state["micro"], None
+        self.epoch, self.step, self.micro = state["epoch"], state["step"], state["micro"]
 
 
 # --- validation ------------------------------------------------------------------------------------
@@ -296,13 +438,9 @@ def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_t
     train = Split(path, "train")
     vocab = read_manifest(path)["tokenizer"]["vocab_size"]
     counts = np.zeros(vocab, dtype=np.float64)
-    remaining = max_train_tokens
-    for _, shard in train.shards:
-        take = shard[: min(len(shard), remaining)]
-        counts += np.bincount(np.asarray(take, dtype=np.int64), minlength=vocab)[:vocab]
-        remaining -= len(take)
-        if remaining <= 0:
-            break
+    end, chunk = min(train.n_tokens, max_train_tokens), 1 << 22
+    for start in range(0, end, chunk):
+        counts += np.bincount(train.tokens(start, min(end, start + chunk)), minlength=vocab)[:vocab]
     log_prob = np.log((counts + 1.0) / (counts.sum() + vocab))
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
     nll, scored = 0.0, 0

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from data_prep.prepare import prepare
 from data_prep.readers import SKIP_REASONS
+from megatron_lax.data import Split
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"
@@ -27,7 +29,8 @@ def make_damaged_inputs(directory: Path) -> dict:
     """One file per kind of damage, plus the texts of the valid records each holds."""
     good = [f"Valid document number {i} with some words in it." for i in range(6)]
     lines = [record(good[0]), b"{not json at all\n", record(good[1]), json.dumps({"url": "x"}).encode() + b"\n",
-             record(good[2]), b'{"text": "bad \xff\xfe bytes"}\n', record("   "), record(good[3])]
+             record(good[2]), b'{"text": "bad \xff\xfe bytes"}\n', record("   "), record(good[3]),
+             record("\u200b\u200b")]  # zero-width spaces: text, but no token
     with gzip.open(directory / "c4-train.00000-of-00002.json.gz", "wb") as f:
         f.writelines(lines)
     incompressible = random.Random(0).choices(string.ascii_letters, k=20000)
@@ -36,7 +39,7 @@ def make_damaged_inputs(directory: Path) -> dict:
     with gzip.open(directory / "c4-validation.00000-of-00001.json.gz", "wb") as f:
         f.write(record("A validation document."))
     return {"valid": good, "skipped": {"bad_json": 1, "no_text": 1, "invalid_utf8": 1, "empty": 1,
-                                       "truncated_file": 1}}
+                                       "truncated_file": 1, "no_tokens": 1}}
 
 
 def documents_of(output: Path, split: str, shard: str) -> list[np.ndarray]:
@@ -100,6 +103,30 @@ def test_one_file_is_cut_into_parts_for_every_worker(tmp_path):
     assert parts["inputs"] == whole["inputs"]
     again = prepare(inputs, TOKENIZER, tmp_path / "three", workers=1, progress=False)
     assert again == parts
+
+
+def test_more_inputs_or_another_split_extend_the_manifest(tmp_path, capsys):
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    raw.mkdir()
+    for name, n in (("a-train", 3), ("b-validation", 1), ("c-train", 2)):
+        (raw / f"{name}.jsonl").write_bytes(b"".join(record(f"{name} document {i}") for i in range(n)))
+    prepare([raw / "a-train.jsonl"], TOKENIZER, out, progress=False)
+    first = {p: p.read_bytes() for p in (out / "train").iterdir()}
+    prepare([raw / "b-validation.jsonl"], TOKENIZER, out, progress=False)  # another split
+    manifest = prepare([raw / "c-train.jsonl"], TOKENIZER, out, progress=False)  # more inputs
+    assert manifest["splits"]["train"]["shards"] == ["a-train", "c-train"]
+    assert manifest["splits"]["validation"]["shards"] == ["b-validation"]
+    assert (manifest["splits"]["train"]["documents"], manifest["splits"]["validation"]["documents"]) == (5, 1)
+    inputs = sorted(Path(i["path"]).name for i in manifest["inputs"])
+    assert inputs == ["a-train.jsonl", "b-validation.jsonl", "c-train.jsonl"]
+    assert all(p.read_bytes() == data for p, data in first.items()) and Split(out, "train").n_documents == 5
+    assert prepare([raw / "a-train.jsonl"], TOKENIZER, out, progress=False) == manifest  # a re-run keeps the rest
+    (out / "train" / "c-train.bin").unlink()  # a listed shard lost: dropped, said so
+    capsys.readouterr()
+    manifest = prepare([raw / "b-validation.jsonl"], TOKENIZER, out, progress=False)
+    assert manifest["splits"]["train"]["shards"] == ["a-train"] and "1 listed shard(s)" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"holds data prepared with tokenizer .*sample \(hash \w+\), not .*english"):
+        prepare([raw / "c-train.jsonl"], str(REPO / "tokenizer" / "english"), out, progress=False)
 
 
 def test_incomplete_shard_is_redone(tmp_path):
