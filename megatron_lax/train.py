@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -29,6 +30,11 @@ from .parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distri
 
 class TrainingError(RuntimeError):
     pass
+
+
+# Written to the run directory when the schedule completes (and removed when a run starts): a job
+# script can tell a finished run from a preempted one (run_scripts/slurm_example.sbatch).
+FINISHED = "finished.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -116,15 +122,19 @@ class Trainer:
         if path is None:
             return
         checkpoint.check_compatible(path, self.cfg)
-        state, rank_state = checkpoint.load(path, self.engine, self.dist)
+        state, loader_state, rng = checkpoint.load(path, self.engine, self.dist)
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.best_val_ppl, self.last_val = state["best_val_ppl"], state["last_val"]
         self.first_loss = state.get("first_loss")
-        if rank_state:
-            self.loader.load_state_dict(rank_state["loader"])
-            set_rng_state(rank_state["rng"])
+        self.loader.load_state_dict(loader_state)
+        if rng is not None:
+            set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.step}")
+        written_by = len(list(path.glob("rank_*.pt")))
+        if written_by < self.dist.world_size:
+            self.log(f"the checkpoint was written by {written_by} rank(s): ranks {written_by}-"
+                     f"{self.dist.world_size - 1} keep the RNG state seeded from train.seed")
 
     # --- one optimizer step ----------------------------------------------------------------------
 
@@ -180,6 +190,8 @@ class Trainer:
         return not math.isfinite(loss) or loss > self.DIVERGENCE_MARGIN * self.first_loss
 
     def log_latent_stats(self) -> None:
+        """One forward on the first validation batch, on every rank (sharded engines need them all;
+        a rank without a real validation sequence runs its fully-masked one); rank 0 logs."""
         if self.cfg.model.method == "dense" or not self.val_batches:
             return
         x, y = self.val_batches[0]
@@ -195,6 +207,7 @@ class Trainer:
         self.resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             self.log(f"model: {cfg.model.method}"
                      f"{' + LaX (' + cfg.model.lax_gate + ')' if cfg.model.uses_lax else ''}, "
@@ -243,7 +256,7 @@ class Trainer:
                 bar.close()
                 record = self.validate() if self.last_val.get("step") != self.step else self.last_val
                 path = self.save_checkpoint() if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) \
-                    else checkpoint.resolve_checkpoint_dir(self.run_dir / "checkpoints")
+                    else self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
                 self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
                          f"--checkpoint.resume auto")
                 self.metrics.close()
@@ -265,6 +278,7 @@ class Trainer:
             summary["unigram_ppl"] = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
                                                              t.eval_tokens or cfg.data.val_tokens)
             self.metrics.log({"step": self.step, "unigram_ppl": summary["unigram_ppl"]}, prefix="val")
+            (self.run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
         self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens "
                  f"(unigram baseline {summary.get('unigram_ppl', float('nan')):.2f}); "
                  f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "

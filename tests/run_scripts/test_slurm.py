@@ -1,0 +1,165 @@
+"""run_scripts/slurm_example.sbatch played on this machine: `srun` and `scontrol` are stand-ins on
+PATH (srun starts the task once per node with SLURM_NODEID set and hands SIGUSR1 on to the tasks,
+as srun does; scontrol answers `show hostnames` and records `requeue`). The batch script itself,
+run_scripts/launch.sh and the trainer are the real ones."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TINY, as_cli, free_port, losses
+
+SRUN = """#!/usr/bin/env bash
+while [[ $1 == -* ]]; do shift; done  # srun's own options
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+  SLURM_NODEID=$node "$@" &
+  pids+=($!)
+done
+trap 'kill -USR1 "${pids[@]}"' USR1
+status=0
+for pid in "${pids[@]}"; do
+  while true; do
+    wait "$pid"; code=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  [ "$code" = 0 ] || status=$code
+done
+exit "$status"
+"""
+SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo 127.0.0.1 ;;
+  requeue) echo "requeue $2" >> "$SCONTROL_LOG" ;;
+esac
+"""
+# A stand-in for `python` under ENGINE=single: "trains" until SIGUSR1, or ends as FAKE_END says.
+FAKE_TRAINER = """#!/usr/bin/env bash
+trap 'exit "${FAKE_STATUS_WHEN_SIGNALLED:-0}"' USR1
+touch "$RUN_DIR/started"
+case "$FAKE_END" in
+  finish) echo '{}' > "$RUN_DIR/finished.json"; exit 0 ;;
+  crash) exit 3 ;;
+esac
+while true; do sleep 0.1; done
+"""
+
+
+def executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """submit(run_dir, nodes, *args, **env) -> the running batch script (a Popen)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    executable(bin_dir / "srun", SRUN)
+    executable(bin_dir / "scontrol", SCONTROL)
+
+    def submit(run_dir: Path, nodes: int, *args, **env) -> subprocess.Popen:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
+               "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[01-02]",
+               "SLURM_NNODES": str(nodes), "MASTER_PORT": str(free_port()), "RUN_DIR": str(run_dir),
+               "SCONTROL_LOG": str(tmp_path / "scontrol.log"), **env}
+        return subprocess.Popen(["bash", "run_scripts/slurm_example.sbatch", *map(str, args)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    submit.requeues = lambda: (tmp_path / "scontrol.log").read_text().split("\n")[:-1] \
+        if (tmp_path / "scontrol.log").exists() else []
+    return submit
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("end,signalled_status,expected_status,requeued", [
+    ("preempted", 0, 0, True),  # checkpointed and exited 0 without finishing: requeue
+    ("preempted", 1, 1, False),  # failed after the signal: not requeued, the failure is the job's status
+    ("finish", None, 0, False),  # the schedule completed (finished.json): nothing to do
+    ("crash", None, 3, False),  # no signal, no finish: a crash is not retried
+])
+def test_batch_script_requeues_only_a_preempted_unfinished_run(slurm, tmp_path, end, signalled_status,
+                                                               expected_status, requeued):
+    fake = executable(tmp_path / "fake_python", FAKE_TRAINER)
+    run_dir = tmp_path / "run"
+    job = slurm(run_dir, 2, ENGINE="single", PYTHON=str(fake), FAKE_END=end,
+                FAKE_STATUS_WHEN_SIGNALLED=str(signalled_status))
+    if end == "preempted":
+        wait_for(lambda: (run_dir / "started").exists(), 30, "the stand-in trainer")
+        job.send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=60)
+    assert job.returncode == expected_status, output
+    assert slurm.requeues() == (["requeue 4242"] if requeued else [])
+    if expected_status:
+        assert output.strip().splitlines()[-1] == (f"error: training exited with status {expected_status} before "
+                                                   f"finishing; not requeued")
+
+
+STEPS = 12
+REHEARSAL = {**TINY, "train.token_budget": "0", "train.steps": STEPS, "optim.warmup_steps": 2,
+             "train.micro_batch": 1, "data.mode": "packed", "train.eval_tokens": 13 * 32, "train.eval_every": 4,
+             "checkpoint.every": 4, "checkpoint.keep": 3, "logging.log_every": 1, "logging.lax_stats_every": 2}
+
+
+def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losses(slurm, prepared_sample,
+                                                                                    tmp_path):
+    """The rehearsal: the LLaMA-1B recipe shrunk to TINY shapes, FSDP2, a job of 2 nodes x 4 ranks
+    (two torchruns, c10d rendezvous on 127.0.0.1) validating on 13 sequences (uneven over 8 ranks),
+    preempted by SIGUSR1 to the batch script, requeued, and resumed as 1 node x 4 ranks; the losses
+    equal an uninterrupted 8-rank run's."""
+    args = as_cli(REHEARSAL)
+    env = {"ENGINE": "fsdp", "NPROC_PER_NODE": "4", "DATA": str(prepared_sample)}
+    reference = subprocess.run(["bash", "run_scripts/pretrain_1b.sh", *args], cwd=REPO, capture_output=True,
+                               text=True, timeout=300, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
+                               "PYTHON": sys.executable, "NPROC_PER_NODE": "8", "MASTER_PORT": str(free_port()),
+                               "RUN_DIR": str(tmp_path / "reference")})
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    expected = losses(tmp_path / "reference")
+
+    run_dir = tmp_path / "run"
+    job = slurm(run_dir, 2, *args, **env)
+    wait_for(lambda: len(losses_so_far(run_dir)) >= 3, 240, "three training steps")
+    job.send_signal(signal.SIGUSR1)
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output[-5000:]
+    assert "on 8 rank(s)" in output and slurm.requeues() == ["requeue 4242"]
+    stopped = max(losses(run_dir))
+    assert 3 <= stopped < STEPS and f"stopped after step {stopped}" in output
+    assert not (run_dir / "finished.json").exists()
+    assert all(tokens == 13 * 32 for tokens in validation_tokens(run_dir))
+
+    job = slurm(run_dir, 1, *args, **env)
+    output, _ = job.communicate(timeout=240)
+    assert job.returncode == 0, output[-5000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in output and "on 4 rank(s)" in output
+    assert slurm.requeues() == ["requeue 4242"] and (run_dir / "finished.json").exists()
+    got = losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got), (got, expected)
+
+
+def losses_so_far(run_dir: Path) -> dict:
+    try:
+        return losses(run_dir)
+    except (OSError, ValueError):  # not written yet, or a line half-written
+        return {}
+
+
+def validation_tokens(run_dir: Path) -> list[int]:
+    import json
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r["val_tokens"] for r in map(json.loads, lines) if "val_tokens" in r]
