@@ -8,6 +8,8 @@
   intact and `latest`, and the process group lives on (the next run of the launch trains).
 - Resume onto another number of ranks (3 -> 8) for DDP, FSDP2 (DCP reshards) and ZeRO-3
   (DeepSpeed's universal checkpoint): the losses after resume equal the uninterrupted run's.
+- Each rank checksums its share of a checkpoint when resuming: a file damaged in rank 3's share is
+  caught, and the run resumes from the checkpoint before.
 
 Every launch runs under a timeout, so a hang fails the test instead of blocking the suite.
 Tolerance: 1e-5 relative, as for the engines' parity on 2 ranks (tests/.../test_engines.py).
@@ -15,6 +17,7 @@ Tolerance: 1e-5 relative, as for the engines' parity on 2 ranks (tests/.../test_
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -75,14 +78,32 @@ def three_ranks(prepared_sample, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def eight_ranks(prepared_sample, three_ranks, tmp_path_factory) -> Path:
-    """ZeRO-3 failing on rank 5, then each 3-rank run resumed from its step-2 checkpoint."""
+    """ZeRO-3 failing on rank 5; each 3-rank run resumed from its step-2 checkpoint; and a copy of
+    the DDP run whose newest checkpoint is damaged in a file that rank 3 checksums, resumed `auto`."""
     out = tmp_path_factory.mktemp("eight")
     resumed = [run(prepared_sample, out / f"{name}_from_3", 8, **engine,
                    **{"checkpoint.resume": step_dir(three_ranks / name, 2)})
                for name, engine in (("fsdp", FSDP), ("ddp", DDP), ("zero3", ZERO3))]
-    launch([run(prepared_sample, out / "zero3", 8, fail_on_rank=5, **ZERO3), *resumed], out, nproc=8,
-           timeout=LAUNCH_TIMEOUT)
+    shutil.copytree(three_ranks / "ddp", out / "ddp_damaged")
+    damage(step_dir(out / "ddp_damaged", STEPS), checked_by_rank=3, of_ranks=8)
+    damaged = run(prepared_sample, out / "ddp_damaged", 8, **DDP, **{"checkpoint.resume": "auto"})
+    output = launch([run(prepared_sample, out / "zero3", 8, fail_on_rank=5, **ZERO3), *resumed, damaged], out,
+                    nproc=8, timeout=LAUNCH_TIMEOUT)
+    (out / "output.txt").write_text(output)
     return out
+
+
+def file_checked_by(directory: Path, rank: int, of_ranks: int) -> str:
+    """The largest file of a checkpoint that `rank` of `of_ranks` checksums when verifying it."""
+    files = json.loads((directory / "manifest.json").read_text())["files"]
+    return checkpoint.shares({name: meta["bytes"] for name, meta in files.items()}, of_ranks)[rank][0]
+
+
+def damage(directory: Path, checked_by_rank: int, of_ranks: int) -> None:
+    path = directory / file_checked_by(directory, checked_by_rank, of_ranks)
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(content))
 
 
 @pytest.mark.parametrize("ranks,name", [(3, "fsdp"), (3, "zero3"), (8, "zero3"), (8, "fsdp_from_3")])
@@ -115,3 +136,12 @@ def test_resume_onto_more_ranks_continues_the_same_run(three_ranks, eight_ranks,
     assert sorted(resumed) == [3, 4]
     assert all(resumed[s] == pytest.approx(uninterrupted[s], rel=1e-5) for s in resumed), (resumed, uninterrupted)
     assert checkpoint.verify(step_dir(three_ranks / name, 2)) is None  # still intact after resharding from it
+
+
+def test_a_file_damaged_in_one_ranks_share_is_caught_and_the_previous_checkpoint_resumed(three_ranks, eight_ranks):
+    run_dir = eight_ranks / "ddp_damaged"
+    damaged = step_dir(run_dir, STEPS)
+    name = file_checked_by(damaged, rank=3, of_ranks=8)
+    assert f"skipping checkpoint {damaged}: checksum mismatch in {name}" in (eight_ranks / "output.txt").read_text()
+    uninterrupted, resumed = losses(three_ranks / "ddp"), losses(run_dir)
+    assert all(resumed[s] == pytest.approx(uninterrupted[s], rel=1e-5) for s in (3, 4))
