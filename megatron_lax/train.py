@@ -117,6 +117,16 @@ class Trainer:
         self.log(f"checkpoint: {path}")
         return path
 
+    def periodic_checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def checkpoint_this_step(self) -> Path:
+        """The checkpoint of the current step: the periodic one if it was just written, else a new one."""
+        if self.periodic_checkpoint_due():
+            return self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+        return self.save_checkpoint()
+
     def resume(self) -> None:
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, self.log)
         if path is None:
@@ -243,7 +253,7 @@ class Trainer:
                 self.log_latent_stats()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.validate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+            if self.periodic_checkpoint_due():
                 self.save_checkpoint()
             if t.stop_if_diverged and self.diverged(record["loss"]):
                 bar.close()
@@ -255,8 +265,7 @@ class Trainer:
             if t.stop_after and self.step >= t.stop_after and self.step < self.total_steps:
                 bar.close()
                 record = self.validate() if self.last_val.get("step") != self.step else self.last_val
-                path = self.save_checkpoint() if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) \
-                    else self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+                path = self.checkpoint_this_step()
                 self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
                          f"--checkpoint.resume auto")
                 self.metrics.close()
@@ -264,7 +273,7 @@ class Trainer:
                         "val_ppl": record["val_ppl"], "checkpoint": str(path), "run_dir": str(self.run_dir)}
             if stop.agreed():
                 bar.close()
-                path = self.save_checkpoint()
+                path = self.checkpoint_this_step()
                 self.log(f"preempted by signal {stop.signal}: stopped after step {self.step}, checkpoint {path}")
                 self.metrics.close()
                 return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
@@ -298,7 +307,10 @@ def resolved_for_display(cfg: Config) -> Config:
 
 def train(cfg: Config) -> dict:
     try:
-        return Trainer(cfg).fit()
+        summary = Trainer(cfg).fit()
+        faults.ignore_preemption_signals()
+        barrier()  # no rank tears its process group down while another still uses it
+        return summary
     finally:
         shutdown()
 

@@ -1,9 +1,11 @@
 """run_scripts/slurm_example.sbatch played on this machine: `srun` and `scontrol` are stand-ins on
-PATH (srun starts the task once per node with SLURM_NODEID set and hands SIGUSR1 on to the tasks,
-as srun does; scontrol answers `show hostnames` and records `requeue`). The batch script itself,
-run_scripts/launch.sh and the trainer are the real ones."""
+PATH (srun starts the task once per node with SLURM_NODEID set and hands SIGUSR1 on to every
+process of every task, torchrun included, as SLURM's process tracking does; scontrol answers `show
+hostnames` and records `requeue`). The batch script, run_scripts/launch.sh, torchrun and the trainer
+are the real ones."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +24,9 @@ for ((node = 0; node < SLURM_NNODES; node++)); do
   SLURM_NODEID=$node "$@" &
   pids+=($!)
 done
-trap 'kill -USR1 "${pids[@]}"' USR1
+descendants() { local child; for child in $(pgrep -P "$1"); do echo "$child"; descendants "$child"; done; }
+# like SLURM's process tracking: every process of every task, torchrun and its workers included
+trap 'for pid in "${pids[@]}"; do kill -USR1 "$pid" $(descendants "$pid") 2>/dev/null; done' USR1
 status=0
 for pid in "${pids[@]}"; do
   while true; do
@@ -79,10 +83,32 @@ def slurm(tmp_path):
     return submit
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def finish(job: subprocess.Popen, timeout: float) -> str:
+    """The job's output once it ends; a job still running after `timeout` (a hang) is killed with
+    everything it started, and fails the test."""
+    try:
+        return job.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        for pid in descendants(job.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        job.kill()
+        output = job.communicate()[0]
+        raise AssertionError(f"still running after {timeout} s:\n{output[-5000:]}") from None
+
+
+def descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children] + [d for c in children for d in descendants(int(c))]
+
+
+def wait_for(condition, timeout: float, job: subprocess.Popen) -> None:
+    """Polls condition() while the job runs; stops the job (failing the test) if it never holds."""
     deadline = time.time() + timeout
     while not condition():
-        assert time.time() < deadline, f"timed out waiting for {what}"
+        if time.time() > deadline or job.poll() is not None:
+            finish(job, 0)
+            raise AssertionError(f"the job ended with status {job.returncode} before the condition held")
         time.sleep(0.1)
 
 
@@ -99,9 +125,9 @@ def test_batch_script_requeues_only_a_preempted_unfinished_run(slurm, tmp_path, 
     job = slurm(run_dir, 2, ENGINE="single", PYTHON=str(fake), FAKE_END=end,
                 FAKE_STATUS_WHEN_SIGNALLED=str(signalled_status))
     if end == "preempted":
-        wait_for(lambda: (run_dir / "started").exists(), 30, "the stand-in trainer")
+        wait_for(lambda: (run_dir / "started").exists(), 30, job)
         job.send_signal(signal.SIGUSR1)
-    output, _ = job.communicate(timeout=60)
+    output = finish(job, 60)
     assert job.returncode == expected_status, output
     assert slurm.requeues() == (["requeue 4242"] if requeued else [])
     if expected_status:
@@ -123,18 +149,20 @@ def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losse
     equal an uninterrupted 8-rank run's."""
     args = as_cli(REHEARSAL)
     env = {"ENGINE": "fsdp", "NPROC_PER_NODE": "4", "DATA": str(prepared_sample)}
-    reference = subprocess.run(["bash", "run_scripts/pretrain_1b.sh", *args], cwd=REPO, capture_output=True,
-                               text=True, timeout=300, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
-                               "PYTHON": sys.executable, "NPROC_PER_NODE": "8", "MASTER_PORT": str(free_port()),
-                               "RUN_DIR": str(tmp_path / "reference")})
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    reference = subprocess.Popen(["bash", "run_scripts/pretrain_1b.sh", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True,
+                                 env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+                                      "NPROC_PER_NODE": "8", "MASTER_PORT": str(free_port()),
+                                      "RUN_DIR": str(tmp_path / "reference")})
+    output = finish(reference, 240)
+    assert reference.returncode == 0, output[-5000:]
     expected = losses(tmp_path / "reference")
 
     run_dir = tmp_path / "run"
     job = slurm(run_dir, 2, *args, **env)
-    wait_for(lambda: len(losses_so_far(run_dir)) >= 3, 240, "three training steps")
+    wait_for(lambda: len(losses_so_far(run_dir)) >= 3, 240, job)
     job.send_signal(signal.SIGUSR1)
-    output, _ = job.communicate(timeout=240)
+    output = finish(job, 240)
     assert job.returncode == 0, output[-5000:]
     assert "on 8 rank(s)" in output and slurm.requeues() == ["requeue 4242"]
     stopped = max(losses(run_dir))
@@ -143,7 +171,7 @@ def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losse
     assert all(tokens == 13 * 32 for tokens in validation_tokens(run_dir))
 
     job = slurm(run_dir, 1, *args, **env)
-    output, _ = job.communicate(timeout=240)
+    output = finish(job, 240)
     assert job.returncode == 0, output[-5000:]
     assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'}" in output and "on 4 rank(s)" in output
     assert slurm.requeues() == ["requeue 4242"] and (run_dir / "finished.json").exists()
