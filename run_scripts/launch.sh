@@ -7,10 +7,12 @@
 #                               (default: all GPUs); RDZV_TIMEOUT seconds for all nodes to join (default 900).
 #   ENGINE=single:              plain python.
 # Arguments after the script name are passed through and override the recipe.
-# Preemption (torchrun): SIGUSR1 or SIGTERM sent to this script reaches the training processes, which
-# finish their step, write a checkpoint and exit 0. torchrun itself ignores SIGUSR1 here: it handles only
-# TERM, INT, HUP and QUIT, and would otherwise die of it while the workers write their checkpoint.
+# Preemption: SIGUSR1 (or, under torchrun, SIGTERM) sent to this script reaches the training processes,
+# which finish their step, write a checkpoint and exit 0. Launchers ignore SIGUSR1 here: torchrun
+# handles only TERM, INT, HUP and QUIT, and would otherwise die of it while its workers write their
+# checkpoint. A SIGUSR1 that comes before the training loop installs its handler is ignored.
 set -euo pipefail
+trap '' USR1  # until the trainer handles it: the processes started below inherit this
 script=$1; shift
 python=${PYTHON:-python}
 engine=${ENGINE:-deepspeed}
@@ -35,7 +37,6 @@ check_hostfile() {
 # each worker in a session of its own, so a signal to this process group does not reach them) and
 # returns the command's exit status.
 run_forwarding_signals() {
-  trap '' USR1
   "$@" &
   local child=$! status=0
   trap 'pkill -USR1 -P "$child" || true' USR1

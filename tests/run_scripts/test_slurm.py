@@ -44,14 +44,18 @@ case "$1" in
 esac
 """
 # A stand-in for `python` under ENGINE=single: "trains" until SIGUSR1, or ends as FAKE_END says.
-FAKE_TRAINER = """#!/usr/bin/env bash
-trap 'exit "${FAKE_STATUS_WHEN_SIGNALLED:-0}"' USR1
-touch "$RUN_DIR/started"
-case "$FAKE_END" in
-  finish) echo '{}' > "$RUN_DIR/finished.json"; exit 0 ;;
-  crash) exit 3 ;;
-esac
-while true; do sleep 0.1; done
+FAKE_TRAINER = f"""#!{sys.executable}
+import os, pathlib, signal, sys, time
+run_dir = pathlib.Path(os.environ["RUN_DIR"])
+signal.signal(signal.SIGUSR1, lambda *_: sys.exit(int(os.environ["FAKE_STATUS_WHEN_SIGNALLED"])))
+(run_dir / ("started." + os.environ["SLURM_NODEID"])).touch()
+if os.environ["FAKE_END"] == "finish":
+    (run_dir / "finished.json").write_text("{{}}")
+    sys.exit(0)
+if os.environ["FAKE_END"] == "crash":
+    sys.exit(3)
+while True:
+    time.sleep(0.1)
 """
 
 
@@ -125,7 +129,7 @@ def test_batch_script_requeues_only_a_preempted_unfinished_run(slurm, tmp_path, 
     job = slurm(run_dir, 2, ENGINE="single", PYTHON=str(fake), FAKE_END=end,
                 FAKE_STATUS_WHEN_SIGNALLED=str(signalled_status))
     if end == "preempted":
-        wait_for(lambda: (run_dir / "started").exists(), 30, job)
+        wait_for(lambda: len(list(run_dir.glob("started.*"))) == 2, 30, job)  # both nodes' trainers
         job.send_signal(signal.SIGUSR1)
     output = finish(job, 60)
     assert job.returncode == expected_status, output
