@@ -69,6 +69,7 @@ def one_process(prepared_sample, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def three_ranks(prepared_sample, tmp_path_factory) -> Path:
+    """FSDP2 and ZeRO-3 whose final checkpoint fails on one rank, then DDP, in one process group."""
     out = tmp_path_factory.mktemp("three")
     launch([run(prepared_sample, out / "fsdp", 3, fail_on_rank=1, **FSDP),
             run(prepared_sample, out / "zero3", 3, fail_on_rank=2, **ZERO3),
