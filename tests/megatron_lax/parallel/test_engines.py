@@ -1,6 +1,7 @@
 """Every engine, for real, on 2 CPU processes (gloo), one torchrun per engine (train_runs.py runs
 several trainings in it): the first losses match a single process with the same global batch; a
-checkpoint written mid-run resumes onto the same losses; a non-finite gradient is skipped exactly as
+checkpoint written mid-run resumes onto the same losses (a DDP one also in a single process, 2 -> 1
+ranks); a non-finite gradient is skipped exactly as
 a single process skips it; the checkpoint consolidates to the single process's weights; BF16 runs
 follow FP32.
 
