@@ -1,6 +1,6 @@
 """Checkpoints: one directory per save, written under a temporary name and renamed into place only
-after every rank's files are written and their checksums recorded in a manifest; a `latest` file
-points at the newest complete one.
+after every rank has written its files and checksummed its share of them; rank 0 writes the manifest
+last, and a `latest` file points at the newest complete checkpoint.
 
     RUN_DIR/checkpoints/step_00001000/
         manifest.json         files and sha256 checksums, written last
@@ -9,6 +9,9 @@ points at the newest complete one.
         rank_00000.pt ...     per-rank state: data loader position, RNG states
         model.pt, optimizer.pt, ... (whatever the engine writes)
     RUN_DIR/checkpoints/latest
+
+Every stage of a save that can fail on one rank (a full disk, a permission) ends with the ranks
+agreeing on the outcome, so that a failure anywhere raises the same error on every rank.
 """
 from __future__ import annotations
 
@@ -20,10 +23,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from . import config as config_lib
 from . import faults
-from .parallel.distributed import DistInfo, barrier, broadcast_object
+from .parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
@@ -54,44 +58,131 @@ def _write_json_atomic(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# --- agreement between ranks ------------------------------------------------------------------------
+
+LOCAL = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+WRITE_ERRORS = (OSError, CheckpointError, CheckpointException)
+
+
+def _reason(error: BaseException, dist: DistInfo) -> str:
+    rank = dist.rank
+    if isinstance(error, CheckpointException):  # DCP raises it on every rank, naming the ranks that failed
+        rank, (error, _) = min(error.failures.items())
+    reason = str(error)
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror + (f": {error.filename}" if error.filename else "")
+    return f"rank {rank}: {reason}" if dist.world_size > 1 else reason
+
+
+def _collectively(dist: DistInfo, action) -> list:
+    """Runs action() on every rank and returns every rank's result (rank order) on every rank. If it
+    failed anywhere, every rank raises the same CheckpointError, naming the lowest failing rank: all
+    ranks stop at the same point, so none waits in a collective that a failed rank never reaches."""
+    result, reason = None, None
+    try:
+        result = action()
+    except WRITE_ERRORS as e:
+        reason = _reason(e, dist)
+    outcomes = all_gather_object((reason, result)) if dist.world_size > 1 else [(reason, result)]
+    reasons = [r for r, _ in outcomes if r]
+    if reasons:
+        raise CheckpointError(reasons[0])
+    return [r for _, r in outcomes]
+
+
+def _from_main(dist: DistInfo, action):
+    """action() run on rank 0 only; its result (or its failure, raised) on every rank."""
+    if dist.world_size == 1:
+        return action()
+    outcome = (None, None)
+    if dist.is_main:
+        try:
+            outcome = (None, action())
+        except WRITE_ERRORS as e:
+            outcome = (_reason(e, dist), None)
+    reason, result = broadcast_object(outcome)
+    if reason:
+        raise CheckpointError(reason)
+    return result
+
+
+# --- checksums, each rank its share -------------------------------------------------------------------
+
+def shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """The files split into world_size lists of about equal bytes: largest first, each to the rank
+    with the fewest bytes so far. Every rank computes the same split from the same sizes."""
+    loads, lists = [0] * world_size, [[] for _ in range(world_size)]
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = loads.index(min(loads))
+        lists[rank].append(name)
+        loads[rank] += sizes[name]
+    return lists
+
+
+def _my_share(sizes: dict[str, int], dist: DistInfo) -> list[str]:
+    return sorted(shares(sizes, dist.world_size)[dist.rank])
+
+
+def _hash_share(directory: Path, sizes: dict[str, int], dist: DistInfo) -> dict:
+    return {name: {"bytes": sizes[name], "sha256": sha256(directory / name)} for name in _my_share(sizes, dist)}
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# --- save -------------------------------------------------------------------------------------------------
+
 def save(root: Path, step: int, engine, trainer_state: dict, rank_state: dict, cfg, dist: DistInfo,
          keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory. A failed write (disk
-    full, no permission) raises CheckpointError and leaves the previous checkpoints as they were."""
+    """Collective: every rank calls it. Returns the final checkpoint directory. A write that fails on
+    any rank (disk full, no permission) raises the same CheckpointError on every rank, removes the
+    staging directory and leaves the previous checkpoints as they were."""
     final = root / step_dir_name(step)
     staging = root / (step_dir_name(step) + ".incomplete")
     try:
-        if dist.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        barrier()
-        engine.save(staging)
-        torch.save(rank_state, staging / f"rank_{dist.rank:05d}.pt")
-        if dist.is_main:
-            (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
-            _write_json_atomic(staging / "trainer_state.json", trainer_state)
+        _collectively(dist, lambda: _make_staging(staging) if dist.is_main else None)
+        _collectively(dist, lambda: _write_state(staging, engine, trainer_state, rank_state, cfg, dist))
         if step in faults.KILL_IN_CHECKPOINT:
             faults.kill_self()
-        barrier()
+        sizes = _from_main(dist, lambda: _file_sizes(staging))
+        digests = _collectively(dist, lambda: _hash_share(staging, sizes, dist))
+        files = {name: meta for share in digests for name, meta in share.items()}
+        _collectively(dist, lambda: _publish(root, staging, final, step, files, cfg, dist, keep) if dist.is_main
+                      else None)
+    except CheckpointError as e:
         if dist.is_main:
-            _publish(root, staging, final, step, cfg, dist, keep)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
-                              f"is unchanged") from None
-    barrier()
+            shutil.rmtree(staging, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {final}: {e}; the previous checkpoint is unchanged") \
+            from None
     return final
 
 
-def _publish(root: Path, staging: Path, final: Path, step: int, cfg, dist: DistInfo, keep: int) -> None:
-    """Checksums every file, writes the manifest, renames the directory into place, moves `latest`."""
-    missing = [r for r in range(dist.world_size) if not (staging / f"rank_{r:05d}.pt").is_file()]
+def _make_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+
+
+def _write_state(staging: Path, engine, trainer_state: dict, rank_state: dict, cfg, dist: DistInfo) -> None:
+    engine.save(staging)
+    torch.save(rank_state, staging / rank_file(dist.rank))
+    if dist.is_main:
+        (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
+        _write_json_atomic(staging / "trainer_state.json", trainer_state)
+
+
+def _publish(root: Path, staging: Path, final: Path, step: int, files: dict, cfg, dist: DistInfo,
+             keep: int) -> None:
+    """Writes the manifest (last), renames the directory into place, moves `latest`, prunes."""
+    missing = [r for r in range(dist.world_size) if rank_file(r) not in files]
     if missing:
-        raise CheckpointError(f"checkpoint {final}: ranks {missing} did not write their state")
-    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        raise CheckpointError(f"ranks {missing} did not write their state")
     manifest = {"step": step, "world_size": dist.world_size, "engine": cfg.parallel.engine,
-                "files": {name: {"bytes": (staging / name).stat().st_size, "sha256": sha256(staging / name)}
-                          for name in files}}
+                "files": dict(sorted(files.items()))}
     _write_json_atomic(staging / MANIFEST, manifest)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
@@ -100,25 +191,49 @@ def _publish(root: Path, staging: Path, final: Path, step: int, cfg, dist: DistI
     prune(root, keep)
 
 
-def verify(directory: Path) -> Optional[str]:
-    """None if the checkpoint is complete and intact, else the reason in a few words."""
-    manifest_path = directory / MANIFEST
-    if not manifest_path.is_file():
+# --- verify, find, resume ---------------------------------------------------------------------------------
+
+def _manifest_files(directory: Path):
+    """The manifest's {name: {bytes, sha256}}, or the reason it cannot be used."""
+    if not directory.is_dir():
+        return "not a directory"
+    if not (directory / MANIFEST).is_file():
         return "no manifest (incomplete write)"
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return "unreadable manifest"
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+        if all(isinstance(m["bytes"], int) and isinstance(m["sha256"], str) for m in files.values()):
+            return files
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        pass
+    return "unreadable manifest"
+
+
+def _check_files(directory: Path, files: dict) -> Optional[str]:
     for name, meta in files.items():
         path = directory / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != meta["bytes"]:
             return f"truncated file {name}"
-        if sha256(path) != meta["sha256"]:
-            return f"checksum mismatch in {name}"
+        try:
+            if sha256(path) != meta["sha256"]:
+                return f"checksum mismatch in {name}"
+        except OSError as e:
+            return f"unreadable file {name} ({e.strerror})"
     return None
+
+
+def verify(directory: Path, dist: Optional[DistInfo] = None) -> Optional[str]:
+    """None if the checkpoint is complete and intact, else the reason in a few words. With a
+    multi-rank `dist` it is a collective: each rank checksums its share of the files."""
+    dist = dist or LOCAL
+    files = _from_main(dist, lambda: _manifest_files(Path(directory)))
+    if isinstance(files, str):
+        return files
+    mine = _my_share({name: meta["bytes"] for name, meta in files.items()}, dist)
+    problem = _check_files(Path(directory), {name: files[name] for name in mine})
+    problems = [p for p in (all_gather_object(problem) if dist.world_size > 1 else [problem]) if p]
+    return problems[0] if problems else None
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -136,10 +251,13 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def find_resumable(root: Path, log=print) -> Optional[Path]:
-    """The newest intact checkpoint under root; damaged ones are reported in one line and skipped."""
-    for candidate in reversed(complete_checkpoints(root)):
-        problem = verify(candidate)
+def find_resumable(root: Path, log=print, dist: Optional[DistInfo] = None) -> Optional[Path]:
+    """The newest intact checkpoint under root; damaged ones are reported in one line and skipped.
+    With a multi-rank `dist`, a collective (see verify)."""
+    dist = dist or LOCAL
+    candidates = _from_main(dist, lambda: [str(p) for p in reversed(complete_checkpoints(root))])
+    for candidate in map(Path, candidates):
+        problem = verify(candidate, dist)
         if problem is None:
             return candidate
         log(f"skipping checkpoint {candidate}: {problem}")
@@ -147,20 +265,15 @@ def find_resumable(root: Path, log=print) -> Optional[Path]:
 
 
 def resolve_resume(spec: str, run_dir: Path, dist: DistInfo, log=print) -> Optional[Path]:
-    """`none`, `auto` (newest intact checkpoint of this run) or an explicit directory. Rank 0 decides."""
+    """`none`, `auto` (newest intact checkpoint of this run) or an explicit directory. Collective."""
     if spec == "none":
         return None
-    path = None
-    if dist.is_main:
-        if spec == "auto":
-            path = find_resumable(run_dir / "checkpoints", log)
-        else:
-            path = Path(spec)
-            problem = verify(path) if path.is_dir() else "not a directory"
-            if problem:
-                raise CheckpointError(f"cannot resume from {path}: {problem}")
-    path = broadcast_object(str(path) if path else None)
-    return Path(path) if path else None
+    if spec == "auto":
+        return find_resumable(run_dir / "checkpoints", log, dist)
+    problem = verify(Path(spec), dist)
+    if problem:
+        raise CheckpointError(f"cannot resume from {spec}: {problem}")
+    return Path(spec)
 
 
 # Fields that change the model's parameters or the meaning of the saved data position.
@@ -170,8 +283,9 @@ SHAPE_FIELDS = {"model": ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size",
 
 
 def check_compatible(directory: Path, cfg) -> None:
-    """Refuses to resume with a config that changes the model shape or the data stream; steps,
-    learning rate, logging and the like may change."""
+    """Refuses to resume with a config that changes the model shape or the data stream, or with an
+    engine that cannot read the checkpoint's files; steps, learning rate, logging, the number of
+    ranks and the like may change."""
     saved = config_lib.load_config(str(directory / "config.yaml"))
     differences = [f"{section}.{name}: {getattr(getattr(saved, section), name)!r} -> "
                    f"{getattr(getattr(cfg, section), name)!r}"
@@ -180,15 +294,29 @@ def check_compatible(directory: Path, cfg) -> None:
     if differences:
         raise CheckpointError(f"cannot resume from {directory} with a different model or data layout: "
                               + "; ".join(differences))
+    if _state_format(saved.parallel.engine) != _state_format(cfg.parallel.engine):
+        raise CheckpointError(f"cannot resume from {directory}: it holds parallel.engine {saved.parallel.engine} "
+                              f"state, which parallel.engine {cfg.parallel.engine} cannot read (load it with "
+                              f"{saved.parallel.engine} on any number of ranks)")
 
 
-def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict]:
-    """Restores the engine in place; returns (trainer_state, this rank's state)."""
+def _state_format(engine: str) -> str:
+    return "model.pt" if engine in ("single", "ddp") else engine
+
+
+def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict, Optional[dict]]:
+    """Restores the engine in place (resharded if the checkpoint was written by another number of
+    ranks); returns (trainer state, data loader state, this rank's RNG state or None).
+
+    A checkpoint is written at a step boundary, where the loader state is the same on every rank
+    (the data of a step does not depend on the number of ranks), so every rank restores rank 0's.
+    RNG states are per rank; a rank that did not exist when the checkpoint was written gets None."""
     engine.load(directory)
     trainer_state = json.loads((directory / "trainer_state.json").read_text())
-    rank_file = directory / f"rank_{dist.rank:05d}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else {}
-    return trainer_state, rank_state
+    loader_state = torch.load(directory / rank_file(0), weights_only=False)["loader"]
+    own = directory / rank_file(dist.rank)
+    rng_state = torch.load(own, weights_only=False)["rng"] if own.is_file() else None
+    return trainer_state, loader_state, rng_state
 
 
 def checkpoint_config(directory: Path) -> config_lib.Config:

@@ -380,10 +380,18 @@ def validation_sequence_ids(sequences: Sequences, n_tokens: int) -> list[int]:
 def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode: str, rank: int = 0,
                        world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share (round-robin) of the fixed validation set: the same sequences for every
-    run, batch size and number of ranks."""
+    run, batch size and number of ranks. Every rank gets as many batches as rank 0: sharded engines
+    (FSDP2, ZeRO-3) gather parameters inside each forward, so a rank with one batch fewer would leave
+    the others waiting forever. The extra batches are fully masked (pad inputs, no scored target),
+    so they add nothing to the NLL or the token count."""
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
-    mine = validation_sequence_ids(sequences, n_tokens)[rank::world_size]
-    return [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    ids = validation_sequence_ids(sequences, n_tokens)
+    mine = ids[rank::world_size]
+    batches = [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    most = math.ceil(len(ids[0::world_size]) / micro_batch)
+    padding = (torch.full((micro_batch, seq_len), sequences.split.pad_id, dtype=torch.int64),
+               torch.full((micro_batch, seq_len), IGNORE, dtype=torch.int64))
+    return batches + [padding] * (most - len(batches))
 
 
 # --- token budget ----------------------------------------------------------------------------------

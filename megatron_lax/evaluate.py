@@ -42,14 +42,16 @@ def evaluate_nll(engine, batches) -> tuple[float, int]:
 
 @torch.no_grad()
 def sequence_nll(model, batches, device) -> torch.Tensor:
-    """(n_sequences, 2): summed NLL and scored tokens of each of this rank's sequences."""
+    """(n_sequences, 2): summed NLL and scored tokens of each of this rank's sequences (the fully
+    masked rows that pad a rank's share to the common batch count are left out)."""
     rows = []
     for x, y in batches:
         logits = model(x.to(device)).float()
         y = y.to(device)
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=data.IGNORE, reduction="none")
         rows.append(torch.stack([nll.view_as(y).sum(1).double(), (y != data.IGNORE).sum(1).double()], dim=1))
-    return torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    rows = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    return rows[rows[:, 1] > 0]
 
 
 def perplexity_interval(per_sequence: torch.Tensor, z: float = 1.96) -> dict:

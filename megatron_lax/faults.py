@@ -20,6 +20,9 @@ class StopFlag:
         self.device, self.signal = device, None
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
+            # Restart system calls the signal interrupts: it may land on any thread, and the
+            # communication threads of gloo and the c10d store can abort on an EINTR.
+            signal.siginterrupt(sig, False)
 
     def _handle(self, signum, frame):
         self.signal = signum
@@ -27,6 +30,13 @@ class StopFlag:
     def agreed(self) -> bool:
         flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=self.device)
         return bool(all_reduce_sum(flag).item() > 0)
+
+
+def ignore_preemption_signals() -> None:
+    """Once a run is over: a late copy of the signal must not kill the process as it exits (Python
+    restores the default action, termination, for its handlers when it shuts down)."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _steps_from_env(name: str) -> set[int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import random
 import sys
@@ -29,6 +30,11 @@ from .parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distri
 
 class TrainingError(RuntimeError):
     pass
+
+
+# Written to the run directory when the schedule completes (and removed when a run starts): a job
+# script can tell a finished run from a preempted one (run_scripts/slurm_example.sbatch).
+FINISHED = "finished.json"
 
 
 def seed_everything(seed: int) -> None:
@@ -112,20 +118,34 @@ class Trainer:
         self.log(f"checkpoint: {path}")
         return path
 
+    def periodic_checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and self.step % every == 0 and self.step < self.total_steps
+
+    def checkpoint_this_step(self) -> Path:
+        """The checkpoint of the current step: the periodic one if it was just written, else a new one."""
+        if self.periodic_checkpoint_due():
+            return self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+        return self.save_checkpoint()
+
     def resume(self) -> None:
         path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, self.log)
         if path is None:
             return
         checkpoint.check_compatible(path, self.cfg)
-        state, rank_state = checkpoint.load(path, self.engine, self.dist)
+        state, loader_state, rng = checkpoint.load(path, self.engine, self.dist)
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.best_val_ppl, self.last_val = state["best_val_ppl"], state["last_val"]
         self.first_loss = state.get("first_loss")
-        if rank_state:
-            self.loader.load_state_dict(rank_state["loader"])
-            set_rng_state(rank_state["rng"])
+        self.loader.load_state_dict(loader_state)
+        if rng is not None:
+            set_rng_state(rng)
         self.log(f"resumed from {path} at step {self.step}")
+        written_by = len(list(path.glob("rank_*.pt")))
+        if written_by < self.dist.world_size:
+            self.log(f"the checkpoint was written by {written_by} rank(s): ranks {written_by}-"
+                     f"{self.dist.world_size - 1} keep the RNG state seeded from train.seed")
 
     # --- one optimizer step ----------------------------------------------------------------------
 
@@ -181,6 +201,8 @@ class Trainer:
         return not math.isfinite(loss) or loss > self.DIVERGENCE_MARGIN * self.first_loss
 
     def log_latent_stats(self) -> None:
+        """One forward on the first validation batch, on every rank (sharded engines need them all;
+        a rank without a real validation sequence runs its fully-masked one); rank 0 logs."""
         if self.cfg.model.method == "dense" or not self.val_batches:
             return
         x, y = self.val_batches[0]
@@ -196,6 +218,7 @@ class Trainer:
         self.resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
             self.log(f"model: {cfg.model.method}"
                      f"{' + LaX (' + cfg.model.lax_gate + ')' if cfg.model.uses_lax else ''}, "
@@ -233,7 +256,7 @@ class Trainer:
                 self.log_latent_stats()
             if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                 self.validate()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+            if self.periodic_checkpoint_due():
                 self.save_checkpoint()
             if t.stop_if_diverged and self.diverged(record["loss"]):
                 bar.close()
@@ -245,8 +268,7 @@ class Trainer:
             if t.stop_after and self.step >= t.stop_after and self.step < self.total_steps:
                 bar.close()
                 record = self.validate() if self.last_val.get("step") != self.step else self.last_val
-                path = self.save_checkpoint() if not (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0) \
-                    else checkpoint.resolve_checkpoint_dir(self.run_dir / "checkpoints")
+                path = self.checkpoint_this_step()
                 self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
                          f"--checkpoint.resume auto")
                 self.metrics.close()
@@ -254,7 +276,7 @@ class Trainer:
                         "val_ppl": record["val_ppl"], "checkpoint": str(path), "run_dir": str(self.run_dir)}
             if stop.agreed():
                 bar.close()
-                path = self.save_checkpoint()
+                path = self.checkpoint_this_step()
                 self.log(f"preempted by signal {stop.signal}: stopped after step {self.step}, checkpoint {path}")
                 self.metrics.close()
                 return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
@@ -268,6 +290,7 @@ class Trainer:
             summary["unigram_ppl"] = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
                                                              t.eval_tokens or cfg.data.val_tokens)
             self.metrics.log({"step": self.step, "unigram_ppl": summary["unigram_ppl"]}, prefix="val")
+            (self.run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
         self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens "
                  f"(unigram baseline {summary.get('unigram_ppl', float('nan')):.2f}); "
                  f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "
@@ -287,7 +310,10 @@ def resolved_for_display(cfg: Config) -> Config:
 
 def train(cfg: Config) -> dict:
     try:
-        return Trainer(cfg).fit()
+        summary = Trainer(cfg).fit()
+        faults.ignore_preemption_signals()
+        barrier()  # no rank tears its process group down while another still uses it
+        return summary
     finally:
         shutdown()
 

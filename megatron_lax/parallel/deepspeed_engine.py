@@ -4,13 +4,18 @@ gradient clipping, AdamW, bf16, ZeRO stage) unless the user gives their own
 DeepSpeed scheduler runs. The JSON actually used is written to RUN_DIR/deepspeed_config.json."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from ..model import token_nll
 from ..optim import param_groups
+from .distributed import broadcast_object
 from .engine import Engine, StepResult
 
 TAG = "deepspeed"
@@ -116,14 +121,91 @@ class DeepSpeedEngine(Engine):
         return StepResult(float(self.model.get_global_grad_norm()), skipped=False)
 
     def save(self, directory):
-        self.model.save_checkpoint(str(directory), tag=TAG)
+        # DeepSpeed's save ends in collectives (a barrier, ZeRO-3's re-gather), so a write that fails
+        # on one rank must not skip them or the other ranks would wait there forever: the failure is
+        # kept and raised once DeepSpeed returns, for the checkpoint code to agree on.
+        failures, writer = [], self.model.checkpoint_engine
+        write = writer.save
+
+        def save_or_remember(*args, **kwargs):
+            try:
+                write(*args, **kwargs)
+            except OSError as e:
+                failures.append(e)
+
+        writer.save = save_or_remember
+        try:
+            self.model.save_checkpoint(str(directory), tag=TAG)
+        finally:
+            del writer.save  # the instance attribute; the class's method shows through again
+        if failures:
+            raise failures[0]
         return [TAG]
 
     def load(self, directory):
-        path, _ = self.model.load_checkpoint(str(directory), tag=TAG, load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+        """Loads DeepSpeed's own files when they were written by as many ranks as this run has;
+        otherwise converts them once into a universal checkpoint beside them (DeepSpeed's
+        ds_to_universal, on rank 0) and loads that, which reshards model and optimizer state."""
+        tag = TAG if saved_world_size(directory) == self.dist.world_size else universal_checkpoint(directory,
+                                                                                                  self.dist)
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        self.model._config.load_universal_checkpoint = tag == UNIVERSAL  # read at load time only
+        try:
+            path, _ = self.model.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=False)
+        finally:
+            self.model._config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint")
+        if tag == UNIVERSAL:
+            repair_universal_load(self.optimizer, groups)
+
+
+UNIVERSAL = "deepspeed_universal"
+
+
+def saved_world_size(directory: Path) -> int:
+    """The number of data-parallel ranks that wrote a DeepSpeed checkpoint (one optimizer file each)."""
+    return len(list((Path(directory) / TAG).glob("*zero_pp_rank_*_optim_states.pt")))
+
+
+def universal_checkpoint(directory: Path, dist_info) -> str:
+    """Converts directory/deepspeed into directory/deepspeed_universal unless that exists; returns its tag."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    target = Path(directory) / UNIVERSAL
+    failure = None
+    if dist_info.is_main and not target.is_dir():
+        staging = target.with_name(UNIVERSAL + ".incomplete")
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                ds_to_universal(argparse.Namespace(
+                    input_folder=str(Path(directory) / TAG), output_folder=str(staging), num_extract_workers=1,
+                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+            os.replace(staging, target)
+        except Exception as e:  # noqa: BLE001 - reported on every rank in one line below
+            failure = f"{type(e).__name__}: {e}"
+    failure = broadcast_object(failure)
+    if failure:
+        raise ValueError(f"{directory} was written by {saved_world_size(directory)} ranks and could not be converted "
+                         f"for {dist_info.world_size} ({failure}); convert it with `python -m "
+                         f"deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder "
+                         f"{Path(directory) / TAG} --output_folder {target}`")
+    return UNIVERSAL
+
+
+def repair_universal_load(optimizer, groups: list[dict]) -> None:
+    """Undoes two slips of DeepSpeed's universal loading (0.19): it copies the hyperparameters of
+    the first parameter group onto every group (weight decay lands on norms and gates), and gives
+    every group the same step-count tensor, which fused AdamW then advances once per group."""
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update(saved)
+    for state in optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def consolidate(directory) -> dict:

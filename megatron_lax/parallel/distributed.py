@@ -70,6 +70,15 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's obj, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def shutdown() -> None:
     if is_distributed():
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,45 @@ def test_each_script_is_bash_and_python_for_its_scale(scale):
     source = (REPO / script).read_text()
     compile(source, script, "exec")
     assert f'main("{scale}")' in source
+
+
+def launch_script(tmp_path, timeout: int = 60, **env) -> subprocess.CompletedProcess:
+    """`bash run_scripts/pretrain_60m.sh` with a `deepspeed` on PATH that only records being called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "deepspeed").write_text(f"#!/usr/bin/env bash\ntouch {tmp_path / 'launcher-started'}\n")
+    (bin_dir / "deepspeed").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    return subprocess.run(["bash", "run_scripts/pretrain_60m.sh", "--train.steps", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **launcher_env(**env), "PATH": path})
+
+
+def test_hostfile_naming_a_node_that_does_not_resolve_stops_before_the_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# nodes\nlocalhost slots=1\nno-such-node.invalid slots=8\n")
+    result = launch_script(tmp_path, HOSTFILE=str(hostfile))
+    assert result.returncode == 2 and not (tmp_path / "launcher-started").exists()
+    assert result.stderr.strip() == f"error: hostfile {hostfile} names node 'no-such-node.invalid', which does not resolve"
+    hostfile.write_text("localhost slots=1\n")
+    assert launch_script(tmp_path, HOSTFILE=str(hostfile)).returncode == 0
+    assert (tmp_path / "launcher-started").exists()
+
+
+def test_master_addr_that_does_not_resolve_stops_before_torchrun(tmp_path):
+    result = launch_script(tmp_path, ENGINE="fsdp", NNODES="2", MASTER_ADDR="no-such-node.invalid")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: MASTER_ADDR names node 'no-such-node.invalid', which does not resolve"
+
+
+def test_rendezvous_that_never_completes_ends_in_one_line_within_its_timeout(tmp_path):
+    """The second of two nodes never starts: torchrun gives up after RDZV_TIMEOUT (3 s here) and the
+    launcher says why in one line, instead of waiting (torchrun's default: 600 s) or a traceback."""
+    port = free_port()
+    start = time.time()
+    result = launch_script(tmp_path, ENGINE="fsdp", NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(port), RDZV_TIMEOUT="3", RUN_DIR=str(tmp_path / "run"))
+    assert result.returncode == 2 and time.time() - start < 30
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: the c10d rendezvous at 127.0.0.1:{port} did not complete (RendezvousTimeoutError): a node did "
+        f"not start within RDZV_TIMEOUT, or the endpoint does not answer")
+    assert not (tmp_path / "run").exists()  # no worker started, nothing written

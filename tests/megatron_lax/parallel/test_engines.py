@@ -1,6 +1,7 @@
 """Every engine, for real, on 2 CPU processes (gloo), one torchrun per engine (train_runs.py runs
 several trainings in it): the first losses match a single process with the same global batch; a
-checkpoint written mid-run resumes onto the same losses; a non-finite gradient is skipped exactly as
+checkpoint written mid-run resumes onto the same losses (a DDP one also in a single process, 2 -> 1
+ranks); a non-finite gradient is skipped exactly as
 a single process skips it; the checkpoint consolidates to the single process's weights; BF16 runs
 follow FP32.
 
@@ -15,16 +16,14 @@ update would be 3% off by step 3.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, free_port, losses, run_command
+from conftest import TINY, losses
+from train_runs import launch, run_all
 
-RUNS_SCRIPT = Path(__file__).with_name("train_runs.py")
 STEPS = 4
 LAX = {**TINY, "model.method": "svd", "model.lax_gate": "identity", "train.steps": STEPS, "train.micro_batch": 2,
        "logging.log_every": 1, "checkpoint.every": 2, "optim.lr": 1e-2, "logging.lax_stats_every": 0}
@@ -50,28 +49,13 @@ def standard_runs(prepared: Path, out: Path, **engine) -> list[dict]:
             {"overrides": {**base, "logging.run_dir": out / "nan", "checkpoint.every": 0}, "nan_steps": [2]}]
 
 
-def as_json(runs: list[dict]) -> str:
-    return json.dumps([{**run, "overrides": {k: str(v) for k, v in run["overrides"].items()}} for run in runs])
-
-
-def launch(runs: list[dict], tmp_path: Path, nproc: int = 2) -> None:
-    spec = tmp_path / "runs.json"
-    spec.write_text(as_json(runs))
-    # The venv's bin first on PATH, as under the DeepSpeed launcher: DeepSpeed JIT-builds a CPU op with
-    # whichever ninja comes first, and two ninja versions rebuild it for each other (~30 s each time).
-    path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
-    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-                 "127.0.0.1", "--master_port", str(free_port()), str(RUNS_SCRIPT), str(spec)], env={"PATH": path})
-
-
 @pytest.fixture(scope="module")
 def reference(prepared_sample, tmp_path_factory) -> Path:
     """The same runs in this process with the single engine, plus a CoLA + dense-gate run."""
-    from train_runs import run_all
     out = tmp_path_factory.mktemp("single")
     runs = standard_runs(prepared_sample, out, **{"parallel.engine": "single"})
     runs.append({"overrides": {**LAX, **COLA_DENSE, "data.path": prepared_sample, "logging.run_dir": out / "cola"}})
-    run_all(json.loads(as_json([runs[0], runs[2], runs[3]])))
+    run_all([runs[0], runs[2], runs[3]])
     return out
 
 
@@ -117,7 +101,7 @@ def test_engine_matches_single_process_resumes_skips_and_consolidates(prepared_s
         user_json.write_text(json.dumps(USER_DEEPSPEED_CONFIG))
         runs.append(extra_run(prepared_sample, tmp_path, "user_json", **engine,
                              **{"parallel.deepspeed_config": user_json}))
-    launch(runs, tmp_path)
+    launch(runs, tmp_path, nproc=2)
 
     single, got = losses(reference / "full"), losses(tmp_path / "full")
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -126,6 +110,12 @@ def test_engine_matches_single_process_resumes_skips_and_consolidates(prepared_s
     resumed = losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4]
     assert all(resumed[s] == pytest.approx(got[s], rel=1e-6) for s in resumed)
+    if name == "ddp":  # 2 ranks -> 1: the DDP checkpoint resumes in a single process
+        run_all([{"overrides": {**LAX, "data.path": prepared_sample, "logging.run_dir": tmp_path / "one",
+                                "parallel.engine": "single",
+                                "checkpoint.resume": tmp_path / "full" / "checkpoints" / "step_00000002"}}])
+        one = losses(tmp_path / "one")
+        assert sorted(one) == [3, 4] and all(one[s] == pytest.approx(got[s], rel=1e-5) for s in one)
 
     skipped, single_skipped = records(tmp_path / "nan"), records(reference / "nan")
     assert [skipped[s]["skipped"] for s in sorted(skipped)] == [0, 1, 0, 0]

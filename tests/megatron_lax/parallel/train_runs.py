@@ -1,28 +1,101 @@
 """Several training runs in one process group, so that a test pays for one torchrun (and one
-DeepSpeed start) per engine:  torchrun ... train_runs.py RUNS.json
+DeepSpeed start) per launch:  torchrun ... train_runs.py RUNS.json
 
-RUNS.json is a list of {"overrides": {"section.key": value, ...}, "nan_steps": [step, ...]}; every
-run starts from the llama_tiny preset, and nan_steps poisons the gradients of those steps."""
+RUNS.json is a list of {"overrides": {"section.key": value, ...}, "nan_steps": [step, ...],
+"disk_full": {"step": S, "rank": R}}; every run starts from the llama_tiny preset. nan_steps poisons
+the gradients of those steps; disk_full makes every torch.save of rank R fail with ENOSPC while it
+writes the step-S checkpoint (inside the engine's own save too: DCP, DeepSpeed, model.pt). A run
+that ends in a CheckpointError writes the message to RUN_DIR/error_rank_R.txt on every rank, and
+the next run starts in the same process group."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
+import torch  # noqa: E402
+
 from megatron_lax import faults  # noqa: E402
+from megatron_lax.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.parallel.distributed import shutdown  # noqa: E402
 from megatron_lax.train import Trainer  # noqa: E402
+
+
+def failing_saves(trainer: Trainer, step: int):
+    """torch.save, failing with ENOSPC while the trainer writes its step-`step` checkpoint."""
+    real_save = torch.save
+
+    def save(*args, **kwargs):
+        if trainer.step == step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(*args, **kwargs)
+
+    return mock.patch.object(torch, "save", save)
+
+
+def run_one(run: dict) -> None:
+    trainer = Trainer(load_config("llama_tiny", {k: str(v) for k, v in run["overrides"].items()}))
+    disk_full = run.get("disk_full")
+    patch = failing_saves(trainer, disk_full["step"]) if disk_full and disk_full["rank"] == trainer.dist.rank \
+        else contextlib.nullcontext()
+    try:
+        with patch:
+            trainer.fit()
+    except CheckpointError as e:
+        (trainer.run_dir / f"error_rank_{trainer.dist.rank}.txt").write_text(str(e))
 
 
 def run_all(runs: list[dict]) -> None:
     for run in runs:
         faults.NAN_STEPS.clear()
         faults.NAN_STEPS.update(run.get("nan_steps", []))
-        Trainer(load_config("llama_tiny", {k: str(v) for k, v in run["overrides"].items()})).fit()
+        run_one(run)
     faults.NAN_STEPS.clear()
+
+
+def as_json(runs: list[dict]) -> str:
+    return json.dumps([{**run, "overrides": {k: str(v) for k, v in run["overrides"].items()}} for run in runs])
+
+
+def launch(runs: list[dict], tmp_path: Path, nproc: int, timeout: int = 600) -> str:
+    """Runs `runs` under torchrun with nproc processes; returns the output. A launch that outlives
+    `timeout` (a hang) is stopped, workers included, and fails the test."""
+    from conftest import REPO, free_port
+    spec = tmp_path / "runs.json"
+    spec.write_text(as_json(runs))
+    # The venv's bin first on PATH, as under the DeepSpeed launcher: DeepSpeed JIT-builds a CPU op with
+    # whichever ninja comes first, and two ninja versions rebuild it for each other (~30 s each time).
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), __file__, str(spec)]
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_launch(process)
+        raise AssertionError(f"{nproc}-process launch still running after {timeout} s (a hang?)") from None
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{output[-8000:]}"
+    return output
+
+
+def stop_launch(process: subprocess.Popen) -> None:
+    """torchrun starts each worker in a session of its own: kill them by parent, then torchrun."""
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        os.kill(pid, signal.SIGKILL)
+    process.kill()
+    process.communicate()
 
 
 if __name__ == "__main__":
