@@ -54,6 +54,91 @@ def hf_config(cfg: ModelConfig) -> dict:
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
 
+# --- Hugging Face LLaMA -> our dense model (the inverse of hf_state_dict / hf_config) -----------------
+
+def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
+    """Our dense ModelConfig for a Hugging Face LLaMA config.json, refusing in one line what our model
+    does not compute the same way."""
+    heads = hf.get("num_attention_heads")
+    refusals = [
+        (hf.get("model_type", "llama") != "llama", f"model_type {hf.get('model_type')!r} is not llama"),
+        (hf.get("num_key_value_heads", heads) != heads,
+         f"grouped-query attention (num_key_value_heads {hf.get('num_key_value_heads')} != num_attention_heads "
+         f"{heads}) is not supported"),
+        (hf.get("rope_scaling") is not None, f"rope_scaling {hf.get('rope_scaling')} is not supported"),
+        (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} is not silu"),
+        (bool(hf.get("attention_bias")) or bool(hf.get("mlp_bias")), "attention or MLP biases are not supported"),
+        (heads and hf.get("head_dim", hf.get("hidden_size", 0) // heads) != hf.get("hidden_size", 0) // heads,
+         "a head_dim other than hidden_size / num_attention_heads is not supported"),
+    ]
+    for refused, reason in refusals:
+        if refused:
+            raise ValueError(f"{where}: {reason}")
+    try:
+        return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+                           ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+                           norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(hf.get("rope_theta", 10000.0)),
+                           max_seq_len=hf.get("max_position_embeddings", 2048), method="dense")
+    except KeyError as e:
+        raise ValueError(f"{where}: config.json has no {e.args[0]}") from None
+
+
+def state_dict_from_hf(weights: dict, n_layers: int, tied: bool = False) -> dict:
+    """Our dense model's state dict from Hugging Face LLaMA weights (rotary buffers ignored; a tied
+    LM head is copied from the embedding)."""
+    ours = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
+            "lm_head.weight": "lm_head.weight"}
+    for i in range(n_layers):
+        ours.update({f"model.layers.{i}.{theirs}.weight": f"layers.{i}.{mine}.weight" for mine, theirs in HF_NAMES.items()})
+    if tied and "lm_head.weight" not in weights:
+        weights = {**weights, "lm_head.weight": weights["model.embed_tokens.weight"]}
+    unexpected = [k for k in weights if k not in ours and not k.endswith("rotary_emb.inv_freq")]
+    missing = [k for k in ours if k not in weights]
+    if unexpected or missing:
+        raise ValueError(f"the weights do not fit a LLaMA of {n_layers} layers: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return {ours[k]: v.float() for k, v in weights.items() if k in ours}
+
+
+def read_hf_weights(directory: Path) -> dict:
+    """Every tensor of model.safetensors / pytorch_model.bin, or of their sharded index."""
+    from safetensors.torch import load_file
+    load = {".safetensors": lambda p: load_file(str(p)),
+            ".bin": lambda p: torch.load(p, map_location="cpu", weights_only=True)}
+    for stem, suffix in (("model", ".safetensors"), ("pytorch_model", ".bin")):
+        if (directory / f"{stem}{suffix}").is_file():
+            return load[suffix](directory / f"{stem}{suffix}")
+        index = directory / f"{stem}{suffix}.index.json"
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise ValueError(f"{index}: not a valid weight index") from None
+            return {k: v for shard in shards for k, v in load[suffix](directory / shard).items()}
+    raise ValueError(f"{directory}: no model.safetensors, pytorch_model.bin or sharded index")
+
+
+def load_hf_llama(directory) -> LlamaLax:
+    """A local Hugging Face LlamaForCausalLM directory as our dense LlamaLax (fp32, CPU)."""
+    directory = Path(directory)
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{directory / 'config.json'}: cannot read it ({e})") from None
+    cfg = model_config_from_hf(hf, str(directory))
+    try:
+        weights = read_hf_weights(directory)
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{directory}: cannot read the weights ({str(e).splitlines()[0]})") from None
+    model = LlamaLax(cfg, init_seed=None)
+    state = state_dict_from_hf(weights, cfg.n_layers, tied=bool(hf.get("tie_word_embeddings", False)))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{directory}: the weights do not fit config.json ({str(e).splitlines()[-1].strip()})") from None
+    return model.eval()
+
+
 def copy_tokenizer(spec: str, output: Path) -> None:
     source = Path(spec)
     if source.is_dir():
