@@ -10,7 +10,8 @@ writes
 Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
 add, add three numbers); `output` is a worked solution ending in "The answer is N." Operands are
 split by number: a test problem uses only numbers that never appear as an operand of a training
-problem (multiplications use the numbers up to 12 of each side). The narrative text states facts
+problem (multiplications use the numbers up to 12 of each side). Solutions are the equations, one
+per step, so that greedy decoding without a KV cache stays affordable on a CPU. The narrative text states facts
 over every number, as a base model's general knowledge would; it never uses the problem templates.
 The same arguments always write the same bytes.
 """
@@ -55,7 +56,7 @@ def add(rng, pick):
     n, _ = _people(rng)
     t = rng.choice(THINGS)
     question = f"{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?"
-    steps = f"{n} starts with {a} {t} and gets {b} more, so {n} has {a} + {b} = {a + b} {t}."
+    steps = f"{a} + {b} = {a + b}."
     return question, steps, a + b
 
 
@@ -64,7 +65,7 @@ def take_away(rng, pick):
     n, m = _people(rng)
     t = rng.choice(THINGS)
     question = f"{n} has {a} {t}. {n} gives {b} {t} to {m}. How many {t} does {n} have left?"
-    steps = f"{n} starts with {a} {t} and gives away {b}, so {n} has {a} - {b} = {a - b} {t} left."
+    steps = f"{a} - {b} = {a - b}."
     return question, steps, a - b
 
 
@@ -73,7 +74,7 @@ def compare(rng, pick):
     n, m = _people(rng)
     t = rng.choice(THINGS)
     question = f"{n} has {a} {t} and {m} has {b} {t}. How many more {t} does {n} have than {m}?"
-    steps = f"{n} has {a} {t} and {m} has {b}, so {n} has {a} - {b} = {a - b} more {t}."
+    steps = f"{a} - {b} = {a - b}."
     return question, steps, a - b
 
 
@@ -82,7 +83,7 @@ def multiply(rng, pick_factor):
     plural, single = rng.choice(CONTAINERS)
     t = rng.choice(THINGS)
     question = f"There are {a} {plural} with {b} {t} in each {single}. How many {t} are there in total?"
-    steps = f"There are {a} {plural} of {b} {t}, so there are {a} x {b} = {a * b} {t}."
+    steps = f"{a} x {b} = {a * b}."
     return question, steps, a * b
 
 
@@ -95,8 +96,7 @@ def add_then_take_away(rng, pick):
     t = rng.choice(THINGS)
     question = (f"{n} has {a} {t}. {n} buys {b} more {t} and then gives {c} {t} to {m}. "
                 f"How many {t} does {n} have now?")
-    steps = (f"After buying, {n} has {a} + {b} = {a + b} {t}. After giving {c} away, {n} has "
-             f"{a + b} - {c} = {a + b - c} {t}.")
+    steps = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}."
     return question, steps, a + b - c
 
 
@@ -107,7 +107,7 @@ def multiply_then_add(rng, pick, pick_factor):
     t = rng.choice(THINGS)
     question = (f"{n} has {c} {t} and buys {a} {plural} with {b} {t} in each {single}. "
                 f"How many {t} does {n} have now?")
-    steps = f"The {plural} hold {a} x {b} = {a * b} {t}. Together {n} has {a * b} + {c} = {a * b + c} {t}."
+    steps = f"{a} x {b} = {a * b}. {a * b} + {c} = {a * b + c}."
     return question, steps, a * b + c
 
 
@@ -116,7 +116,7 @@ def add_three(rng, pick):
     n, _ = _people(rng)
     t = rng.choice(THINGS)
     question = (f"{n} counts {a} red {t}, {b} blue {t} and {c} green {t}. How many {t} does {n} count in all?")
-    steps = f"Red and blue make {a} + {b} = {a + b} {t}. Adding the green ones gives {a + b} + {c} = {a + b + c} {t}."
+    steps = f"{a} + {b} = {a + b}. {a + b} + {c} = {a + b + c}."
     return question, steps, a + b + c
 
 
@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=Path("data/arithmetic"))
     parser.add_argument("--train", type=int, default=2000, help="training problems")
     parser.add_argument("--test", type=int, default=300, help="test problems")
-    parser.add_argument("--documents", type=int, default=4000, help="narrative pre-training documents")
+    parser.add_argument("--documents", type=int, default=6000, help="narrative pre-training documents")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     pools = make(args.output, args.train, args.test, args.documents, args.seed)

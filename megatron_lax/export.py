@@ -7,6 +7,13 @@ Dense models, and SVD models without LaX (their factors merged, W = B A), become
 `from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they are written in our
 own format (config.yaml + model.safetensors) and loaded with `megatron_lax.load_pretrained(DIR)`.
 The tokenizer the run used is copied alongside when it is a local directory or file.
+
+Fine-tuning runs (python -m megatron_lax.finetune): plain LoRA adapters are written in PEFT's format
+(adapter_config.json + adapter_model.safetensors, for `peft.PeftModel.from_pretrained` on the Hugging
+Face export of the base, which goes to DIR/base unless the base already is a Hugging Face directory);
+with --merge they are folded into the base weights and written as a Hugging Face model. LaX-LoRA
+adapters read the previous block's latent, so no weight matrix holds them: they are written in our
+format (adapters only, config.yaml naming the base) and loaded with `load_lax_lora(DIR)`.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v"
             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
             "mlp.down": "mlp.down_proj", "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 OUR_FORMAT = "megatron_lax.json"
+LAX_LORA_FORMAT = "megatron_lax_lora.json"
 
 
 def mergeable(cfg: ModelConfig) -> bool:
@@ -154,8 +162,7 @@ def export(checkpoint_dir: Path, output: Path) -> str:
     model, cfg, _ = load_model(checkpoint_dir, torch.device("cpu"))
     output.mkdir(parents=True, exist_ok=True)
     if mergeable(cfg.model):
-        save_file(hf_state_dict(model), str(output / "model.safetensors"), metadata={"format": "pt"})
-        (output / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=1))
+        write_huggingface(model, cfg.model, output)
         kind = "huggingface"
     else:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output / "model.safetensors"))
@@ -164,6 +171,85 @@ def export(checkpoint_dir: Path, output: Path) -> str:
         kind = "megatron_lax"
     copy_tokenizer(cfg.data.tokenizer, output)
     return kind
+
+
+# --- fine-tuned adapters -------------------------------------------------------------------------------
+
+def peft_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
+    """Plain LoRA adapters under the names PEFT writes for LlamaForCausalLM."""
+    from .lora import LoraLinear
+    out = {}
+    for i, block in enumerate(model.layers):
+        for ours, theirs in HF_NAMES.items():
+            module = block.get_submodule(ours)
+            if isinstance(module, LoraLinear):
+                at = f"base_model.model.model.layers.{i}.{theirs}"
+                out[f"{at}.lora_A.weight"] = module.adapter.A.weight
+                out[f"{at}.lora_B.weight"] = module.adapter.B.weight
+    return {k: v.detach().contiguous().float() for k, v in out.items()}
+
+
+def peft_config(cfg, base_path: str) -> dict:
+    targets = [HF_NAMES[f"{'attn' if t in ('q', 'k', 'v', 'o') else 'mlp'}.{t}"].split(".")[1] for t in cfg.lora.targets]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_path, "r": cfg.lora.rank,
+            "lora_alpha": cfg.lora.alpha, "lora_dropout": cfg.lora.dropout, "target_modules": targets,
+            "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False}
+
+
+def write_huggingface(model: LlamaLax, cfg: ModelConfig, output: Path) -> None:
+    from safetensors.torch import save_file
+    output.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state_dict(model), str(output / "model.safetensors"), metadata={"format": "pt"})
+    (output / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+
+
+def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False) -> str:
+    """Writes a fine-tuning run's adapters (see the module docstring); returns the format written."""
+    from safetensors.torch import save_file
+
+    from .finetune import base_kind, load_finetuned
+    from .lora import adapter_state_dict, merge_lora, strip_lora, uses_lax
+
+    model, cfg, _ = load_finetuned(checkpoint_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(cfg.data.tokenizer, output)
+    if merge:
+        write_huggingface(merge_lora(model), cfg.model, output)
+        return "huggingface (merged)"
+    if uses_lax(model):
+        save_file({k: v.contiguous() for k, v in adapter_state_dict(model.state_dict()).items()},
+                  str(output / "adapter_model.safetensors"))
+        (output / "config.yaml").write_text(dump_yaml(cfg))
+        (output / LAX_LORA_FORMAT).write_text(json.dumps({"format": "megatron_lax_lora", "version": 1}))
+        return "megatron_lax LaX-LoRA"
+    save_file(peft_state_dict(model), str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
+    base_path = cfg.finetune.base
+    if base_kind(base_path) != "huggingface":
+        base_path = str(output / "base")
+        write_huggingface(strip_lora(model), cfg.model, Path(base_path))
+    (output / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_path), indent=1))
+    return "peft"
+
+
+def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> LlamaLax:
+    """A LaX-LoRA export on its base (the one the run used unless `base` names another copy)."""
+    from safetensors.torch import load_file
+
+    from .finetune import load_base
+    from .lora import apply_lora
+
+    directory = Path(directory)
+    if not (directory / LAX_LORA_FORMAT).is_file():
+        raise ValueError(f"{directory} is not a LaX-LoRA export")
+    cfg = load_config(str(directory / "config.yaml"))
+    model = apply_lora(load_base(base or cfg.finetune.base), cfg.lora)
+    adapters = load_file(str(directory / "adapter_model.safetensors"))
+    missing, unexpected = model.load_state_dict(adapters, strict=False)
+    missing = [k for k in missing if ".adapter." in k]
+    if missing or unexpected:
+        raise ValueError(f"{directory}: the adapters do not fit the base (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return model.to(device).eval()
 
 
 def load_pretrained(directory, device: str = "cpu") -> LlamaLax:
@@ -184,9 +270,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
     parser.add_argument("--output", required=True, type=Path)
+    parser.add_argument("--merge", action="store_true", help="fine-tuning runs: fold plain LoRA into the base weights")
     args = parser.parse_args(argv)
     try:
-        kind = export(args.checkpoint, args.output)
+        from .finetune import is_finetune_run
+        if is_finetune_run(args.checkpoint):
+            kind = export_finetuned(args.checkpoint, args.output, args.merge)
+        elif args.merge:
+            raise ValueError("--merge applies to fine-tuning runs only")
+        else:
+            kind = export(args.checkpoint, args.output)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
