@@ -92,8 +92,15 @@ def load_finetuned(path, device: torch.device = torch.device("cpu")):
 
     ckpt = checkpoint.resolve_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
+    state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     model = apply_lora(LlamaLax(cfg.model, init_seed=None), cfg.lora, seed=cfg.train.seed)
-    model.load_state_dict({k: v.float() for k, v in consolidated_state_dict(ckpt).items()})
+    frozen_missing = [k for k in model.state_dict() if k not in state and ".adapter." not in k]
+    if frozen_missing:  # DeepSpeed ZeRO-1/2 consolidates the trained parameters only; the frozen ones are the base's
+        model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (missing and not frozen_missing):
+        raise checkpoint.CheckpointError(f"{ckpt}: the checkpoint does not fit its config (missing {missing[:3]}, "
+                                         f"unexpected {unexpected[:3]})")
     return model.to(device).eval(), cfg, ckpt
 
 

@@ -154,13 +154,13 @@ def table(results: list[dict]) -> str:
     for result in results:
         by_method[result["method"]].append(result)
     files = [Path(f["file"]).stem for f in results[0]["files"]]
-    lines = [f"| method | runs | trainable (%) | {' | '.join(files)} | avg |",
+    lines = [f"| method | runs | trainable parameters | {' | '.join(files)} | avg |",
              "|---" * (len(files) + 4) + "|"]
     for method, runs in by_method.items():
         cells = [mean_spread([run["files"][i]["accuracy"] for run in runs]) for i in range(len(files))]
         average = mean_spread([statistics.fmean(f["accuracy"] for f in run["files"]) for run in runs])
-        share = 100 * runs[0]["trainable"] / runs[0]["parameters"]
-        lines.append(f"| {method} | {len(runs)} | {share:.2f} | {' | '.join(cells)} | {average} |")
+        share = f"{runs[0]['trainable']:,} ({100 * runs[0]['trainable'] / runs[0]['parameters']:.2f}%)"
+        lines.append(f"| {method} | {len(runs)} | {share} | {' | '.join(cells)} | {average} |")
     return "\n".join(lines)
 
 

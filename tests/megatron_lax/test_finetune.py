@@ -1,9 +1,10 @@
 """Fine-tuning end to end on a tiny pre-trained base: the step-0 identity, learning, exact resume,
-engine parity on 2 processes, bases of every kind (ours, SVD merged, Hugging Face, sharded, tied),
+engine parity on 2 processes (DDP, FSDP2, ZeRO-2), bases of every kind (ours, SVD merged, Hugging Face, sharded, tied),
 refusals in one line, and exports (PEFT, merged, LaX-LoRA)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -98,24 +99,30 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, task, lora_run, t
         trainer(base, task, tmp_path / "other", lora__rank=8, checkpoint__resume=lora_run / "checkpoints" / "step_00000003").fit()
 
 
-def test_ddp_and_fsdp2_on_two_processes_match_one_process(base, task, tmp_path):
+ENGINES = {"ddp": {"parallel__engine": "ddp"}, "fsdp": {"parallel__engine": "fsdp"},
+           "zero2": {"parallel__engine": "deepspeed", "parallel__zero_stage": 2}}
+
+
+def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_path):
     lax = {"lora__lax_gate": "linear", "train__micro_batch": 2}
     single = tmp_path / "single"
     trainer(base, task, single, **lax).fit()
-    runs = [settings(base, task, tmp_path / engine, parallel__engine=engine, **lax) for engine in ("ddp", "fsdp")]
+    runs = [settings(base, task, tmp_path / name, **engine, **lax) for name, engine in ENGINES.items()]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]  # DeepSpeed's ninja: see test_engines
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                 "--master_port", str(free_port()), str(RUNS_SCRIPT), str(spec)])
+                 "--master_port", str(free_port()), str(RUNS_SCRIPT), str(spec)], env={"PATH": path})
     reference = losses(single)
-    for engine in ("ddp", "fsdp"):
-        got = losses(tmp_path / engine)
+    for name in ENGINES:
+        got = losses(tmp_path / name)
         assert sorted(got) == sorted(reference) == list(range(1, 7))
-        assert all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in got), (engine, got, reference)
+        assert all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in got), (name, got, reference)
     one, _, _ = load_finetuned(single)
-    two, _, _ = load_finetuned(tmp_path / "fsdp")  # FSDP2's sharded checkpoint, consolidated
     with torch.no_grad():
-        torch.testing.assert_close(two(TOKENS), one(TOKENS), rtol=1e-4, atol=1e-4)
+        expected = one(TOKENS)
+        for name in ("fsdp", "zero2"):  # sharded checkpoints, consolidated (ZeRO-2's without the frozen base)
+            torch.testing.assert_close(load_finetuned(tmp_path / name)[0](TOKENS), expected, rtol=1e-4, atol=1e-4)
 
 
 # --- bases and bad input ------------------------------------------------------------------------------
@@ -216,3 +223,22 @@ def test_lax_lora_exports_in_our_format_and_refuses_to_merge(lax_run, tmp_path):
         assert torch.equal(loaded(TOKENS), ours(TOKENS))
     with pytest.raises(ValueError, match="cannot be merged"):
         export_finetuned(lax_run, tmp_path / "merged", merge=True)
+
+
+# --- evaluation -------------------------------------------------------------------------------------
+
+def test_evaluate_command_writes_accuracy_for_a_run_and_for_its_base(lora_run, base, task, tmp_path, capsys):
+    from megatron_lax import finetune_eval
+    out = tmp_path / "acc.json"
+    assert finetune_eval.main(["evaluate", "--checkpoint", str(lora_run), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["method"] == "LoRA" and report["trainable"] == 6144 and report["seed"] == 0
+    test, = report["files"]
+    assert test["n"] == 10 and 0 <= test["accuracy"] <= 1 and len(test["examples"]) == 5
+    assert finetune_eval.main(["evaluate", "--base", str(base), "--test", str(task / "test.json"), "--output",
+                               str(tmp_path / "base.json")]) == 0
+    assert json.loads((tmp_path / "base.json").read_text())["method"] == "base"
+    assert finetune_eval.main(["table", str(out), str(tmp_path / "base.json")]) == 0
+    assert "| LoRA | 1 |" in capsys.readouterr().out
+    assert finetune_eval.main(["evaluate", "--base", str(tmp_path / "nothing"), "--test", "x.json"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: finetune.base {tmp_path / 'nothing'}: no such directory"

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The paper's section-5 comparison at CPU scale (docs/FINETUNING.md): pre-train the small arithmetic
+# base, then fine-tune it with LoRA, LaX-LoRA (identity gate) and LaX-LoRA (linear gate), same rank,
+# same steps, several seeds each, and compare greedy-answer accuracy on the shipped test problems
+# (operands never seen in training problems) with the base model's.
+#
+#   bash run_scripts/reproduce_finetune.sh [--section.key value ...]     (extra overrides for every fine-tune)
+#
+# Variables: OUT (runs/finetune_arithmetic), SEEDS ("0 1 2"), GATES ("none identity linear"),
+# PYTHON (python). Writes $OUT/table.md; finished steps (a run's `done` file) are not repeated.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+out=${OUT:-runs/finetune_arithmetic}
+seeds=${SEEDS:-"0 1 2"}
+gates=${GATES:-"none identity linear"}
+mkdir -p "$out"
+SECONDS=0
+
+step() {  # step DIR COMMAND...: runs once; the log stays in DIR/log
+  local dir=$1; shift
+  [ -f "$dir/done" ] && return
+  mkdir -p "$dir"
+  "$@" > "$dir/log" 2>&1 || { echo "error: $* failed, see $dir/log" >&2; tail -5 "$dir/log" >&2; exit 1; }
+  touch "$dir/done"
+}
+
+[ -f data/arithmetic/test.json ] || "$py" -m data_prep.make_arithmetic --output data/arithmetic
+echo "base model ($out/base)"
+step "$out/base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
+  --logging.run_dir "$out/base" --logging.progress false --logging.tensorboard false
+step "$out/base/eval" "$py" -m megatron_lax.finetune_eval evaluate --base "$out/base" \
+  --test data/arithmetic/test.json --max-new-tokens 40 --output "$out/base/eval/accuracy.json"
+results=("$out/base/eval/accuracy.json")
+
+for seed in $seeds; do
+  for gate in $gates; do
+    run="$out/gate_$gate/seed$seed"
+    echo "fine-tune: lora.lax_gate $gate, seed $seed ($run)"
+    step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$out/base" \
+      --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
+      --logging.progress false "$@"
+    step "$run/eval" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --output "$run/eval/accuracy.json"
+    results+=("$run/eval/accuracy.json")
+  done
+done
+
+"$py" -m megatron_lax.finetune_eval table "${results[@]}" --output "$out/table.md"
+echo "seeds: $seeds; total time ${SECONDS}s" | tee -a "$out/table.md"
