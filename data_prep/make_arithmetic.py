@@ -10,7 +10,7 @@ writes
 Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
 add, add three numbers); `output` is a worked solution ending in "The answer is N." Operands are
 split by number: a test problem uses only numbers that never appear as an operand of a training
-problem (multiplications use the numbers up to 12 of each side). Solutions are the equations, one
+problem (multiplications use the numbers up to 9 of each side). Solutions are the equations, one
 per step, so that greedy decoding without a KV cache stays affordable on a CPU. The narrative text states facts
 over every number, as a base model's general knowledge would; it never uses the problem templates.
 The same arguments always write the same bytes.
@@ -28,9 +28,9 @@ NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ine
 THINGS = ["apples", "marbles", "stickers", "pencils", "books", "shells", "cookies", "stamps", "coins", "cards",
           "buttons", "flowers", "eggs", "candles", "ribbons"]
 CONTAINERS = [("boxes", "box"), ("bags", "bag"), ("rows", "row"), ("jars", "jar"), ("baskets", "basket")]
-MAX_NUMBER = 49  # operands are 2..MAX_NUMBER
-MAX_FACTOR = 12  # multiplication operands are 2..MAX_FACTOR
-TEST_SHARE = 0.25
+MAX_NUMBER = 25  # operands are 2..MAX_NUMBER
+MAX_FACTOR = 9  # multiplication operands are 2..MAX_FACTOR
+TEST_SHARE = 0.3
 
 
 def operand_pools(seed: int) -> dict[str, list[int]]:
@@ -138,19 +138,22 @@ def problems(n: int, numbers: list[int], seed: str) -> list[dict]:
 # --- narrative text for pre-training ----------------------------------------------------------------
 
 def narrative_sentence(rng: random.Random) -> str:
+    """One sentence stating a fact of the kind a problem's step needs: a first operand up to the
+    largest intermediate result (a sum of two operands, or a product), a second up to MAX_NUMBER."""
     n, m = _people(rng)
     t = rng.choice(THINGS)
-    a, b = rng.randint(2, MAX_NUMBER), rng.randint(2, MAX_NUMBER)
+    a = rng.randint(2, rng.choice([MAX_NUMBER, 2 * MAX_NUMBER, MAX_FACTOR ** 2]))
+    b = rng.randint(2, MAX_NUMBER)
     x, y = rng.randint(2, MAX_FACTOR), rng.randint(2, MAX_FACTOR)
-    hi, lo = max(a, b), min(a, b)
+    hi, lo = a + b, b
     plural, _ = rng.choice(CONTAINERS)
     return rng.choice([
         f"In the morning {n} found {a} {t}, and by the evening {b} more had turned up, which made {a + b} {t}.",
         f"{n} put {a} {t} on the table and {m} added {b}; {a} + {b} = {a + b}, so there were {a + b} {t}.",
         f"Of the {hi} {t} in the drawer, {m} took {lo}, and {hi} - {lo} = {hi - lo} {t} stayed behind.",
-        f"{n} had {hi} {t} but lost {lo} of them on the way home, leaving {hi - lo}.",
+        f"{n} had {hi} {t} but lost {lo} of them on the way home, leaving {hi} - {lo} = {hi - lo}.",
         f"{m} kept {x} {plural} of {y} {t} each in the shed, {x} x {y} = {x * y} {t} altogether.",
-        f"Since {x} times {y} is {x * y}, the {x} {plural} held {x * y} {t}.",
+        f"Since {x} x {y} = {x * y}, the {x} {plural} held {x * y} {t}.",
         f"{n} counted again: {a} plus {b} is {a + b}, and {hi} minus {lo} is {hi - lo}.",
         f"The market sold {a} {t} before noon and {b} after it, {a + b} {t} in one day.",
     ])
@@ -189,8 +192,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.make_arithmetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", type=Path, default=Path("data/arithmetic"))
-    parser.add_argument("--train", type=int, default=2000, help="training problems")
-    parser.add_argument("--test", type=int, default=300, help="test problems")
+    parser.add_argument("--train", type=int, default=1500, help="training problems")
+    parser.add_argument("--test", type=int, default=240, help="test problems")
     parser.add_argument("--documents", type=int, default=6000, help="narrative pre-training documents")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -7,13 +7,15 @@
 #   bash run_scripts/reproduce_finetune.sh [--section.key value ...]     (extra overrides for every fine-tune)
 #
 # Variables: OUT (runs/finetune_arithmetic), SEEDS ("0 1 2"), GATES ("none identity linear"),
-# PYTHON (python). Writes $OUT/table.md; finished steps (a run's `done` file) are not repeated.
+# JOBS (2: fine-tunes run side by side, one core each), PYTHON (python). Writes $OUT/table.md;
+# finished steps (a `done` file) are not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
 out=${OUT:-runs/finetune_arithmetic}
 seeds=${SEEDS:-"0 1 2"}
 gates=${GATES:-"none identity linear"}
+jobs=${JOBS:-2}
 mkdir -p "$out"
 SECONDS=0
 
@@ -33,17 +35,24 @@ step "$out/base/eval" "$py" -m megatron_lax.finetune_eval evaluate --base "$out/
   --test data/arithmetic/test.json --max-new-tokens 40 --output "$out/base/eval/accuracy.json"
 results=("$out/base/eval/accuracy.json")
 
+finetune_and_evaluate() {  # RUN GATE SEED [overrides...]
+  local run=$1 gate=$2 seed=$3; shift 3
+  step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$out/base" \
+    --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
+    --logging.progress false "$@"
+  step "$run/eval" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --output "$run/eval/accuracy.json"
+}
+
 for seed in $seeds; do
   for gate in $gates; do
     run="$out/gate_$gate/seed$seed"
     echo "fine-tune: lora.lax_gate $gate, seed $seed ($run)"
-    step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$out/base" \
-      --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
-      --logging.progress false "$@"
-    step "$run/eval" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --output "$run/eval/accuracy.json"
+    while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+    finetune_and_evaluate "$run" "$gate" "$seed" "$@" &
     results+=("$run/eval/accuracy.json")
   done
 done
+while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
 
 "$py" -m megatron_lax.finetune_eval table "${results[@]}" --output "$out/table.md"
 echo "seeds: $seeds; total time ${SECONDS}s" | tee -a "$out/table.md"

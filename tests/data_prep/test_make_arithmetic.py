@@ -40,5 +40,5 @@ def test_test_operands_never_appear_in_training_problems():
 def test_the_shipped_task_is_what_the_generator_writes(tmp_path_factory, name):
     out = tmp_path_factory.getbasetemp() / "arithmetic"
     if not (out / "test.json").is_file():
-        make(out, 2000, 300, 6000, 0)
+        make(out, 1500, 240, 6000, 0)
     assert (out / name).read_bytes() == (REPO / "data" / "arithmetic" / name).read_bytes()
