@@ -169,9 +169,10 @@ def read_results(paths: list[str]) -> list[dict]:
     for path in paths:
         try:
             result = json.loads(Path(path).read_text())
-            result["method"], result["files"], result["trainable"], result["parameters"]  # noqa: B018
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}: not a finetune_eval result ({type(e).__name__}: {e})") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a finetune_eval result ({e})") from None
+        if not isinstance(result, dict) or not {"method", "files", "trainable", "parameters"} <= result.keys():
+            raise ValueError(f"{path}: not a finetune_eval result (method, files, trainable or parameters missing)")
         results.append(result)
     if not results:
         raise ValueError("no result files given")

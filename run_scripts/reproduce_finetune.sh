@@ -6,9 +6,9 @@
 #
 #   bash run_scripts/reproduce_finetune.sh [--section.key value ...]     (extra overrides for every fine-tune)
 #
-# Variables: OUT (runs/finetune_arithmetic), SEEDS ("0 1 2"), GATES ("none identity linear"),
-# JOBS (2: fine-tunes run side by side, one core each), PYTHON (python). Writes $OUT/table.md;
-# finished steps (a `done` file) are not repeated.
+# Variables: OUT (runs/finetune_arithmetic), BASE (an already trained base; default: train $OUT/base),
+# SEEDS ("0 1 2"), GATES ("none identity linear"), JOBS (2: fine-tunes run side by side, one core
+# each), PYTHON (python). Writes $OUT/table.md; finished steps (a `done` file) are not repeated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
@@ -28,16 +28,17 @@ step() {  # step DIR COMMAND...: runs once; the log stays in DIR/log
 }
 
 [ -f data/arithmetic/test.json ] || "$py" -m data_prep.make_arithmetic --output data/arithmetic
-echo "base model ($out/base)"
-step "$out/base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
-  --logging.run_dir "$out/base" --logging.progress false --logging.tensorboard false
-step "$out/base/eval" "$py" -m megatron_lax.finetune_eval evaluate --base "$out/base" \
-  --test data/arithmetic/test.json --max-new-tokens 40 --output "$out/base/eval/accuracy.json"
-results=("$out/base/eval/accuracy.json")
+base=${BASE:-$out/base}
+echo "base model ($base)"
+[ -n "${BASE:-}" ] || step "$base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
+  --logging.run_dir "$base" --logging.progress false --logging.tensorboard false
+step "$out/base_eval" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" \
+  --test data/arithmetic/test.json --max-new-tokens 40 --output "$out/base_eval/accuracy.json" &
+results=("$out/base_eval/accuracy.json")
 
 finetune_and_evaluate() {  # RUN GATE SEED [overrides...]
   local run=$1 gate=$2 seed=$3; shift 3
-  step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$out/base" \
+  step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$base" \
     --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
     --logging.progress false "$@"
   step "$run/eval" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --output "$run/eval/accuracy.json"

@@ -13,6 +13,7 @@ import torch
 
 from conftest import TINY, free_port, losses, run_command
 from megatron_lax.config import load_config
+from megatron_lax.evaluate import load_model
 from megatron_lax.export import export, export_finetuned, load_hf_llama, load_lax_lora
 from megatron_lax.finetune import FinetuneTrainer, load_base, load_finetuned, main
 from megatron_lax.model import token_nll
@@ -147,7 +148,7 @@ def test_bases_of_every_kind_load_as_the_same_dense_model(prepared_sample, base,
     weights = load_file(str(hf_dir / "model.safetensors"))
     save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, str(tied / "model.safetensors"))
     svd = pretrained(prepared_sample, tmp_path / "svd", **{"model.method": "svd"})
-    svd_model, _, _ = __import__("megatron_lax.evaluate", fromlist=["load_model"]).load_model(svd, torch.device("cpu"))
+    svd_model, _, _ = load_model(svd, torch.device("cpu"))
     with torch.no_grad():
         expected = ours(TOKENS)
         for other in (hf_dir, sharded):
