@@ -64,6 +64,9 @@ def load_base(spec: str) -> LlamaLax:
     kind = base_kind(spec)
     if kind == "huggingface":
         return load_hf_llama(spec)
+    if kind == "checkpoint" and is_finetune_run(spec):
+        raise ValueError(f"finetune.base {spec} is a fine-tuning run; export it with --merge (plain LoRA) and "
+                         f"use the export as the base")
     model = load_pretrained(spec) if kind == "export" else load_model(Path(spec), torch.device("cpu"))[0]
     cfg = model.cfg
     if cfg.method == "dense":

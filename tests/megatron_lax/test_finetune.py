@@ -185,6 +185,10 @@ def test_bad_bases_and_adapters_that_do_not_fit_fail_in_one_line(prepared_sample
     assert "train.json: cannot read it" in one_line_error(capsys, settings(base, tmp_path, tmp_path / "h"))
 
 
+def test_a_fine_tuning_run_is_refused_as_a_base(lora_run, task, tmp_path, capsys):
+    assert "is a fine-tuning run; export it with --merge" in one_line_error(capsys, settings(lora_run, task, tmp_path))
+
+
 def test_broken_training_records_are_skipped_counted_and_reported(base, task, tmp_path, capsys):
     records = json.loads((task / "train.json").read_text())
     broken = tmp_path / "train.json"
