@@ -5,6 +5,7 @@ arithmetic text in the allenai/c4 layout for pre-training a base model that can 
 
 writes
     DIR/train.json, DIR/test.json      [{"instruction", "input": "", "output", "answer"}, ...]
+    DIR/test_seen_operands.json        a diagnostic: new problems over the training operands
     DIR/pretrain/arith-{train,validation}.00000-of-00001.json.gz     narrative text, C4 layout
 
 Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
@@ -178,8 +179,12 @@ def write_c4_shard(path: Path, documents: list[str]) -> None:
 def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int) -> dict:
     pools = operand_pools(seed)
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "train.json", problems(n_train, pools["train"], f"train-{seed}"))
+    train = problems(n_train, pools["train"], f"train-{seed}")
+    write_json(output / "train.json", train)
     write_json(output / "test.json", problems(n_test, pools["test"], f"test-{seed}"))
+    seen = {r["instruction"] for r in train}
+    write_json(output / "test_seen_operands.json",
+               [r for r in problems(2 * n_test, pools["train"], f"seen-{seed}") if r["instruction"] not in seen][:n_test])
     (output / "pretrain").mkdir(exist_ok=True)
     write_c4_shard(output / "pretrain" / "arith-train.00000-of-00001.json.gz",
                    narrative_documents(n_documents, f"narrative-train-{seed}"))

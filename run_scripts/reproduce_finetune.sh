@@ -2,7 +2,8 @@
 # The paper's section-5 comparison at CPU scale (docs/FINETUNING.md): pre-train the small arithmetic
 # base, then fine-tune it with LoRA, LaX-LoRA (identity gate) and LaX-LoRA (linear gate), same rank,
 # same steps, several seeds each, and compare greedy-answer accuracy on the shipped test problems
-# (operands never seen in training problems) with the base model's.
+# (operands never seen in training problems) with the base model's; also on new problems over the
+# training operands (test_seen_operands.json), a diagnostic of what the fine-tunes learned.
 #
 #   bash run_scripts/reproduce_finetune.sh [--section.key value ...]     (extra overrides for every fine-tune)
 #
@@ -16,6 +17,7 @@ out=${OUT:-runs/finetune_arithmetic}
 seeds=${SEEDS:-"0 1 2"}
 gates=${GATES:-"none identity linear"}
 jobs=${JOBS:-2}
+tests=(data/arithmetic/test.json data/arithmetic/test_seen_operands.json)
 mkdir -p "$out"
 SECONDS=0
 
@@ -32,16 +34,17 @@ base=${BASE:-$out/base}
 echo "base model ($base)"
 [ -n "${BASE:-}" ] || step "$base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
   --logging.run_dir "$base" --logging.progress false --logging.tensorboard false
-step "$out/base_eval" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" \
-  --test data/arithmetic/test.json --max-new-tokens 40 --output "$out/base_eval/accuracy.json" &
-results=("$out/base_eval/accuracy.json")
+step "$out/base_accuracy" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" --test "${tests[@]}" \
+  --max-new-tokens 40 --output "$out/base_accuracy/accuracy.json" &
+results=("$out/base_accuracy/accuracy.json")
 
 finetune_and_evaluate() {  # RUN GATE SEED [overrides...]
   local run=$1 gate=$2 seed=$3; shift 3
   step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$base" \
     --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
     --logging.progress false "$@"
-  step "$run/eval" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --output "$run/eval/accuracy.json"
+  step "$run/accuracy" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --test "${tests[@]}" \
+    --output "$run/accuracy/accuracy.json"
 }
 
 for seed in $seeds; do
@@ -50,7 +53,7 @@ for seed in $seeds; do
     echo "fine-tune: lora.lax_gate $gate, seed $seed ($run)"
     while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
     finetune_and_evaluate "$run" "$gate" "$seed" "$@" &
-    results+=("$run/eval/accuracy.json")
+    results+=("$run/accuracy/accuracy.json")
   done
 done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done

@@ -27,6 +27,7 @@ def test_solutions_are_correct_and_end_in_the_answer():
 
 
 def test_test_operands_never_appear_in_training_problems():
+    """(test_seen_operands.json, a diagnostic, uses the training operands in problems not in train.json)"""
     pools = operand_pools(0)
     assert not set(pools["train"]) & set(pools["test"])
     assert any(n <= 12 for n in pools["test"]) and any(n > 12 for n in pools["test"])
@@ -35,7 +36,8 @@ def test_test_operands_never_appear_in_training_problems():
     assert train <= set(pools["train"]) and test <= set(pools["test"])
 
 
-@pytest.mark.parametrize("name", ["train.json", "test.json", "pretrain/arith-train.00000-of-00001.json.gz",
+@pytest.mark.parametrize("name", ["train.json", "test.json", "test_seen_operands.json",
+                                  "pretrain/arith-train.00000-of-00001.json.gz",
                                   "pretrain/arith-validation.00000-of-00001.json.gz"])
 def test_the_shipped_task_is_what_the_generator_writes(tmp_path_factory, name):
     out = tmp_path_factory.getbasetemp() / "arithmetic"
