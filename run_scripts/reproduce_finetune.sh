@@ -59,4 +59,6 @@ done
 while [ "$(jobs -rp | wc -l)" -gt 0 ]; do wait -n; done
 
 "$py" -m megatron_lax.finetune_eval table "${results[@]}" --output "$out/table.md"
-echo "seeds: $seeds; total time ${SECONDS}s" | tee -a "$out/table.md"
+times > "$out/times"  # in this shell: the CPU time of every command it ran (children of a $(...) would not count)
+echo "seeds: $seeds; total time ${SECONDS}s; CPU time of the commands (user, system): $(tail -1 "$out/times")" \
+  | tee -a "$out/table.md"
