@@ -7,7 +7,8 @@
 #
 #   bash run_scripts/reproduce_finetune.sh [--section.key value ...]     (extra overrides for every fine-tune)
 #
-# Variables: OUT (runs/finetune_arithmetic), BASE (an already trained base; default: train $OUT/base),
+# Variables: OUT (runs/finetune_arithmetic), BASE (an already trained base, whose accuracy is then not
+# measured again; default: train $OUT/base),
 # SEEDS ("0 1 2"), GATES ("none identity linear"), JOBS (2: fine-tunes run side by side, one core
 # each), PYTHON (python). Writes $OUT/table.md; finished steps (a `done` file) are not repeated.
 set -euo pipefail
@@ -34,9 +35,12 @@ base=${BASE:-$out/base}
 echo "base model ($base)"
 [ -n "${BASE:-}" ] || step "$base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
   --logging.run_dir "$base" --logging.progress false --logging.tensorboard false
-step "$out/base_accuracy" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" --test "${tests[@]}" \
-  --max-new-tokens 40 --output "$out/base_accuracy/accuracy.json" &
-results=("$out/base_accuracy/accuracy.json")
+results=()
+if [ -z "${BASE:-}" ]; then
+  step "$out/base_accuracy" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" --test "${tests[@]}" \
+    --max-new-tokens 40 --output "$out/base_accuracy/accuracy.json" &
+  results+=("$out/base_accuracy/accuracy.json")
+fi
 
 finetune_and_evaluate() {  # RUN GATE SEED [overrides...]
   local run=$1 gate=$2 seed=$3; shift 3
