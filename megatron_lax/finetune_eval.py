@@ -130,6 +130,7 @@ def evaluate(checkpoint_dir: Path | None, base: str | None, tests: list[str], ma
     from tokenizer import load_tokenizer
 
     model, tokenizer_spec, run_cfg, info = load_for_eval(checkpoint_dir, base)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     tests = tests or (run_cfg.test_json if run_cfg else [])
     if not tests:
         raise ValueError("no test files: give --test or set finetune.test_json in the run's config")
