@@ -22,7 +22,8 @@ setup(
         "deepspeed": ["deepspeed>=0.16"],
         "hf": ["transformers>=4.45", "datasets"],
         "plot": ["matplotlib"],
-        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "matplotlib"],
+        "finetune": ["peft"],
+        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "matplotlib", "peft"],
     },
     entry_points={
         "console_scripts": [
@@ -32,6 +33,8 @@ setup(
             "megatron-lax-export=megatron_lax.export:main",
             "megatron-lax-generate=megatron_lax.generate:main",
             "megatron-lax-compare=megatron_lax.compare:main",
+            "megatron-lax-finetune=megatron_lax.finetune:main",
+            "megatron-lax-finetune-eval=megatron_lax.finetune_eval:main",
             "megatron-lax-prepare=data_prep.prepare:main",
             "megatron-lax-tokenizer=tokenizer.train:main",
         ],

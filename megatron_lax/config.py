@@ -2,7 +2,8 @@
 `--section.key value` command-line overrides.
 
 A config file is YAML with an optional top-level `preset:` (a name from PRESETS) and one mapping
-per section (`model:`, `optim:`, `data:`, `train:`, `parallel:`, `checkpoint:`, `logging:`).
+per section (`model:`, `optim:`, `data:`, `train:`, `parallel:`, `checkpoint:`, `logging:`, and for
+fine-tuning `lora:` and `finetune:`).
 Values are applied in this order: dataclass defaults, the preset, the file, the command line.
 """
 from __future__ import annotations
@@ -136,6 +137,31 @@ class LoggingConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Adapters on a frozen base (python -m megatron_lax.finetune); the paper's Tables 15-18."""
+    rank: int = 32
+    alpha: float = 64.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list = field(default_factory=lambda: ["q", "k", "v", "up", "down"])
+    lax_gate: str = "none"  # none (plain LoRA) | identity | linear | dense | tensor
+    lax_norm: bool = True  # LayerNorm on the crossed latent A x + G(z_prev)
+    lax_latent: str = "output"  # as model.lax_latent: output (after sum and LayerNorm) | projection (A x)
+
+
+@dataclass
+class FinetuneConfig:
+    """Instruction data (LLM-Adapters layout) and the model the adapters go on."""
+    base: str = ""  # a run/checkpoint directory, a megatron_lax export, or a Hugging Face LlamaForCausalLM directory
+    tokenizer: str = ""  # empty: the base's own
+    train_json: str = ""
+    test_json: list = field(default_factory=list)  # evaluated by python -m megatron_lax.finetune_eval
+    cutoff_len: int = 256  # tokens of prompt + response + EOS; longer examples are cut
+    val_size: int = 120  # examples held out of train_json for the validation loss (at least 1)
+    epochs: int = 3  # used when train.steps is 0
+    max_new_tokens: int = 64  # greedy decoding at evaluation
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -144,6 +170,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -316,6 +344,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.global_batch and train.micro_batch must be positive")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
+    validate_lora(cfg.lora, cfg.finetune)
+
+
+def validate_lora(lora: LoraConfig, finetune: FinetuneConfig) -> None:
+    if lora.rank <= 0:
+        raise ConfigError(f"lora.rank must be positive, got {lora.rank}")
+    if not 0.0 <= lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must lie in [0, 1), got {lora.dropout}")
+    unknown = [p for p in lora.targets if p not in PROJECTIONS]
+    if unknown or not lora.targets:
+        raise ConfigError(f"lora.targets has unknown projections {unknown} (known: {', '.join(PROJECTIONS)})")
+    if lora.lax_gate not in GATES:
+        raise ConfigError(f"lora.lax_gate {lora.lax_gate!r} is unknown (choose from {', '.join(GATES)})")
+    if lora.lax_latent not in ("output", "projection"):
+        raise ConfigError(f"lora.lax_latent {lora.lax_latent!r} is unknown (output or projection)")
+    if finetune.cutoff_len < 2 or finetune.epochs <= 0 or finetune.val_size <= 0:
+        raise ConfigError("finetune.cutoff_len must be at least 2, finetune.epochs and finetune.val_size positive")
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -73,12 +73,27 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
         seed_everything(cfg.train.seed)
-        self.data_path, _ = prepare_data(cfg, self.dist)
         t = cfg.train
         per_step = t.micro_batch * self.dist.world_size
         if t.global_batch % per_step:
             raise ConfigError(f"train.global_batch {t.global_batch} is not a multiple of micro_batch x ranks = {per_step}")
         self.accumulation = t.global_batch // per_step
+        self.build_data()
+        self.engine = build_engine(cfg, self.build_model(), self.dist)
+        self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in self.validation_batches()]
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, cfg.logging.tensorboard)
+        self.step, self.tokens, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
+        self.first_loss: float | None = None  # the divergence detector's reference (train.stop_if_diverged)
+        self.last_val: dict = {}
+        self.best_val_ppl = math.inf
+
+    # --- what a subclass (megatron_lax.finetune) replaces ----------------------------------------------
+
+    def build_data(self) -> None:
+        """Sets self.loader (this rank's micro-batches), self.n_params and self.total_steps."""
+        cfg, t = self.cfg, self.cfg.train
+        self.data_path, _ = prepare_data(cfg, self.dist)
         self.loader = data.TrainLoader(self.data_path, cfg.data.seq_len, cfg.data.mode, t.global_batch,
                                        t.micro_batch, self.dist.rank, self.dist.world_size, cfg.data.seed,
                                        t.allow_repetition)
@@ -88,17 +103,40 @@ class Trainer:
             raise ValueError(f"{self.total_steps} steps need {self.total_steps * t.global_batch:,} sequences but the "
                              f"prepared data ({cfg.data.mode} mode) offers {self.loader.sequences_per_epoch:,} per "
                              f"epoch; add data or set train.allow_repetition true")
-        self.engine = build_engine(cfg, ModelRecipe(build=lambda: LlamaLax(cfg.model, init_seed=None),
-                                                    initialize=lambda model: init_weights(model, t.seed)), self.dist)
-        self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in data.validation_batches(
-            self.data_path, cfg.data.seq_len, t.micro_batch, t.eval_tokens or cfg.data.val_tokens,
-            cfg.data.mode, self.dist.rank, self.dist.world_size)]
-        self.run_dir = Path(cfg.logging.run_dir)
-        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, cfg.logging.tensorboard)
-        self.step, self.tokens, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
-        self.first_loss: float | None = None  # the divergence detector's reference (train.stop_if_diverged)
-        self.last_val: dict = {}
-        self.best_val_ppl = math.inf
+
+    def build_model(self) -> ModelRecipe | torch.nn.Module:
+        """A recipe (the engine builds the model on the meta device or partitioned, then initialises
+        it) or a built model."""
+        cfg = self.cfg
+        return ModelRecipe(build=lambda: LlamaLax(cfg.model, init_seed=None),
+                           initialize=lambda model: init_weights(model, cfg.train.seed))
+
+    def validation_batches(self) -> list:
+        cfg, t = self.cfg, self.cfg.train
+        return data.validation_batches(self.data_path, cfg.data.seq_len, t.micro_batch,
+                                       t.eval_tokens or cfg.data.val_tokens, cfg.data.mode, self.dist.rank,
+                                       self.dist.world_size)
+
+    def learning_rate(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.cfg.optim)
+
+    def describe(self) -> str:
+        cfg, t = self.cfg, self.cfg.train
+        return (f"model: {cfg.model.method}{' + LaX (' + cfg.model.lax_gate + ')' if cfg.model.uses_lax else ''}, "
+                f"{self.n_params / 1e6:.2f}M parameters; {self.total_steps} steps of {t.global_batch} x "
+                f"{cfg.data.seq_len} tokens on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, "
+                f"precision {self.engine.precision}")
+
+    def throughput_basis(self) -> tuple[float, float]:
+        """(tokens per optimizer step, training FLOPs per token) for tokens/s and MFU."""
+        cfg = self.cfg
+        return cfg.train.global_batch * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+
+    def baselines(self) -> dict:
+        """Reference numbers logged beside the final validation (main rank only)."""
+        cfg = self.cfg
+        return {"unigram_ppl": data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
+                                                       cfg.train.eval_tokens or cfg.data.val_tokens)}
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -160,7 +198,7 @@ class Trainer:
             nll, _ = self.engine.forward_backward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
                                                   loss_weight, sync=i == len(micro_batches) - 1)
             total_nll += nll.float()
-        lr = lr_at(self.step, self.total_steps, self.cfg.optim)
+        lr = self.learning_rate(self.step)
         result = self.engine.step(lr)
         loss = float(all_reduce_sum(total_nll) / scored)
         self.step += 1
@@ -220,13 +258,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / FINISHED).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
-            self.log(f"model: {cfg.model.method}"
-                     f"{' + LaX (' + cfg.model.lax_gate + ')' if cfg.model.uses_lax else ''}, "
-                     f"{self.n_params / 1e6:.2f}M parameters; {self.total_steps} steps of {t.global_batch} x "
-                     f"{cfg.data.seq_len} tokens on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, "
-                     f"precision {self.engine.precision}")
-        tokens_per_step = t.global_batch * cfg.data.seq_len
-        flops_per_tok = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+            self.log(self.describe())
+        tokens_per_step, flops_per_tok = self.throughput_basis()
         cluster_peak = introspection.peak_flops(self.dist.device, cfg.logging.peak_flops) * self.dist.world_size
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.dist.is_main and cfg.logging.progress),
                    dynamic_ncols=True, desc="train")
@@ -286,13 +319,15 @@ class Trainer:
         summary = {"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
                    "best_val_ppl": self.best_val_ppl, "steps": self.step, "tokens": self.tokens,
                    "seconds": time.time() - start, "checkpoint": str(path), "run_dir": str(self.run_dir)}
+        baselines = self.baselines() if self.dist.is_main else {}
+        if baselines:
+            summary.update(baselines)
+            self.metrics.log({"step": self.step, **baselines}, prefix="val")
         if self.dist.is_main:
-            summary["unigram_ppl"] = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
-                                                             t.eval_tokens or cfg.data.val_tokens)
-            self.metrics.log({"step": self.step, "unigram_ppl": summary["unigram_ppl"]}, prefix="val")
             (self.run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
-        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens "
-                 f"(unigram baseline {summary.get('unigram_ppl', float('nan')):.2f}); "
+        shown = ", ".join(f"{k.removesuffix('_ppl')} baseline {v:.2f}" for k, v in baselines.items())
+        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens"
+                 f"{' (' + shown + ')' if shown else ''}; "
                  f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "
                  f"logs {self.run_dir / 'metrics.jsonl'}")
         self.metrics.close()

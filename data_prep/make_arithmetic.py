@@ -1,0 +1,212 @@
+"""A deterministic arithmetic word-problem task in the math_10k layout (LLM-Adapters), and narrative
+arithmetic text in the allenai/c4 layout for pre-training a base model that can read such problems:
+
+    python -m data_prep.make_arithmetic --output data/arithmetic [--train 2000] [--test 300] [--seed 0]
+
+writes
+    DIR/train.json, DIR/test.json      [{"instruction", "input": "", "output", "answer"}, ...]
+    DIR/test_seen_operands.json        a diagnostic: new problems over the training operands
+    DIR/pretrain/arith-{train,validation}.00000-of-00001.json.gz     narrative text, C4 layout
+
+Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
+add, add three numbers); `output` is a worked solution ending in "The answer is N." Operands are
+split by number: a test problem uses only numbers that never appear as an operand of a training
+problem (multiplications use the numbers up to 9 of each side). Solutions are the equations, one
+per step, so that greedy decoding without a KV cache stays affordable on a CPU. The narrative text states facts
+over every number, as a base model's general knowledge would; it never uses the problem templates.
+The same arguments always write the same bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from pathlib import Path
+
+NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
+         "Maya", "Noah", "Olga", "Pablo", "Rosa", "Sam", "Tara", "Victor"]
+THINGS = ["apples", "marbles", "stickers", "pencils", "books", "shells", "cookies", "stamps", "coins", "cards",
+          "buttons", "flowers", "eggs", "candles", "ribbons"]
+CONTAINERS = [("boxes", "box"), ("bags", "bag"), ("rows", "row"), ("jars", "jar"), ("baskets", "basket")]
+MAX_NUMBER = 25  # operands are 2..MAX_NUMBER
+MAX_FACTOR = 9  # multiplication operands are 2..MAX_FACTOR
+TEST_SHARE = 0.3
+
+
+def operand_pools(seed: int) -> dict[str, list[int]]:
+    """Disjoint train/test operand numbers, within the small factors and within the rest separately
+    so that both sides have multiplication operands."""
+    rng = random.Random(f"pools-{seed}")
+    pools = {"train": [], "test": []}
+    for block in (list(range(2, MAX_FACTOR + 1)), list(range(MAX_FACTOR + 1, MAX_NUMBER + 1))):
+        rng.shuffle(block)
+        cut = round(len(block) * TEST_SHARE)
+        pools["test"] += sorted(block[:cut])
+        pools["train"] += sorted(block[cut:])
+    return {side: sorted(numbers) for side, numbers in pools.items()}
+
+
+def _people(rng):
+    first, second = rng.sample(NAMES, 2)
+    return first, second
+
+
+def add(rng, pick):
+    a, b = pick(), pick()
+    n, _ = _people(rng)
+    t = rng.choice(THINGS)
+    question = f"{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?"
+    steps = f"{a} + {b} = {a + b}."
+    return question, steps, a + b
+
+
+def take_away(rng, pick):
+    a, b = sorted((pick(), pick()), reverse=True)
+    n, m = _people(rng)
+    t = rng.choice(THINGS)
+    question = f"{n} has {a} {t}. {n} gives {b} {t} to {m}. How many {t} does {n} have left?"
+    steps = f"{a} - {b} = {a - b}."
+    return question, steps, a - b
+
+
+def compare(rng, pick):
+    a, b = sorted((pick(), pick()), reverse=True)
+    n, m = _people(rng)
+    t = rng.choice(THINGS)
+    question = f"{n} has {a} {t} and {m} has {b} {t}. How many more {t} does {n} have than {m}?"
+    steps = f"{a} - {b} = {a - b}."
+    return question, steps, a - b
+
+
+def multiply(rng, pick_factor):
+    a, b = pick_factor(), pick_factor()
+    plural, single = rng.choice(CONTAINERS)
+    t = rng.choice(THINGS)
+    question = f"There are {a} {plural} with {b} {t} in each {single}. How many {t} are there in total?"
+    steps = f"{a} x {b} = {a * b}."
+    return question, steps, a * b
+
+
+def add_then_take_away(rng, pick):
+    a, b = pick(), pick()
+    c = pick()
+    while c > a + b:
+        c = pick()
+    n, m = _people(rng)
+    t = rng.choice(THINGS)
+    question = (f"{n} has {a} {t}. {n} buys {b} more {t} and then gives {c} {t} to {m}. "
+                f"How many {t} does {n} have now?")
+    steps = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}."
+    return question, steps, a + b - c
+
+
+def multiply_then_add(rng, pick, pick_factor):
+    a, b, c = pick_factor(), pick_factor(), pick()
+    plural, single = rng.choice(CONTAINERS)
+    n, _ = _people(rng)
+    t = rng.choice(THINGS)
+    question = (f"{n} has {c} {t} and buys {a} {plural} with {b} {t} in each {single}. "
+                f"How many {t} does {n} have now?")
+    steps = f"{a} x {b} = {a * b}. {a * b} + {c} = {a * b + c}."
+    return question, steps, a * b + c
+
+
+def add_three(rng, pick):
+    a, b, c = pick(), pick(), pick()
+    n, _ = _people(rng)
+    t = rng.choice(THINGS)
+    question = (f"{n} counts {a} red {t}, {b} blue {t} and {c} green {t}. How many {t} does {n} count in all?")
+    steps = f"{a} + {b} = {a + b}. {a + b} + {c} = {a + b + c}."
+    return question, steps, a + b + c
+
+
+def problem(rng: random.Random, numbers: list[int]) -> dict:
+    factors = [n for n in numbers if n <= MAX_FACTOR]
+    pick, pick_factor = (lambda: rng.choice(numbers)), (lambda: rng.choice(factors))
+    kinds = [lambda: add(rng, pick), lambda: take_away(rng, pick), lambda: compare(rng, pick),
+             lambda: multiply(rng, pick_factor), lambda: add_then_take_away(rng, pick),
+             lambda: multiply_then_add(rng, pick, pick_factor), lambda: add_three(rng, pick)]
+    question, steps, answer = rng.choice(kinds)()
+    return {"instruction": question, "input": "", "output": f"{steps} The answer is {answer}.", "answer": str(answer)}
+
+
+def problems(n: int, numbers: list[int], seed: str) -> list[dict]:
+    rng = random.Random(seed)
+    return [problem(rng, numbers) for _ in range(n)]
+
+
+# --- narrative text for pre-training ----------------------------------------------------------------
+
+def narrative_sentence(rng: random.Random) -> str:
+    """One sentence stating a fact of the kind a problem's step needs: a first operand up to the
+    largest intermediate result (a sum of two operands, or a product), a second up to MAX_NUMBER."""
+    n, m = _people(rng)
+    t = rng.choice(THINGS)
+    a = rng.randint(2, rng.choice([MAX_NUMBER, 2 * MAX_NUMBER, MAX_FACTOR ** 2]))
+    b = rng.randint(2, MAX_NUMBER)
+    x, y = rng.randint(2, MAX_FACTOR), rng.randint(2, MAX_FACTOR)
+    hi, lo = a + b, b
+    plural, _ = rng.choice(CONTAINERS)
+    return rng.choice([
+        f"In the morning {n} found {a} {t}, and by the evening {b} more had turned up, which made {a + b} {t}.",
+        f"{n} put {a} {t} on the table and {m} added {b}; {a} + {b} = {a + b}, so there were {a + b} {t}.",
+        f"Of the {hi} {t} in the drawer, {m} took {lo}, and {hi} - {lo} = {hi - lo} {t} stayed behind.",
+        f"{n} had {hi} {t} but lost {lo} of them on the way home, leaving {hi} - {lo} = {hi - lo}.",
+        f"{m} kept {x} {plural} of {y} {t} each in the shed, {x} x {y} = {x * y} {t} altogether.",
+        f"Since {x} x {y} = {x * y}, the {x} {plural} held {x * y} {t}.",
+        f"{n} counted again: {a} plus {b} is {a + b}, and {hi} minus {lo} is {hi - lo}.",
+        f"The market sold {a} {t} before noon and {b} after it, {a + b} {t} in one day.",
+    ])
+
+
+def narrative_documents(n: int, seed: str) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(narrative_sentence(rng) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def write_json(path: Path, records: list[dict]) -> None:
+    path.write_text(json.dumps(records, indent=1) + "\n")
+
+
+def write_c4_shard(path: Path, documents: list[str]) -> None:
+    with gzip.GzipFile(path, "wb", mtime=0) as raw:  # mtime 0: the same bytes on every run
+        for i, text in enumerate(documents):
+            record = {"text": text, "timestamp": "2024-01-01T00:00:00Z", "url": f"arithmetic://{path.name}/{i}"}
+            raw.write((json.dumps(record) + "\n").encode("utf-8"))
+
+
+def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int) -> dict:
+    pools = operand_pools(seed)
+    output.mkdir(parents=True, exist_ok=True)
+    train = problems(n_train, pools["train"], f"train-{seed}")
+    write_json(output / "train.json", train)
+    write_json(output / "test.json", problems(n_test, pools["test"], f"test-{seed}"))
+    seen = {r["instruction"] for r in train}
+    write_json(output / "test_seen_operands.json",
+               [r for r in problems(2 * n_test, pools["train"], f"seen-{seed}") if r["instruction"] not in seen][:n_test])
+    (output / "pretrain").mkdir(exist_ok=True)
+    write_c4_shard(output / "pretrain" / "arith-train.00000-of-00001.json.gz",
+                   narrative_documents(n_documents, f"narrative-train-{seed}"))
+    write_c4_shard(output / "pretrain" / "arith-validation.00000-of-00001.json.gz",
+                   narrative_documents(max(1, n_documents // 20), f"narrative-validation-{seed}"))
+    return pools
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.make_arithmetic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("data/arithmetic"))
+    parser.add_argument("--train", type=int, default=1500, help="training problems")
+    parser.add_argument("--test", type=int, default=240, help="test problems")
+    parser.add_argument("--documents", type=int, default=6000, help="narrative pre-training documents")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pools = make(args.output, args.train, args.test, args.documents, args.seed)
+    print(f"wrote {args.train} training and {args.test} test problems and {args.documents} narrative documents to "
+          f"{args.output}; test operands {pools['test']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

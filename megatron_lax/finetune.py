@@ -1,0 +1,243 @@
+"""LoRA and LaX-LoRA fine-tuning on instruction data:
+
+    python -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml [--section.key value ...]
+
+The base (finetune.base) is one of our run or checkpoint directories (any engine), one of our
+exports, or a local Hugging Face LlamaForCausalLM directory; it is frozen, and adapters go on the
+projections in lora.targets (lora.lax_gate other than none adds LaX between blocks). Everything
+else is pre-training's: the engines, precision, run directory, metrics, checkpoints and exact
+resume. The schedule is LLM-Adapters': linear warmup over optim.warmup_steps, then linear decay to 0.
+Accuracy on test files: python -m megatron_lax.finetune_eval.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, instruct
+from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
+from .lora import apply_lora, trainable_parameters
+from .model import LlamaLax, flops_per_token
+from .optim import warmup_steps
+from .train import Trainer, TrainingError
+
+
+# --- the base model ---------------------------------------------------------------------------------
+
+def base_kind(spec: str) -> str:
+    """`huggingface`, `export` (ours) or `checkpoint`; a path that is none of them raises ValueError."""
+    from .export import OUR_FORMAT
+    path = Path(spec)
+    if not spec:
+        raise ValueError("finetune.base is not set (a run or checkpoint directory, an export, or a Hugging Face "
+                         "LlamaForCausalLM directory)")
+    if not path.is_dir():
+        raise ValueError(f"finetune.base {spec}: no such directory")
+    if (path / "config.json").is_file():
+        return "huggingface"
+    return "export" if (path / OUR_FORMAT).is_file() else "checkpoint"
+
+
+def base_tokenizer(spec: str) -> str:
+    """Where the base's tokenizer lives: beside a Hugging Face model, in an export's tokenizer/, or
+    the one a run was trained with."""
+    kind, path = base_kind(spec), Path(spec)
+    if kind == "checkpoint":
+        return checkpoint.checkpoint_config(path).data.tokenizer
+    if kind == "huggingface" and not (path / "tokenizer").is_dir():
+        return str(path)
+    return str(path / "tokenizer")
+
+
+def load_base(spec: str) -> LlamaLax:
+    """The base as a dense fp32 LlamaLax on the CPU. SVD models without LaX are merged (W = B A);
+    CoLA and LaX models are refused: their projections are not single weight matrices."""
+    from .evaluate import load_model
+    from .export import hf_state_dict, load_hf_llama, load_pretrained, mergeable, state_dict_from_hf
+
+    kind = base_kind(spec)
+    if kind == "huggingface":
+        return load_hf_llama(spec)
+    if kind == "checkpoint" and is_finetune_run(spec):
+        raise ValueError(f"finetune.base {spec} is a fine-tuning run; export it with --merge (plain LoRA) and "
+                         f"use the export as the base")
+    model = load_pretrained(spec) if kind == "export" else load_model(Path(spec), torch.device("cpu"))[0]
+    cfg = model.cfg
+    if cfg.method == "dense":
+        return model
+    if not mergeable(cfg):
+        what = "a CoLA" if cfg.method == "cola" else "a LaX"
+        raise ValueError(f"finetune.base {spec} is {what} model: LoRA needs plain linear projections (only dense "
+                         f"and SVD-without-LaX bases can be fine-tuned)")
+    dense_cfg = dataclasses.replace(cfg, method="dense", rank=0, attn_rank=None, mlp_rank=None)
+    dense = LlamaLax(dense_cfg, init_seed=None)
+    dense.load_state_dict(state_dict_from_hf(hf_state_dict(model), cfg.n_layers))
+    return dense.eval()
+
+
+def build_finetune_model(cfg: Config) -> LlamaLax:
+    """The frozen base with adapters; sets cfg.model to the base's shape, so the run's config
+    describes the model its checkpoints hold."""
+    model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+    cfg.model = dataclasses.replace(model.cfg)
+    return model
+
+
+def load_finetuned(path, device: torch.device = torch.device("cpu")):
+    """(model, config, checkpoint directory) of a fine-tuning run or checkpoint of any engine."""
+    from .parallel import consolidated_state_dict
+
+    ckpt = checkpoint.resolve_checkpoint_dir(path)
+    cfg = checkpoint.checkpoint_config(ckpt)
+    state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
+    model = apply_lora(LlamaLax(cfg.model, init_seed=None), cfg.lora, seed=cfg.train.seed)
+    frozen_missing = [k for k in model.state_dict() if k not in state and ".adapter." not in k]
+    if frozen_missing:  # DeepSpeed ZeRO-1/2 consolidates the trained parameters only; the frozen ones are the base's
+        model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or (missing and not frozen_missing):
+        raise checkpoint.CheckpointError(f"{ckpt}: the checkpoint does not fit its config (missing {missing[:3]}, "
+                                         f"unexpected {unexpected[:3]})")
+    return model.to(device).eval(), cfg, ckpt
+
+
+def is_finetune_run(path) -> bool:
+    return bool(checkpoint.checkpoint_config(Path(path)).finetune.base)
+
+
+def linear_lr(step: int, total_steps: int, warmup: int, peak: float) -> float:
+    """Linear warmup from 0 to the peak, then linear decay to 0 at the end (LLM-Adapters' schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def method_label(cfg: Config) -> str:
+    gate = cfg.lora.lax_gate
+    return "LoRA" if gate == "none" else f"LaX-LoRA ({gate}{'' if cfg.lora.lax_norm else ', no LayerNorm'})"
+
+
+# --- the trainer --------------------------------------------------------------------------------------
+
+# Fields whose change makes a fine-tuning checkpoint unusable for a resume (pre-training's shape
+# fields are checked too).
+RESUME_FIELDS = {"lora": ("rank", "targets", "lax_gate", "lax_norm", "lax_latent"),
+                 "finetune": ("train_json", "cutoff_len", "val_size")}
+
+
+class FinetuneTrainer(Trainer):
+    """Pre-training's loop, engines and checkpoints, with instruction data and an adapted model."""
+
+    def build_data(self) -> None:
+        from tokenizer import load_tokenizer
+
+        cfg, t, f = self.cfg, self.cfg.train, self.cfg.finetune
+        cfg.data.tokenizer = f.tokenizer or base_tokenizer(f.base)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        records, skipped = instruct.read_records(f.train_json)
+        examples = instruct.tokenize(records, self.tokenizer, f.cutoff_len, skipped)
+        if skipped:
+            self.log(instruct.describe_skipped(f.train_json, skipped))
+        if not examples:
+            raise ValueError(f"{f.train_json}: no usable training examples")
+        train, self.val_examples = instruct.split_validation(examples, f.val_size, cfg.data.seed)
+        self.pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id >= 0 else self.tokenizer.eos_id
+        self.loader = instruct.InstructLoader(train, t.global_batch, t.micro_batch, self.pad_id, self.dist.rank,
+                                              self.dist.world_size, cfg.data.seed)
+        self.total_steps = t.steps or f.epochs * self.loader.steps_per_epoch
+        self.mean_length = statistics.fmean(len(e.ids) - 1 for e in train)
+
+    def build_model(self) -> torch.nn.Module:
+        model = build_finetune_model(self.cfg)
+        if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} entries but the base model's vocabulary "
+                             f"has {self.cfg.model.vocab_size}")
+        self.n_params, self.n_trainable = sum(p.numel() for p in model.parameters()), trainable_parameters(model)
+        return model
+
+    def validation_batches(self) -> list:
+        """This rank's share of the held-out examples. Every rank gets as many batches (a short rank
+        repeats an example with nothing scored), so sharded engines meet in every forward."""
+        world, micro = self.dist.world_size, self.cfg.train.micro_batch
+        mine = self.val_examples[self.dist.rank::world]
+        batches = instruct.batches(mine, micro, self.pad_id)
+        per_rank = -(-len(self.val_examples) // (world * micro)) if world > 1 else len(batches)
+        while len(batches) < per_rank:
+            x, y = instruct.collate(self.val_examples[:1], self.pad_id)
+            batches.append((x, torch.full_like(y, instruct.IGNORE)))
+        return batches
+
+    def learning_rate(self, step: int) -> float:
+        return linear_lr(step, self.total_steps, warmup_steps(self.cfg.optim, self.total_steps), self.cfg.optim.lr)
+
+    def describe(self) -> str:
+        cfg, t = self.cfg, self.cfg.train
+        return (f"{method_label(cfg)} r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}: "
+                f"{self.n_trainable:,} trainable of {self.n_params:,} parameters "
+                f"({100 * self.n_trainable / self.n_params:.2f}%); {self.total_steps} steps of {t.global_batch} "
+                f"examples ({len(self.loader.examples)} training, {len(self.val_examples)} held out) on "
+                f"{self.dist.world_size} rank(s), engine {cfg.parallel.engine}, precision {self.engine.precision}")
+
+    def throughput_basis(self) -> tuple[float, float]:
+        """Tokens per step on average (padding excluded). FLOPs per token: the frozen base needs the
+        forward and the backward to its inputs but no weight gradients, about 2x the forward."""
+        length = max(1, round(self.mean_length))
+        return self.cfg.train.global_batch * self.mean_length, 2 * flops_per_token(self.cfg.model, length)["forward"]
+
+    def baselines(self) -> dict:
+        return {}
+
+    def resume(self) -> None:
+        if self.cfg.checkpoint.resume != "none":
+            found = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, lambda _: None)
+            if found is not None:
+                check_same_adapters(found, self.cfg)
+        super().resume()
+
+
+def check_same_adapters(directory: Path, cfg: Config) -> None:
+    saved = checkpoint.checkpoint_config(directory)
+    differences = [f"{section}.{name}: {getattr(getattr(saved, section), name)!r} -> "
+                   f"{getattr(getattr(cfg, section), name)!r}"
+                   for section, names in RESUME_FIELDS.items() for name in names
+                   if getattr(getattr(saved, section), name) != getattr(getattr(cfg, section), name)]
+    if differences:
+        raise checkpoint.CheckpointError(f"cannot resume from {directory} with other adapters or data: "
+                                         + "; ".join(differences))
+
+
+def finetune(cfg: Config) -> dict:
+    from .parallel.distributed import shutdown
+    try:
+        return FinetuneTrainer(cfg).fit()
+    finally:
+        shutdown()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        summary = finetune(cfg)
+    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: summary[k] for k in ("val_loss", "val_ppl", "steps", "checkpoint") if k in summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Instruction data in the LLM-Adapters layout (math_10k, commonsense_170k): a JSON array, or JSON
+lines, of {"instruction", "input", "output", optional "answer"}.
+
+An example is the prompt (the Alpaca template LLM-Adapters uses, with the indentation its source
+leaves in the string taken out), then the response and EOS, cut to `cutoff_len` tokens. Only the
+response and EOS are scored. Micro-batches are right-padded to their longest example, padding
+unscored, and nothing is packed. Each epoch visits the examples in a seeded permutation; the
+loader's state is (epoch, step, micro-batch), so a resumed run sees exactly the remaining batches.
+
+Malformed records never stop a run: each is skipped and counted by reason.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import IGNORE
+
+WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+              "Write a response that appropriately completes the request.\n\n"
+              "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+WITHOUT_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+SKIP_REASONS = ("broken_json", "not_an_object", "missing_field", "not_a_string", "empty_output", "prompt_too_long")
+
+
+def prompt(record: dict) -> str:
+    """The text before the response."""
+    template = WITH_INPUT if record.get("input") else WITHOUT_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+# --- reading ------------------------------------------------------------------------------------------
+
+def parse_json_records(text: str, skipped: Counter) -> list:
+    """The values of a JSON array or of JSON lines. A damaged array keeps every element before the
+    damage; a damaged line is skipped. Either counts as broken_json."""
+    decoder = json.JSONDecoder()
+    stripped = text.lstrip()
+    if not stripped.startswith("["):
+        values = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    values.append(json.loads(line))
+                except json.JSONDecodeError:
+                    skipped["broken_json"] += 1
+        return values
+    values, pos = [], 1
+    while True:
+        while pos < len(stripped) and stripped[pos] in " \t\r\n,":
+            pos += 1
+        if pos < len(stripped) and stripped[pos] == "]":
+            return values
+        try:
+            value, pos = decoder.raw_decode(stripped, pos)
+        except json.JSONDecodeError:
+            skipped["broken_json"] += 1
+            return values
+        values.append(value)
+
+
+def problem_with(value) -> str | None:
+    """Why a parsed value is not a usable record, or None."""
+    if not isinstance(value, dict):
+        return "not_an_object"
+    if "instruction" not in value or "output" not in value:
+        return "missing_field"
+    if any(not isinstance(value.get(k, ""), str) for k in ("instruction", "input", "output")):
+        return "not_a_string"
+    if "answer" in value and not isinstance(value["answer"], (str, int, float)):
+        return "not_a_string"
+    if not value["output"].strip():
+        return "empty_output"
+    return None
+
+
+def read_records(path, skipped: Counter | None = None) -> tuple[list[dict], Counter]:
+    """The usable records of one file and the skip counts by reason. A file that cannot be read at all
+    raises ValueError with one line."""
+    skipped = Counter() if skipped is None else skipped
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8'})") from None
+    records = []
+    for value in parse_json_records(text, skipped):
+        reason = problem_with(value)
+        if reason:
+            skipped[reason] += 1
+        else:
+            records.append(value)
+    return records, skipped
+
+
+def describe_skipped(path, skipped: Counter) -> str:
+    counts = ", ".join(f"{reason} {skipped[reason]}" for reason in SKIP_REASONS if skipped[reason])
+    return f"{path}: skipped {sum(skipped.values())} records ({counts})" if counts else ""
+
+
+# --- tokenizing ---------------------------------------------------------------------------------------
+
+@dataclass
+class Example:
+    ids: np.ndarray  # prompt + response + EOS, at most cutoff_len tokens
+    n_prompt: int  # the first n_prompt tokens are not scored
+
+
+def tokenize(records: list[dict], tokenizer, cutoff_len: int, skipped: Counter) -> list[Example]:
+    """Examples whose response keeps at least one token after the cut; the others are counted as
+    prompt_too_long."""
+    prompts = tokenizer.encode_batch([prompt(r) for r in records])
+    responses = tokenizer.encode_batch([r["output"] for r in records])
+    examples = []
+    for p, r in zip(prompts, responses):
+        ids = (p + r + [tokenizer.eos_id])[:cutoff_len]
+        if len(ids) <= len(p):
+            skipped["prompt_too_long"] += 1
+            continue
+        examples.append(Example(np.asarray(ids, dtype=np.int64), len(p)))
+    return examples
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (inputs, targets); targets are the next tokens of the response, IGNORE elsewhere."""
+    width = max(len(e.ids) for e in examples) - 1
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int64)
+    targets = np.full((len(examples), width), IGNORE, dtype=np.int64)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        inputs[row, :n] = e.ids[:-1]
+        targets[row, e.n_prompt - 1: n] = e.ids[e.n_prompt:]
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def split_validation(examples: list, val_size: int, seed: int) -> tuple[list, list]:
+    """(train, validation): val_size examples drawn by a seeded permutation, the rest in file order."""
+    if val_size >= len(examples):
+        raise ValueError(f"finetune.val_size {val_size} leaves no training examples out of {len(examples)}")
+    held = set(np.random.default_rng([seed, 1 << 20]).permutation(len(examples))[:val_size].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+
+
+def batches(examples: list[Example], micro_batch: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [collate(examples[i: i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch)]
+
+
+# --- training order -------------------------------------------------------------------------------------
+
+class InstructLoader:
+    """An iterator of this rank's micro-batches. Step s of an epoch uses examples order[s*G : (s+1)*G]
+    of that epoch's permutation; rank r takes the r-th contiguous share, in micro-batches. An epoch
+    has floor(examples / G) steps (the remainder, a different one each epoch, is not used)."""
+
+    def __init__(self, examples: list[Example], global_batch: int, micro_batch: int, pad_id: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0):
+        self.examples, self.pad_id = examples, pad_id
+        self.global_batch, self.micro_batch, self.seed = global_batch, micro_batch, seed
+        self.rank, self.per_rank = rank, global_batch // world_size
+        self.micro_per_step = self.per_rank // micro_batch
+        self.steps_per_epoch = len(examples) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(examples)} training examples are fewer than one global batch of {global_batch}")
+        self.epoch, self.step, self.micro = 0, 0, 0
+
+    def order(self) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.step == self.steps_per_epoch:
+            self.epoch, self.step = self.epoch + 1, 0
+        start = self.step * self.global_batch + self.rank * self.per_rank + self.micro * self.micro_batch
+        batch = collate([self.examples[i] for i in self.order()[start: start + self.micro_batch]], self.pad_id)
+        self.micro += 1
+        if self.micro == self.micro_per_step:
+            self.step, self.micro = self.step + 1, 0
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
+                "examples": len(self.examples), "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["examples"], state["seed"], state["global_batch"]) != (len(self.examples), self.seed,
+                                                                          self.global_batch):
+            raise ValueError("the loader state belongs to other instruction data, another seed or another global batch")
+        self.epoch, self.step, self.micro = state["epoch"], state["step"], state["micro"]
