@@ -36,10 +36,11 @@ def gate_values(model: nn.Module) -> dict[str, float]:
 
 
 def lowrank_projections(model: nn.Module):
-    """(projection name, block index, module) for every low-rank projection."""
+    """(projection name, block index, module) for every low-rank projection, LoRA adapters included."""
     for index, block in enumerate(model.layers):
         for parent in (block.attn, block.mlp):
             for name, module in parent.named_children():
+                module = getattr(module, "adapter", module)  # a LoraLinear's LowRankLinear
                 if isinstance(module, LowRankLinear):
                     yield name, index, module
 

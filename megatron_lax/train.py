@@ -241,7 +241,7 @@ class Trainer:
     def log_latent_stats(self) -> None:
         """One forward on the first validation batch, on every rank (sharded engines need them all;
         a rank without a real validation sequence runs its fully-masked one); rank 0 logs."""
-        if self.cfg.model.method == "dense" or not self.val_batches:
+        if not self.val_batches or not any(introspection.lowrank_projections(self.engine.base_model)):
             return
         x, y = self.val_batches[0]
         self.engine.train(False)

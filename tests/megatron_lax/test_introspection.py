@@ -44,3 +44,14 @@ def test_peak_flops_given_or_measured():
     assert peak_flops(torch.device("cpu"), 123.0) == 123.0
     assert peak_flops(torch.device("cpu")) > 1e8
     assert PEAK_BF16_FLOPS["H100"] == 989e12
+
+
+def test_lax_lora_adapters_are_found_by_the_introspection():
+    from megatron_lax.config import LoraConfig
+    from megatron_lax.lora import apply_lora
+    cfg = load_config("llama_tiny", {"model.method": "dense", "model.vocab_size": 64, "model.dim": 32,
+                                     "model.n_heads": 2, "model.ffn_dim": 48, "model.n_layers": 3})
+    model = apply_lora(LlamaLax(cfg.model), LoraConfig(rank=4, alpha=8, lax_gate="linear", targets=["q", "up"]))
+    assert set(gate_values(model)) == {f"lax_gate/{p}/{i}" for p in ("q", "up") for i in (1, 2)}
+    stats = latent_rms(model, lambda: model(torch.randint(0, 64, (2, 8))))
+    assert "lax_rms/up/2/crossing" in stats and "lax_rms/q/0/own" in stats
