@@ -21,7 +21,6 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         "hf": ["transformers>=4.45", "datasets"],
-        "plot": ["matplotlib"],
         "finetune": ["peft"],
         "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "matplotlib", "peft"],
     },
@@ -33,6 +32,8 @@ setup(
             "megatron-lax-export=megatron_lax.export:main",
             "megatron-lax-generate=megatron_lax.generate:main",
             "megatron-lax-compare=megatron_lax.compare:main",
+            "megatron-lax-sweep=megatron_lax.sweep:main",
+            "megatron-lax-reproduce=megatron_lax.reproduce:main",
             "megatron-lax-finetune=megatron_lax.finetune:main",
             "megatron-lax-finetune-eval=megatron_lax.finetune_eval:main",
             "megatron-lax-prepare=data_prep.prepare:main",
