@@ -11,9 +11,7 @@ Accuracy on test files: python -m megatron_lax.finetune_eval.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -21,11 +19,11 @@ from pathlib import Path
 import torch
 
 from . import checkpoint, instruct
-from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
+from .config import Config
 from .lora import apply_lora, trainable_parameters
 from .model import LlamaLax, flops_per_token
 from .optim import warmup_steps
-from .train import Trainer, TrainingError
+from .train import Trainer, main as train_main, train
 
 
 # --- the base model ---------------------------------------------------------------------------------
@@ -213,30 +211,12 @@ def check_same_adapters(directory: Path, cfg: Config) -> None:
 
 
 def finetune(cfg: Config) -> dict:
-    from .parallel.distributed import shutdown
-    try:
-        return FinetuneTrainer(cfg).fit()
-    finally:
-        shutdown()
+    return train(cfg, FinetuneTrainer)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser)
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-        if args.print_config:
-            print(dump_yaml(cfg), end="")
-            return 0
-        summary = finetune(cfg)
-    except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: summary[k] for k in ("val_loss", "val_ppl", "steps", "checkpoint") if k in summary}))
-    return 0
+    return train_main(argv, prog="python -m megatron_lax.finetune", doc=__doc__, trainer_class=FinetuneTrainer,
+                      resolve=lambda cfg: cfg, print_summary=True)
 
 
 if __name__ == "__main__":

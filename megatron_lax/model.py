@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, PROJECTIONS
+from .config import ModelConfig
 
 try:  # optional: used only on CUDA with half-precision tensors
     from flash_attn import flash_attn_func

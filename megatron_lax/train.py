@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -343,9 +344,11 @@ def resolved_for_display(cfg: Config) -> Config:
     return cfg
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, trainer_class=None) -> dict:
+    """Runs one training (Trainer, or a subclass such as finetune.FinetuneTrainer) and tears the
+    process group down once every rank is done with it."""
     try:
-        summary = Trainer(cfg).fit()
+        summary = (trainer_class or Trainer)(cfg).fit()
         faults.ignore_preemption_signals()
         barrier()  # no rank tears its process group down while another still uses it
         return summary
@@ -353,9 +356,11 @@ def train(cfg: Config) -> dict:
         shutdown()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_lax.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str = "python -m megatron_lax.train", doc: str = __doc__, trainer_class=None,
+         resolve=None, print_summary: bool = False) -> int:
+    """The command line of pre-training, and of fine-tuning (megatron_lax.finetune) with its own
+    trainer class, config resolution and a JSON summary line at the end."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML (train.steps from the token budget) and exit")
@@ -363,13 +368,15 @@ def main(argv=None) -> int:
     try:
         cfg = config_from_args(args)
         if args.print_config:
-            print(dump_yaml(resolved_for_display(cfg)), end="")
+            print(dump_yaml((resolve or resolved_for_display)(cfg)), end="")
             return 0
-        train(cfg)
+        summary = train(cfg, trainer_class)
     except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError,
             data.DataExhausted) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if print_summary and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: summary[k] for k in ("val_loss", "val_ppl", "steps", "checkpoint") if k in summary}))
     return 0
 
 
