@@ -59,8 +59,9 @@ def variant_config(plan: dict, name: str) -> Config:
 
 
 def run_key(cfg: Config) -> str:
-    """A short digest of everything that shapes a run except its seed, LR and directory."""
-    settings = cfg.to_dict()
+    """A short digest of everything that shapes a pre-training run except its seed, LR and directory
+    (the fine-tuning sections do not, so they are left out)."""
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("lora", "finetune")}
     for section, key in (("logging", "run_dir"), ("train", "seed"), ("data", "seed"), ("optim", "lr")):
         settings[section].pop(key)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]

@@ -70,3 +70,13 @@ def test_reproduce_reports_mean_and_spread_and_shares_equal_runs(prepared_sample
     table = next((tmp_path / "out").glob("results-*.md")).read_text()
     assert "vs svd" in table and "(n=2)" in table
     assert main(["--plan", str(tmp_path / "plan.yaml"), "--variants", "nope"]) == 2
+
+
+def test_run_key_ignores_what_does_not_shape_a_pretraining_run():
+    from megatron_lax.reproduce import run_key
+    cfg = load_config("llama_micro", {})
+    key = run_key(cfg)
+    cfg.lora.rank, cfg.finetune.epochs, cfg.optim.lr, cfg.train.seed = 4, 9, 0.5, 7
+    assert run_key(cfg) == key  # finished runs stay found when fine-tuning options change
+    cfg.model.rank = 16
+    assert run_key(cfg) != key
