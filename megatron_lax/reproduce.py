@@ -2,6 +2,7 @@
 mean and spread.
 
     python -m megatron_lax.reproduce --plan configs/reproduce_small.yaml [--variants a,b] [--out DIR]
+        [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]     (a cheaper protocol; use another --out)
 
 The plan (YAML) holds `config` (a base config: `preset:` and sections, as a config file), `lrs` (the
 grid every variant is swept over), `rungs`/`eta` (see megatron_lax.sweep), `seeds`, `variants`
@@ -146,10 +147,19 @@ def main(argv=None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--variants", help="comma-separated names (default: the plan's default_variants)")
     parser.add_argument("--out", type=Path, help="output directory (default: the plan's `out`)")
+    parser.add_argument("--lrs", help="comma-separated learning rates, replacing the plan's grid")
+    parser.add_argument("--seeds", help="comma-separated seeds, replacing the plan's")
+    parser.add_argument("--eta", type=int, help="replaces the plan's eta")
     args = parser.parse_args(argv)
     start = time.time()
     try:
         plan = load_plan(args.plan)
+        if args.lrs:
+            plan["lrs"] = [float(v) for v in args.lrs.split(",")]
+        if args.seeds:
+            plan["seeds"] = [int(v) for v in args.seeds.split(",")]
+        if args.eta:
+            plan["eta"] = args.eta
         names = args.variants.split(",") if args.variants else plan.get("default_variants", list(plan["variants"]))
         out = args.out or Path(plan.get("out", "runs/reproduce"))
         out.mkdir(parents=True, exist_ok=True)
