@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY, as_cli, run_command, torchrun
+from conftest import TINY, run_command, torchrun
 from megatron_lax import load_pretrained
 from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
