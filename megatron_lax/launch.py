@@ -5,7 +5,8 @@ script (which those launchers run on every rank); the Python side calls `main(sc
 with the recipe's settings followed by the user's own arguments, so anything can be overridden.
 Environment: METHOD (svd | cola | dense; default cola), GATE (identity | none | linear | dense |
 tensor; default identity), ENGINE (deepspeed | fsdp | ddp | single; default deepspeed), ZERO_STAGE
-(default 1), DATA, RUN_DIR.
+(default 1), DATA (prepared shards, default data/prepared/c4), TOKENIZER (the one DATA was prepared
+with, default t5-base: a hub name or a local copy), RUN_DIR.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ SCALES = {  # preset, rank, peak LR by (method, with LaX)
 FULL_RANK_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 1e-3}  # GaLore's full-rank baselines
 
 
-def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str) -> list[str]:
+def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
+           tokenizer: str = "t5-base") -> list[str]:
     """Table 14: the preset's steps (10k/20k/60k/100k) and warmup (2k/4k/12k/20k), the per-variant peak
     LR, 512 x 256 tokens a step (`token_budget paper` is exactly steps x 512 x 256), AdamW with weight
     decay 0.01, clipping 0.5, cosine to 10% of the peak, one document per sequence (`data.mode paper`,
@@ -31,7 +33,7 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
     return ["--config", preset, "--model.method", method, "--model.rank", str(rank), "--model.lax_gate", gate,
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
-            "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--parallel.engine", engine,
+            "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer, "--parallel.engine", engine,
             "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir, "--checkpoint.every", "1000",
             "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
 
@@ -58,6 +60,7 @@ def main(scale: str) -> int:
     engine = os.environ.get("ENGINE", "deepspeed")
     run_dir = os.environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")
     args = recipe(scale, method, gate, engine, os.environ.get("ZERO_STAGE", "1"),
-                  os.environ.get("DATA", "data/prepared/c4"), run_dir) + user_arguments(sys.argv[1:])
+                  os.environ.get("DATA", "data/prepared/c4"), run_dir,
+                  os.environ.get("TOKENIZER", "t5-base")) + user_arguments(sys.argv[1:])
     from .train import main as train_main
     return train_main(args)

@@ -22,7 +22,7 @@ def launcher_env(**extra) -> dict:
 
 
 def test_deepspeed_launcher_runs_the_1b_script_shrunk(prepared_sample, tmp_path):
-    env = launcher_env(DATA=str(prepared_sample), RUN_DIR=str(tmp_path / "run"))
+    env = launcher_env(DATA=str(prepared_sample), TOKENIZER="tokenizer/sample", RUN_DIR=str(tmp_path / "run"))
     deepspeed = str(Path(sys.executable).parent / "deepspeed")
     result = run_command([deepspeed, "--master_port", str(free_port()), "run_scripts/pretrain_1b.sh",
                           *as_cli(SHRINK)], env=env)
@@ -35,7 +35,7 @@ def test_deepspeed_launcher_runs_the_1b_script_shrunk(prepared_sample, tmp_path)
 
 def test_bash_script_launches_torchrun_and_user_arguments_win(prepared_sample, tmp_path):
     env = launcher_env(ENGINE="ddp", NPROC_PER_NODE="2", MASTER_PORT=str(free_port()), METHOD="svd", GATE="linear",
-                       DATA=str(prepared_sample), RUN_DIR=str(tmp_path / "run"))
+                       DATA=str(prepared_sample), TOKENIZER="tokenizer/sample", RUN_DIR=str(tmp_path / "run"))
     run_command(["bash", "run_scripts/pretrain_60m.sh", *as_cli(SHRINK), "--optim.lr", "0.005"], env=env)
     from megatron_lax.config import load_config
     cfg = load_config(str(tmp_path / "run" / "config.yaml"))
@@ -63,6 +63,7 @@ def test_each_script_resolves_to_table_14(scale):
         assert (cfg["train"]["token_budget"], cfg["train"]["global_batch"], cfg["data"]["seq_len"]) == ("paper", 512, 256)
         assert (cfg["optim"]["weight_decay"], cfg["optim"]["grad_clip"], cfg["optim"]["min_lr_ratio"]) == (0.01, 0.5, 0.1)
         assert cfg["data"]["mode"] == "paper" and (cfg["model"]["method"], cfg["model"]["lax_gate"]) == (method, gate)
+        assert cfg["data"]["tokenizer"] == "t5-base"  # the tokenizer C4 is prepared with (TOKENIZER overrides)
 
 
 def test_two_nodes_rendezvous_on_localhost(prepared_sample, tmp_path):

@@ -152,7 +152,7 @@ def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losse
     preempted by SIGUSR1 to the batch script, requeued, and resumed as 1 node x 4 ranks; the losses
     equal an uninterrupted 8-rank run's."""
     args = as_cli(REHEARSAL)
-    env = {"ENGINE": "fsdp", "NPROC_PER_NODE": "4", "DATA": str(prepared_sample)}
+    env = {"ENGINE": "fsdp", "NPROC_PER_NODE": "4", "DATA": str(prepared_sample), "TOKENIZER": "tokenizer/sample"}
     reference = subprocess.Popen(["bash", "run_scripts/pretrain_1b.sh", *args], cwd=REPO, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True,
                                  env={**os.environ, **env, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
