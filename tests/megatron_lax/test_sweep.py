@@ -80,3 +80,15 @@ def test_run_key_ignores_what_does_not_shape_a_pretraining_run():
     assert run_key(cfg) == key  # finished runs stay found when fine-tuning options change
     cfg.model.rank = 16
     assert run_key(cfg) != key
+
+
+def test_quickstart_trains_the_reproductions_svd_lax_run():
+    """README command 1 prints a figure docs/RESULTS.md can be checked against: same settings."""
+    from conftest import REPO
+    from megatron_lax.reproduce import load_plan, variant_config
+    plan = variant_config(load_plan(REPO / "configs/reproduce_small.yaml"), "svd_lax").to_dict()
+    quickstart = load_config(str(REPO / "configs/quickstart.yaml"), {}).to_dict()
+    quickstart["model"]["lowrank_init"] = plan["model"]["lowrank_init"]  # auto, resolved by the plan
+    quickstart["optim"]["lr"] = plan["optim"]["lr"]  # the swept rate (docs/RESULTS.md)
+    for section in ("model", "optim", "data", "train", "parallel"):
+        assert quickstart[section] == plan[section], section
