@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from megatron_lax import faults  # noqa: E402
 from megatron_lax.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.parallel.distributed import shutdown  # noqa: E402
+from megatron_lax.parallel.distributed import barrier, shutdown  # noqa: E402
 from megatron_lax.train import Trainer  # noqa: E402
 
 
@@ -101,5 +101,6 @@ def stop_launch(process: subprocess.Popen) -> None:
 if __name__ == "__main__":
     try:
         run_all(json.loads(Path(sys.argv[1]).read_text()))
+        barrier()  # as megatron_lax.train.train: no rank tears the group down while another still uses it
     finally:
         shutdown()
