@@ -23,7 +23,7 @@ GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched")
 # model.lowrank_init auto: each method's default, chosen from the multi-seed, swept-LR measurements
 # in docs/RESULTS.md ("Initialisation").
-DEFAULT_LOWRANK_INIT = {"svd": "cola", "cola": "cola"}
+DEFAULT_LOWRANK_INIT = {"svd": "matched", "cola": "matched"}
 
 
 class ConfigError(ValueError):

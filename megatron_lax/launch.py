@@ -27,10 +27,11 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
     """Table 14: the preset's steps (10k/20k/60k/100k) and warmup (2k/4k/12k/20k), the per-variant peak
     LR, 512 x 256 tokens a step (`token_budget paper` is exactly steps x 512 x 256), AdamW with weight
     decay 0.01, clipping 0.5, cosine to 10% of the peak, one document per sequence (`data.mode paper`,
-    the GaLore/CoLA protocol, so perplexities compare with Table 5)."""
+    the GaLore/CoLA protocol, so perplexities compare with Table 5), the CoLA reference init."""
     preset, rank, lrs = SCALES[scale]
     lr = FULL_RANK_LR[scale] if method == "dense" else lrs[(method, gate != "none")]
     return ["--config", preset, "--model.method", method, "--model.rank", str(rank), "--model.lax_gate", gate,
+            "--model.lowrank_init", "cola",  # the CoLA reference init, which the paper's numbers come from
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
             "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer, "--parallel.engine", engine,

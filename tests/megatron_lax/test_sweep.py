@@ -88,7 +88,6 @@ def test_quickstart_trains_the_reproductions_svd_lax_run():
     from megatron_lax.reproduce import load_plan, variant_config
     plan = variant_config(load_plan(REPO / "configs/reproduce_small.yaml"), "svd_lax").to_dict()
     quickstart = load_config(str(REPO / "configs/quickstart.yaml"), {}).to_dict()
-    quickstart["model"]["lowrank_init"] = plan["model"]["lowrank_init"]  # auto, resolved by the plan
     quickstart["optim"]["lr"] = plan["optim"]["lr"]  # the swept rate (docs/RESULTS.md)
     for section in ("model", "optim", "data", "train", "parallel"):
         assert quickstart[section] == plan[section], section

@@ -63,6 +63,7 @@ def test_each_script_resolves_to_table_14(scale):
         assert (cfg["train"]["token_budget"], cfg["train"]["global_batch"], cfg["data"]["seq_len"]) == ("paper", 512, 256)
         assert (cfg["optim"]["weight_decay"], cfg["optim"]["grad_clip"], cfg["optim"]["min_lr_ratio"]) == (0.01, 0.5, 0.1)
         assert cfg["data"]["mode"] == "paper" and (cfg["model"]["method"], cfg["model"]["lax_gate"]) == (method, gate)
+        assert cfg["model"]["lowrank_init"] == "cola"
         assert cfg["data"]["tokenizer"] == "t5-base"  # the tokenizer C4 is prepared with (TOKENIZER overrides)
 
 
