@@ -6,7 +6,10 @@
 # dense-gate init) are extra variants of the same plan:
 #
 #   bash run_scripts/reproduce_small.sh                                   # the default variants
-#   bash run_scripts/reproduce_small.sh --variants svd.init_matched,cola.init_matched
+#   bash run_scripts/reproduce_small.sh --variants svd.init_matched,svd_lax.init_matched \
+#       --lrs 1e-3,2e-3,4e-3,8e-3 --eta 4 --seeds 0,1 --out runs/reproduce_small_studies   # a study, cheaper
+#
+# (docs/RESULTS.md gives the exact command behind each of its tables.)
 #
 # Finished runs are not repeated. Results: runs/reproduce_small/results*.md and .json.
 set -euo pipefail
