@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -220,4 +219,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .parallel.distributed import end_process
+    end_process(main())

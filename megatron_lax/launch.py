@@ -54,7 +54,7 @@ def user_arguments(argv: list[str]) -> list[str]:
     return out
 
 
-def main(scale: str) -> int:
+def main(scale: str) -> None:
     method, gate = os.environ.get("METHOD", "cola"), os.environ.get("GATE", "identity")
     if method == "dense":
         gate = "none"
@@ -63,5 +63,6 @@ def main(scale: str) -> int:
     args = recipe(scale, method, gate, engine, os.environ.get("ZERO_STAGE", "1"),
                   os.environ.get("DATA", "data/prepared/c4"), run_dir,
                   os.environ.get("TOKENIZER", "t5-base")) + user_arguments(sys.argv[1:])
+    from .parallel.distributed import end_process
     from .train import main as train_main
-    return train_main(args)
+    end_process(train_main(args))

@@ -26,7 +26,7 @@ from .metrics import MetricsLogger
 from .model import LlamaLax, count_parameters, flops_per_token, init_weights
 from .optim import lr_at
 from .parallel import ModelRecipe, build_engine
-from .parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from .parallel.distributed import DistInfo, all_reduce_sum, barrier, end_process, init_distributed, shutdown
 
 
 class TrainingError(RuntimeError):
@@ -381,4 +381,4 @@ def main(argv=None, prog: str = "python -m megatron_lax.train", doc: str = __doc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
