@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.finetune import FinetuneTrainer  # noqa: E402
-from megatron_lax.parallel.distributed import barrier, shutdown  # noqa: E402
+from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
 
 if __name__ == "__main__":
     try:
@@ -20,3 +20,4 @@ if __name__ == "__main__":
         barrier()  # no rank tears the group down while another still uses it
     finally:
         shutdown()
+    end_process(0)

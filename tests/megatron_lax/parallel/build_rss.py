@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.model import LlamaLax, count_parameters, init_weights  # noqa: E402
 from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
-from megatron_lax.parallel.distributed import barrier, init_distributed, shutdown  # noqa: E402
+from megatron_lax.parallel.distributed import barrier, end_process, init_distributed, shutdown  # noqa: E402
 
 
 def peak_rss_bytes() -> int:
@@ -32,3 +32,4 @@ if __name__ == "__main__":
                       "unsharded_bytes": 4 * count_parameters(cfg.model)}), flush=True)
     barrier()
     shutdown()
+    end_process(0)

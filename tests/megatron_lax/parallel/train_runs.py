@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from megatron_lax import faults  # noqa: E402
 from megatron_lax.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.parallel.distributed import barrier, shutdown  # noqa: E402
+from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
 from megatron_lax.train import Trainer  # noqa: E402
 
 
@@ -104,3 +104,4 @@ if __name__ == "__main__":
         barrier()  # as megatron_lax.train.train: no rank tears the group down while another still uses it
     finally:
         shutdown()
+    end_process(0)
