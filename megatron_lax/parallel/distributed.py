@@ -2,7 +2,9 @@
 single process, so the same code runs with or without torch.distributed."""
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -91,8 +93,6 @@ def end_process(code: int) -> None:
     which made a finished multi-rank job exit non-zero. By the time this is called every file is
     closed and the process group is gone; only the standard streams need flushing."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import logging
-        import sys
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
