@@ -35,8 +35,8 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
             "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer,
-            "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir, "--checkpoint.every", "1000",
-            "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
+            "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
+            "--checkpoint.every", "1000", "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
 
 
 def user_arguments(argv: list[str]) -> list[str]:
