@@ -95,7 +95,7 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
     sweep = successive_halving(swept, [float(v) for v in plan["lrs"]], root / "sweep", plan.get("rungs", 3),
                                plan.get("eta", 2), log)
     best = Path(sweep["best_run"])
-    ppl = {first: _final_val_ppl(best)}
+    ppl = {first: _last_logged(best, "val_ppl")}
     for seed in others:
         ppl[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")["val_ppl"]
         log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: val ppl {ppl[seed]:.2f}")
@@ -105,17 +105,13 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
             "val_ppl": {str(k): v for k, v in ppl.items()}, "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
-            "unigram_ppl": _unigram(best)}
+            "unigram_ppl": _last_logged(best, "unigram_ppl")}
 
 
-def _final_val_ppl(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["val_ppl"] for r in records if "val_ppl" in r][-1]
-
-
-def _unigram(run_dir: Path) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    found = [r["unigram_ppl"] for r in records if "unigram_ppl" in r]
+def _last_logged(run_dir: Path, key: str) -> float:
+    """The last value of `key` in the run's metrics.jsonl (NaN if it was never logged)."""
+    from .compare import read_records
+    found = [r[key] for r in read_records(run_dir / "metrics.jsonl")[0] if key in r]
     return found[-1] if found else math.nan
 
 
