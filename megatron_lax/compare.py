@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .config import PROJECTIONS, Config, ConfigError, ModelConfig, load_config
-from .model import count_parameters, memory_gb
+from .config import Config, ConfigError, ModelConfig, load_config
+from .models.llama import count_parameters, memory_gb
 
 METHOD_NAMES = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}
 
@@ -140,7 +140,7 @@ def variant_label(m: ModelConfig) -> str:
         return label
     if m.uses_lax:
         label += f" + LaX ({m.lax_gate})"
-        if set(m.lax_modules) != set(PROJECTIONS):
+        if "all" not in m.lax_modules and set(m.lax_modules) != set(m.projections):
             label += f" on {','.join(m.lax_modules)}"
     attn, mlp = m.rank_of("q"), m.rank_of("gate")
     return label + (f", r={attn}" if attn == mlp else f", r={attn}/{mlp} (attn/mlp)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-METHODS = ("dense", "svd", "cola")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's
+VIT_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
+ARCHS = ("llama", "vit")
+METHODS = ("dense", "svd", "cola", "tt")
 GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched")
 # model.lowrank_init auto: each method's default, chosen from the multi-seed, swept-LR measurements
@@ -32,6 +35,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    arch: str = "llama"  # llama (decoder LM) | vit (image classifier)
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -41,16 +45,36 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     init_std: float = 0.02  # embeddings, LM head, dense projections; low-rank factors see lowrank_init
-    method: str = "dense"  # dense | svd (B A x) | cola (B silu(A x))
+    method: str = "dense"  # dense | svd (B A x) | cola (B act(A x)) | tt (tensor train; ViT)
     lowrank_init: str = "auto"  # auto | cola (factor std (r (d_in+d_out))^-1/4) | matched (B A std init_std)
     rank: int = 0  # rank of every low-rank projection unless attn_rank / mlp_rank say otherwise
     attn_rank: Optional[int] = None  # q, k, v, o
     mlp_rank: Optional[int] = None  # gate, up, down
     lax_gate: str = "none"  # none | identity | linear | dense | tensor
-    lax_modules: list = field(default_factory=lambda: list(PROJECTIONS))
+    lax_modules: list = field(default_factory=lambda: ["all"])  # projections that cross (all, or names)
+    lax_norm: bool = True  # the LayerNorm on each crossing (the paper's Table 22 switches it off)
+    lax_intra_modules: list = field(default_factory=list)  # tt: projections with intra-layer LaX
+    lax_intra_gate: str = "identity"  # tt intra-layer: identity (tensor where shapes differ) | tensor
     lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
     lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias)
     flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
+    # --- vit only ---
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
+    num_classes: int = 0  # 0: follow the data
+    dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
+    tt_attn_dims: list = field(default_factory=list)  # tt: input then output modes of q, k, v, o (Table 13)
+    tt_fc1_dims: list = field(default_factory=list)
+    tt_fc2_dims: list = field(default_factory=list)
+
+    @property
+    def projections(self) -> tuple:
+        return VIT_PROJECTIONS if self.arch == "vit" else PROJECTIONS
+
+    def crosses(self, projection: str, layer: int) -> bool:
+        """Whether this projection of block `layer` receives the previous block's latent."""
+        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
 
     def rank_of(self, projection: str) -> int:
         specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
@@ -315,14 +339,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
     if m.method == "dense" and m.uses_lax:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
-    unknown = [p for p in m.lax_modules if p not in PROJECTIONS]
-    if unknown:
-        raise ConfigError(f"model.lax_modules has unknown projections {unknown} (known: {', '.join(PROJECTIONS)})")
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
+    for key in ("lax_modules", "lax_intra_modules"):
+        unknown = [p for p in getattr(m, key) if p not in m.projections + ("all",)]
+        if unknown:
+            raise ConfigError(f"model.{key} has unknown projections {unknown} (known for {m.arch}: all, "
+                              f"{', '.join(m.projections)})")
+    if m.lax_intra_gate not in ("identity", "tensor"):
+        raise ConfigError(f"model.lax_intra_gate {m.lax_intra_gate!r} is unknown (identity or tensor)")
+    if m.method == "tt":
+        validate_tt(m)
+    elif m.lax_intra_modules:
+        raise ConfigError("model.lax_intra_modules (intra-layer LaX) needs model.method tt")
+    if m.arch == "vit" and m.image_size % m.patch_size:
+        raise ConfigError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
     if m.dim % m.n_heads != 0:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
     if (m.dim // m.n_heads) % 2 != 0:
         raise ConfigError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
-    if m.method != "dense":
+    if m.method in ("svd", "cola"):
         shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim)}
         for projection, (d_in, d_out) in shapes.items():
             r = m.rank_of(projection)
@@ -345,6 +381,29 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
     validate_lora(cfg.lora, cfg.finetune)
+
+
+def tt_dims(m: ModelConfig) -> dict[str, tuple[list[int], list[int]]]:
+    """(input modes, output modes) of each ViT projection of a tensor-train model."""
+    split = lambda dims: ([int(d) for d in dims[:len(dims) // 2]], [int(d) for d in dims[len(dims) // 2:]])
+    attn = split(m.tt_attn_dims)
+    return {"q": attn, "k": attn, "v": attn, "o": attn, "fc1": split(m.tt_fc1_dims), "fc2": split(m.tt_fc2_dims)}
+
+
+def validate_tt(m: ModelConfig) -> None:
+    if m.arch != "vit":
+        raise ConfigError("model.method tt is built for model.arch vit (its modes are the ViT presets' Table 13)")
+    expected = {"tt_attn_dims": (m.dim, m.dim), "tt_fc1_dims": (m.dim, m.ffn_dim), "tt_fc2_dims": (m.ffn_dim, m.dim)}
+    for key, (d_in, d_out) in expected.items():
+        dims = [int(d) for d in getattr(m, key)]
+        if not dims or len(dims) % 2:
+            raise ConfigError(f"model.{key} must list an even number of modes (input then output), got {dims}")
+        half = len(dims) // 2
+        if math.prod(dims[:half]) != d_in or math.prod(dims[half:]) != d_out:
+            raise ConfigError(f"model.{key} {dims}: input modes must multiply to {d_in} and output modes to {d_out}")
+    for kind, projection in (("attention", "q"), ("MLP", "fc1")):
+        if m.rank_of(projection) <= 0:
+            raise ConfigError(f"model.method tt needs a positive {kind} TT rank (model.rank), got {m.rank_of(projection)}")
 
 
 def validate_lora(lora: LoraConfig, finetune: FinetuneConfig) -> None:

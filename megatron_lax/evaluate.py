@@ -74,7 +74,7 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def load_model(path: Path, device: torch.device):
     """The model of a checkpoint of any engine (sharded ones consolidated), and its config."""
-    from .model import LlamaLax
+    from .models.llama import LlamaLax
     from .parallel import consolidated_state_dict
 
     ckpt = checkpoint.resolve_checkpoint_dir(path)

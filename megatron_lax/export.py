@@ -28,7 +28,7 @@ import torch
 from . import checkpoint
 from .config import ModelConfig, dump_yaml, load_config
 from .evaluate import load_model
-from .model import LlamaLax
+from .models.llama import LlamaLax
 
 HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",

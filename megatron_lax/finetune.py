@@ -20,7 +20,7 @@ import torch
 from . import checkpoint, instruct
 from .config import Config
 from .lora import apply_lora, trainable_parameters
-from .model import LlamaLax, flops_per_token
+from .models.llama import LlamaLax, flops_per_token
 from .optim import warmup_steps
 from .train import Trainer, main as train_main, train
 

@@ -12,7 +12,8 @@ import json
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
-from .model import count_parameters, flops_per_token, lowrank_factor_std, memory_gb
+from .models.llama import count_parameters, flops_per_token, memory_gb
+from .models.lowrank import lowrank_factor_std
 
 PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without its 100 sentinel ids
 

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .model import LinearGate, LowRankLinear
+from .models.lowrank import LatentLinear, LinearGate
 
 # Dense BF16 peak FLOP/s (no sparsity) of common accelerators, matched by substring of the device name.
 PEAK_BF16_FLOPS = {
@@ -41,7 +41,7 @@ def lowrank_projections(model: nn.Module):
         for parent in (block.attn, block.mlp):
             for name, module in parent.named_children():
                 module = getattr(module, "adapter", module)  # a LoraLinear's LowRankLinear
-                if isinstance(module, LowRankLinear):
+                if isinstance(module, LatentLinear):
                     yield name, index, module
 
 
@@ -68,9 +68,10 @@ def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
         at = f"lax_rms/{name}/{index}"
         if module.lax_gate is not None:
             handles.append(module.lax_gate.register_forward_hook(recorder(f"{at}/crossing")))
-        handles.append(module.A.register_forward_hook(recorder(f"{at}/own")))
-        handles.append(module.B.register_forward_hook(recorder(f"{at}/latent", use_input=True)))
-        handles.append(module.B.register_forward_hook(recorder(f"{at}/out")))
+        if hasattr(module, "A"):  # SVD / CoLA; a tensor train's halves are not submodules
+            handles.append(module.A.register_forward_hook(recorder(f"{at}/own")))
+            handles.append(module.B.register_forward_hook(recorder(f"{at}/latent", use_input=True)))
+            handles.append(module.B.register_forward_hook(recorder(f"{at}/out")))
     try:
         run_forward()
     finally:

@@ -4,7 +4,7 @@
                                             z_i = LN(A_i dropout(x_i) + G(z_{i-1}))        (LaX-LoRA, block i > 0)
 
 where z_{i-1} is the latent of the same adapter (q->q, ..., down->down) in block i-1. An adapter IS
-model.LowRankLinear (no activation), so the blocks carry its latent from block to block as they
+models.lowrank.LowRankLinear (no activation), so the blocks carry its latent from block to block as they
 carry a low-rank model's. B starts at zero: at step 0 a LoRA or LaX-LoRA model computes exactly
 the base model's logits, whatever the gate.
 """
@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 
 from .config import LoraConfig
-from .model import DenseLinear, LlamaLax, LowRankLinear, init_rules, initial_value, name_seed
+from .models.llama import LlamaLax, init_rules, initial_value, name_seed
+from .models.lowrank import DenseLinear, LowRankLinear
 
 ATTENTION = ("q", "k", "v", "o")
 
@@ -29,7 +30,7 @@ class LoraLinear(nn.Module):
                  norm: bool = True, latent: str = "output"):
         super().__init__()
         self.base = base
-        self.adapter = LowRankLinear(base.in_features, base.out_features, rank, activation=False, gate=gate,
+        self.adapter = LowRankLinear(base.in_features, base.out_features, rank, activation=None, gate=gate,
                                      latent=latent, norm=norm)
         self.scale = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, PRESETS, apply_dict, validate
-from .model import count_parameters
+from .models.llama import count_parameters
 
 
 def load_plan(path: Path) -> dict:

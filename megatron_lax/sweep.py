@@ -91,7 +91,7 @@ def val_loss_at(state: dict, step: int) -> float:
 def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3, eta: int = 2, log=print) -> dict:
     """{"best_lr", "rungs": [step, ...], "results": {lr: {rung step: val_loss or inf}}}."""
     from . import data
-    from .model import count_parameters
+    from .models.llama import count_parameters
 
     model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000)
     total = data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))

@@ -23,7 +23,7 @@ from . import checkpoint, data, faults, introspection
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
-from .model import LlamaLax, count_parameters, flops_per_token, init_weights
+from .models.llama import LlamaLax, count_parameters, flops_per_token, init_weights
 from .optim import lr_at
 from .parallel import ModelRecipe, build_engine
 from .parallel.distributed import DistInfo, all_reduce_sum, barrier, end_process, init_distributed, shutdown

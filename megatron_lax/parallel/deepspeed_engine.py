@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..model import token_nll
+from ..models.llama import token_nll
 from ..optim import param_groups
 from .distributed import broadcast_object
 from .engine import Engine, StepResult

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..model import token_nll
+from ..models.llama import token_nll
 from ..optim import build_optimizer
 from .distributed import DistInfo
 

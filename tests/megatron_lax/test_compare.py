@@ -7,7 +7,7 @@ import pytest
 
 from megatron_lax import compare
 from megatron_lax.config import dump_yaml, load_config
-from megatron_lax.model import count_parameters, memory_gb
+from megatron_lax.models.llama import count_parameters, memory_gb
 
 SHAPE = {"model.vocab_size": 8192, "model.rank": 64}
 

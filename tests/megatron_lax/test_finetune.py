@@ -16,7 +16,7 @@ from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
 from megatron_lax.export import export, export_finetuned, load_hf_llama, load_lax_lora
 from megatron_lax.finetune import FinetuneTrainer, load_base, load_finetuned, main
-from megatron_lax.model import token_nll
+from megatron_lax.models.llama import token_nll
 from megatron_lax.train import Trainer
 
 RUNS_SCRIPT = Path(__file__).with_name("finetune_runs.py")

@@ -10,7 +10,7 @@ import torch
 from megatron_lax import finetune_eval
 from megatron_lax.config import ModelConfig
 from megatron_lax.generate import generate
-from megatron_lax.model import LlamaLax
+from megatron_lax.models.llama import LlamaLax
 
 
 def test_batched_greedy_decoding_equals_decoding_each_prompt_alone():

@@ -5,7 +5,7 @@ import torch
 
 from megatron_lax.config import PROJECTIONS, load_config
 from megatron_lax.introspection import PEAK_BF16_FLOPS, gate_values, latent_rms, peak_flops
-from megatron_lax.model import LlamaLax
+from megatron_lax.models.llama import LlamaLax
 
 
 def tiny(gate):

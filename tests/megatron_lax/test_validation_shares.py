@@ -8,7 +8,7 @@ import torch
 
 from megatron_lax import data
 from megatron_lax.config import load_config
-from megatron_lax.model import LlamaLax, token_nll
+from megatron_lax.models.llama import LlamaLax, token_nll
 
 
 def shares(prepared, world: int, mode: str = "packed", seq_len: int = 32, micro: int = 4, tokens: int = 800):

@@ -10,7 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.model import LlamaLax, count_parameters, init_weights  # noqa: E402
+from megatron_lax.models.llama import LlamaLax, count_parameters, init_weights  # noqa: E402
 from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, init_distributed, shutdown  # noqa: E402
 

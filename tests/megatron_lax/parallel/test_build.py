@@ -32,7 +32,7 @@ def test_fsdp_builds_llama_1b_without_materialising_it():
 def test_whole_model_traces_into_one_graph(method, gate):
     """fullgraph=True makes any graph break an error; aot_eager also traces the backward."""
     from megatron_lax.config import load_config
-    from megatron_lax.model import LlamaLax, token_nll
+    from megatron_lax.models.llama import LlamaLax, token_nll
 
     cfg = load_config("llama_tiny", {**TINY, "model.method": method, "model.lax_gate": gate, "model.vocab_size": "128"})
     inputs, targets = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0)).split(1)

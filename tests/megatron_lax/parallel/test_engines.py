@@ -151,7 +151,7 @@ def test_compiled_checkpointed_blocks_pass_lax_latents():
     import torch._dynamo
 
     from megatron_lax.config import load_config
-    from megatron_lax.model import LlamaLax, token_nll
+    from megatron_lax.models.llama import LlamaLax, token_nll
     from megatron_lax.parallel import apply_activation_checkpointing, apply_compile
 
     cfg = load_config("llama_tiny", {**TINY, **{k: str(v) for k, v in COLA_DENSE.items()}, "model.vocab_size": "128"})

@@ -15,143 +15,20 @@ partitioned by DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from ..config import ModelConfig
+from .lowrank import (DenseLinear, Latents, crossing_flops, crossing_parameters, lowrank_init_rules,
+                      make_linear)
 
 try:  # optional: used only on CUDA with half-precision tensors
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
-
-Latents = dict[str, torch.Tensor]
-
-
-# --- LaX gates: map the previous block's latent into this block's latent space ------------------
-
-class IdentityGate(nn.Module):
-    def __init__(self, rank: int, init: str = "identity"):
-        super().__init__()
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-
-class LinearGate(nn.Module):
-    """One trainable scalar; starts at 1 (the identity gate). Stored with shape (1,) because FSDP2
-    shards parameters along dim 0."""
-
-    def __init__(self, rank: int, init: str = "identity"):
-        super().__init__()
-        self.beta = nn.Parameter(torch.empty(1))
-
-    def forward(self, z):
-        return self.beta * z
-
-
-class DenseGate(nn.Module):
-    """An r x r linear map. `model.lax_gate_init identity`: starts as the identity, no bias;
-    `small`: weight N(0, 0.02^2) and a zero bias, as the official LaX code starts it."""
-
-    def __init__(self, rank: int, init: str = "identity"):
-        super().__init__()
-        self.init = init
-        self.weight = nn.Parameter(torch.empty(rank, rank))
-        self.bias = nn.Parameter(torch.empty(rank)) if init == "small" else None
-
-    def forward(self, z):
-        return F.linear(z, self.weight, self.bias)
-
-
-def balanced_factors(n: int) -> tuple[int, int]:
-    """The factor pair (r0, r1), r0 <= r1, r0 * r1 = n, with r0 as close to sqrt(n) as possible."""
-    r0 = int(math.isqrt(n))
-    while n % r0:
-        r0 -= 1
-    return r0, n // r0
-
-
-class TensorGate(nn.Module):
-    """Folds the r-vector into an r0 x r1 matrix Z and returns C0 Z C1^T, i.e. (C0 kron C1) z:
-    a Kronecker-factored r x r map with r0^2 + r1^2 parameters. Starts as the identity."""
-
-    def __init__(self, rank: int, init: str = "identity"):
-        super().__init__()
-        self.r0, self.r1 = balanced_factors(rank)
-        self.core0 = nn.Parameter(torch.empty(self.r0, self.r0))
-        self.core1 = nn.Parameter(torch.empty(self.r1, self.r1))
-
-    def forward(self, z):
-        folded = z.unflatten(-1, (self.r0, self.r1))
-        out = torch.matmul(torch.matmul(self.core0, folded), self.core1.transpose(0, 1))
-        return out.flatten(-2)
-
-
-GATES = {"identity": IdentityGate, "linear": LinearGate, "dense": DenseGate, "tensor": TensorGate}
-
-
-# --- linear layers ------------------------------------------------------------------------------
-
-class DenseLinear(nn.Linear):
-    """A plain bias-free linear with the low-rank layers' call signature."""
-
-    def __init__(self, d_in, d_out):
-        super().__init__(d_in, d_out, bias=False)
-
-    def forward(self, x, prev_latent=None):
-        return super().forward(x), None
-
-
-def lowrank_factor_std(d_in: int, d_out: int, rank: int, init: str, init_std: float) -> float:
-    """The std of each factor A, B. Var((B A)_jk) = r Var(A) Var(B), so with equal factor stds s the
-    product has std s^2 sqrt(r).
-    - cola: the CoLA reference, s = (r (d_in + d_out))^(-1/4): product std (d_in + d_out)^(-1/2).
-    - matched: the product has the std of a dense layer's weights, init_std (0.02)."""
-    if init == "cola":
-        return (rank * (d_in + d_out)) ** -0.25
-    return math.sqrt(init_std / math.sqrt(rank))
-
-
-class LowRankLinear(nn.Module):
-    """y = B z with z = A x (svd) or silu(A x) (cola). With LaX (a gate), z = LN(A x + G(prev)) before
-    the activation; `norm=False` leaves the LayerNorm out. Returns (y, the latent handed on)."""
-
-    def __init__(self, d_in, d_out, rank, activation: bool, gate: Optional[str], gate_init: str = "identity",
-                 latent: str = "output", norm: bool = True):
-        super().__init__()
-        self.d_in, self.d_out, self.rank = d_in, d_out, rank
-        self.A = nn.Linear(d_in, rank, bias=False)
-        self.B = nn.Linear(rank, d_out, bias=False)
-        self.activation, self.latent = activation, latent
-        self.lax_gate = GATES[gate](rank, gate_init) if gate else None
-        self.lax_norm = nn.LayerNorm(rank) if gate and norm else None
-
-    def forward(self, x, prev_latent=None):
-        h = self.A(x)
-        z = h
-        if self.lax_gate is not None:
-            z = z + self.lax_gate(prev_latent)
-            if self.lax_norm is not None:
-                z = self.lax_norm(z)
-        if self.activation:
-            z = F.silu(z)
-        return self.B(z), (z if self.latent == "output" else h)
-
-
-def make_linear(cfg: ModelConfig, projection: str, d_in: int, d_out: int, layer: int) -> nn.Module:
-    """The one factory for every projection of every block."""
-    if cfg.method == "dense":
-        return DenseLinear(d_in, d_out)
-    crosses = cfg.uses_lax and layer > 0 and projection in cfg.lax_modules
-    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), activation=cfg.method == "cola",
-                         gate=cfg.lax_gate if crosses else None, gate_init=cfg.lax_gate_init,
-                         latent=cfg.lax_latent)
-
 
 # --- LLaMA ----------------------------------------------------------------------------------------
 
@@ -273,23 +150,14 @@ def init_rules(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, float
     rules = {}
     for prefix, module in model.named_modules():
         at = f"{prefix}." if prefix else ""
-        if isinstance(module, LowRankLinear):
-            std = lowrank_factor_std(module.d_in, module.d_out, module.rank, cfg.resolved_lowrank_init, cfg.init_std)
-            rules.update({f"{at}A.weight": ("normal", std), f"{at}B.weight": ("normal", std)})
-        elif isinstance(module, (DenseLinear, nn.Embedding)) or prefix == "lm_head":
+        if isinstance(module, (DenseLinear, nn.Embedding)) or prefix == "lm_head":
             rules[f"{at}weight"] = ("normal", cfg.init_std)
         elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             rules[f"{at}weight"] = ("ones", 0.0)
             if getattr(module, "bias", None) is not None:
                 rules[f"{at}bias"] = ("zeros", 0.0)
-        elif isinstance(module, LinearGate):
-            rules[f"{at}beta"] = ("ones", 0.0)
-        elif isinstance(module, DenseGate):
-            rules[f"{at}weight"] = ("normal", 0.02) if module.init == "small" else ("eye", 0.0)
-            if module.bias is not None:
-                rules[f"{at}bias"] = ("zeros", 0.0)
-        elif isinstance(module, TensorGate):
-            rules.update({f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)})
+        else:
+            rules.update(lowrank_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
     return rules
 
 
@@ -358,20 +226,9 @@ def count_parameters(cfg: ModelConfig) -> int:
                 continue
             r = cfg.rank_of(name)
             total += r * (d_in + d_out)
-            if cfg.uses_lax and layer > 0 and name in cfg.lax_modules:
-                total += 2 * r + _gate_parameters(cfg.lax_gate, r, cfg.lax_gate_init)
+            if cfg.crosses(name, layer):
+                total += crossing_parameters(cfg.lax_gate, r, cfg.lax_gate_init, cfg.lax_norm)
     return total
-
-
-def _gate_parameters(gate: str, r: int, init: str = "identity") -> int:
-    if gate == "linear":
-        return 1
-    if gate == "dense":
-        return r * r + (r if init == "small" else 0)
-    if gate == "tensor":
-        r0, r1 = balanced_factors(r)
-        return r0 * r0 + r1 * r1
-    return 0
 
 
 def memory_gb(n_params: int) -> float:
@@ -397,17 +254,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
                 continue
             r = cfg.rank_of(name)
             forward += 2 * r * (d_in + d_out)
-            if cfg.uses_lax and layer > 0 and name in cfg.lax_modules:
-                forward += _gate_flops(cfg.lax_gate, r) + r + 8 * r  # gate, add, LayerNorm
+            if cfg.crosses(name, layer):
+                forward += crossing_flops(cfg.lax_gate, r)
     return {"forward": forward, "train": 3 * forward}
-
-
-def _gate_flops(gate: str, r: int) -> int:
-    if gate == "linear":
-        return r
-    if gate == "dense":
-        return 2 * r * r
-    if gate == "tensor":
-        r0, r1 = balanced_factors(r)
-        return 2 * r * (r0 + r1)
-    return 0

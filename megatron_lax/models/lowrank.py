@@ -1,0 +1,232 @@
+"""The low-rank core shared by every model family: linear formats, LaX gates and the crossing.
+
+A projection maps x to y through a rank-r latent: h = encode(x), y = decode(z). With LaX (a gate),
+for block i > 0
+
+    z_i = LN(h_i + G(z_{i-1}))      then z_i = act(z_i) for CoLA      y_i = decode(z_i)
+
+where z_{i-1} is the latent of the same-named projection of block i-1. Formats:
+- `DenseLinear`: W x (no latent);
+- `LowRankLinear`: encode = A, decode = B (SVD: B A x; CoLA: B act(A x));
+- `TTLinear` (tensor_train.py): encode/decode are the two halves of a tensor-train contraction.
+
+Every projection returns (y, the latent it hands on), so a model's blocks carry a dict of latents
+alongside the residual stream. Which latent is handed on is `latent`: `output` (z after the sum,
+LayerNorm and activation; the official LaX code, recursive) or `projection` (h, the paper's eqs. 2-5).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Latents = dict[str, torch.Tensor]
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+
+
+# --- LaX gates: map the previous block's latent into this block's latent space ------------------
+
+class IdentityGate(nn.Module):
+    def __init__(self, rank: int, init: str = "identity"):
+        super().__init__()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+
+class LinearGate(nn.Module):
+    """One trainable scalar; starts at 1 (the identity gate). Stored with shape (1,) because FSDP2
+    shards parameters along dim 0."""
+
+    def __init__(self, rank: int, init: str = "identity"):
+        super().__init__()
+        self.beta = nn.Parameter(torch.empty(1))
+
+    def forward(self, z):
+        return self.beta * z
+
+
+class DenseGate(nn.Module):
+    """An r x r linear map. `init identity`: starts as the identity, no bias; `small`: weight
+    N(0, 0.02^2) and a zero bias, as the official LaX code starts it."""
+
+    def __init__(self, rank: int, init: str = "identity"):
+        super().__init__()
+        self.init = init
+        self.weight = nn.Parameter(torch.empty(rank, rank))
+        self.bias = nn.Parameter(torch.empty(rank)) if init == "small" else None
+
+    def forward(self, z):
+        return F.linear(z, self.weight, self.bias)
+
+
+def balanced_factors(n: int) -> tuple[int, int]:
+    """The factor pair (r0, r1), r0 <= r1, r0 * r1 = n, with r0 as close to sqrt(n) as possible."""
+    r0 = int(math.isqrt(n))
+    while n % r0:
+        r0 -= 1
+    return r0, n // r0
+
+
+class TensorGate(nn.Module):
+    """The two-core tensor gate (the paper's Fig. 5): folds the latent into an r0 x r1 matrix Z and
+    returns C0 Z C1^T, i.e. (C0 kron C1) z, with cores C0 (r0' x r0) and C1 (r1' x r1). Equal shapes
+    (inter-layer LaX) give a Kronecker-factored r x r map with r0^2 + r1^2 parameters; different
+    shapes (r0 x r1 -> r0' x r1') carry a latent into a space of another shape (intra-layer LaX of a
+    tensor train). Both cores start as (rectangular) identities."""
+
+    def __init__(self, rank: int = 0, init: str = "identity", in_shape: Optional[tuple[int, int]] = None,
+                 out_shape: Optional[tuple[int, int]] = None):
+        super().__init__()
+        self.in_shape = tuple(in_shape) if in_shape else balanced_factors(rank)
+        self.out_shape = tuple(out_shape) if out_shape else self.in_shape
+        self.core0 = nn.Parameter(torch.empty(self.out_shape[0], self.in_shape[0]))
+        self.core1 = nn.Parameter(torch.empty(self.out_shape[1], self.in_shape[1]))
+
+    def forward(self, z):
+        folded = z.unflatten(-1, self.in_shape)
+        out = torch.matmul(torch.matmul(self.core0, folded), self.core1.transpose(0, 1))
+        return out.flatten(-2)
+
+
+GATES = {"identity": IdentityGate, "linear": LinearGate, "dense": DenseGate, "tensor": TensorGate}
+
+
+def gate_parameters(gate: str, r: int, init: str = "identity") -> int:
+    if gate == "linear":
+        return 1
+    if gate == "dense":
+        return r * r + (r if init == "small" else 0)
+    if gate == "tensor":
+        r0, r1 = balanced_factors(r)
+        return r0 * r0 + r1 * r1
+    return 0
+
+
+def gate_flops(gate: str, r: int) -> int:
+    if gate == "linear":
+        return r
+    if gate == "dense":
+        return 2 * r * r
+    if gate == "tensor":
+        r0, r1 = balanced_factors(r)
+        return 2 * r * (r0 + r1)
+    return 0
+
+
+def crossing_parameters(gate: str, r: int, init: str = "identity", norm: bool = True) -> int:
+    """A crossing's own parameters: its gate and the LayerNorm over the r latent features."""
+    return gate_parameters(gate, r, init) + (2 * r if norm else 0)
+
+
+def crossing_flops(gate: str, r: int) -> int:
+    """Gate, add and LayerNorm per token (the method's only extra work)."""
+    return gate_flops(gate, r) + r + 8 * r
+
+
+# --- linear formats ---------------------------------------------------------------------------------
+
+class DenseLinear(nn.Linear):
+    """A plain linear with the low-rank layers' call signature."""
+
+    def __init__(self, d_in, d_out, bias: bool = False):
+        super().__init__(d_in, d_out, bias=bias)
+
+    def forward(self, x, prev_latent=None):
+        return super().forward(x), None
+
+
+def lowrank_factor_std(d_in: int, d_out: int, rank: int, init: str, init_std: float) -> float:
+    """The std of each factor A, B. Var((B A)_jk) = r Var(A) Var(B), so with equal factor stds s the
+    product has std s^2 sqrt(r).
+    - cola: the CoLA reference, s = (r (d_in + d_out))^(-1/4): product std (d_in + d_out)^(-1/2).
+    - matched: the product has the std of a dense layer's weights, init_std (0.02)."""
+    if init == "cola":
+        return (rank * (d_in + d_out)) ** -0.25
+    return math.sqrt(init_std / math.sqrt(rank))
+
+
+class LatentLinear(nn.Module):
+    """What every latent format shares: the crossing z = act(LN(h + G(prev))). Subclasses define
+    encode(x) -> h (width `rank`) and decode(z) -> y."""
+
+    def __init__(self, d_in: int, d_out: int, rank: int, activation: Optional[str], gate: Optional[str],
+                 gate_init: str = "identity", latent: str = "output", norm: bool = True):
+        super().__init__()
+        self.d_in, self.d_out, self.rank = d_in, d_out, rank
+        self.activation, self.latent = activation, latent
+        self.lax_gate = GATES[gate](rank, gate_init) if gate else None
+        self.lax_norm = nn.LayerNorm(rank) if gate and norm else None
+
+    def cross(self, h, prev_latent):
+        z = h
+        if self.lax_gate is not None:
+            z = z + self.lax_gate(prev_latent)
+            if self.lax_norm is not None:
+                z = self.lax_norm(z)
+        return ACTIVATIONS[self.activation](z) if self.activation else z
+
+    def forward(self, x, prev_latent=None):
+        h = self.encode(x)
+        z = self.cross(h, prev_latent)
+        return self.decode(z), (z if self.latent == "output" else h)
+
+
+class LowRankLinear(LatentLinear):
+    """y = B z with z = A x (SVD) or act(A x) (CoLA), plus LaX when a gate is given; `norm=False`
+    leaves the LayerNorm out. A bias, where the model has one, sits on B."""
+
+    def __init__(self, d_in, d_out, rank, activation: Optional[str], gate: Optional[str], gate_init: str = "identity",
+                 latent: str = "output", norm: bool = True, bias: bool = False):
+        super().__init__(d_in, d_out, rank, activation, gate, gate_init, latent, norm)
+        self.A = nn.Linear(d_in, rank, bias=False)
+        self.B = nn.Linear(rank, d_out, bias=bias)
+
+    def encode(self, x):
+        return self.A(x)
+
+    def decode(self, z):
+        return self.B(z)
+
+
+def lowrank_init_rules(module: nn.Module, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
+    """(kind, std) for the parameters of one low-rank module (a format or a gate) named `at` + '.'
+    prefix; {} for other modules. Kinds: `normal`, `ones`, `zeros`, `eye` (a rectangular identity)."""
+    rules = {}
+    if isinstance(module, LowRankLinear):
+        std = lowrank_factor_std(module.d_in, module.d_out, module.rank, init, init_std)
+        rules = {f"{at}A.weight": ("normal", std), f"{at}B.weight": ("normal", std)}
+        if module.B.bias is not None:
+            rules[f"{at}B.bias"] = ("zeros", 0.0)
+    elif isinstance(module, LinearGate):
+        rules[f"{at}beta"] = ("ones", 0.0)
+    elif isinstance(module, DenseGate):
+        rules[f"{at}weight"] = ("normal", 0.02) if module.init == "small" else ("eye", 0.0)
+        if module.bias is not None:
+            rules[f"{at}bias"] = ("zeros", 0.0)
+    elif isinstance(module, TensorGate):
+        rules.update({f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)})
+    elif hasattr(module, "init_rules"):  # a format defined elsewhere (TTLinear)
+        rules = module.init_rules(at, init, init_std)
+    return rules
+
+
+def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
+                activation: str = "silu", tt_dims: Optional[tuple[list, list]] = None) -> nn.Module:
+    """The one factory for every projection of every block of both model families. `cfg` is a
+    ModelConfig; `activation` is CoLA's latent activation (the family's own: SiLU for LLaMA, GELU
+    for the ViT); `tt_dims` the (input, output) modes of a tensor-train projection."""
+    if cfg.method == "dense":
+        return DenseLinear(d_in, d_out, bias)
+    common = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
+                  latent=cfg.lax_latent, norm=cfg.lax_norm, bias=bias)
+    latent_activation = activation if cfg.method == "cola" else None
+    if cfg.method == "tt":
+        from .tensor_train import TTLinear
+        intra = cfg.lax_intra_gate if projection in cfg.lax_intra_modules else None
+        return TTLinear(*tt_dims, cfg.rank_of(projection), latent_activation, intra=intra, **common)
+    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), latent_activation, **common)

@@ -1,0 +1,146 @@
+"""Tensor-train (TT-matrix) linear layers with inter- and intra-layer LaX (the paper's section 3.2).
+
+W (d_out x d_in) is a chain of n cores C_j (r_j x d_j x r_{j+1}), r_0 = r_n = 1, over the modes
+(d_0..d_{k-1}) of the input and (d_k..d_{n-1}) of the output, k = n / 2:
+
+    W[(o_k..o_{n-1}), (i_0..i_{k-1})] = C_0[:, i_0, :] C_1[:, i_1, :] ... C_{n-1}[:, o_{n-1}, :]
+
+The layer never builds W. It contracts x with the input cores one mode at a time (encode), which
+leaves a latent of width r_k, the TT rank, and then expands it through the output cores (decode):
+per token 2 sum_j r_j d_j r_{j+1} prod(modes still to contract) multiply-adds, O(d r) as for SVD.
+The latent of width r_k is where inter-layer LaX crosses, exactly as for SVD and CoLA.
+
+Intra-layer LaX: the partial contractions of the input cores are carried over to the mirrored
+step of the output cores as residuals (left partial after core k-2-i -> right partial after core
+k+i). With symmetric shapes they add directly; otherwise (or with a tensor gate) a two-core
+TensorGate maps the folded partial (modes x rank) onto the other's shape.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .lowrank import IdentityGate, LatentLinear, TensorGate
+
+
+def tt_ranks(dims: list[int], rank: int) -> list[int]:
+    """[1, r_1, ..., r_{n-1}, 1]: every inner rank is `rank` clipped to the largest rank a TT can
+    have there, min(prod(dims[:j]), prod(dims[j:])). The middle rank r_k is the latent width."""
+    return [1] + [min(rank, math.prod(dims[:j]), math.prod(dims[j:])) for j in range(1, len(dims))] + [1]
+
+
+def intra_shapes(in_dims: list[int], out_dims: list[int], ranks: list[int]) -> list[tuple[tuple, tuple]]:
+    """For each intra-layer pathway i, the (modes, rank) shape of the left partial it takes and of
+    the right partial it is added to."""
+    k = len(in_dims)
+    pairs = []
+    for i in range(k - 1):
+        left = k - 2 - i  # the left partial after core `left`
+        src = (math.prod(in_dims[left + 1:]), ranks[left + 1])
+        dst = (math.prod(out_dims[:i + 1]), ranks[k + i + 1])
+        pairs.append((src, dst))
+    return pairs
+
+
+def tt_parameters(in_dims: list[int], out_dims: list[int], rank: int) -> int:
+    dims, ranks = list(in_dims) + list(out_dims), tt_ranks(list(in_dims) + list(out_dims), rank)
+    return sum(ranks[j] * d * ranks[j + 1] for j, d in enumerate(dims))
+
+
+def intra_parameters(in_dims: list[int], out_dims: list[int], rank: int, gate: str) -> int:
+    """The intra-layer gates' parameters: none where the shapes match and the gate is the identity."""
+    ranks = tt_ranks(list(in_dims) + list(out_dims), rank)
+    return sum(0 if (src == dst and gate == "identity") else src[0] * dst[0] + src[1] * dst[1]
+               for src, dst in intra_shapes(list(in_dims), list(out_dims), ranks))
+
+
+def tt_flops(in_dims: list[int], out_dims: list[int], rank: int) -> int:
+    """Forward FLOPs per token of the contraction (2 per multiply-add)."""
+    dims = list(in_dims) + list(out_dims)
+    ranks, k, total = tt_ranks(dims, rank), len(in_dims), 0
+    for j, d in enumerate(dims):
+        remaining = math.prod(in_dims[j + 1:]) if j < k else math.prod(out_dims[:j - k])
+        total += 2 * ranks[j] * d * ranks[j + 1] * remaining
+    return total
+
+
+class TTLinear(LatentLinear):
+    """A TT-matrix linear layer. `intra`: None (no intra-layer LaX), `identity` (plain addition where
+    the shapes match, a tensor gate where they do not) or `tensor` (a tensor gate everywhere)."""
+
+    def __init__(self, in_dims: list[int], out_dims: list[int], rank: int, activation: Optional[str],
+                 gate: Optional[str], gate_init: str = "identity", latent: str = "output", norm: bool = True,
+                 bias: bool = False, intra: Optional[str] = None):
+        in_dims, out_dims = [int(d) for d in in_dims], [int(d) for d in out_dims]
+        if len(in_dims) != len(out_dims):
+            raise ValueError(f"a TT layer needs as many input as output modes, got {in_dims} and {out_dims}")
+        self.in_dims, self.out_dims = in_dims, out_dims
+        self.ranks = tt_ranks(in_dims + out_dims, rank)
+        self.k = len(in_dims)
+        super().__init__(math.prod(in_dims), math.prod(out_dims), self.ranks[self.k], activation, gate, gate_init,
+                         latent, norm)
+        dims = in_dims + out_dims
+        self.cores = nn.ParameterList(nn.Parameter(torch.empty(self.ranks[j], d, self.ranks[j + 1]))
+                                      for j, d in enumerate(dims))
+        self.bias = nn.Parameter(torch.empty(self.d_out)) if bias else None
+        self.intra_gates = None
+        if intra:
+            self.intra_gates = nn.ModuleList(
+                IdentityGate(0) if (src == dst and intra == "identity") else TensorGate(in_shape=src, out_shape=dst)
+                for src, dst in intra_shapes(in_dims, out_dims, self.ranks))
+
+    def encode(self, x, partials: Optional[list] = None):
+        """Contracts the input modes one core at a time: (N, d_j, ..., r_j) -> (N, ..., r_{j+1})."""
+        state = x.reshape(-1, *self.in_dims, 1)
+        n = state.shape[0]
+        for j in range(self.k):
+            core, (r, d, r_next) = self.cores[j], self.cores[j].shape
+            rest = state.shape[2:-1]
+            flat = state.reshape(n, d, math.prod(rest), r).transpose(1, 2).reshape(-1, d * r)
+            state = (flat @ core.permute(1, 0, 2).reshape(d * r, r_next)).reshape(n, *rest, r_next)
+            if partials is not None and j < self.k - 1:
+                partials.append(state.reshape(n, -1))
+        return state.reshape(*x.shape[:-1], self.rank)
+
+    def decode(self, z, partials: Optional[list] = None):
+        """Expands the latent through the output cores: (N, P, r_j) -> (N, P d_j, r_{j+1}), adding
+        the mirrored left partial after each inner step when intra-layer LaX is on."""
+        n = z.reshape(-1, self.rank).shape[0]
+        state = z.reshape(n, 1, self.rank)
+        for i, j in enumerate(range(self.k, 2 * self.k)):
+            core, (r, d, r_next) = self.cores[j], self.cores[j].shape
+            state = (state.reshape(-1, r) @ core.reshape(r, d * r_next)).reshape(n, -1, r_next)
+            if partials and j < 2 * self.k - 1:
+                state = state + self.intra_gates[i](partials[self.k - 2 - i]).reshape(state.shape)
+        y = state.reshape(*z.shape[:-1], self.d_out)
+        return y + self.bias if self.bias is not None else y
+
+    def forward(self, x, prev_latent=None):
+        partials = [] if self.intra_gates is not None else None
+        h = self.encode(x, partials)
+        z = self.cross(h, prev_latent)
+        return self.decode(z, partials), (z if self.latent == "output" else h)
+
+    def full_weight(self) -> torch.Tensor:
+        """The dense (d_out, d_in) matrix the cores represent (for tests and export; never used in
+        training)."""
+        w = self.cores[0]
+        for core in self.cores[1:]:
+            w = torch.tensordot(w, core, dims=([-1], [0]))
+        w = w.reshape(self.in_dims + self.out_dims)
+        return w.reshape(self.d_in, self.d_out).transpose(0, 1)
+
+    def init_rules(self, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
+        """Each core N(0, s^2) with s chosen so that W's entries have std sigma: Var(W) =
+        s^(2n) prod(r_1..r_{n-1}), so s = (sigma^2 / prod r)^(1 / 2n). sigma is a dense layer's
+        init_std (`matched`) or (d_in + d_out)^(-1/2) (`cola`, as the CoLA factors' product)."""
+        sigma = (self.d_in + self.d_out) ** -0.5 if init == "cola" else init_std
+        n = len(self.cores)
+        s = (sigma ** 2 / math.prod(self.ranks[1:-1])) ** (1 / (2 * n))
+        rules = {f"{at}cores.{j}": ("normal", s) for j in range(n)}
+        if self.bias is not None:
+            rules[f"{at}bias"] = ("zeros", 0.0)
+        return rules
