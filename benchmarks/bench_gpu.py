@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.introspection import peak_flops, peak_memory_gb  # noqa: E402
-from megatron_lax.model import LlamaLax, flash_attn_func, flops_per_token, init_weights  # noqa: E402
+from megatron_lax.models.llama import LlamaLax, flash_attn_func, flops_per_token, init_weights  # noqa: E402
 from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
 from megatron_lax.parallel.distributed import DistInfo  # noqa: E402
 

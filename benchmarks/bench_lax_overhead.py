@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHAPES, markdown_table, model_config, print_header, time_models  # noqa: E402
-from megatron_lax.model import count_parameters, flops_per_token  # noqa: E402
+from megatron_lax.models.llama import count_parameters, flops_per_token  # noqa: E402
 
 # (name, method, gate, base name)
 VARIANTS = [

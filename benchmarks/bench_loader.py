@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 
 from megatron_lax import data  # noqa: E402
 from megatron_lax.config import DataConfig, load_config  # noqa: E402
-from megatron_lax.model import LlamaLax, token_nll  # noqa: E402
+from megatron_lax.models.llama import LlamaLax, token_nll  # noqa: E402
 
 
 def loader_seconds(path: Path, mode: str, seq_len: int, micro_batch: int) -> tuple[float, list]:

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.model import LlamaLax  # noqa: E402
+from megatron_lax.models.llama import LlamaLax  # noqa: E402
 
 # The llama_60m shapes with the short sequences a 2-core CPU can time in minutes.
 SHAPES = {
