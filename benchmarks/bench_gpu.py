@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import machine  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.introspection import peak_flops, peak_memory_gb  # noqa: E402
-from megatron_lax.launch import VIT_SCALES  # noqa: E402
+from megatron_lax.launch import vit_variant  # noqa: E402
 from megatron_lax.models import build_model  # noqa: E402
 from megatron_lax.models.llama import flash_attn_func, flops_per_token, init_weights  # noqa: E402
 from megatron_lax.models.vit import flops_per_image  # noqa: E402
@@ -48,13 +48,7 @@ def config_overrides(shape: str, method: str, lax: str, args) -> dict:
     if not shape.startswith("vit"):
         return {"model.method": method, "model.lax_gate": gate, "model.vocab_size": str(args.vocab),
                 "data.seq_len": str(args.seq_len)}
-    overrides = {"model.method": method, "model.lax_gate": gate, "model.num_classes": "1000", "model.in_channels": "3"}
-    if method == "tt" and shape in VIT_SCALES:
-        attn, mlp = VIT_SCALES[shape][2]
-        overrides.update({"model.attn_rank": str(attn), "model.mlp_rank": str(mlp)})
-        if gate != "none":
-            overrides["model.lax_intra_modules"] = "q,k,v,o"
-    return overrides
+    return {**vit_variant(shape, method, gate), "model.num_classes": "1000", "model.in_channels": "3"}
 
 
 def random_batch(cfg, micro: int, args, device: torch.device):

@@ -49,6 +49,20 @@ VIT_LR = {"dense": 3e-3, "svd": 1e-3, "cola": 1e-3, "tt": 1e-3}  # Tables 9-10, 
 VIT_EPOCH_STEPS = 1_281_167 // 4096  # ImageNet-1k training images per step of 4096: checkpoint once an epoch
 
 
+def vit_variant(scale: str, method: str, gate: str) -> dict:
+    """The model overrides of a Table 1 variant: the method, gate and ranks, and for TT + LaX
+    intra-layer LaX on the attention projections (the official config)."""
+    preset, rank, (tt_attn, tt_mlp) = VIT_SCALES.get(scale, (scale, 0, (0, 0)))
+    overrides = {"model.method": method, "model.lax_gate": gate if method != "dense" else "none"}
+    if method in ("svd", "cola") and rank:
+        overrides["model.rank"] = str(rank)
+    if method == "tt" and tt_attn:
+        overrides.update({"model.attn_rank": str(tt_attn), "model.mlp_rank": str(tt_mlp)})
+    if method == "tt" and gate != "none":
+        overrides["model.lax_intra_modules"] = "q,k,v,o"
+    return overrides
+
+
 def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str) -> list[str]:
     """Tables 9-10: 300 epochs, cosine, 10 warmup epochs, base LR 3e-3 full rank and 1e-3 low rank,
     weight decay 0.3, dropout 0.1; LaX with the tensor gate between blocks on q, k, v, o, fc1, fc2
@@ -57,8 +71,7 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
     batch of 4096 with AdamW (0.9, 0.999) and clipping at 1.0 (Table 9's base LR is used as is at that
     batch), DeiT's augmentation (the `augment` defaults), bf16 autocast over fp32 master weights, and
     low-rank factors whose product starts with the dense ViT's weight std (`matched`)."""
-    preset, rank, (tt_attn, tt_mlp) = VIT_SCALES[scale]
-    args = ["--config", preset, "--model.method", method, "--model.lax_gate", gate, "--model.dropout", "0.1",
+    args = ["--config", VIT_SCALES[scale][0], "--model.dropout", "0.1",
             "--model.lowrank_init", "matched",  # low-rank products start with the ViT's dense init std (0.02)
             "--optim.lr", str(VIT_LR[method]), "--optim.weight_decay", "0.3", "--optim.warmup_epochs", "10",
             "--optim.min_lr_ratio", "0.0", "--optim.beta1", "0.9", "--optim.beta2", "0.999", "--optim.grad_clip",
@@ -67,13 +80,7 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
             "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
             "--checkpoint.every", str(VIT_EPOCH_STEPS), "--checkpoint.resume", "auto",
             "--train.eval_every", str(VIT_EPOCH_STEPS)]
-    if method in ("svd", "cola"):
-        args += ["--model.rank", str(rank)]
-    if method == "tt":
-        args += ["--model.attn_rank", str(tt_attn), "--model.mlp_rank", str(tt_mlp)]
-        if gate != "none":
-            args += ["--model.lax_intra_modules", "q,k,v,o"]
-    return args
+    return args + [arg for key, value in vit_variant(scale, method, gate).items() for arg in (f"--{key}", value)]
 
 
 def user_arguments(argv: list[str]) -> list[str]:

@@ -22,8 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .lowrank import (DenseLinear, Latents, crossing_flops, crossing_parameters, lowrank_init_rules,
-                      make_linear)
+from .lowrank import DenseLinear, Latents, lowrank_init_rules, make_linear, projection_counts
 
 try:  # optional: used only on CUDA with half-precision tensors
     from flash_attn import flash_attn_func
@@ -222,14 +221,8 @@ def count_parameters(cfg: ModelConfig) -> int:
     total = 2 * cfg.vocab_size * cfg.dim + cfg.dim  # embedding, LM head, final norm
     for layer in range(cfg.n_layers):
         total += 2 * cfg.dim  # two RMSNorms
-        for name, (d_in, d_out) in _projection_shapes(cfg).items():
-            if cfg.method == "dense":
-                total += d_in * d_out
-                continue
-            r = cfg.rank_of(name)
-            total += r * (d_in + d_out)
-            if cfg.crosses(name, layer):
-                total += crossing_parameters(cfg.lax_gate, r, cfg.lax_gate_init, cfg.lax_norm)
+        total += sum(projection_counts(cfg, name, d_in, d_out, layer)[0]
+                     for name, (d_in, d_out) in _projection_shapes(cfg).items())
     return total
 
 
@@ -250,12 +243,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
     forward = 2 * cfg.dim * cfg.vocab_size  # LM head
     for layer in range(cfg.n_layers):
         forward += 2 * 2 * seq_len * cfg.dim  # QK^T and AV
-        for name, (d_in, d_out) in _projection_shapes(cfg).items():
-            if cfg.method == "dense":
-                forward += 2 * d_in * d_out
-                continue
-            r = cfg.rank_of(name)
-            forward += 2 * r * (d_in + d_out)
-            if cfg.crosses(name, layer):
-                forward += crossing_flops(cfg.lax_gate, r)
+        forward += sum(projection_counts(cfg, name, d_in, d_out, layer)[1]
+                       for name, (d_in, d_out) in _projection_shapes(cfg).items())
     return {"forward": forward, "train": 3 * forward}

@@ -230,3 +230,24 @@ def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: b
         intra = cfg.lax_intra_gate if projection in cfg.lax_intra_modules else None
         return TTLinear(*tt_dims, cfg.rank_of(projection), latent_activation, intra=intra, **common)
     return LowRankLinear(d_in, d_out, cfg.rank_of(projection), latent_activation, **common)
+
+
+def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
+                      tt_dims: Optional[tuple[list, list]] = None) -> tuple[int, int]:
+    """(parameters, forward FLOPs per token) of the projection make_linear builds, its crossing and
+    intra-layer gates included (2 FLOPs per multiply-add; elementwise activations left out)."""
+    if cfg.method == "dense":
+        return d_in * d_out + (d_out if bias else 0), 2 * d_in * d_out
+    r = cfg.rank_of(projection)
+    if cfg.method == "tt":
+        from .tensor_train import intra_parameters, tt_flops, tt_parameters, tt_ranks
+        params, flops = tt_parameters(*tt_dims, r), tt_flops(*tt_dims, r)
+        if projection in cfg.lax_intra_modules:
+            params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
+        r = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]  # the latent's width
+    else:
+        params, flops = r * (d_in + d_out), 2 * r * (d_in + d_out)
+    if cfg.crosses(projection, layer):
+        params += crossing_parameters(cfg.lax_gate, r, cfg.lax_gate_init, cfg.lax_norm)
+        flops += crossing_flops(cfg.lax_gate, r)
+    return params + (d_out if bias else 0), flops

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, tt_dims
 from .llama import init_weights
-from .lowrank import (LatentLinear, Latents, crossing_flops, crossing_parameters, lowrank_init_rules,
-                      make_linear)
-from .tensor_train import intra_parameters, tt_flops, tt_parameters
+from .lowrank import LatentLinear, Latents, lowrank_init_rules, make_linear, projection_counts
 
 
 def uses_mlp_norm(cfg: ModelConfig) -> bool:
@@ -150,28 +148,10 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor):
 
 # --- counts: parameters and FLOPs (analytic; tested against the built model) -----------------------
 
-def _projection_parameters(cfg: ModelConfig, name: str, layer: int) -> int:
+def _counts(cfg: ModelConfig, name: str, layer: int) -> tuple[int, int]:
     d_in, d_out = projection_shapes(cfg)[name]
-    if cfg.method == "dense":
-        return d_in * d_out + d_out
-    r = cfg.rank_of(name)
-    if cfg.method == "tt":
-        modes = tt_dims(cfg)[name]
-        total = tt_parameters(*modes, r) + d_out
-        if name in cfg.lax_intra_modules:
-            total += intra_parameters(*modes, r, cfg.lax_intra_gate)
-        r = tt_latent_width(cfg, name)
-    else:
-        total = r * (d_in + d_out) + d_out
-    if cfg.crosses(name, layer):
-        total += crossing_parameters(cfg.lax_gate, r, cfg.lax_gate_init, cfg.lax_norm)
-    return total
-
-
-def tt_latent_width(cfg: ModelConfig, name: str) -> int:
-    from .tensor_train import tt_ranks
-    modes = tt_dims(cfg)[name]
-    return tt_ranks(modes[0] + modes[1], cfg.rank_of(name))[len(modes[0])]
+    modes = tt_dims(cfg)[name] if cfg.method == "tt" else None
+    return projection_counts(cfg, name, d_in, d_out, layer, bias=True, tt_dims=modes)
 
 
 def count_parameters(cfg: ModelConfig) -> int:
@@ -181,7 +161,7 @@ def count_parameters(cfg: ModelConfig) -> int:
     total += 2 * cfg.dim + cfg.dim * cfg.num_classes + cfg.num_classes  # final norm, head
     for layer in range(cfg.n_layers):
         total += 4 * cfg.dim + (2 * cfg.ffn_dim if uses_mlp_norm(cfg) else 0)
-        total += sum(_projection_parameters(cfg, name, layer) for name in projection_shapes(cfg))
+        total += sum(_counts(cfg, name, layer)[0] for name in projection_shapes(cfg))
     return total
 
 
@@ -192,18 +172,7 @@ def flops_per_image(cfg: ModelConfig) -> dict:
     per_token = 0
     for layer in range(cfg.n_layers):
         per_token += 2 * 2 * tokens * cfg.dim  # QK^T and AV
-        for name, (d_in, d_out) in projection_shapes(cfg).items():
-            if cfg.method == "dense":
-                per_token += 2 * d_in * d_out
-                continue
-            r = cfg.rank_of(name)
-            if cfg.method == "tt":
-                per_token += tt_flops(*tt_dims(cfg)[name], r)
-                r = tt_latent_width(cfg, name)
-            else:
-                per_token += 2 * r * (d_in + d_out)
-            if cfg.crosses(name, layer):
-                per_token += crossing_flops(cfg.lax_gate, r)
+        per_token += sum(_counts(cfg, name, layer)[1] for name in projection_shapes(cfg))
     embed = 2 * cfg.in_channels * cfg.patch_size ** 2 * cfg.dim * (tokens - 1)
     forward = per_token * tokens + embed + 2 * cfg.dim * cfg.num_classes
     return {"forward": forward, "train": 3 * forward}

@@ -4,19 +4,15 @@ import pytest
 import torch
 
 from megatron_lax.config import load_config
-from megatron_lax.launch import VIT_SCALES
+from megatron_lax.launch import vit_variant
 from megatron_lax.models.lowrank import LowRankLinear, TensorGate
 from megatron_lax.models.tensor_train import TTLinear
 from megatron_lax.models.vit import ViTLax, count_parameters, flops_per_image
 
 
 def vit_config(preset: str, method: str, gate: str = "none", **extra):
-    overrides = {"model.method": method, "model.lax_gate": gate, "model.num_classes": "1000", "model.in_channels": "3"}
-    if method == "tt" and preset in VIT_SCALES:
-        attn, mlp = VIT_SCALES[preset][2]
-        overrides.update({"model.attn_rank": str(attn), "model.mlp_rank": str(mlp)})
-        if gate != "none":
-            overrides["model.lax_intra_modules"] = "q,k,v,o"
+    """A Table 1 variant (launch.vit_variant: the recipes' ranks and LaX placement) with `extra`."""
+    overrides = {**vit_variant(preset, method, gate), "model.num_classes": "1000", "model.in_channels": "3"}
     overrides.update({k.replace("__", "."): str(v) for k, v in extra.items()})
     return load_config(preset, overrides).model
 
