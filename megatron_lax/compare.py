@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .config import Config, ConfigError, ModelConfig, load_config
-from .models.llama import count_parameters, memory_gb
+from .models import count_parameters
+from .models.llama import memory_gb
 
 METHOD_NAMES = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}
 
@@ -39,6 +40,16 @@ class Run:
     @property
     def final_val_ppl(self) -> Optional[float]:
         return self.val[-1]["val_ppl"] if self.val else None
+
+    @property
+    def metric(self) -> tuple[str, str, bool]:
+        """(record key, name, higher is better) of the run's headline validation number: perplexity
+        for a language model, top-1 accuracy for a ViT."""
+        return ("val_acc1", "top-1 (%)", True) if self.cfg.model.arch == "vit" else ("val_ppl", "val PPL", False)
+
+    @property
+    def final_score(self) -> Optional[float]:
+        return self.val[-1].get(self.metric[0]) if self.val else None
 
     @property
     def tokens(self) -> int:
@@ -105,7 +116,7 @@ def load_run(path: Union[str, Path], label: Optional[str] = None) -> Run:
         cfg = load_config(str(path / "config.yaml"))
     except ConfigError as e:
         raise RunError(f"{path}: unreadable config.yaml ({e})") from None
-    if cfg.model.vocab_size <= 0:
+    if cfg.model.arch == "llama" and cfg.model.vocab_size <= 0:
         raise RunError(f"{path}: config.yaml has no resolved model.vocab_size, cannot count parameters")
     records, malformed = read_records(path / "metrics.jsonl")
     train, val = split_records(records)
@@ -176,13 +187,13 @@ def format_tokens(n: int) -> str:
     return str(n)
 
 
-def _ppl_cell(run: Run, base: Optional[Run]) -> str:
-    ppl = run.final_val_ppl
-    if ppl is None:
+def _score_cell(run: Run, base: Optional[Run]) -> str:
+    score = run.final_score
+    if score is None:
         return "-"
-    if base is None or base is run or base.final_val_ppl is None:
-        return f"{ppl:.2f}"
-    return f"{ppl:.2f} ({ppl - base.final_val_ppl:+.2f})"
+    if base is None or base is run or base.final_score is None:
+        return f"{score:.2f}"
+    return f"{score:.2f} ({score - base.final_score:+.2f})"
 
 
 def comparison_table(runs: Sequence[Run], base: Union[Run, str, None] = None) -> str:
@@ -190,11 +201,13 @@ def comparison_table(runs: Sequence[Run], base: Union[Run, str, None] = None) ->
     `base`, or against the paired non-LaX run when base is None), params (M), memory (GB)."""
     if isinstance(base, str):
         base = find_run(runs, base)
-    lines = ["| variant | tokens | val PPL | params (M) | mem (GB) |", "|---|---|---|---|---|"]
+    seen = "images" if runs and runs[0].cfg.model.arch == "vit" else "tokens"
+    score = runs[0].metric[1] if runs else "val PPL"
+    lines = [f"| variant | {seen} | {score} | params (M) | mem (GB) |", "|---|---|---|---|---|"]
     for run in runs:
         reference = base if base is not None else _paired_base(run, runs)
         params = count_parameters(run.cfg.model)
-        lines.append(f"| {run.label} | {format_tokens(run.tokens)} | {_ppl_cell(run, reference)} | "
+        lines.append(f"| {run.label} | {format_tokens(run.tokens)} | {_score_cell(run, reference)} | "
                      f"{params / 1e6:.1f} | {memory_gb(params):.2f} |")
     return "\n".join(lines)
 
@@ -228,12 +241,16 @@ def plot_curves(runs: Sequence[Run], output: Union[str, Path]) -> Path:
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in runs:
         train_ax.plot([r["tokens"] for r in run.train], [r["loss"] for r in run.train], lw=1, label=run.label)
-        val_ax.plot([r["tokens"] for r in run.val], [r["val_ppl"] for r in run.val], marker="o", ms=3,
+        val_ax.plot([r["tokens"] for r in run.val], [r[run.metric[0]] for r in run.val], marker="o", ms=3,
                     label=run.label)
-    train_ax.set(title="Training loss", xlabel="tokens seen", ylabel="loss")
-    val_ax.set(title="Validation perplexity", xlabel="tokens seen", ylabel="perplexity", yscale="log")
-    val_ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 6x10^1, on the log axis
-    val_ax.yaxis.set_minor_formatter(ScalarFormatter())
+    seen = "images seen" if runs and runs[0].cfg.model.arch == "vit" else "tokens seen"
+    train_ax.set(title="Training loss", xlabel=seen, ylabel="loss")
+    if runs and runs[0].cfg.model.arch == "vit":
+        val_ax.set(title="Validation accuracy", xlabel=seen, ylabel="top-1 (%)")
+    else:
+        val_ax.set(title="Validation perplexity", xlabel=seen, ylabel="perplexity", yscale="log")
+        val_ax.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 6x10^1, on the log axis
+        val_ax.yaxis.set_minor_formatter(ScalarFormatter())
     for ax in (train_ax, val_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -246,10 +263,12 @@ def plot_curves(runs: Sequence[Run], output: Union[str, Path]) -> Path:
 
 
 def best_run(runs: Sequence[Run]) -> Run:
-    finished = [run for run in runs if run.final_val_ppl is not None and math.isfinite(run.final_val_ppl)]
+    """The lowest final perplexity, or the highest final accuracy for ViTs."""
+    finished = [run for run in runs if run.final_score is not None and math.isfinite(run.final_score)]
     if not finished:
-        raise RunError("no run has a finite validation perplexity")
-    return min(finished, key=lambda run: run.final_val_ppl)
+        raise RunError("no run has a finite validation score")
+    sign = -1 if finished[0].metric[2] else 1
+    return min(finished, key=lambda run: sign * run.final_score)
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -299,7 +318,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
     print(table)
     against = f"against {args.base}" if args.base else "of each LaX run against its same-rank run without LaX"
-    print(f"\nval PPL change (in brackets): {against}")
+    print(f"\n{runs[0].metric[1]} change (in brackets): {against}")
     print(f"wrote {plot_curves(runs, args.output)}", file=sys.stderr)
     return 0
 
