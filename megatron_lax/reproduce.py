@@ -5,7 +5,8 @@ mean and spread.
         [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]     (a cheaper protocol; use another --out)
 
 The plan (YAML) holds `config` (a base config: `preset:` and sections, as a config file), `lrs` (the
-grid every variant is swept over), `rungs`/`eta` (see megatron_lax.sweep), `seeds`, `variants`
+grid every variant is swept over; `extend_edges: N` grows it by a factor of 2 past whichever edge wins,
+up to N times, since a winner at the edge was not compared with the rate beyond it), `rungs`/`eta` (see megatron_lax.sweep), `seeds`, `variants`
 ({name: {section: {key: value}}, each with an optional `base:` naming the variant it is compared
 with}) and `default_variants` (what runs without --variants). For each variant: a successive-halving
 sweep on the first seed (megatron_lax.sweep), whose best run is that seed's run, then the other seeds
@@ -74,9 +75,14 @@ def run_key(cfg: Config) -> str:
 
 
 def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
-    """Trains one seed at one learning rate (or reads the finished run back)."""
+    """Trains one seed at one learning rate (or reads the finished run back). A directory that holds
+    the seed at another rate (the choice moved when the grid grew) is left alone: this rate trains in
+    DIRECTORY_lr<rate>."""
+    from .config import load_config
     from .train import trainer_for
 
+    if (directory / "config.yaml").is_file() and load_config(str(directory / "config.yaml")).optim.lr != lr:
+        directory = directory.with_name(f"{directory.name}_lr{lr:g}")
     done = directory / "summary.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -84,6 +90,9 @@ def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     run.optim.lr, run.train.seed, run.data.seed = lr, seed, seed
     run.logging.run_dir, run.checkpoint.resume = str(directory), "auto"
     summary = trainer_for(run)(run).fit()
+    if summary.get("preempted"):  # its checkpoint is there: the same command resumes it
+        raise RuntimeError(f"{directory}: stopped by a signal after step {summary['steps']}; run the same command "
+                           f"again to resume")
     done.write_text(json.dumps(summary))
     return summary
 
@@ -104,8 +113,14 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
     swept = copy.deepcopy(cfg)
     apply_dict(swept, plan.get("select") or {}, source="plan select")
     swept.train.seed = swept.data.seed = first
-    sweep = successive_halving(swept, [float(v) for v in plan["lrs"]], root / "sweep", plan.get("rungs", 3),
-                               plan.get("eta", 2), log)
+    lrs = sorted(float(v) for v in plan["lrs"])
+    sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log)
+    for _ in range(plan.get("extend_edges", 0)):  # a winner at the grid's edge is not a choice yet
+        if sweep["best_lr"] not in (lrs[0], lrs[-1]) or len(lrs) < 2:
+            break
+        lrs = sorted(lrs + [lrs[-1] * 2 if sweep["best_lr"] == lrs[-1] else lrs[0] / 2])
+        log(f"{name}: best rate {sweep['best_lr']:g} is at the grid's edge; sweeping {', '.join(f'{v:g}' for v in lrs)}")
+        sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log)
     best = Path(sweep["best_run"])
     values = {} if plan.get("report_seeds") else {first: _last_logged(best, metric)}
     for seed in plan.get("report_seeds") or others:
@@ -118,6 +133,7 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
         cfg.model.num_classes, cfg.model.in_channels = _image_shape(root)
     baseline_key = METRICS[metric][2]
     return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"], "metric": metric,
+            "lr_at_edge": len(lrs) > 1 and sweep["best_lr"] in (lrs[0], lrs[-1]), "lrs": lrs,
             "values": {str(k): v for k, v in values.items()}, "mean": statistics.fmean(numbers),
             "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0, "min": min(numbers), "max": max(numbers),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
@@ -156,7 +172,8 @@ def results_table(results: list[dict]) -> str:
             delta = f"{r['mean'] - base['mean']:+.2f} points vs {base['variant']}"
         elif base:
             delta = f"{r['mean'] - base['mean']:+.2f} ({100 * (r['mean'] / base['mean'] - 1):+.1f}%) vs {base['variant']}"
-        lines.append(f"| {r['variant']} | {r['lr']:g} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
+        lr = f"{r['lr']:g}" + (" (edge)" if r.get("lr_at_edge") else "")
+        lines.append(f"| {r['variant']} | {lr} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
                      f"{r['min']:.2f} - {r['max']:.2f} | {delta} | {r['params'] / 1e6:.3f} |")
     baselines = [(k, v) for r in results for k, v in r.get("baseline", {}).items() if math.isfinite(v)]
     if baselines:
@@ -175,6 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", help="comma-separated learning rates, replacing the plan's grid")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the plan's")
     parser.add_argument("--eta", type=int, help="replaces the plan's eta")
+    parser.add_argument("--extend-edges", type=int, help="replaces the plan's extend_edges")
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -185,6 +203,8 @@ def main(argv=None) -> int:
             plan["seeds"] = [int(v) for v in args.seeds.split(",")]
         if args.eta:
             plan["eta"] = args.eta
+        if args.extend_edges is not None:
+            plan["extend_edges"] = args.extend_edges
         names = args.variants.split(",") if args.variants else plan.get("default_variants", list(plan["variants"]))
         out = args.out or Path(plan.get("out", "runs/reproduce"))
         out.mkdir(parents=True, exist_ok=True)
