@@ -57,7 +57,8 @@ def hf_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
 def hf_config(cfg: ModelConfig) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "hidden_act": "silu",
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "hidden_act": "silu",
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
@@ -70,9 +71,8 @@ def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
     heads = hf.get("num_attention_heads")
     refusals = [
         (hf.get("model_type", "llama") != "llama", f"model_type {hf.get('model_type')!r} is not llama"),
-        (hf.get("num_key_value_heads", heads) != heads,
-         f"grouped-query attention (num_key_value_heads {hf.get('num_key_value_heads')} != num_attention_heads "
-         f"{heads}) is not supported"),
+        (not heads or not hf.get("num_key_value_heads", heads) or heads % hf.get("num_key_value_heads", heads) != 0,
+         f"num_key_value_heads {hf.get('num_key_value_heads')} does not divide num_attention_heads {heads}"),
         (hf.get("rope_scaling") is not None, f"rope_scaling {hf.get('rope_scaling')} is not supported"),
         (hf.get("hidden_act", "silu") != "silu", f"hidden_act {hf.get('hidden_act')!r} is not silu"),
         (bool(hf.get("attention_bias")) or bool(hf.get("mlp_bias")), "attention or MLP biases are not supported"),
@@ -84,6 +84,7 @@ def model_config_from_hf(hf: dict, where: str) -> ModelConfig:
             raise ValueError(f"{where}: {reason}")
     try:
         return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+                           n_kv_heads=hf.get("num_key_value_heads", heads),
                            ffn_dim=hf["intermediate_size"], vocab_size=hf["vocab_size"],
                            norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(hf.get("rope_theta", 10000.0)),
                            max_seq_len=hf.get("max_position_embeddings", 2048), method="dense")

@@ -79,11 +79,44 @@ def load_base(spec: str) -> LlamaLax:
 
 
 def build_finetune_model(cfg: Config) -> LlamaLax:
-    """The frozen base with adapters; sets cfg.model to the base's shape, so the run's config
-    describes the model its checkpoints hold."""
-    model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+    """The frozen base with adapters (or, with finetune.full, the whole base trainable); sets
+    cfg.model to the base's shape, so the run's config describes the model its checkpoints hold."""
+    if cfg.finetune.full:
+        model = load_base(cfg.finetune.base).requires_grad_(True)
+    else:
+        model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
     cfg.model = dataclasses.replace(model.cfg)
     return model
+
+
+def uses_bos(add_bos: str, base: str, tokenizer) -> bool:
+    """Whether prompts start with BOS: finetune.add_bos true/false, or auto: the base's own convention.
+    A Hugging Face base follows its tokenizer (LLaMA's adds BOS; a tokenizer without one, none); our
+    own bases were pre-trained without BOS, so none."""
+    choice = str(add_bos).lower()
+    if choice in ("true", "false"):
+        if choice == "true" and tokenizer.bos_id < 0:
+            raise ValueError("finetune.add_bos true, but the tokenizer has no BOS token")
+        return choice == "true"
+    if not base or not Path(base).is_dir() or base_kind(base) != "huggingface" or tokenizer.bos_id < 0:
+        return False
+    if tokenizer.kind == "sentencepiece":  # LLaMA's tokenizer.model: its Hugging Face wrapper adds BOS
+        return True
+    ids = tokenizer.backend("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_id
+
+
+def selected_checkpoint(path) -> Path:
+    """The checkpoint a run is evaluated and exported from: RUN/best (the lowest validation loss) when
+    finetune.keep_best kept one, else the path as given (a run's latest, or a checkpoint)."""
+    path = Path(path)
+    best = path / "best"
+    if (path / "config.yaml").is_file() and best.is_dir() and checkpoint.checkpoint_config(path).finetune.keep_best:
+        try:
+            return checkpoint.resolve_checkpoint_dir(best)
+        except checkpoint.CheckpointError:
+            pass
+    return path
 
 
 def load_finetuned(path, device: torch.device = torch.device("cpu")):
@@ -93,10 +126,11 @@ def load_finetuned(path, device: torch.device = torch.device("cpu")):
     ckpt = checkpoint.resolve_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
-    model = apply_lora(LlamaLax(cfg.model, init_seed=None), cfg.lora, seed=cfg.train.seed)
+    adapt = (lambda m: m) if cfg.finetune.full else (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed))
+    model = adapt(LlamaLax(cfg.model, init_seed=None))
     frozen_missing = [k for k in model.state_dict() if k not in state and ".adapter." not in k]
     if frozen_missing:  # DeepSpeed ZeRO-1/2 consolidates the trained parameters only; the frozen ones are the base's
-        model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+        model = adapt(load_base(cfg.finetune.base))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or (missing and not frozen_missing):
         raise checkpoint.CheckpointError(f"{ckpt}: the checkpoint does not fit its config (missing {missing[:3]}, "
@@ -117,15 +151,20 @@ def linear_lr(step: int, total_steps: int, warmup: int, peak: float) -> float:
 
 def method_label(cfg: Config) -> str:
     gate = cfg.lora.lax_gate
-    return "LoRA" if gate == "none" else f"LaX-LoRA ({gate}{'' if cfg.lora.lax_norm else ', no LayerNorm'})"
+    if cfg.finetune.full:
+        return "full fine-tuning"
+    if gate == "none":
+        return "LoRA"
+    latent = "" if cfg.lora.lax_latent == "output" else ", projection latent"
+    return f"LaX-LoRA ({gate}{'' if cfg.lora.lax_norm else ', no LayerNorm'}{latent})"
 
 
 # --- the trainer --------------------------------------------------------------------------------------
 
 # Fields whose change makes a fine-tuning checkpoint unusable for a resume (pre-training's shape
 # fields are checked too).
-RESUME_FIELDS = {"lora": ("rank", "targets", "lax_gate", "lax_norm", "lax_latent"),
-                 "finetune": ("train_json", "cutoff_len", "val_size")}
+RESUME_FIELDS = {"lora": ("rank", "alpha", "dropout", "targets", "lax_gate", "lax_norm", "lax_latent"),
+                 "finetune": ("base", "train_json", "cutoff_len", "val_size", "train_on_inputs", "add_bos", "full")}
 
 
 class FinetuneTrainer(Trainer):
@@ -138,7 +177,9 @@ class FinetuneTrainer(Trainer):
         cfg.data.tokenizer = f.tokenizer or base_tokenizer(f.base)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         records, skipped = instruct.read_records(f.train_json)
-        examples = instruct.tokenize(records, self.tokenizer, f.cutoff_len, skipped)
+        bos = uses_bos(f.add_bos, f.base, self.tokenizer)
+        f.add_bos = "true" if bos else "false"  # resolved: evaluation and resume read it from the run's config
+        examples = instruct.tokenize(records, self.tokenizer, f.cutoff_len, skipped, f.train_on_inputs, bos)
         if skipped:
             self.log(instruct.describe_skipped(f.train_json, skipped))
         if not examples:
@@ -170,12 +211,24 @@ class FinetuneTrainer(Trainer):
             batches.append((x, torch.full_like(y, instruct.IGNORE)))
         return batches
 
+    def validate(self) -> dict:
+        """Pre-training's validation; with finetune.keep_best, a new lowest validation loss also
+        writes RUN/best (one checkpoint, replaced), which evaluation and export then use."""
+        best_so_far = self.best_val_ppl  # restored on resume with the trainer state
+        record = super().validate()
+        if self.cfg.finetune.keep_best and record["val_ppl"] < best_so_far:
+            rank_state = {"loader": self.loader.state_dict(), "rng": None}
+            checkpoint.save(self.run_dir / "best", self.step, self.engine, self.trainer_state(), rank_state, self.cfg,
+                            self.dist, keep=1)
+        return record
+
     def learning_rate(self, step: int) -> float:
         return linear_lr(step, self.total_steps, warmup_steps(self.cfg.optim, self.total_steps), self.cfg.optim.lr)
 
     def describe(self) -> str:
         cfg, t = self.cfg, self.cfg.train
-        return (f"{method_label(cfg)} r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}: "
+        adapters = "" if cfg.finetune.full else f" r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}"
+        return (f"{method_label(cfg)}{adapters}: "
                 f"{self.n_trainable:,} trainable of {self.n_params:,} parameters "
                 f"({100 * self.n_trainable / self.n_params:.2f}%); {self.total_steps} steps of {t.global_batch} "
                 f"examples ({len(self.loader.examples)} training, {len(self.val_examples)} held out) on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -96,8 +97,63 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, task, lora_run, t
     trainer(base, task, tmp_path, checkpoint__resume=lora_run / "checkpoints" / "step_00000003").fit()
     full, resumed = losses(lora_run), losses(tmp_path)
     assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == full[s] for s in resumed)
-    with pytest.raises(Exception, match="lora.rank: 4 -> 8"):
-        trainer(base, task, tmp_path / "other", lora__rank=8, checkpoint__resume=lora_run / "checkpoints" / "step_00000003").fit()
+    step3 = lora_run / "checkpoints" / "step_00000003"
+    for field, value, message in [("lora.rank", 8, "lora.rank: 4 -> 8"), ("lora.alpha", 16, "lora.alpha: 8.0 -> 16.0"),
+                                  ("lora.dropout", 0.1, "lora.dropout: 0.0 -> 0.1"),
+                                  ("finetune.train_on_inputs", "false", "finetune.train_on_inputs: True -> False")]:
+        with pytest.raises(Exception, match=message):
+            trainer(base, task, tmp_path / "other", **{field.replace(".", "__"): value},
+                    checkpoint__resume=step3).fit()
+    other_base = tmp_path / "other_base"
+    shutil.copytree(base, other_base)
+    with pytest.raises(Exception, match="finetune.base: "):
+        trainer(other_base, task, tmp_path / "other", checkpoint__resume=step3).fit()
+
+
+def test_full_finetuning_trains_every_weight_and_keep_best_keeps_the_lowest_validation_loss(base, task, tmp_path,
+                                                                                         monkeypatch):
+    import math
+
+    from megatron_lax.finetune import method_label, selected_checkpoint
+    scripted = iter([5.0, 3.0, 4.0, 3.5, 6.0, 7.0])  # validation losses of steps 1-6: the best is step 2's
+    original = Trainer.validate
+
+    def validate(self):
+        record = original(self)
+        record["val_loss"] = next(scripted)
+        record["val_ppl"] = math.exp(record["val_loss"])
+        self.best_val_ppl = min(getattr(self, "_ppls", [math.inf]) + [record["val_ppl"]])
+        self._ppls = getattr(self, "_ppls", []) + [record["val_ppl"]]
+        return record
+    monkeypatch.setattr(Trainer, "validate", validate)
+    run = trainer(base, task, tmp_path, finetune__full="true", train__eval_every=1, train__steps=6)
+    run.fit()
+    assert all(p.requires_grad for p in run.engine.base_model.parameters())
+    best = selected_checkpoint(tmp_path)
+    assert best == tmp_path / "best" / "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step_00000006"
+    model, cfg, _ = load_finetuned(best)
+    assert method_label(cfg) == "full fine-tuning" and not any(".adapter." in n for n, _ in model.named_parameters())
+    monkeypatch.undo()
+    no_best = trainer(base, task, tmp_path / "last", finetune__keep_best="false", train__steps=2)
+    no_best.fit()
+    assert selected_checkpoint(tmp_path / "last") == tmp_path / "last" and not (tmp_path / "last" / "best").exists()
+
+
+def test_bos_follows_the_base_s_own_convention(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from conftest import REPO
+    from megatron_lax.finetune import uses_bos
+    from tokenizer import load_tokenizer
+    ours = load_tokenizer(str(REPO / "tokenizer" / "sample"))
+    assert ours.bos_id >= 0 and not uses_bos("auto", str(base), ours)  # our pre-training never saw BOS
+    for adds, name in ((True, "llama"), (False, "no_bos")):
+        directory = tmp_path / name
+        transformers.LlamaTokenizer(vocab_file=str(REPO / "tokenizer" / "sample" / "tokenizer.model"),
+                                    add_bos_token=adds, legacy=True).save_pretrained(directory)
+        (directory / "config.json").write_text("{}")  # a Hugging Face model directory as far as base_kind sees
+        assert uses_bos("auto", str(directory), load_tokenizer(str(directory))) is adds
+    assert uses_bos("true", str(base), ours) and not uses_bos("false", str(tmp_path / "llama"), ours)
 
 
 ENGINES = {"ddp": {"parallel__engine": "ddp"}, "fsdp": {"parallel__engine": "fsdp"},
@@ -172,8 +228,8 @@ def test_bad_bases_and_adapters_that_do_not_fit_fail_in_one_line(prepared_sample
         capsys, settings(base, task, tmp_path / "c", lora__rank=100))
     gqa = hf_export(base, tmp_path / "gqa")
     config = json.loads((gqa / "config.json").read_text())
-    (gqa / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
-    assert "grouped-query attention (num_key_value_heads 1 != num_attention_heads 2)" in one_line_error(
+    (gqa / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "num_key_value_heads": 3}))
+    assert "num_key_value_heads 3 does not divide num_attention_heads 4" in one_line_error(
         capsys, settings(gqa, task, tmp_path / "d"))
     (gqa / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
     assert "rope_scaling" in one_line_error(capsys, settings(gqa, task, tmp_path / "e"))
@@ -239,7 +295,8 @@ def test_evaluate_command_writes_accuracy_for_a_run_and_for_its_base(lora_run, b
     report = json.loads(out.read_text())
     assert report["method"] == "LoRA" and report["trainable"] == 6144 and report["seed"] == 0
     test, = report["files"]
-    assert test["n"] == 10 and 0 <= test["accuracy"] <= 1 and len(test["examples"]) == 5
+    assert test["n"] == 10 and 0 <= test["accuracy"] <= 1 and len(test["examples"]) == 10
+    assert report["bos"] is False and test["num_beams"] == 4  # our base: no BOS; LLM-Adapters' 4 beams
     assert finetune_eval.main(["evaluate", "--base", str(base), "--test", str(task / "test.json"), "--output",
                                str(tmp_path / "base.json")]) == 0
     assert json.loads((tmp_path / "base.json").read_text())["method"] == "base"
