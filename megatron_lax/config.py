@@ -189,6 +189,7 @@ class FinetuneConfig:
     add_bos: str = "auto"  # auto (the base's convention: its tokenizer's for a Hugging Face base, none for ours) | true | false
     keep_best: bool = True  # keep the checkpoint of the lowest validation loss in RUN/best and evaluate it
     full: bool = False  # full fine-tuning (every base weight trained, no adapters): the capacity ceiling
+    base_fingerprint: str = ""  # set by the run: a hash of the base's weights; resume, evaluation and export check it
 
 
 @dataclass

@@ -131,13 +131,14 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
 
 
 def run(config: str, out: Path, seeds: list[int], ranks: list[int], methods: list[str], full: bool,
-        full_lr: float) -> None:
+        full_lr: float, base: str = "", extra: dict | None = None) -> None:
     for seed in seeds:
         for name, overrides in cells(ranks, methods, full):
             target = out / name / f"seed{seed}" / "result.json"
             if target.is_file():
                 continue
-            overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed)}
+            overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed),
+                         **({"finetune.base": base} if base else {}), **(extra or {})}
             result = run_one(config, overrides, target.parent / "run", full_lr)
             target.write_text(json.dumps(result, indent=1))
             f = result["files"][0]
@@ -203,6 +204,8 @@ def main(argv=None) -> int:
     r = commands.add_parser("run", help="fine-tune and evaluate every cell with every seed")
     r.add_argument("--config", required=True)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--base", default="", help="overrides the config's finetune.base")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every cell")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     r.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
         print(text)
         return 0
     if args.command == "run":
-        run(args.config, args.out, args.seeds, args.ranks, args.methods, not args.no_full, args.full_lr)
+        extra = dict(item.split("=", 1) for item in args.set)
+        run(args.config, args.out, args.seeds, args.ranks, args.methods, not args.no_full, args.full_lr, args.base, extra)
         return 0
     text = table(args.out)
     if args.output:

@@ -136,14 +136,10 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
 
 
 def load_for_generation(path: Path):
-    """(model, tokenizer spec) from a checkpoint/run directory or a megatron_lax export."""
-    from .evaluate import load_model
-    from .export import OUR_FORMAT, load_pretrained
-    if (path / OUR_FORMAT).is_file():
-        model = load_pretrained(path)
-        return model, str(path / "tokenizer")
-    model, cfg, _ = load_model(path, torch.device("cpu"))
-    return model, cfg.data.tokenizer
+    """(model, tokenizer spec) from a checkpoint/run directory (pre-training or fine-tuning), a
+    megatron_lax export or a Hugging Face LLaMA directory."""
+    from .model_io import load_any
+    return load_any(path)
 
 
 def main(argv=None) -> int:

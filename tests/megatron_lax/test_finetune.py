@@ -50,7 +50,8 @@ def settings(base: Path, task: Path, run_dir: Path, **extra) -> dict[str, str]:
               "finetune.val_size": 8, "finetune.max_new_tokens": 8, "lora.rank": 4, "lora.alpha": 8,
               "train.global_batch": 8, "train.micro_batch": 4, "train.steps": 6, "optim.lr": 1e-2,
               "optim.warmup_steps": 1, "logging.run_dir": run_dir, "logging.log_every": 1, "logging.progress": "false",
-              "logging.tensorboard": "false", "logging.lax_stats_every": 0}
+              "logging.tensorboard": "false", "logging.lax_stats_every": 0,
+              "finetune.train_on_inputs": "false"}  # the response only: a clear signal in a few steps
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return {k: str(v) for k, v in values.items()}
 
@@ -100,7 +101,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, task, lora_run, t
     step3 = lora_run / "checkpoints" / "step_00000003"
     for field, value, message in [("lora.rank", 8, "lora.rank: 4 -> 8"), ("lora.alpha", 16, "lora.alpha: 8.0 -> 16.0"),
                                   ("lora.dropout", 0.1, "lora.dropout: 0.0 -> 0.1"),
-                                  ("finetune.train_on_inputs", "false", "finetune.train_on_inputs: True -> False")]:
+                                  ("finetune.train_on_inputs", "true", "finetune.train_on_inputs: False -> True")]:
         with pytest.raises(Exception, match=message):
             trainer(base, task, tmp_path / "other", **{field.replace(".", "__"): value},
                     checkpoint__resume=step3).fit()
@@ -154,6 +155,27 @@ def test_bos_follows_the_base_s_own_convention(base, tmp_path):
         (directory / "config.json").write_text("{}")  # a Hugging Face model directory as far as base_kind sees
         assert uses_bos("auto", str(directory), load_tokenizer(str(directory))) is adds
     assert uses_bos("true", str(base), ours) and not uses_bos("false", str(tmp_path / "llama"), ours)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_only_and_another_base_is_refused(prepared_sample, base, task,
+                                                                                 lora_run, tmp_path):
+    saved = torch.load(lora_run / "checkpoints" / "step_00000006" / "model.pt", weights_only=True)
+    assert saved and all(".adapter." in k for k in saved)  # no frozen weight in the checkpoint
+    model, _, _ = load_finetuned(lora_run)
+    assert sum(p.numel() for p in saved.values()) == 6144 < sum(p.numel() for p in model.parameters())
+    moved = tmp_path / "base"
+    shutil.copytree(base, moved)
+    run_dir = tmp_path / "run"
+    trainer(moved, task, run_dir, train__steps=2, checkpoint__every=1).fit()
+    shutil.rmtree(moved)
+    shutil.copytree(pretrained(prepared_sample, tmp_path / "other", **{"train.seed": 1}), moved)  # same path, other weights
+    with pytest.raises(Exception, match="is not the base this run was trained on"):
+        load_finetuned(run_dir)
+    with pytest.raises(Exception, match="is not the base this run was trained on"):
+        export_finetuned(run_dir, tmp_path / "export")
+    with pytest.raises(Exception, match="finetune.base_fingerprint"):
+        trainer(moved, task, tmp_path / "resumed", train__steps=2,
+                checkpoint__resume=run_dir / "checkpoints" / "step_00000001").fit()
 
 
 ENGINES = {"ddp": {"parallel__engine": "ddp"}, "fsdp": {"parallel__engine": "fsdp"},
