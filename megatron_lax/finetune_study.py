@@ -90,12 +90,18 @@ def probe(model, tokenizer, items) -> dict:
 
 # --- the runs -----------------------------------------------------------------------------------------
 
+def cell(name: str) -> tuple[str, dict]:
+    """`full`, or METHOD_rRANK (alpha is 2 x rank in every cell)."""
+    if name == FULL:
+        return name, {"finetune.full": "true"}
+    method, _, rank = name.rpartition("_r")
+    if method not in METHODS or not rank.isdigit():
+        raise ValueError(f"unknown cell {name!r} (full, or one of {', '.join(METHODS)} followed by _rRANK)")
+    return name, {**METHODS[method], "lora.rank": rank, "lora.alpha": str(2 * int(rank))}
+
+
 def cells(ranks: list[int], methods: list[str], full: bool) -> list[tuple[str, dict]]:
-    out = [(f"{method}_r{rank}", {**METHODS[method], "lora.rank": str(rank), "lora.alpha": str(2 * rank)})
-           for rank in ranks for method in methods]
-    if full:
-        out.append((FULL, {"finetune.full": "true"}))
-    return out
+    return [cell(f"{method}_r{rank}") for rank in ranks for method in methods] + ([cell(FULL)] if full else [])
 
 
 def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict:
@@ -130,10 +136,11 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
     return result
 
 
-def run(config: str, out: Path, seeds: list[int], ranks: list[int], methods: list[str], full: bool,
-        full_lr: float, base: str = "", extra: dict | None = None) -> None:
+def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], full_lr: float, base: str = "",
+        extra: dict | None = None) -> None:
+    """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds."""
     for seed in seeds:
-        for name, overrides in cells(ranks, methods, full):
+        for name, overrides in plan:
             target = out / name / f"seed{seed}" / "result.json"
             if target.is_file():
                 continue
@@ -210,6 +217,8 @@ def main(argv=None) -> int:
     r.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     r.add_argument("--no-full", action="store_true", help="leave out the full fine-tuning ceiling")
+    r.add_argument("--cells", nargs="+", help="explicit cells (e.g. lora_r1 lax_linear_projection_r1 full) instead "
+                                              "of ranks x methods (+ full)")
     r.add_argument("--full-lr", type=float, default=1e-3)
     t = commands.add_parser("table", help="the Markdown table of a study directory")
     t.add_argument("out", type=Path)
@@ -230,7 +239,8 @@ def main(argv=None) -> int:
         return 0
     if args.command == "run":
         extra = dict(item.split("=", 1) for item in args.set)
-        run(args.config, args.out, args.seeds, args.ranks, args.methods, not args.no_full, args.full_lr, args.base, extra)
+        plan = [cell(name) for name in args.cells] if args.cells else cells(args.ranks, args.methods, not args.no_full)
+        run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra)
         return 0
     text = table(args.out)
     if args.output:

@@ -211,6 +211,30 @@ def hf_export(base: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_a_hugging_face_base_built_on_meta_and_filled_tensor_by_tensor_equals_the_eager_load(base, task, tmp_path,
+                                                                                             full):
+    """What FSDP2 and ZeRO-3 fine-tunes get from finetune_recipe (here on one process, unsharded)."""
+    from megatron_lax.lora import apply_lora
+    from megatron_lax.model_io import base_fingerprint, finetune_recipe
+    from megatron_lax.parallel import materialize
+    hf = hf_export(base, tmp_path / "hf")
+    cfg = load_config(None, settings(hf, task, tmp_path / "run", lora__lax_gate="linear", finetune__full=full))
+    model_cfg, recipe = finetune_recipe(cfg)
+    with torch.device("meta"):
+        model = recipe.build()
+    assert all(p.is_meta for p in model.parameters())
+    materialize(model, recipe.initialize, torch.device("cpu"))
+    eager = load_base(str(hf))
+    assert cfg.finetune.base_fingerprint == base_fingerprint(eager.named_parameters())
+    if not full:
+        eager = apply_lora(eager, cfg.lora, seed=cfg.train.seed)
+    assert model_cfg == eager.cfg and model.state_dict().keys() == eager.state_dict().keys()
+    assert all(torch.equal(v, eager.state_dict()[k]) for k, v in model.state_dict().items())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in eager.named_parameters() if p.requires_grad]
+
+
 def test_bases_of_every_kind_load_as_the_same_dense_model(prepared_sample, base, tmp_path):
     transformers = pytest.importorskip("transformers")
     ours = load_base(str(base))
