@@ -208,8 +208,9 @@ def teacher_forced(model, tokenizer, records: list[dict], batch_size: int = 32, 
 def load_for_eval(checkpoint_dir: Path | None, base: str | None):
     """(model, tokenizer spec, the run's config or None, a description) for a fine-tuning run (its
     best-validation checkpoint when finetune.keep_best kept one), or for a bare base model."""
-    from .finetune import base_tokenizer, load_base, load_finetuned, method_label, selected_checkpoint
+    from .finetune import method_label
     from .lora import trainable_parameters
+    from .model_io import base_tokenizer, load_base, load_finetuned, selected_checkpoint
 
     if base:
         model = load_base(base)

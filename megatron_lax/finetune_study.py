@@ -108,7 +108,8 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
     from tokenizer import load_tokenizer
 
     from .config import load_config
-    from .finetune import finetune, load_finetuned, uses_bos
+    from .finetune import finetune, uses_bos
+    from .model_io import load_finetuned
     from .finetune_eval import accuracy, read_test_file, teacher_forced
     from .lora import trainable_parameters
 
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
     if args.command == "probe":
         from tokenizer import load_tokenizer
 
-        from .finetune import base_tokenizer, load_base
+        from .model_io import base_tokenizer, load_base
         model, tokenizer = load_base(args.base), load_tokenizer(base_tokenizer(args.base))
         result = probe(model, tokenizer, probe_items(args.max_number, args.max_factor))
         text = json.dumps(result, indent=1)

@@ -178,6 +178,18 @@ def test_a_lora_checkpoint_holds_the_adapters_only_and_another_base_is_refused(p
                 checkpoint__resume=run_dir / "checkpoints" / "step_00000001").fit()
 
 
+def test_under_bf16_training_the_frozen_projections_are_held_in_bf16(base, task, tmp_path):
+    run = trainer(base, task, tmp_path, train__precision="bf16-mixed", train__steps=2)
+    model = run.engine.base_model
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["layers.0.attn.q.base.weight"] == dtypes["lm_head.weight"] == torch.bfloat16
+    assert dtypes["embed.weight"] == dtypes["norm.weight"] == dtypes["layers.0.attn_norm.weight"] == torch.float32
+    assert all(dtypes[n] == torch.float32 for n in dtypes if ".adapter." in n)
+    fp32 = trainer(base, task, tmp_path / "fp32", train__steps=2)
+    assert fp32.cfg.finetune.base_fingerprint == run.cfg.finetune.base_fingerprint  # one base, either dtype
+    assert run.fit()["val_loss"] == pytest.approx(fp32.fit()["val_loss"], rel=0.02)
+
+
 ENGINES = {"ddp": {"parallel__engine": "ddp"}, "fsdp": {"parallel__engine": "fsdp"},
            "zero2": {"parallel__engine": "deepspeed", "parallel__zero_stage": 2}}
 
