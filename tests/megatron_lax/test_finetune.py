@@ -198,7 +198,9 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
     lax = {"lora__lax_gate": "linear", "train__micro_batch": 2}
     single = tmp_path / "single"
     trainer(base, task, single, **lax).fit()
-    runs = [settings(base, task, tmp_path / name, **engine, **lax) for name, engine in ENGINES.items()]
+    runs = [settings(base, task, tmp_path / name, **engine, **lax, checkpoint__every=3) for name, engine in ENGINES.items()]
+    runs += [settings(base, task, tmp_path / f"{name}_resumed", **ENGINES[name], **lax,  # from adapters-only checkpoints
+                      checkpoint__resume=tmp_path / name / "checkpoints" / "step_00000003") for name in ("fsdp", "zero2")]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]  # DeepSpeed's ninja: see test_engines
@@ -212,8 +214,15 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
     one, _, _ = load_finetuned(single)
     with torch.no_grad():
         expected = one(TOKENS)
-        for name in ("fsdp", "zero2"):  # sharded checkpoints, consolidated (ZeRO-2's without the frozen base)
+        for name in ("fsdp", "zero2"):  # sharded checkpoints of the adapters only, consolidated, on their base
             torch.testing.assert_close(load_finetuned(tmp_path / name)[0](TOKENS), expected, rtol=1e-4, atol=1e-4)
+    from megatron_lax.checkpoint import resolve_checkpoint_dir
+    from megatron_lax.parallel import consolidated_state_dict
+    for name in ("fsdp", "zero2"):
+        saved = consolidated_state_dict(resolve_checkpoint_dir(tmp_path / name))
+        assert saved and all(".adapter." in k for k in saved), (name, [k for k in saved if ".adapter." not in k][:3])
+        resumed, full = losses(tmp_path / f"{name}_resumed"), losses(tmp_path / name)
+        assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == pytest.approx(full[s], rel=1e-6) for s in resumed)
 
 
 # --- bases and bad input ------------------------------------------------------------------------------
