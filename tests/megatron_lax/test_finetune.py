@@ -225,6 +225,26 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
         assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == pytest.approx(full[s], rel=1e-6) for s in resumed)
 
 
+def test_a_hugging_face_base_loads_shard_by_shard_on_fsdp2_and_zero3_and_trains_as_on_one_process(base, task,
+                                                                                                   tmp_path):
+    pytest.importorskip("transformers")
+    hf = hf_export(base, tmp_path / "hf")
+    lax = {"lora__lax_gate": "linear", "train__micro_batch": 2}
+    trainer(hf, task, tmp_path / "single", **lax).fit()
+    engines = {"fsdp": {"parallel__engine": "fsdp"}, "zero3": {"parallel__engine": "deepspeed", "parallel__zero_stage": 3}}
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([settings(hf, task, tmp_path / name, **engine, **lax) for name, engine in engines.items()]))
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(free_port()), str(RUNS_SCRIPT), str(spec)], env={"PATH": path})
+    reference = losses(tmp_path / "single")
+    for name in engines:  # built on meta (inside zero.Init for ZeRO-3), each tensor read once and sharded
+        got = losses(tmp_path / name)
+        assert sorted(got) == sorted(reference) and all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in got)
+        assert load_config(str(tmp_path / name / "config.yaml")).finetune.base_fingerprint == \
+            load_config(str(tmp_path / "single" / "config.yaml")).finetune.base_fingerprint
+
+
 # --- bases and bad input ------------------------------------------------------------------------------
 
 def hf_export(base: Path, out: Path) -> Path:
