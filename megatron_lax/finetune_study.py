@@ -38,6 +38,10 @@ METHODS = {
     "lax_linear": {"lora.lax_gate": "linear"},
     "lax_identity_projection": {"lora.lax_gate": "identity", "lora.lax_latent": "projection"},
     "lax_linear_projection": {"lora.lax_gate": "linear", "lora.lax_latent": "projection"},
+    # without the LayerNorm on the crossed latent (the paper's Table 22): at rank 1 a LayerNorm over one
+    # feature outputs its bias whatever the input, so LaX-LoRA with it is a constant per block there
+    "lax_identity_nonorm": {"lora.lax_gate": "identity", "lora.lax_norm": "false"},
+    "lax_linear_nonorm": {"lora.lax_gate": "linear", "lora.lax_norm": "false"},
 }
 FULL = "full"
 
