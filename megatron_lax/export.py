@@ -13,7 +13,9 @@ Fine-tuning runs (python -m megatron_lax.finetune): plain LoRA adapters are writ
 Face export of the base, which goes to DIR/base unless the base already is a Hugging Face directory);
 with --merge they are folded into the base weights and written as a Hugging Face model. LaX-LoRA
 adapters read the previous block's latent, so no weight matrix holds them: they are written in our
-format (adapters only, config.yaml naming the base) and loaded with `load_lax_lora(DIR)`.
+format (adapters only, config.yaml naming the base and its weights' fingerprint) and loaded with
+`load_lax_lora(DIR)`. A run is exported from its best-validation checkpoint when it kept one
+(finetune.keep_best), and never onto a base other than the one it was trained on.
 """
 from __future__ import annotations
 
@@ -33,11 +35,12 @@ from .model_io import (HF_NAMES, LAX_LORA_FORMAT, OUR_FORMAT, base_kind, hf_stat
                        state_dict_from_hf)
 from .models.llama import LlamaLax
 
+
 def hf_config(cfg: ModelConfig) -> dict:
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
-            "num_attention_heads": cfg.n_heads,
-            "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads, "hidden_act": "silu",
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+            "hidden_act": "silu",
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 

@@ -22,7 +22,7 @@ from .config import Config
 from .lora import apply_lora, trainable_parameters
 from .model_io import (base_fingerprint, base_kind, base_tokenizer, finetune_recipe, is_finetune_run,  # noqa: F401
                        load_base, load_finetuned, selected_checkpoint)
-from .models.llama import LlamaLax, flops_per_token
+from .models.llama import flops_per_token
 from .optim import warmup_steps
 from .train import Trainer, main as train_main, train
 
