@@ -65,6 +65,7 @@ class ModelConfig:
     in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
     num_classes: int = 0  # 0: follow the data
     dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
+    mlp_norm: str = "auto"  # LayerNorm on the MLP's hidden layer: auto (low-rank only, official code) | on | off
     tt_attn_dims: list = field(default_factory=list)  # tt: input then output modes of q, k, v, o (Table 13)
     tt_fc1_dims: list = field(default_factory=list)
     tt_fc2_dims: list = field(default_factory=list)
@@ -98,6 +99,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of the peak
     warmup_steps: int = -1  # -1: warmup_ratio of the total steps
     warmup_ratio: float = 0.1
+    warmup_epochs: float = -1.0  # ViT: warmup in epochs (-1: warmup_steps / warmup_ratio)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -115,11 +117,31 @@ class DataConfig:
     val_tokens: int = 10_000_000
     seed: int = 0
     workers: int = 1  # preprocessing workers when `path` is prepared on the fly
+    # --- images (model.arch vit): `path` is a class-folder root (train/, val/) or Fashion-MNIST idx files ---
+    train_images: int = 0  # use the first N training images (0: all)
+    holdout: int = 0  # training images held out (seeded) for choosing hyperparameters; never trained on
+    eval_split: str = "val"  # what validation scores: val (the reported split) | holdout
+    val_images: int = 0  # validation images (0: the whole split)
+    loader_workers: int = 0  # decoding/augmentation processes per rank (0: in the training process)
+
+
+@dataclass
+class AugmentConfig:
+    """Image augmentation (model.arch vit), DeiT's recipe by default (kornia implementations)."""
+    crop_scale_min: float = 0.08  # random-resized crop's smallest area fraction
+    hflip: float = 0.5
+    randaugment_n: int = 2  # RandAugment ops per image (0: off)
+    randaugment_m: int = 9  # magnitude on timm's 0-10 scale (DeiT's rand-m9)
+    mixup: float = 0.8  # Beta alpha (0: off)
+    cutmix: float = 1.0  # Beta alpha (0: off)
+    label_smoothing: float = 0.1
+    random_erasing: float = 0.25  # probability per image (0: off)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 0  # 0: follow token_budget
+    steps: int = 0  # 0: follow token_budget (or, for a ViT, epochs)
+    epochs: float = 0.0  # ViT: length in epochs of the training images (used when steps is 0)
     token_budget: str = "0"  # paper | chinchilla | a number such as 500M, 2B (0: use steps)
     allow_repetition: bool = False  # allow a budget larger than the prepared data
     global_batch: int = 512  # sequences per optimizer step
@@ -197,6 +219,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -233,6 +256,24 @@ PRESETS: dict[str, dict] = {
     "llama_350m": _llama(1024, 2736, 16, 24, 256, *PAPER_SCHEDULES["llama_350m"]),
     "llama_1b": _llama(2048, 5461, 32, 24, 512, *PAPER_SCHEDULES["llama_1b"]),
 }
+
+
+def _vit(dim, n_heads, n_layers, rank, tt_attn, tt_fc1, tt_fc2, image_size=224, patch_size=16) -> dict:
+    return {"model": dict(arch="vit", dim=dim, ffn_dim=4 * dim, n_heads=n_heads, n_layers=n_layers, rank=rank,
+                          image_size=image_size, patch_size=patch_size, tt_attn_dims=tt_attn, tt_fc1_dims=tt_fc1,
+                          tt_fc2_dims=tt_fc2)}
+
+
+# ViTs: S/B/L at 224 px with 16 px patches (B and L as the paper's Table 1, tensor-train modes as its
+# Table 13) and CPU shapes for 28 x 28 images (Fashion-MNIST) with 4 px patches.
+PRESETS.update({
+    "vit_micro": _vit(96, 3, 6, 24, [8, 12, 12, 8], [8, 12, 16, 24], [16, 24, 12, 8], image_size=28, patch_size=4),
+    "vit_mini": _vit(192, 3, 6, 48, [12, 16, 16, 12], [12, 16, 24, 32], [24, 32, 16, 12], image_size=28,
+                     patch_size=4),
+    "vit_s": _vit(384, 6, 12, 128, [16, 24, 24, 16], [16, 24, 32, 48], [32, 48, 24, 16]),
+    "vit_b": _vit(768, 12, 12, 256, [32, 24, 24, 32], [32, 24, 48, 64], [48, 64, 24, 32]),
+    "vit_l": _vit(1024, 16, 24, 256, [32, 32, 32, 32], [32, 32, 64, 64], [64, 64, 32, 32]),
+})
 
 
 # --- building, validating, overriding --------------------------------------------------------------
@@ -353,6 +394,8 @@ def validate(cfg: Config) -> None:
         if unknown:
             raise ConfigError(f"model.{key} has unknown projections {unknown} (known for {m.arch}: all, "
                               f"{', '.join(m.projections)})")
+    if m.mlp_norm not in ("auto", "on", "off"):
+        raise ConfigError(f"model.mlp_norm {m.mlp_norm!r} is unknown (auto, on or off)")
     if m.lax_intra_gate not in ("identity", "tensor"):
         raise ConfigError(f"model.lax_intra_gate {m.lax_intra_gate!r} is unknown (identity or tensor)")
     if m.method == "tt":
@@ -378,6 +421,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"model.method {m.method} needs a positive {kind} rank (model.rank), got {r}")
             if r > min(d_in, d_out):
                 raise ConfigError(f"{kind} rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)}")
+    if cfg.data.eval_split not in ("val", "holdout"):
+        raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is unknown (val or holdout)")
+    if cfg.data.eval_split == "holdout" and cfg.data.holdout <= 0:
+        raise ConfigError("data.eval_split holdout needs data.holdout > 0 training images held out")
     if cfg.data.mode not in ("packed", "paper"):
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):

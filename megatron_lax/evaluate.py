@@ -94,6 +94,8 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     model, cfg, ckpt = load_model(path, dist.device)
     name, dtype, autocast = evaluation_precision(cfg, dist.device, precision)
     model.to(dtype)
+    if cfg.model.arch == "vit":
+        return evaluate_images(model, cfg, ckpt, dist, name, autocast, data_path, micro_batch)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
@@ -107,6 +109,21 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
             "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": name, "unigram_ppl": unigram,
             **result}
+
+
+def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, data_path: str | None,
+                    micro_batch: int) -> dict:
+    """A ViT checkpoint's top-1 / top-5 accuracy and loss on its run's validation split (one process)."""
+    from .vision import evaluate_model
+    if dist.world_size > 1:
+        raise ValueError("evaluating a ViT checkpoint runs on one process")
+    if data_path:
+        cfg.data.path = data_path
+    context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        result = evaluate_model(model, cfg, dist.device, cfg.data.eval_split, cfg.data.val_images, micro_batch)
+    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
+            "engine": cfg.parallel.engine, "precision": precision_name, **result}
 
 
 def main(argv=None) -> int:
@@ -130,6 +147,11 @@ def main(argv=None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         if args.json:
             print(json.dumps(result))
+        elif "val_acc1" in result:
+            print(f"top-1 accuracy {result['val_acc1']:.2f}% (top-5 {result['val_acc5']:.2f}%, loss "
+                  f"{result['val_loss']:.4f}) on {result['val_images']} images of the {result['split']} split "
+                  f"({result['skipped_images']} unreadable), {result['precision']}  [{result['checkpoint']}, step "
+                  f"{result['step']}]")
         else:
             print(f"validation perplexity {result['val_ppl']:.3f} (95% interval {result['ppl_low']:.3f}-"
                   f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "

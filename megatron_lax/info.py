@@ -1,9 +1,9 @@
-"""A model's row as in the paper's Table 5:
+"""A model's row as in the paper's Table 5 (LLaMA) or Table 1 (ViT):
 
     python -m megatron_lax.info --config FILE_OR_PRESET [--section.key value ...] [--json]
 
 Parameters (M), the memory estimate (GB: BF16 weights, gradients and two Adam states; activations
-excluded) and FLOPs per token (training = 3 x forward).
+excluded) and FLOPs per token, or per image for a ViT (training = 3 x forward).
 """
 from __future__ import annotations
 
@@ -18,6 +18,26 @@ from .models.lowrank import lowrank_factor_std
 PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without its 100 sentinel ids
 
 
+VARIANTS = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA", "tt": "Tensor Train"}
+
+
+def describe_vit(cfg) -> dict:
+    """The Table 1 row; a config whose classes and channels follow the data is counted at ImageNet's
+    1,000 classes of RGB images."""
+    from .models.vit import count_parameters as vit_parameters, flops_per_image
+    m = cfg.model
+    m.num_classes, m.in_channels = m.num_classes or 1000, m.in_channels or 3
+    params, flops = vit_parameters(m), flops_per_image(m)
+    variant = VARIANTS[m.method] + (f" + LaX ({m.lax_gate})" if m.uses_lax else "")
+    if m.lax_intra_modules:
+        variant += f" + intra-layer LaX on {','.join(m.lax_intra_modules)}"
+    ranks = sorted({m.rank_of(p) for p in ("q", "fc1")}) if m.method != "dense" else []
+    return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
+            "memory_gb": memory_gb(params), "flops_per_image": flops["train"], "forward_flops_per_image": flops["forward"],
+            "image_size": m.image_size, "patch_size": m.patch_size, "num_classes": m.num_classes,
+            "lowrank_init": m.resolved_lowrank_init, "dim": m.dim, "n_layers": m.n_layers}
+
+
 def describe(cfg) -> dict:
     """The Table 5 row. A config whose vocabulary follows its tokenizer (model.vocab_size 0) is counted
     at the paper's 32,000; a run with t5-base has 32,128 embedding rows (32,100 entries rounded up
@@ -28,7 +48,7 @@ def describe(cfg) -> dict:
         m.vocab_size, vocab_source = PAPER_VOCAB, "the paper's 32,000 (model.vocab_size follows the tokenizer)"
     params = count_parameters(m)
     flops = flops_per_token(m, cfg.data.seq_len)
-    variant = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}[m.method]
+    variant = VARIANTS[m.method]
     if m.uses_lax:
         variant += f" + LaX ({m.lax_gate})"
     ranks = sorted({m.rank_of(p) for p in ("q", "gate")}) if m.method != "dense" else []
@@ -59,12 +79,19 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        row = describe(config_from_args(args))
+        cfg = config_from_args(args)
+        row = describe_vit(cfg) if cfg.model.arch == "vit" else describe(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(row))
+        return 0
+    if cfg.model.arch == "vit":
+        print("| variant | rank | params (M) | memory (GB) | GFLOPs/image (train) |")
+        print("|---|---|---|---|---|")
+        print(f"| {row['variant']} | {'/'.join(map(str, row['rank'])) or '-'} | {row['params_m']:.2f} | "
+              f"{row['memory_gb']:.2f} | {row['flops_per_image'] / 1e9:.1f} |")
         return 0
     rank = "/".join(map(str, row["rank"])) or "-"
     config_init = row["lowrank_init"]

@@ -89,7 +89,9 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def measure_matmul_flops(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
     """Best observed FLOP/s of a square fp32 matmul: the CPU's practical peak for MFU."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    # its own generator: drawing from the global one would shift a resumed run's dropout masks
+    generator = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(size, size, device=device, generator=generator) for _ in range(2))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()

@@ -211,13 +211,14 @@ def check_hf_names(available, names: dict, n_layers: int, tied: bool) -> None:
 # --- our checkpoints and exports ---------------------------------------------------------------------------
 
 def load_checkpoint_model(path: Path, device: torch.device = torch.device("cpu")):
-    """(model, config, checkpoint directory) of a pre-training checkpoint of any engine (sharded ones
-    consolidated)."""
+    """(model, config, checkpoint directory) of a pre-training checkpoint of any engine and model family
+    (sharded ones consolidated)."""
+    from .models import build_model
     from .parallel import consolidated_state_dict
 
     ckpt = checkpoint.resolve_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
-    model = LlamaLax(cfg.model)
+    model = build_model(cfg.model, init_seed=None)
     state = consolidated_state_dict(ckpt, cfg.parallel.engine)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.to(device).eval(), cfg, ckpt

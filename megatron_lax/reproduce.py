@@ -28,7 +28,12 @@ from pathlib import Path
 import yaml
 
 from .config import Config, ConfigError, PRESETS, apply_dict, validate
-from .models.llama import count_parameters
+from .models import count_parameters
+
+# What a plan's `metric` reads from each run, how it is named, whether higher is better, and the
+# baseline each run logs beside it.
+METRICS = {"val_ppl": ("val PPL", False, "unigram_ppl"), "val_loss": ("val loss", False, "unigram_ppl"),
+           "val_acc1": ("top-1 accuracy (%)", True, "chance_acc1")}
 
 
 def load_plan(path: Path) -> dict:
@@ -70,7 +75,7 @@ def run_key(cfg: Config) -> str:
 
 def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     """Trains one seed at one learning rate (or reads the finished run back)."""
-    from .train import Trainer
+    from .train import trainer_for
 
     done = directory / "summary.json"
     if done.is_file():
@@ -78,34 +83,45 @@ def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     run = copy.deepcopy(cfg)
     run.optim.lr, run.train.seed, run.data.seed = lr, seed, seed
     run.logging.run_dir, run.checkpoint.resume = str(directory), "auto"
-    summary = Trainer(run).fit()
+    summary = trainer_for(run)(run).fit()
     done.write_text(json.dumps(summary))
     return summary
 
 
 def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
+    """The variant's sweep on the first seed, then its reported seeds at the chosen rate. With a plan's
+    `select` (overrides such as {data: {eval_split: holdout}}) the sweep is scored on data that is
+    never reported; with `report_seeds` the reported seeds are others than the sweep's, so no reported
+    run took part in the choice."""
     from .sweep import successive_halving
 
     cfg = variant_config(plan, name)
     m = cfg.model
-    root = out / "runs" / f"{m.method}{'_lax-' + m.lax_gate if m.uses_lax else ''}-{run_key(cfg)}"
+    metric = plan.get("metric", "val_ppl")
+    root = out / "runs" / f"{m.arch + '_' if m.arch != 'llama' else ''}{m.method}" \
+                          f"{'_lax-' + m.lax_gate if m.uses_lax else ''}-{run_key(cfg)}"
     first, *others = plan["seeds"]
     swept = copy.deepcopy(cfg)
+    apply_dict(swept, plan.get("select") or {}, source="plan select")
     swept.train.seed = swept.data.seed = first
     sweep = successive_halving(swept, [float(v) for v in plan["lrs"]], root / "sweep", plan.get("rungs", 3),
                                plan.get("eta", 2), log)
     best = Path(sweep["best_run"])
-    ppl = {first: _last_logged(best, "val_ppl")}
-    for seed in others:
-        ppl[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")["val_ppl"]
-        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: val ppl {ppl[seed]:.2f}")
-    values = list(ppl.values())
-    cfg.model.vocab_size = cfg.model.vocab_size or _vocab(root)
-    return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"],
-            "val_ppl": {str(k): v for k, v in ppl.items()}, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
+    values = {} if plan.get("report_seeds") else {first: _last_logged(best, metric)}
+    for seed in plan.get("report_seeds") or others:
+        values[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")[metric]
+        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: {metric} {values[seed]:.2f}")
+    numbers = list(values.values())
+    if m.arch == "llama":
+        cfg.model.vocab_size = cfg.model.vocab_size or _vocab(root)
+    else:
+        cfg.model.num_classes, cfg.model.in_channels = _image_shape(root)
+    baseline_key = METRICS[metric][2]
+    return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"], "metric": metric,
+            "values": {str(k): v for k, v in values.items()}, "mean": statistics.fmean(numbers),
+            "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0, "min": min(numbers), "max": max(numbers),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
-            "unigram_ppl": _last_logged(best, "unigram_ppl")}
+            "baseline": {baseline_key: _last_logged(best, baseline_key)}}
 
 
 def _last_logged(run_dir: Path, key: str) -> float:
@@ -120,20 +136,33 @@ def _vocab(root: Path) -> int:
     return load_config(str(next(root.rglob("config.yaml")))).model.vocab_size
 
 
+def _image_shape(root: Path) -> tuple[int, int]:
+    from .config import load_config
+    model = load_config(str(next(root.rglob("config.yaml")))).model
+    return model.num_classes, model.in_channels
+
+
 def results_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    lines = ["| variant | LR | val PPL, mean ± std | min - max | vs base (mean) | params (M) |",
+    metric = results[0].get("metric", "val_ppl")
+    label, higher_is_better, _ = METRICS[metric]
+    lines = [f"| variant | LR | {label}, mean ± std | min - max | vs base (mean) | params (M) |",
              "|---|---|---|---|---|---|"]
     for r in results:
-        n = len(r["val_ppl"])
+        n = len(r["values"])
         base = by_name.get(r["base"]) if r["base"] else None
-        delta = f"{r['mean'] - base['mean']:+.2f} ({100 * (r['mean'] / base['mean'] - 1):+.1f}%) vs {base['variant']}" \
-            if base else "-"
+        delta = "-"
+        if base and higher_is_better:
+            delta = f"{r['mean'] - base['mean']:+.2f} points vs {base['variant']}"
+        elif base:
+            delta = f"{r['mean'] - base['mean']:+.2f} ({100 * (r['mean'] / base['mean'] - 1):+.1f}%) vs {base['variant']}"
         lines.append(f"| {r['variant']} | {r['lr']:g} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
                      f"{r['min']:.2f} - {r['max']:.2f} | {delta} | {r['params'] / 1e6:.3f} |")
-    unigram = next((r["unigram_ppl"] for r in results if math.isfinite(r.get("unigram_ppl", math.nan))), None)
-    if unigram:
-        lines.append(f"\nUnigram baseline on the same validation tokens: {unigram:.2f}.")
+    baselines = [(k, v) for r in results for k, v in r.get("baseline", {}).items() if math.isfinite(v)]
+    if baselines:
+        key, value = baselines[0]
+        what = "Unigram baseline" if key == "unigram_ppl" else "Chance"
+        lines.append(f"\n{what} on the same validation data: {value:.2f}.")
     return "\n".join(lines)
 
 

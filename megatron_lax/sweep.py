@@ -62,7 +62,7 @@ def run_dir(out: Path, lr: float) -> Path:
 def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
     """Trains (or resumes) the run of this learning rate up to step stop_after; returns
     {"step", "diverged", "val_loss": {step: loss}}. A rung already reached is read back, not trained again."""
-    from .train import Trainer
+    from .train import trainer_for
 
     directory = run_dir(out, lr)
     state_file = directory / "sweep_state.json"
@@ -76,7 +76,7 @@ def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
     run.train.stop_after = stop_after
     run.checkpoint.resume = "auto"
     run.checkpoint.keep = 1
-    summary = Trainer(run).fit()
+    summary = trainer_for(run)(run).fit()
     state["step"], state["diverged"] = summary["steps"], bool(summary.get("diverged"))
     state["val_loss"][str(stop_after)] = math.inf if state["diverged"] else summary["val_loss"]
     state_file.write_text(json.dumps(state))
@@ -90,11 +90,9 @@ def val_loss_at(state: dict, step: int) -> float:
 
 def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3, eta: int = 2, log=print) -> dict:
     """{"best_lr", "rungs": [step, ...], "results": {lr: {rung step: val_loss or inf}}}."""
-    from . import data
-    from .models.llama import count_parameters
+    from .train import planned_total_steps
 
-    model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000)
-    total = data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
+    total = planned_total_steps(cfg)
     stops = rung_steps(total, rungs)
     results: dict[float, dict[int, float]] = {lr: {} for lr in lrs}
     alive = list(lrs)

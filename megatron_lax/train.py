@@ -23,7 +23,8 @@ from . import checkpoint, data, faults, introspection
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
-from .models.llama import LlamaLax, count_parameters, flops_per_token, init_weights
+from .models import build_model
+from .models.llama import count_parameters, flops_per_token, init_weights
 from .optim import lr_at
 from .parallel import ModelRecipe, build_engine
 from .parallel.distributed import DistInfo, all_reduce_sum, barrier, end_process, init_distributed, shutdown
@@ -70,6 +71,8 @@ def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
 
 
 class Trainer:
+    unit = "tokens"  # what train_step counts in self.tokens
+
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
@@ -109,7 +112,7 @@ class Trainer:
         """A recipe (the engine builds the model on the meta device or partitioned, then initialises
         it) or a built model."""
         cfg = self.cfg
-        return ModelRecipe(build=lambda: LlamaLax(cfg.model, init_seed=None),
+        return ModelRecipe(build=lambda: build_model(cfg.model, init_seed=None),
                            initialize=lambda model: init_weights(model, cfg.train.seed))
 
     def validation_batches(self) -> list:
@@ -138,6 +141,16 @@ class Trainer:
         cfg = self.cfg
         return {"unigram_ppl": data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
                                                        cfg.train.eval_tokens or cfg.data.val_tokens)}
+
+    def scored(self, targets: torch.Tensor) -> int:
+        """How many targets of a micro-batch the loss scores (padding is not)."""
+        return int((targets != data.IGNORE).sum())
+
+    def summarize(self, final: dict) -> tuple[dict, str]:
+        """The end-of-run summary's validation fields and how they read in the last line."""
+        return ({"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
+                 "best_val_ppl": self.best_val_ppl},
+                f"validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens")
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -191,8 +204,7 @@ class Trainer:
     def train_step(self) -> dict:
         micro_batches = [next(self.loader) for _ in range(self.accumulation)]
         device = self.dist.device
-        scored = all_reduce_sum(torch.tensor(float(sum(int((y != -100).sum()) for _, y in micro_batches)),
-                                             device=device))
+        scored = all_reduce_sum(torch.tensor(float(sum(self.scored(y) for _, y in micro_batches)), device=device))
         total_nll = torch.zeros((), device=device)
         loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
         for i, (x, y) in enumerate(micro_batches):
@@ -306,8 +318,8 @@ class Trainer:
                 self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
                          f"--checkpoint.resume auto")
                 self.metrics.close()
-                return {"paused": True, "steps": self.step, "val_loss": record["val_loss"],
-                        "val_ppl": record["val_ppl"], "checkpoint": str(path), "run_dir": str(self.run_dir)}
+                return {"paused": True, "steps": self.step, **self.summarize(record)[0], "checkpoint": str(path),
+                        "run_dir": str(self.run_dir)}
             if stop.agreed():
                 bar.close()
                 path = self.checkpoint_this_step()
@@ -317,19 +329,18 @@ class Trainer:
         bar.close()
         final = self.validate()
         path = self.save_checkpoint()
-        summary = {"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
-                   "best_val_ppl": self.best_val_ppl, "steps": self.step, "tokens": self.tokens,
-                   "seconds": time.time() - start, "checkpoint": str(path), "run_dir": str(self.run_dir)}
+        fields, headline = self.summarize(final)
+        summary = {**fields, "steps": self.step, "tokens": self.tokens, "seconds": time.time() - start,
+                   "checkpoint": str(path), "run_dir": str(self.run_dir)}
         baselines = self.baselines() if self.dist.is_main else {}
         if baselines:
             summary.update(baselines)
             self.metrics.log({"step": self.step, **baselines}, prefix="val")
         if self.dist.is_main:
             (self.run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
-        shown = ", ".join(f"{k.removesuffix('_ppl')} baseline {v:.2f}" for k, v in baselines.items())
-        self.log(f"done: validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens"
-                 f"{' (' + shown + ')' if shown else ''}; "
-                 f"{self.tokens} tokens in {summary['seconds']:.0f}s; checkpoint {path}; "
+        shown = ", ".join(f"{k.split('_')[0]} baseline {v:.2f}" for k, v in baselines.items())
+        self.log(f"done: {headline}{' (' + shown + ')' if shown else ''}; "
+                 f"{self.tokens} {self.unit} in {summary['seconds']:.0f}s; checkpoint {path}; "
                  f"logs {self.run_dir / 'metrics.jsonl'}")
         self.metrics.close()
         return summary
@@ -344,11 +355,29 @@ def resolved_for_display(cfg: Config) -> Config:
     return cfg
 
 
+def trainer_for(cfg: Config):
+    """The Trainer of the config's model family (VisionTrainer for a ViT)."""
+    if cfg.model.arch == "vit":
+        from .vision import VisionTrainer
+        return VisionTrainer
+    return Trainer
+
+
+def planned_total_steps(cfg: Config) -> int:
+    """The optimizer steps a run will take, before building it (for sweeps' pause points)."""
+    if cfg.model.arch == "vit":
+        from .vision import planned_steps
+        return planned_steps(cfg)
+    vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000
+    model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    return data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
+
+
 def train(cfg: Config, trainer_class=None) -> dict:
     """Runs one training (Trainer, or a subclass such as finetune.FinetuneTrainer) and tears the
     process group down once every rank is done with it."""
     try:
-        summary = (trainer_class or Trainer)(cfg).fit()
+        summary = (trainer_class or trainer_for(cfg))(cfg).fit()
         faults.ignore_preemption_signals()
         barrier()  # no rank tears its process group down while another still uses it
         return summary

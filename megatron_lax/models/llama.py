@@ -224,7 +224,7 @@ def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.T
     if kind == "normal":
         return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(std)
     if kind == "eye":
-        return torch.eye(shape[0])
+        return torch.eye(shape[0], shape[-1])  # rectangular for shape-changing tensor gates
     return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
 
 
@@ -247,8 +247,10 @@ def assign_parameters(model: nn.Module, value_of: Callable[[str, torch.Tensor], 
             p.copy_(full.to(p.device, p.dtype))
 
 
-def init_weights(model: "LlamaLax", seed: int) -> None:
-    rules = init_rules(model, model.cfg)
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Gives every parameter its initial value: a model's own `init_rules()` (the ViT) or the
+    LLaMA's rules."""
+    rules = model.init_rules() if hasattr(model, "init_rules") else init_rules(model, model.cfg)
     missing = [name for name, _ in model.named_parameters() if name not in rules]
     if missing:
         raise RuntimeError(f"no initialisation rule for {missing[:3]}")

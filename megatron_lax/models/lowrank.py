@@ -210,7 +210,7 @@ def lowrank_init_rules(module: nn.Module, at: str, init: str, init_std: float) -
             rules[f"{at}bias"] = ("zeros", 0.0)
     elif isinstance(module, TensorGate):
         rules.update({f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)})
-    elif hasattr(module, "init_rules"):  # a format defined elsewhere (TTLinear)
+    elif isinstance(module, LatentLinear) and hasattr(module, "init_rules"):  # TTLinear
         rules = module.init_rules(at, init, init_std)
     return rules
 

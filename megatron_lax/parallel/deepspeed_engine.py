@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 
-from ..models.llama import token_nll
 from ..optim import param_groups
 from .distributed import broadcast_object
 from .engine import Engine, StepResult
@@ -100,7 +99,7 @@ class DeepSpeedEngine(Engine):
                              f"a step with non-finite gradients; use ZeRO stage 2/3 or drop data_types.grad_accum_dtype")
 
     def forward_backward(self, inputs, targets, loss_weight, sync):
-        nll, count = token_nll(self.model(inputs), targets)
+        nll, count = self.loss(self.model(inputs), targets)
         # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
         self.model.backward(nll * (loss_weight * self.accumulation * self.dist.world_size))
         if not sync:

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..models.llama import token_nll
+from ..models import loss_function
 from ..optim import build_optimizer
 from .distributed import DistInfo
 
@@ -37,7 +37,8 @@ def autocast_context(precision: str, device: torch.device):
 
 
 class Engine:
-    """Interface. `model` is what to call; `base_model` is the unwrapped LlamaLax. With
+    """Interface. `model` is what to call; `base_model` is the unwrapped model; `loss(outputs,
+    targets)` gives (summed loss, scored targets) for the model family (models.loss_function). With
     `trainable_only` (fine-tuning a frozen base) checkpoints hold the trained parameters only."""
 
     trainable_only = False
@@ -56,6 +57,7 @@ class Engine:
 
     def __init__(self, cfg: Config, dist_info: DistInfo, precision: str):
         self.cfg, self.dist, self.precision = cfg, dist_info, precision
+        self.loss = loss_function(cfg.model)
 
     def forward_backward(self, inputs, targets, loss_weight: float, sync: bool):
         """Backpropagates loss_weight * (summed NLL of this micro-batch) so that, over all micro-batches
@@ -74,7 +76,14 @@ class Engine:
     @torch.no_grad()
     def eval_nll(self, inputs, targets):
         with self.autocast():
-            return token_nll(self.model(inputs), targets)
+            return self.loss(self.model(inputs), targets)
+
+    @torch.no_grad()
+    def predict(self, inputs):
+        """The model's outputs (logits) in the training precision; a collective under FSDP2 and
+        ZeRO-3, so every rank calls it as often as the others."""
+        with self.autocast():
+            return self.model(inputs)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -127,7 +136,7 @@ class LocalEngine(Engine):
             else contextlib.nullcontext
         with no_sync():
             with self.autocast():
-                nll, count = token_nll(self.model(inputs), targets)
+                nll, count = self.loss(self.model(inputs), targets)
             (nll * (loss_weight * self.rank_scale)).backward()
         return nll.detach(), count
 

@@ -10,7 +10,6 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..models.llama import token_nll
 from ..optim import build_optimizer
 from .engine import Engine
 
@@ -46,7 +45,7 @@ class FSDPEngine(Engine):
 
     def forward_backward(self, inputs, targets, loss_weight, sync):
         self.model.set_requires_gradient_sync(sync)  # reduce-scatter only on the last micro-batch
-        nll, count = token_nll(self.model(inputs), targets)
+        nll, count = self.loss(self.model(inputs), targets)
         # FSDP averages gradients over ranks; scaling by the world size turns that into a sum.
         (nll * (loss_weight * self.dist.world_size)).backward()
         return nll.detach(), count

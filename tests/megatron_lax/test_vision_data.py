@@ -169,10 +169,12 @@ def test_step_samples_do_not_depend_on_world_size(fmnist):
 
 
 def test_step_boundary_state_loads_on_another_world_size(fmnist):
-    single = small_loader(fmnist, micro_batch=16, **NO_BATCH_AUG)
-    collect(single, 2)  # one step
+    """Same micro_batch, 1 rank accumulating 4 micro-batches -> 2 ranks of 2: the same images (a
+    fixed-shape dataset's crop and flip are drawn per micro-batch, seeded by its position)."""
+    single = small_loader(fmnist, micro_batch=8, **NO_BATCH_AUG)
+    collect(single, 4)  # one step
     state = single.state_dict()
-    expected = torch.cat([x for x, _ in collect(single, 2)])
+    expected = torch.cat([x for x, _ in collect(single, 4)])
     images = []
     for rank in range(2):
         loader = small_loader(fmnist, world_size=2, rank=rank, micro_batch=8, **NO_BATCH_AUG)

@@ -137,3 +137,42 @@ def test_rendezvous_that_never_completes_ends_in_one_line_within_its_timeout(tmp
         f"error: the c10d rendezvous at 127.0.0.1:{port} did not complete (RendezvousTimeoutError): a node did "
         f"not start within RDZV_TIMEOUT, or the endpoint does not answer")
     assert not (tmp_path / "run").exists()  # no worker started, nothing written
+
+
+TABLE_9 = {  # script: (preset, LR full rank, LR low rank, TT ranks (attention, MLP))
+    "vit_b": ("vit_b", 3e-3, 1e-3, (336, 158)), "vit_l": ("vit_l", 3e-3, 1e-3, (256, 198)),
+}
+
+
+@pytest.mark.parametrize("scale", TABLE_9)
+def test_each_vit_script_resolves_to_table_9(scale, capsys):
+    """The config each ViT script trains with: Tables 9-10 (and 11-12 for where LaX goes). One variant
+    through the script itself, every variant through the recipe it runs (in this process)."""
+    import yaml
+    from megatron_lax.launch import vit_recipe
+    from megatron_lax.train import main
+    preset, dense_lr, lowrank_lr, (tt_attn, tt_mlp) = TABLE_9[scale]
+    script = run_command([sys.executable, f"run_scripts/pretrain_{scale}.sh", "--print-config"],
+                         env={"METHOD": "tt", "GATE": "tensor"}).stdout
+    for method, gate in [("dense", "none"), ("svd", "none"), ("svd", "tensor"), ("cola", "tensor"), ("tt", "none"),
+                         ("tt", "tensor")]:
+        assert main(vit_recipe(scale, method, gate, "deepspeed", "1", "data/imagenet", "runs/x") + ["--print-config"]) == 0
+        printed = capsys.readouterr().out
+        cfg = yaml.safe_load(printed)
+        m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+        assert (m["arch"], m["method"], m["lax_gate"], m["dropout"]) == ("vit", method, gate, 0.1)
+        assert (m["image_size"], m["patch_size"]) == (224, 16)
+        assert o["lr"] == (dense_lr if method == "dense" else lowrank_lr)
+        assert (o["weight_decay"], o["warmup_epochs"], t["epochs"]) == (0.3, 10, 300)
+        if method in ("svd", "cola"):
+            assert m["rank"] == 256
+        if method == "tt":
+            assert (m["attn_rank"], m["mlp_rank"]) == (tt_attn, tt_mlp)
+            assert m["lax_intra_modules"] == (["q", "k", "v", "o"] if gate != "none" else [])
+        assert m["lax_modules"] == ["all"]
+        if (method, gate) == ("tt", "tensor"):
+            assert yaml.safe_load(script)["model"] == {**m, "lax_intra_modules": m["lax_intra_modules"]}
+            assert yaml.safe_load(script)["optim"] == o
+    source = (REPO / f"run_scripts/pretrain_{scale}.sh").read_text()
+    compile(source, scale, "exec")
+    assert f'main("{scale}")' in source

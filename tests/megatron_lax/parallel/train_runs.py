@@ -2,7 +2,7 @@
 DeepSpeed start) per launch:  torchrun ... train_runs.py RUNS.json
 
 RUNS.json is a list of {"overrides": {"section.key": value, ...}, "nan_steps": [step, ...],
-"disk_full": {"step": S, "rank": R}}; every run starts from the llama_tiny preset. nan_steps poisons
+"disk_full": {"step": S, "rank": R}, "preset": NAME}; a run starts from its preset (llama_tiny if none). nan_steps poisons
 the gradients of those steps; disk_full makes every torch.save of rank R fail with ENOSPC while it
 writes the step-S checkpoint (inside the engine's own save too: DCP, DeepSpeed, model.pt). A run
 that ends in a CheckpointError writes the message to RUN_DIR/error_rank_R.txt on every rank, and
@@ -27,7 +27,7 @@ from megatron_lax import faults  # noqa: E402
 from megatron_lax.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
-from megatron_lax.train import Trainer  # noqa: E402
+from megatron_lax.train import Trainer, trainer_for  # noqa: E402
 
 
 def failing_saves(trainer: Trainer, step: int):
@@ -43,7 +43,8 @@ def failing_saves(trainer: Trainer, step: int):
 
 
 def run_one(run: dict) -> None:
-    trainer = Trainer(load_config("llama_tiny", {k: str(v) for k, v in run["overrides"].items()}))
+    cfg = load_config(run.get("preset", "llama_tiny"), {k: str(v) for k, v in run["overrides"].items()})
+    trainer = trainer_for(cfg)(cfg)
     disk_full = run.get("disk_full")
     patch = failing_saves(trainer, disk_full["step"]) if disk_full and disk_full["rank"] == trainer.dist.rank \
         else contextlib.nullcontext()

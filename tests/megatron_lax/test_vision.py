@@ -1,0 +1,131 @@
+"""The ViT training loop (megatron_lax.vision) on the shipped Fashion-MNIST sample: it learns, resumes
+exactly, matches one process on 2 ranks with FSDP2 and ZeRO-3, keeps held-out images out of
+training, counts unreadable images, and `evaluate` reports a checkpoint's accuracy."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, losses, run_command
+
+sys.path.insert(0, str(Path(__file__).parent / "parallel"))  # the multi-run launcher the engine tests use
+from train_runs import launch, run_all  # noqa: E402
+
+SAMPLE = REPO / "data" / "fashion_mnist_sample"
+VIT_TINY = {
+    "model.dim": 32, "model.n_layers": 2, "model.n_heads": 2, "model.ffn_dim": 64, "model.rank": 8,
+    "model.patch_size": 7, "model.method": "svd", "model.lax_gate": "tensor", "model.dropout": 0.1,
+    "data.path": SAMPLE, "data.train_images": 160, "data.val_images": 48,
+    "augment.randaugment_n": 1, "augment.crop_scale_min": 0.5,  # mixup, cutmix, erasing: the defaults (on)
+    "train.steps": 4, "train.global_batch": 16, "train.micro_batch": 4, "optim.lr": 3e-3,
+    "logging.log_every": 1, "logging.lax_stats_every": 2, "logging.progress": False, "logging.tensorboard": False,
+    "checkpoint.every": 2,
+}
+
+
+def vit_run(run_dir: Path, **extra) -> dict:
+    return {"preset": "vit_micro", "overrides": {**VIT_TINY, "logging.run_dir": run_dir,
+                                                 **{k.replace("__", "."): v for k, v in extra.items()}}}
+
+
+def final_record(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "val_acc1" in r][-1]
+
+
+def assert_close_losses(got: dict, expected: dict, rel: float) -> None:
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=rel), step
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("vit_single")
+    run_all([vit_run(out / "full"), vit_run(out / "resumed", checkpoint__resume=out / "full" / "checkpoints" / "step_00000002"),
+             vit_run(out / "no_dropout", model__dropout=0.0)])
+    return out
+
+
+def test_run_validates_with_accuracy_and_resumes_exactly(single):
+    full, resumed = losses(single / "full"), losses(single / "resumed")
+    assert sorted(full) == [1, 2, 3, 4] and sorted(resumed) == [3, 4]
+    assert_close_losses(resumed, {s: full[s] for s in (3, 4)}, rel=1e-6)
+    record = final_record(single / "full")
+    assert record["val_images"] == 48 and 0 <= record["val_acc1"] <= record["val_acc5"] <= 100
+    assert (single / "full" / "finished.json").is_file()
+
+
+def test_two_ranks_with_fsdp2_and_zero3_match_one_process(single, tmp_path):
+    """Without dropout (its masks come from each rank's own random stream); augmentation included."""
+    launch([vit_run(tmp_path / "fsdp", parallel__engine="fsdp", model__dropout=0.0),
+            vit_run(tmp_path / "zero3", parallel__engine="deepspeed", parallel__zero_stage=3, model__dropout=0.0)],
+           tmp_path, nproc=2)
+    expected = losses(single / "no_dropout")
+    for engine in ("fsdp", "zero3"):
+        assert_close_losses(losses(tmp_path / engine), expected, rel=1e-5)
+        assert final_record(tmp_path / engine)["val_acc1"] == pytest.approx(final_record(single / "no_dropout")["val_acc1"])
+
+
+def test_training_learns(tmp_path):
+    run_all([vit_run(tmp_path / "run", train__steps=80, augment__mixup=0, augment__cutmix=0, augment__random_erasing=0,
+                     augment__randaugment_n=0, checkpoint__every=0, train__eval_every=0, optim__lr=1e-2,
+                     model__dropout=0.0)])
+    curve = losses(tmp_path / "run")
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (78, 79, 80)) / 3
+    assert last < first - 0.25
+    assert final_record(tmp_path / "run")["val_acc1"] > 30  # chance is 10
+
+
+def test_held_out_images_are_never_trained_on():
+    from megatron_lax.config import load_config
+    from megatron_lax.vision import open_splits
+    cfg = load_config("vit_micro", {"data.path": str(SAMPLE), "data.train_images": "500", "data.holdout": "100",
+                                    "data.eval_split": "holdout"})
+    train, holdout = open_splits(cfg.data)
+    assert (len(train), len(holdout)) == (400, 100)
+    assert not set(train.indices.tolist()) & set(holdout.indices.tolist())
+    again, _ = open_splits(load_config("vit_micro", {"data.path": str(SAMPLE), "data.train_images": "500",
+                                                     "data.holdout": "100", "data.seed": "5"}).data)
+    assert again.indices.tolist() == train.indices.tolist()  # the same slice whatever the data seed
+
+
+def make_folder_dataset(root: Path) -> None:
+    """3 classes of small RGB images, one truncated JPEG among them."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 4)):
+        for c in ("cat", "dog", "fox"):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(n):
+                size = (30 + i, 36)
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+    bad = root / "train" / "dog" / "3.jpg"
+    bad.write_bytes(bad.read_bytes()[:40])
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    make_folder_dataset(tmp_path / "images")
+    run_all([vit_run(tmp_path / "run", data__path=tmp_path / "images", data__train_images=0, data__val_images=0,
+                     model__image_size=28, model__patch_size=7, train__steps=4, checkpoint__every=0)])
+    record = final_record(tmp_path / "run")
+    assert record["skipped_images"] >= 1 and record["val_images"] == 12
+
+
+def test_evaluate_reports_the_checkpoint_accuracy(single):
+    result = run_command([sys.executable, "-m", "megatron_lax.evaluate", "--checkpoint", str(single / "full"), "--json"])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["val_acc1"] == pytest.approx(final_record(single / "full")["val_acc1"])
+    assert report["val_images"] == 48 and report["step"] == 4
+
+
+def test_info_prints_the_vit_counts():
+    result = run_command([sys.executable, "-m", "megatron_lax.info", "--config", "vit_b", "--model.method", "svd",
+                          "--model.lax_gate", "tensor", "--json"])
+    info = json.loads(result.stdout)
+    assert int(info["params"] / 1e4) / 100 == pytest.approx(44.24)
