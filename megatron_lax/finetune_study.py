@@ -201,6 +201,19 @@ def table(out: Path) -> str:
             row[7] = spread(d_loss, 1, 3)
             row[8] = f"{sum(d < 0 for d in d_loss)}/{len(paired)}"
         lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Per-seed differences from LoRA at the same rank (exact match in points; answer loss):", "",
+              "| cell | " + " | ".join(f"seed {s}" for s in sorted({s for r in results.values() for s in r})) + " |",
+              "|---" * (1 + len({s for r in results.values() for s in r})) + "|"]
+    all_seeds = sorted({s for r in results.values() for s in r})
+    for cell in order:
+        baseline = results.get("lora_r" + cell.rsplit("_r", 1)[1]) if cell.startswith("lax") else None
+        if not baseline:
+            continue
+        runs = results[cell]
+        cells_text = [f"{100 * (metric(runs[s], 'accuracy') - metric(baseline[s], 'accuracy')):+.1f}; "
+                      f"{metric(runs[s], 'answer_loss') - metric(baseline[s], 'answer_loss'):+.3f}"
+                      if s in runs and s in baseline else "" for s in all_seeds]
+        lines.append(f"| {cell} | " + " | ".join(cells_text) + " |")
     return "\n".join(lines)
 
 
