@@ -22,6 +22,7 @@ import argparse
 import gzip
 import json
 import random
+import re
 from pathlib import Path
 
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kira", "Liam",
@@ -34,14 +35,15 @@ MAX_FACTOR = 9  # multiplication operands are 2..MAX_FACTOR
 TEST_SHARE = 0.3
 
 
-def operand_pools(seed: int) -> dict[str, list[int]]:
+def operand_pools(seed: int, max_number: int = MAX_NUMBER, max_factor: int = MAX_FACTOR,
+                  test_share: float = TEST_SHARE) -> dict[str, list[int]]:
     """Disjoint train/test operand numbers, within the small factors and within the rest separately
     so that both sides have multiplication operands."""
     rng = random.Random(f"pools-{seed}")
     pools = {"train": [], "test": []}
-    for block in (list(range(2, MAX_FACTOR + 1)), list(range(MAX_FACTOR + 1, MAX_NUMBER + 1))):
+    for block in (list(range(2, max_factor + 1)), list(range(max_factor + 1, max_number + 1))):
         rng.shuffle(block)
-        cut = round(len(block) * TEST_SHARE)
+        cut = round(len(block) * test_share)
         pools["test"] += sorted(block[:cut])
         pools["train"] += sorted(block[cut:])
     return {side: sorted(numbers) for side, numbers in pools.items()}
@@ -121,31 +123,59 @@ def add_three(rng, pick):
     return question, steps, a + b + c
 
 
-def problem(rng: random.Random, numbers: list[int]) -> dict:
-    factors = [n for n in numbers if n <= MAX_FACTOR]
+KINDS = ("add", "take_away", "compare", "multiply", "add_then_take_away", "multiply_then_add", "add_three")
+ONE_STEP = KINDS[:4]
+
+
+def problem(rng: random.Random, numbers: list[int], kinds=KINDS, max_factor: int = MAX_FACTOR) -> dict:
+    factors = [n for n in numbers if n <= max_factor]
     pick, pick_factor = (lambda: rng.choice(numbers)), (lambda: rng.choice(factors))
-    kinds = [lambda: add(rng, pick), lambda: take_away(rng, pick), lambda: compare(rng, pick),
-             lambda: multiply(rng, pick_factor), lambda: add_then_take_away(rng, pick),
-             lambda: multiply_then_add(rng, pick, pick_factor), lambda: add_three(rng, pick)]
-    question, steps, answer = rng.choice(kinds)()
+    make_one = {"add": lambda: add(rng, pick), "take_away": lambda: take_away(rng, pick),
+                "compare": lambda: compare(rng, pick), "multiply": lambda: multiply(rng, pick_factor),
+                "add_then_take_away": lambda: add_then_take_away(rng, pick),
+                "multiply_then_add": lambda: multiply_then_add(rng, pick, pick_factor),
+                "add_three": lambda: add_three(rng, pick)}
+    question, steps, answer = make_one[rng.choice(list(kinds))]()
     return {"instruction": question, "input": "", "output": f"{steps} The answer is {answer}.", "answer": str(answer)}
 
 
-def problems(n: int, numbers: list[int], seed: str) -> list[dict]:
+def problems(n: int, numbers: list[int], seed: str, kinds=KINDS, max_factor: int = MAX_FACTOR) -> list[dict]:
     rng = random.Random(seed)
-    return [problem(rng, numbers) for _ in range(n)]
+    return [problem(rng, numbers, kinds, max_factor) for _ in range(n)]
+
+
+def pair_side(record: dict, seed: int, test_share: float) -> str:
+    """`test` or `train` for a one-step problem, by its unordered operand pair (seeded): the pairs
+    split, where every number is an operand on both sides but no test pair is a training pair."""
+    a, op, b = EQUATION.match(record["output"]).groups()
+    pair = (op, *sorted((int(a), int(b))))
+    return "test" if random.Random(f"pair-{seed}-{pair}").random() < test_share else "train"
+
+
+EQUATION = re.compile(r"(\d+) ([+x-]) (\d+) = ")
+
+
+def pair_problems(n: int, numbers: list[int], seed: int, side: str, kinds, max_factor: int,
+                  test_share: float) -> list[dict]:
+    """n one-step problems over `numbers` whose operand pair lies on `side` (rejection sampling)."""
+    rng, out = random.Random(f"{side}-pairs-{seed}"), []
+    while len(out) < n:
+        record = problem(rng, numbers, kinds, max_factor)
+        if pair_side(record, seed, test_share) == side:
+            out.append(record)
+    return out
 
 
 # --- narrative text for pre-training ----------------------------------------------------------------
 
-def narrative_sentence(rng: random.Random) -> str:
+def narrative_sentence(rng: random.Random, max_number: int = MAX_NUMBER, max_factor: int = MAX_FACTOR) -> str:
     """One sentence stating a fact of the kind a problem's step needs: a first operand up to the
     largest intermediate result (a sum of two operands, or a product), a second up to MAX_NUMBER."""
     n, m = _people(rng)
     t = rng.choice(THINGS)
-    a = rng.randint(2, rng.choice([MAX_NUMBER, 2 * MAX_NUMBER, MAX_FACTOR ** 2]))
-    b = rng.randint(2, MAX_NUMBER)
-    x, y = rng.randint(2, MAX_FACTOR), rng.randint(2, MAX_FACTOR)
+    a = rng.randint(2, rng.choice([max_number, 2 * max_number, max_factor ** 2]))
+    b = rng.randint(2, max_number)
+    x, y = rng.randint(2, max_factor), rng.randint(2, max_factor)
     hi, lo = a + b, b
     plural, _ = rng.choice(CONTAINERS)
     return rng.choice([
@@ -160,9 +190,10 @@ def narrative_sentence(rng: random.Random) -> str:
     ])
 
 
-def narrative_documents(n: int, seed: str) -> list[str]:
+def narrative_documents(n: int, seed: str, max_number: int = MAX_NUMBER, max_factor: int = MAX_FACTOR) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(narrative_sentence(rng) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+    return [" ".join(narrative_sentence(rng, max_number, max_factor) for _ in range(rng.randint(4, 12)))
+            for _ in range(n)]
 
 
 def write_json(path: Path, records: list[dict]) -> None:
@@ -176,20 +207,36 @@ def write_c4_shard(path: Path, documents: list[str]) -> None:
             raw.write((json.dumps(record) + "\n").encode("utf-8"))
 
 
-def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int) -> dict:
-    pools = operand_pools(seed)
+def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int, max_number: int = MAX_NUMBER,
+         max_factor: int = MAX_FACTOR, kinds=KINDS, split: str = "operands", test_share: float = TEST_SHARE) -> dict:
+    """split `operands`: test problems use only numbers that no training problem uses (plus the
+    test_seen_operands.json diagnostic); `pairs` (one-step kinds only): every number appears on both
+    sides but no test operand pair is a training pair, so a test answer is a fact the base saw in
+    pre-training and the fine-tune never showed."""
     output.mkdir(parents=True, exist_ok=True)
-    train = problems(n_train, pools["train"], f"train-{seed}")
-    write_json(output / "train.json", train)
-    write_json(output / "test.json", problems(n_test, pools["test"], f"test-{seed}"))
-    seen = {r["instruction"] for r in train}
-    write_json(output / "test_seen_operands.json",
-               [r for r in problems(2 * n_test, pools["train"], f"seen-{seed}") if r["instruction"] not in seen][:n_test])
+    if split == "pairs":
+        if set(kinds) - set(ONE_STEP):
+            raise ValueError(f"the pairs split needs one-step kinds ({', '.join(ONE_STEP)})")
+        numbers = list(range(2, max_number + 1))
+        train = pair_problems(n_train, numbers, seed, "train", kinds, max_factor, test_share)
+        write_json(output / "train.json", train)
+        write_json(output / "test.json", pair_problems(n_test, numbers, seed, "test", kinds, max_factor, test_share))
+        pools = {"train": numbers, "test": numbers}
+    else:
+        pools = operand_pools(seed, max_number, max_factor, test_share)
+        train = problems(n_train, pools["train"], f"train-{seed}", kinds, max_factor)
+        write_json(output / "train.json", train)
+        write_json(output / "test.json", problems(n_test, pools["test"], f"test-{seed}", kinds, max_factor))
+        seen = {r["instruction"] for r in train}
+        write_json(output / "test_seen_operands.json",
+                   [r for r in problems(2 * n_test, pools["train"], f"seen-{seed}", kinds, max_factor)
+                    if r["instruction"] not in seen][:n_test])
     (output / "pretrain").mkdir(exist_ok=True)
     write_c4_shard(output / "pretrain" / "arith-train.00000-of-00001.json.gz",
-                   narrative_documents(n_documents, f"narrative-train-{seed}"))
+                   narrative_documents(n_documents, f"narrative-train-{seed}", max_number, max_factor))
     write_c4_shard(output / "pretrain" / "arith-validation.00000-of-00001.json.gz",
-                   narrative_documents(max(1, n_documents // 20), f"narrative-validation-{seed}"))
+                   narrative_documents(max(1, n_documents // 20), f"narrative-validation-{seed}", max_number,
+                                       max_factor))
     return pools
 
 
@@ -201,8 +248,18 @@ def main(argv=None) -> int:
     parser.add_argument("--test", type=int, default=240, help="test problems")
     parser.add_argument("--documents", type=int, default=6000, help="narrative pre-training documents")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-number", type=int, default=MAX_NUMBER, help="operands are 2..this")
+    parser.add_argument("--max-factor", type=int, default=MAX_FACTOR, help="multiplication operands are 2..this")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
+    parser.add_argument("--split", choices=("operands", "pairs"), default="operands")
+    parser.add_argument("--test-share", type=float, default=TEST_SHARE)
     args = parser.parse_args(argv)
-    pools = make(args.output, args.train, args.test, args.documents, args.seed)
+    kinds = tuple(args.kinds.split(","))
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        parser.error(f"unknown kinds {sorted(unknown)}")
+    pools = make(args.output, args.train, args.test, args.documents, args.seed, args.max_number, args.max_factor,
+                 kinds, args.split, args.test_share)
     print(f"wrote {args.train} training and {args.test} test problems and {args.documents} narrative documents to "
           f"{args.output}; test operands {pools['test']}")
     return 0

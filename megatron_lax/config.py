@@ -39,6 +39,7 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
     ffn_dim: int = 688
     vocab_size: int = 0  # 0: follow the tokenizer, rounded up to a multiple of 64
     norm_eps: float = 1e-6
@@ -204,7 +205,13 @@ class FinetuneConfig:
     cutoff_len: int = 256  # tokens of prompt + response + EOS; longer examples are cut
     val_size: int = 120  # examples held out of train_json for the validation loss (at least 1)
     epochs: int = 3  # used when train.steps is 0
-    max_new_tokens: int = 64  # greedy decoding at evaluation
+    max_new_tokens: int = 64  # decoding length at evaluation
+    num_beams: int = 4  # beam search at evaluation (LLM-Adapters: 4); 1 is greedy
+    train_on_inputs: bool = True  # score the prompt too (LLM-Adapters' default); false: the response and EOS only
+    add_bos: str = "auto"  # auto (the base's convention: its tokenizer's for a Hugging Face base, none for ours) | true | false
+    keep_best: bool = True  # keep the checkpoint of the lowest validation loss in RUN/best and evaluate it
+    full: bool = False  # full fine-tuning (every base weight trained, no adapters): the capacity ceiling
+    base_fingerprint: str = ""  # set by the run: a hash of the base's weights; resume, evaluation and export check it
 
 
 @dataclass
@@ -401,6 +408,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
     if (m.dim // m.n_heads) % 2 != 0:
         raise ConfigError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
+    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+        raise ConfigError(f"model.n_kv_heads {m.n_kv_heads} must divide model.n_heads {m.n_heads} (0: n_heads)")
+    if m.n_kv_heads and m.n_kv_heads != m.n_heads and m.method != "dense":
+        raise ConfigError("model.n_kv_heads (grouped-query attention) is supported for dense models only")
     if m.method in ("svd", "cola"):
         shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim)}
         for projection, (d_in, d_out) in shapes.items():
@@ -467,6 +478,10 @@ def validate_lora(lora: LoraConfig, finetune: FinetuneConfig) -> None:
         raise ConfigError(f"lora.lax_latent {lora.lax_latent!r} is unknown (output or projection)")
     if finetune.cutoff_len < 2 or finetune.epochs <= 0 or finetune.val_size <= 0:
         raise ConfigError("finetune.cutoff_len must be at least 2, finetune.epochs and finetune.val_size positive")
+    if finetune.num_beams < 1 or finetune.max_new_tokens < 1:
+        raise ConfigError("finetune.num_beams and finetune.max_new_tokens must be at least 1")
+    if str(finetune.add_bos).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"finetune.add_bos {finetune.add_bos!r} is unknown (auto, true or false)")
 
 
 # --- command line ----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint, data
+from .model_io import load_checkpoint_model as load_model  # noqa: F401 (also imported from here by callers)
 from .parallel.distributed import all_reduce_sum, init_distributed, is_distributed, shutdown
 
 
@@ -70,19 +71,6 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, rows.cpu())
     return torch.cat(gathered)
-
-
-def load_model(path: Path, device: torch.device):
-    """The model of a checkpoint of any engine (sharded ones consolidated), and its config."""
-    from .models import build_model
-    from .parallel import consolidated_state_dict
-
-    ckpt = checkpoint.resolve_checkpoint_dir(path)
-    cfg = checkpoint.checkpoint_config(ckpt)
-    model = build_model(cfg.model, init_seed=None)
-    state = consolidated_state_dict(ckpt, cfg.parallel.engine)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device).eval(), cfg, ckpt
 
 
 def evaluation_precision(cfg, device: torch.device, requested: str = "run") -> tuple[str, torch.dtype, bool]:

@@ -20,92 +20,53 @@ import torch
 from . import checkpoint, instruct
 from .config import Config
 from .lora import apply_lora, trainable_parameters
-from .models.llama import LlamaLax, flops_per_token
+from .model_io import (base_fingerprint, base_kind, base_tokenizer, finetune_recipe, is_finetune_run,  # noqa: F401
+                       load_base, load_finetuned, selected_checkpoint)
+from .models.llama import flops_per_token
 from .optim import warmup_steps
 from .train import Trainer, main as train_main, train
 
 
 # --- the base model ---------------------------------------------------------------------------------
 
-def base_kind(spec: str) -> str:
-    """`huggingface`, `export` (ours) or `checkpoint`; a path that is none of them raises ValueError."""
-    from .export import OUR_FORMAT
-    path = Path(spec)
-    if not spec:
-        raise ValueError("finetune.base is not set (a run or checkpoint directory, an export, or a Hugging Face "
-                         "LlamaForCausalLM directory)")
-    if not path.is_dir():
-        raise ValueError(f"finetune.base {spec}: no such directory")
-    if (path / "config.json").is_file():
-        return "huggingface"
-    return "export" if (path / OUR_FORMAT).is_file() else "checkpoint"
-
-
-def base_tokenizer(spec: str) -> str:
-    """Where the base's tokenizer lives: beside a Hugging Face model, in an export's tokenizer/, or
-    the one a run was trained with."""
-    kind, path = base_kind(spec), Path(spec)
-    if kind == "checkpoint":
-        return checkpoint.checkpoint_config(path).data.tokenizer
-    if kind == "huggingface" and not (path / "tokenizer").is_dir():
-        return str(path)
-    return str(path / "tokenizer")
-
-
-def load_base(spec: str) -> LlamaLax:
-    """The base as a dense fp32 LlamaLax on the CPU. SVD models without LaX are merged (W = B A);
-    CoLA and LaX models are refused: their projections are not single weight matrices."""
-    from .evaluate import load_model
-    from .export import hf_state_dict, load_hf_llama, load_pretrained, mergeable, state_dict_from_hf
-
-    kind = base_kind(spec)
-    if kind == "huggingface":
-        return load_hf_llama(spec)
-    if kind == "checkpoint" and is_finetune_run(spec):
-        raise ValueError(f"finetune.base {spec} is a fine-tuning run; export it with --merge (plain LoRA) and "
-                         f"use the export as the base")
-    model = load_pretrained(spec) if kind == "export" else load_model(Path(spec), torch.device("cpu"))[0]
-    cfg = model.cfg
-    if cfg.method == "dense":
-        return model
-    if not mergeable(cfg):
-        what = "a CoLA" if cfg.method == "cola" else "a LaX"
-        raise ValueError(f"finetune.base {spec} is {what} model: LoRA needs plain linear projections (only dense "
-                         f"and SVD-without-LaX bases can be fine-tuned)")
-    dense_cfg = dataclasses.replace(cfg, method="dense", rank=0, attn_rank=None, mlp_rank=None)
-    dense = LlamaLax(dense_cfg, init_seed=None)
-    dense.load_state_dict(state_dict_from_hf(hf_state_dict(model), cfg.n_layers))
-    return dense.eval()
-
-
-def build_finetune_model(cfg: Config) -> LlamaLax:
-    """The frozen base with adapters; sets cfg.model to the base's shape, so the run's config
-    describes the model its checkpoints hold."""
-    model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
+def build_finetune_model(cfg: Config, precision: str = "fp32"):
+    """The frozen base with adapters (or, with finetune.full, the whole base trainable), or for a
+    Hugging Face base on FSDP2 / ZeRO-3 a recipe that builds it on the meta device and loads it shard
+    by shard. Sets cfg.model to the base's shape and cfg.finetune.base_fingerprint to its weights'
+    fingerprint, so the run's config names the model its checkpoints belong to. Under bf16 training
+    on the single and DDP engines the frozen projections and LM head are held in bf16 (the
+    embedding, norms and adapters stay fp32)."""
+    f, engine = cfg.finetune, cfg.parallel.engine
+    sharded = engine == "fsdp" or (engine == "deepspeed" and cfg.parallel.zero_stage == 3)
+    if sharded and base_kind(f.base) == "huggingface":
+        cfg.model, recipe = finetune_recipe(cfg)
+        return recipe
+    frozen_bf16 = not f.full and engine in ("single", "ddp") and precision in ("bf16-mixed", "bf16-pure")
+    base = load_base(f.base, torch.bfloat16 if frozen_bf16 else torch.float32)
+    if frozen_bf16:
+        for module in [base.embed, base.norm] + [m for b in base.layers for m in (b.attn_norm, b.mlp_norm)]:
+            module.float()
+    f.base_fingerprint = base_fingerprint(base.named_parameters())
+    model = base.requires_grad_(True) if f.full else apply_lora(base, cfg.lora, seed=cfg.train.seed)
     cfg.model = dataclasses.replace(model.cfg)
     return model
 
 
-def load_finetuned(path, device: torch.device = torch.device("cpu")):
-    """(model, config, checkpoint directory) of a fine-tuning run or checkpoint of any engine."""
-    from .parallel import consolidated_state_dict
-
-    ckpt = checkpoint.resolve_checkpoint_dir(path)
-    cfg = checkpoint.checkpoint_config(ckpt)
-    state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
-    model = apply_lora(LlamaLax(cfg.model, init_seed=None), cfg.lora, seed=cfg.train.seed)
-    frozen_missing = [k for k in model.state_dict() if k not in state and ".adapter." not in k]
-    if frozen_missing:  # DeepSpeed ZeRO-1/2 consolidates the trained parameters only; the frozen ones are the base's
-        model = apply_lora(load_base(cfg.finetune.base), cfg.lora, seed=cfg.train.seed)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or (missing and not frozen_missing):
-        raise checkpoint.CheckpointError(f"{ckpt}: the checkpoint does not fit its config (missing {missing[:3]}, "
-                                         f"unexpected {unexpected[:3]})")
-    return model.to(device).eval(), cfg, ckpt
-
-
-def is_finetune_run(path) -> bool:
-    return bool(checkpoint.checkpoint_config(Path(path)).finetune.base)
+def uses_bos(add_bos: str, base: str, tokenizer) -> bool:
+    """Whether prompts start with BOS: finetune.add_bos true/false, or auto: the base's own convention.
+    A Hugging Face base follows its tokenizer (LLaMA's adds BOS; a tokenizer without one, none); our
+    own bases were pre-trained without BOS, so none."""
+    choice = str(add_bos).lower()
+    if choice in ("true", "false"):
+        if choice == "true" and tokenizer.bos_id < 0:
+            raise ValueError("finetune.add_bos true, but the tokenizer has no BOS token")
+        return choice == "true"
+    if not base or not Path(base).is_dir() or base_kind(base) != "huggingface" or tokenizer.bos_id < 0:
+        return False
+    if tokenizer.kind == "sentencepiece":  # LLaMA's tokenizer.model: its Hugging Face wrapper adds BOS
+        return True
+    ids = tokenizer.backend("a", add_special_tokens=True)["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_id
 
 
 def linear_lr(step: int, total_steps: int, warmup: int, peak: float) -> float:
@@ -117,15 +78,21 @@ def linear_lr(step: int, total_steps: int, warmup: int, peak: float) -> float:
 
 def method_label(cfg: Config) -> str:
     gate = cfg.lora.lax_gate
-    return "LoRA" if gate == "none" else f"LaX-LoRA ({gate}{'' if cfg.lora.lax_norm else ', no LayerNorm'})"
+    if cfg.finetune.full:
+        return "full fine-tuning"
+    if gate == "none":
+        return "LoRA"
+    latent = "" if cfg.lora.lax_latent == "output" else ", projection latent"
+    return f"LaX-LoRA ({gate}{'' if cfg.lora.lax_norm else ', no LayerNorm'}{latent})"
 
 
 # --- the trainer --------------------------------------------------------------------------------------
 
 # Fields whose change makes a fine-tuning checkpoint unusable for a resume (pre-training's shape
 # fields are checked too).
-RESUME_FIELDS = {"lora": ("rank", "targets", "lax_gate", "lax_norm", "lax_latent"),
-                 "finetune": ("train_json", "cutoff_len", "val_size")}
+RESUME_FIELDS = {"lora": ("rank", "alpha", "dropout", "targets", "lax_gate", "lax_norm", "lax_latent"),
+                 "finetune": ("base", "base_fingerprint", "train_json", "cutoff_len", "val_size", "train_on_inputs",
+                              "add_bos", "full")}
 
 
 class FinetuneTrainer(Trainer):
@@ -138,7 +105,9 @@ class FinetuneTrainer(Trainer):
         cfg.data.tokenizer = f.tokenizer or base_tokenizer(f.base)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         records, skipped = instruct.read_records(f.train_json)
-        examples = instruct.tokenize(records, self.tokenizer, f.cutoff_len, skipped)
+        bos = uses_bos(f.add_bos, f.base, self.tokenizer)
+        f.add_bos = "true" if bos else "false"  # resolved: evaluation and resume read it from the run's config
+        examples = instruct.tokenize(records, self.tokenizer, f.cutoff_len, skipped, f.train_on_inputs, bos)
         if skipped:
             self.log(instruct.describe_skipped(f.train_json, skipped))
         if not examples:
@@ -150,12 +119,24 @@ class FinetuneTrainer(Trainer):
         self.total_steps = t.steps or f.epochs * self.loader.steps_per_epoch
         self.mean_length = statistics.fmean(len(e.ids) - 1 for e in train)
 
-    def build_model(self) -> torch.nn.Module:
-        model = build_finetune_model(self.cfg)
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.engine.trainable_only = not cfg.finetune.full  # checkpoints: the adapters, not the frozen base
+        if self.n_params is None:  # built from a recipe: count the materialised model
+            model = self.engine.base_model
+            self.n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+            self.n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+    def build_model(self):
+        from .parallel.engine import resolve_precision
+        model = build_finetune_model(self.cfg, resolve_precision(self.cfg.train.precision, self.dist.device))
         if self.tokenizer.vocab_size > self.cfg.model.vocab_size:
             raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} entries but the base model's vocabulary "
                              f"has {self.cfg.model.vocab_size}")
-        self.n_params, self.n_trainable = sum(p.numel() for p in model.parameters()), trainable_parameters(model)
+        if isinstance(model, torch.nn.Module):
+            self.n_params, self.n_trainable = sum(p.numel() for p in model.parameters()), trainable_parameters(model)
+        else:
+            self.n_params = self.n_trainable = None
         return model
 
     def validation_batches(self) -> list:
@@ -170,12 +151,24 @@ class FinetuneTrainer(Trainer):
             batches.append((x, torch.full_like(y, instruct.IGNORE)))
         return batches
 
+    def validate(self) -> dict:
+        """Pre-training's validation; with finetune.keep_best, a new lowest validation loss also
+        writes RUN/best (one checkpoint, replaced), which evaluation and export then use."""
+        best_so_far = self.best_val_ppl  # restored on resume with the trainer state
+        record = super().validate()
+        if self.cfg.finetune.keep_best and record["val_ppl"] < best_so_far:
+            rank_state = {"loader": self.loader.state_dict(), "rng": None}
+            checkpoint.save(self.run_dir / "best", self.step, self.engine, self.trainer_state(), rank_state, self.cfg,
+                            self.dist, keep=1)
+        return record
+
     def learning_rate(self, step: int) -> float:
         return linear_lr(step, self.total_steps, warmup_steps(self.cfg.optim, self.total_steps), self.cfg.optim.lr)
 
     def describe(self) -> str:
         cfg, t = self.cfg, self.cfg.train
-        return (f"{method_label(cfg)} r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}: "
+        adapters = "" if cfg.finetune.full else f" r={cfg.lora.rank} alpha={cfg.lora.alpha:g} on {','.join(cfg.lora.targets)}"
+        return (f"{method_label(cfg)}{adapters}: "
                 f"{self.n_trainable:,} trainable of {self.n_params:,} parameters "
                 f"({100 * self.n_trainable / self.n_params:.2f}%); {self.total_steps} steps of {t.global_batch} "
                 f"examples ({len(self.loader.examples)} training, {len(self.val_examples)} held out) on "

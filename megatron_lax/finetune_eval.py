@@ -5,11 +5,18 @@ comparisons of several runs:
     python -m megatron_lax.finetune_eval evaluate --base PATH --test FILE ... [--output acc.json]
     python -m megatron_lax.finetune_eval table acc1.json acc2.json ... [--output table.md]
 
-Answers are decoded greedily (batched, right-padded, no KV cache: each sequence's next token is
-read at its own last position). Answer extraction follows LLM-Adapters: when every `answer` of a
-file is a number, the last number of the response (commas removed) must be within 1e-3 of it;
-otherwise the first option label of the file (e.g. true/false, option1/option2, A-E) that the
-response names, as a whole word, must equal it.
+Answers are decoded with a KV cache, in batches of left-padded prompts, by beam search
+(finetune.num_beams, 4 as in LLM-Adapters) or greedily (--num-beams 1), in the training precision
+(bf16 on a GPU). A test record needs `instruction` and `answer` (LLM-Adapters' test files leave
+`output` empty); every record left out is counted and printed. How an answer is read follows
+LLM-Adapters, by dataset (the directory name of LLM-Adapters' `dataset/NAME/test.json`, else the
+file name): gsm8k, SVAMP, mawps, AddSub, MultiArith, SingleEq: the last number of the response
+(commas removed) within 1e-3 of the answer; AQuA, mathqa: the first option letter A-E; boolq,
+piqa, social_i_qa, ARC-Challenge, ARC-Easy, openbookqa, hellaswag, winogrande: the first of the
+dataset's option labels (true/false, solution1-2, answer1-3, answer1-5, answer1-4, ending1-4,
+option1-2) that the response names. A file of another name is graded by the option labels its
+instructions list ("Answer format: a/b/c"), else by number when every answer is a number; answers
+mixing numbers and labels are refused.
 """
 from __future__ import annotations
 
@@ -19,46 +26,40 @@ import math
 import re
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
 from . import checkpoint, instruct
+from .generate import decode_batch
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
 TOLERANCE = 1e-3
+NUMERIC_DATASETS = ("gsm8k", "svamp", "mawps", "addsub", "multiarith", "singleeq")
+LETTERS = ("A", "B", "C", "D", "E")
+LABEL_DATASETS = {"aqua": LETTERS, "mathqa": LETTERS, "boolq": ("true", "false"),
+                  "piqa": ("solution1", "solution2"), "social_i_qa": ("answer1", "answer2", "answer3"),
+                  "arc-challenge": tuple(f"answer{i}" for i in range(1, 6)),
+                  "arc-easy": tuple(f"answer{i}" for i in range(1, 6)),
+                  "openbookqa": tuple(f"answer{i}" for i in range(1, 5)),
+                  "hellaswag": tuple(f"ending{i}" for i in range(1, 5)), "winogrande": ("option1", "option2")}
+ANSWER_FORMAT = re.compile(r"Answer format:\s*([A-Za-z0-9_]+(?:\s*/\s*[A-Za-z0-9_]+)+)")
 
 
 # --- decoding ----------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """The greedy continuation of each prompt, up to and without EOS."""
-    device = next(model.parameters()).device
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.full((len(prompts), int(lengths.max()) + max_new_tokens), pad_id, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p)
-    active = torch.ones(len(prompts), dtype=torch.bool, device=device)
-    rows = torch.arange(len(prompts), device=device)
-    for _ in range(max_new_tokens):
-        logits = model(ids[:, :int(lengths.max())])
-        token = logits[rows, lengths - 1].argmax(-1)
-        ids[rows[active], lengths[active]] = token[active]
-        lengths = lengths + active.long()
-        active &= token != eos_id
-        if not active.any():
-            break
-    return [[t for t in ids[row, len(p):int(lengths[row])].tolist() if t != eos_id] for row, p in enumerate(prompts)]
-
-
-def responses(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int) -> list[str]:
-    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
-    out = []
-    for i in range(0, len(records), batch_size):
-        prompts = tokenizer.encode_batch([instruct.prompt(r) for r in records[i: i + batch_size]])
-        out += [tokenizer.decode(ids) for ids in greedy_batch(model, prompts, max_new_tokens, tokenizer.eos_id, pad_id)]
+def responses(model, tokenizer, records: list[dict], max_new_tokens: int, batch_size: int, num_beams: int = 1,
+              bos: bool = False) -> list[str]:
+    """The decoded response to each record's prompt, longest prompts first in each batch (less padding)."""
+    prompts = instruct.prompt_ids(records, tokenizer, bos)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [""] * len(prompts)
+    for i in range(0, len(order), batch_size):
+        chunk = order[i: i + batch_size]
+        for j, ids in zip(chunk, decode_batch(model, [prompts[j] for j in chunk], max_new_tokens, tokenizer.eos_id,
+                                              num_beams)):
+            out[j] = tokenizer.decode(ids)
     return out
 
 
@@ -76,68 +77,179 @@ def is_number(text) -> bool:
         return False
 
 
-def grader(answers: list[str]):
-    """correct(response, answer) for one file: numeric when every answer is a number, else labels."""
-    if all(is_number(a) for a in answers):
-        def numeric(response: str, answer: str) -> bool:
-            predicted = last_number(response)
-            return predicted is not None and abs(predicted - float(str(answer).replace(",", ""))) <= TOLERANCE
-        return numeric
-    labels = re.compile(r"\b(" + "|".join(re.escape(a) for a in sorted(set(answers), key=len, reverse=True)) + r")\b")
-
-    def choice(response: str, answer: str) -> bool:
-        found = labels.search(response)
-        return found is not None and found.group(1) == answer
-    return choice
+def dataset_name(path) -> str:
+    """LLM-Adapters' layout is dataset/NAME/test.json: the directory names the dataset; any other
+    file is named by its stem."""
+    path = Path(path)
+    return (path.parent.name if path.stem in ("test", "train") else path.stem).lower()
 
 
-def accuracy(model, tokenizer, path, max_new_tokens: int, batch_size: int) -> dict:
-    usable, skipped = instruct.read_records(path)
-    records = [r for r in usable if "answer" in r]
-    if len(records) < len(usable):
-        skipped["no_answer"] += len(usable) - len(records)
+def labels_of(record: dict, dataset: str) -> tuple | None:
+    """The option labels a record's answer is chosen from, or None for a numeric answer."""
+    if dataset in LABEL_DATASETS:
+        return LABEL_DATASETS[dataset]
+    found = ANSWER_FORMAT.search(record["instruction"])
+    return tuple(label.strip() for label in found.group(1).split("/")) if found else None
+
+
+def graders(path, records: list[dict]) -> list:
+    """One correct(response) -> bool per record; ValueError for a file whose answers cannot be
+    graded one way (numbers mixed with labels, or labels with no option set to choose from)."""
+    dataset = dataset_name(path)
+    answers = [str(r["answer"]).strip() for r in records]
+    label_sets = [None if dataset in NUMERIC_DATASETS else labels_of(r, dataset) for r in records]
+    numeric = [labels is None for labels in label_sets]
+    if any(numeric) and not all(numeric):
+        raise ValueError(f"{path}: some records list answer options and some do not; grade them as separate files")
+    if all(numeric):
+        bad = [a for a in answers if not is_number(a)]
+        if bad:
+            kind = "are a numeric dataset's" if dataset in NUMERIC_DATASETS else "mix numbers and labels"
+            raise ValueError(f"{path}: the answers {kind}, but {len(bad)} are not numbers (e.g. {bad[0]!r}); for "
+                             f"an option dataset name its directory as LLM-Adapters does or list the options as "
+                             f"'Answer format: a/b' in the instructions")
+        return [lambda response, a=float(a.replace(",", "")): numeric_correct(response, a) for a in answers]
+    out = []
+    for record, answer, labels in zip(records, answers, label_sets):
+        letters = labels == LETTERS
+        gold = answer.strip("() ").upper() if letters else answer
+        if gold not in labels:
+            raise ValueError(f"{path}: the answer {answer!r} is not one of the options {'/'.join(labels)}")
+        pattern = re.compile(r"\b(" + "|".join(re.escape(x) for x in sorted(labels, key=len, reverse=True)) + r")\b")
+        out.append(lambda response, p=pattern, g=gold: label_correct(response, p, g))
+    return out
+
+
+def numeric_correct(response: str, answer: float) -> bool:
+    predicted = last_number(response)
+    return predicted is not None and abs(predicted - answer) <= TOLERANCE
+
+
+def label_correct(response: str, pattern: re.Pattern, answer: str) -> bool:
+    found = pattern.search(response)
+    return found is not None and found.group(1) == answer
+
+
+def read_test_file(path) -> tuple[list[dict], Counter]:
+    """The usable test records and the counts of those left out, printed."""
+    records, skipped = instruct.read_records(path, test=True)
+    if skipped:
+        print(instruct.describe_skipped(path, skipped), file=sys.stderr)
     if not records:
-        raise ValueError(f"{path}: no usable test records with an answer")
-    answers = [str(r["answer"]) for r in records]
-    texts = responses(model, tokenizer, records, max_new_tokens, batch_size)
-    correct = grader(answers)
-    hits = [correct(t, a) for t, a in zip(texts, answers)]
-    return {"file": str(path), "n": len(records), "correct": sum(hits), "accuracy": sum(hits) / len(records),
-            "skipped": dict(skipped), "examples": [{"answer": a, "response": t, "correct": h}
-                                                   for a, t, h in list(zip(answers, texts, hits))[:5]]}
+        raise ValueError(f"{path}: no usable test records (each needs an instruction and an answer)")
+    return records, skipped
+
+
+def accuracy(model, tokenizer, path, max_new_tokens: int, batch_size: int, num_beams: int = 1,
+             bos: bool = False) -> dict:
+    records, skipped = read_test_file(path)
+    correct = graders(path, records)
+    texts = responses(model, tokenizer, records, max_new_tokens, batch_size, num_beams, bos)
+    hits = [check(t) for check, t in zip(correct, texts)]
+    return {"file": str(path), "dataset": dataset_name(path), "n": len(records), "correct": sum(hits),
+            "accuracy": sum(hits) / len(records), "skipped": dict(skipped), "num_beams": num_beams,
+            "examples": [{"answer": str(r["answer"]), "response": t, "correct": h}
+                         for r, t, h in zip(records, texts, hits)]}
+
+
+# --- teacher-forced losses ------------------------------------------------------------------------------
+
+def answer_char_span(output: str, answer: str) -> tuple[int, int] | None:
+    """Where the answer is first computed in a worked solution ("... = 12"), else its last mention."""
+    found = re.search(r"=\s*(" + re.escape(answer) + r")(?!\d)", output)
+    if found:
+        return found.span(1)
+    at = output.rfind(answer)
+    return (at, at + len(answer)) if at >= 0 else None
+
+
+def token_char_ends(tokenizer, ids: list[int]) -> list[int]:
+    return [len(tokenizer.decode(ids[: j + 1])) for j in range(len(ids))]
+
+
+@torch.no_grad()
+def teacher_forced(model, tokenizer, records: list[dict], batch_size: int = 32, bos: bool = False) -> dict:
+    """Mean NLL per token (nats) of the gold response + EOS given the prompt (`response_loss`), and of
+    the tokens that spell the answer where the solution first computes it (`answer_loss`): a
+    continuous companion to exact match. Records need a non-empty `output`."""
+    device = next(model.parameters()).device
+    prompts = instruct.prompt_ids(records, tokenizer, bos)
+    outputs = tokenizer.encode_batch([r["output"] for r in records])
+    totals = Counter()
+    for i in range(0, len(records), batch_size):
+        rows = list(range(i, min(i + batch_size, len(records))))
+        seqs = [prompts[j] + outputs[j] + [tokenizer.eos_id] for j in rows]
+        width = max(len(q) for q in seqs)
+        x = torch.zeros(len(rows), width - 1, dtype=torch.long)
+        for r, q in enumerate(seqs):
+            x[r, : len(q) - 1] = torch.tensor(q[:-1])
+        logprobs = torch.log_softmax(model(x.to(device)).float(), -1).cpu()
+        for r, j in enumerate(rows):
+            n_prompt, q = len(prompts[j]), seqs[r]
+            nll = [-float(logprobs[r, t - 1, q[t]]) for t in range(n_prompt, len(q))]
+            totals["response"] += sum(nll)
+            totals["response_tokens"] += len(nll)
+            span = answer_char_span(records[j]["output"], str(records[j]["answer"]).strip())
+            if span is None:
+                continue
+            ends, begin = token_char_ends(tokenizer, outputs[j]), 0
+            for t, end in enumerate(ends):
+                if begin < span[1] and end > span[0]:
+                    totals["answer"] += nll[t]
+                    totals["answer_tokens"] += 1
+                begin = end
+    return {"response_loss": totals["response"] / max(1, totals["response_tokens"]),
+            "answer_loss": totals["answer"] / max(1, totals["answer_tokens"]),
+            "answer_tokens": totals["answer_tokens"]}
 
 
 # --- what is evaluated ------------------------------------------------------------------------------
 
 def load_for_eval(checkpoint_dir: Path | None, base: str | None):
-    """(model, tokenizer spec, the run's finetune config or None, a description) for a fine-tuning
-    run, or for a bare base model."""
-    from .finetune import base_tokenizer, load_base, load_finetuned, method_label
+    """(model, tokenizer spec, the run's config or None, a description) for a fine-tuning run (its
+    best-validation checkpoint when finetune.keep_best kept one), or for a bare base model."""
+    from .finetune import method_label
     from .lora import trainable_parameters
+    from .model_io import base_tokenizer, load_base, load_finetuned, selected_checkpoint
 
     if base:
         model = load_base(base)
         info = {"method": "base", "trainable": 0, "base": base, "seed": None}
         return model, base_tokenizer(base), None, {**info, "parameters": sum(p.numel() for p in model.parameters())}
-    model, cfg, ckpt = load_finetuned(checkpoint_dir)
+    model, cfg, ckpt = load_finetuned(selected_checkpoint(checkpoint_dir))
     info = {"method": method_label(cfg), "trainable": trainable_parameters(model), "checkpoint": str(ckpt),
             "seed": cfg.train.seed}
-    return model, cfg.data.tokenizer, cfg.finetune, {**info, "parameters": sum(p.numel() for p in model.parameters())}
+    return model, cfg.data.tokenizer, cfg, {**info, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def eval_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The training precision: bf16 on a GPU for auto / bf16-mixed / bf16-pure, fp32 on a CPU or for fp32."""
+    if device.type == "cuda" and precision in ("auto", "bf16", "bf16-mixed", "bf16-pure"):
+        return torch.bfloat16
+    return torch.float32
 
 
 def evaluate(checkpoint_dir: Path | None, base: str | None, tests: list[str], max_new_tokens: int = 0,
-             batch_size: int = 32, label: str | None = None) -> dict:
+             batch_size: int = 32, label: str | None = None, num_beams: int = 0, precision: str = "") -> dict:
     from tokenizer import load_tokenizer
 
+    from .finetune import uses_bos
+
     model, tokenizer_spec, run_cfg, info = load_for_eval(checkpoint_dir, base)
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    tests = tests or (run_cfg.test_json if run_cfg else [])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = precision or (run_cfg.train.precision if run_cfg else "auto")
+    model.to(device, eval_dtype(precision, device))
+    f = run_cfg.finetune if run_cfg else None
+    tests = tests or (f.test_json if f else [])
     if not tests:
         raise ValueError("no test files: give --test or set finetune.test_json in the run's config")
-    max_new_tokens = max_new_tokens or (run_cfg.max_new_tokens if run_cfg else 64)
+    max_new_tokens = max_new_tokens or (f.max_new_tokens if f else 64)
+    num_beams = num_beams or (f.num_beams if f else 4)
     tokenizer = load_tokenizer(tokenizer_spec)
-    files = [accuracy(model, tokenizer, path, max_new_tokens, batch_size) for path in tests]
-    return {**info, "method": label or info["method"], "files": files}
+    bos = uses_bos(f.add_bos if f else "auto", f.base if f else base, tokenizer)
+    files = [accuracy(model, tokenizer, path, max_new_tokens, batch_size, num_beams, bos) for path in tests]
+    return {**info, "method": label or info["method"], "bos": bos, "precision": str(eval_dtype(precision, device)),
+            "files": files}
 
 
 # --- the comparison table ---------------------------------------------------------------------------
@@ -194,6 +306,8 @@ def main(argv=None) -> int:
     run.add_argument("--test", nargs="*", default=[], help="test JSON files (default: the run's finetune.test_json)")
     run.add_argument("--max-new-tokens", type=int, default=0, help="default: the run's finetune.max_new_tokens, or 64")
     run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--num-beams", type=int, default=0, help="default: the run's finetune.num_beams (4); 1 is greedy")
+    run.add_argument("--precision", default="", help="auto | fp32 | bf16 (default: the run's train.precision)")
     run.add_argument("--label", help="the method's name in tables (default: LoRA / LaX-LoRA (gate) / base)")
     run.add_argument("--output", type=Path, help="write the result as JSON")
     summary = commands.add_parser("table", help="a Markdown table of several evaluate results")
@@ -207,7 +321,8 @@ def main(argv=None) -> int:
                 args.output.write_text(text + "\n")
             print(text)
             return 0
-        result = evaluate(args.checkpoint, args.base, args.test, args.max_new_tokens, args.batch_size, args.label)
+        result = evaluate(args.checkpoint, args.base, args.test, args.max_new_tokens, args.batch_size, args.label,
+                          args.num_beams, args.precision)
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

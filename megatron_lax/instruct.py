@@ -1,13 +1,15 @@
 """Instruction data in the LLM-Adapters layout (math_10k, commonsense_170k): a JSON array, or JSON
 lines, of {"instruction", "input", "output", optional "answer"}.
 
-An example is the prompt (the Alpaca template LLM-Adapters uses, with the indentation its source
-leaves in the string taken out), then the response and EOS, cut to `cutoff_len` tokens. Only the
-response and EOS are scored. Micro-batches are right-padded to their longest example, padding
+An example is BOS when the base expects it, the prompt (the Alpaca template LLM-Adapters uses, with
+the indentation its source leaves in the string taken out), then the response and EOS, cut to
+`cutoff_len` tokens. Every token is scored (LLM-Adapters' train_on_inputs), or only the response and
+EOS. Micro-batches are right-padded to their longest example, padding
 unscored, and nothing is packed. Each epoch visits the examples in a seeded permutation; the
 loader's state is (epoch, step, micro-batch), so a resumed run sees exactly the remaining batches.
 
-Malformed records never stop a run: each is skipped and counted by reason.
+Malformed records never stop a run: each is skipped and counted by reason. Test files are read with
+their own rule (instruction and answer; their `output` is empty in LLM-Adapters' files).
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ WITH_INPUT = ("Below is an instruction that describes a task, paired with an inp
               "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 WITHOUT_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                  "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-SKIP_REASONS = ("broken_json", "not_an_object", "missing_field", "not_a_string", "empty_output", "prompt_too_long")
+SKIP_REASONS = ("broken_json", "not_an_object", "missing_field", "not_a_string", "empty_output", "empty_answer",
+                "prompt_too_long")
 
 
 def prompt(record: dict) -> str:
@@ -65,24 +68,29 @@ def parse_json_records(text: str, skipped: Counter) -> list:
         values.append(value)
 
 
-def problem_with(value) -> str | None:
-    """Why a parsed value is not a usable record, or None."""
+def problem_with(value, test: bool = False) -> str | None:
+    """Why a parsed value is not a usable record, or None. Training records need `instruction` and a
+    non-empty `output`; test records need `instruction` and `answer` only (LLM-Adapters' test files
+    leave `output` empty, e.g. gsm8k/test.json)."""
     if not isinstance(value, dict):
         return "not_an_object"
-    if "instruction" not in value or "output" not in value:
+    needed = ("instruction", "answer") if test else ("instruction", "output")
+    if any(k not in value for k in needed):
         return "missing_field"
-    if any(not isinstance(value.get(k, ""), str) for k in ("instruction", "input", "output")):
+    if any(not isinstance(value.get(k) or "", str) for k in ("instruction", "input", "output")):
         return "not_a_string"
-    if "answer" in value and not isinstance(value["answer"], (str, int, float)):
+    if "answer" in value and (isinstance(value["answer"], bool) or not isinstance(value["answer"], (str, int, float))):
         return "not_a_string"
+    if test:
+        return "empty_answer" if not str(value["answer"]).strip() else None
     if not value["output"].strip():
         return "empty_output"
     return None
 
 
-def read_records(path, skipped: Counter | None = None) -> tuple[list[dict], Counter]:
-    """The usable records of one file and the skip counts by reason. A file that cannot be read at all
-    raises ValueError with one line."""
+def read_records(path, skipped: Counter | None = None, test: bool = False) -> tuple[list[dict], Counter]:
+    """The usable records of one file (training records, or with test=True test records) and the
+    skip counts by reason. A file that cannot be read at all raises ValueError with one line."""
     skipped = Counter() if skipped is None else skipped
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -90,7 +98,7 @@ def read_records(path, skipped: Counter | None = None) -> tuple[list[dict], Coun
         raise ValueError(f"{path}: cannot read it ({e.strerror if isinstance(e, OSError) else 'not UTF-8'})") from None
     records = []
     for value in parse_json_records(text, skipped):
-        reason = problem_with(value)
+        reason = problem_with(value, test)
         if reason:
             skipped[reason] += 1
         else:
@@ -107,14 +115,17 @@ def describe_skipped(path, skipped: Counter) -> str:
 
 @dataclass
 class Example:
-    ids: np.ndarray  # prompt + response + EOS, at most cutoff_len tokens
-    n_prompt: int  # the first n_prompt tokens are not scored
+    ids: np.ndarray  # [BOS] + prompt + response + EOS, at most cutoff_len tokens
+    n_prompt: int  # the first n_prompt tokens are not scored (1 when training on inputs)
 
 
-def tokenize(records: list[dict], tokenizer, cutoff_len: int, skipped: Counter) -> list[Example]:
+def tokenize(records: list[dict], tokenizer, cutoff_len: int, skipped: Counter, train_on_inputs: bool = True,
+             bos: bool = False) -> list[Example]:
     """Examples whose response keeps at least one token after the cut; the others are counted as
-    prompt_too_long."""
-    prompts = tokenizer.encode_batch([prompt(r) for r in records])
+    prompt_too_long. bos: start with the tokenizer's BOS. train_on_inputs: every token after the
+    first is scored (LLM-Adapters' default), else the response and EOS only."""
+    prefix = [tokenizer.bos_id] if bos else []
+    prompts = [prefix + p for p in tokenizer.encode_batch([prompt(r) for r in records])]
     responses = tokenizer.encode_batch([r["output"] for r in records])
     examples = []
     for p, r in zip(prompts, responses):
@@ -122,8 +133,14 @@ def tokenize(records: list[dict], tokenizer, cutoff_len: int, skipped: Counter) 
         if len(ids) <= len(p):
             skipped["prompt_too_long"] += 1
             continue
-        examples.append(Example(np.asarray(ids, dtype=np.int64), len(p)))
+        examples.append(Example(np.asarray(ids, dtype=np.int64), 1 if train_on_inputs else len(p)))
     return examples
+
+
+def prompt_ids(records: list[dict], tokenizer, bos: bool = False) -> list[list[int]]:
+    """The prompts as the model sees them at evaluation (the same tokens training saw before the response)."""
+    prefix = [tokenizer.bos_id] if bos else []
+    return [prefix + p for p in tokenizer.encode_batch([prompt(r) for r in records])]
 
 
 def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

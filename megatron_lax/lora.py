@@ -48,9 +48,11 @@ def projections(model: LlamaLax, names=ATTENTION + ("gate", "up", "down")):
             yield i, (block.attn if name in ATTENTION else block.mlp), name
 
 
-def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0) -> LlamaLax:
+def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0, init: bool = True) -> LlamaLax:
     """Freezes the model and wraps every target projection in a LoraLinear, in place. The first
-    block's adapters have no gate: there is no previous latent to cross."""
+    block's adapters have no gate: there is no previous latent to cross. init=False leaves the
+    adapters' values to the caller (a model on the meta device or partitioned by ZeRO-3, which
+    then takes adapter_value for each adapter parameter)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for i, parent, name in projections(model, cfg.targets):
@@ -63,7 +65,8 @@ def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0) -> LlamaLax:
                              f"({base.in_features} -> {base.out_features})")
         gate = cfg.lax_gate if cfg.lax_gate != "none" and i > 0 else None
         setattr(parent, name, LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gate, cfg.lax_norm, cfg.lax_latent))
-    init_adapters(model, seed)
+    if init:
+        init_adapters(model, seed)
     return model
 
 
@@ -79,15 +82,17 @@ def init_adapters(model: LlamaLax, seed: int) -> None:
     seeded generator per parameter name, so every engine and rank count gets the same adapters."""
     rules = init_rules(model, model.cfg)
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("adapter.A.weight"):
-            value = kaiming_uniform(p.shape, p.shape[1], seed, name)
-        elif name.endswith("adapter.B.weight"):
-            value = torch.zeros(p.shape)
-        else:
-            value = initial_value(*rules[name], tuple(p.shape), seed, name)
-        p.copy_(value)
+        if p.requires_grad:
+            p.copy_(adapter_value(name, tuple(p.shape), seed, rules))
+
+
+def adapter_value(name: str, shape: tuple, seed: int, rules: dict) -> torch.Tensor:
+    """The initial fp32 value of one adapter parameter (rules: init_rules of the adapted model)."""
+    if name.endswith("adapter.A.weight"):
+        return kaiming_uniform(shape, shape[1], seed, name)
+    if name.endswith("adapter.B.weight"):
+        return torch.zeros(shape)
+    return initial_value(*rules[name], shape, seed, name)
 
 
 def lora_layers(model: nn.Module):

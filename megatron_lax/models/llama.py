@@ -53,38 +53,83 @@ def rotary_tables(head_dim: int, length: int, theta: float, device=None) -> tupl
 
 
 def apply_rotary(x, cos, sin):
-    """x: (B, T, H, D); rotate-half convention (as Hugging Face LLaMA)."""
+    """x: (B, T, H, D); cos, sin: (T, D), or (B, T, D) for per-row positions (left-padded
+    generation); rotate-half convention (as Hugging Face LLaMA)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[:, :, None, :], sin[:, :, None, :]) if cos.dim() == 3 else (cos[None, :, None, :],
+                                                                                 sin[None, :, None, :])
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 def attention(q, k, v, use_flash: bool):
-    """Causal attention on (B, T, H, D) tensors."""
+    """Causal attention on (B, T, H, D) tensors; k and v may have fewer heads (grouped-query)."""
     if use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         return flash_attn_func(q, k, v, causal=True)
+    if k.shape[2] != q.shape[2]:
+        k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
     return out.transpose(1, 2)
+
+
+class KVCache:
+    """Keys and values of every block for incremental decoding, preallocated for `capacity`
+    positions, plus which key positions hold real tokens (left padding does not). LaX latents need
+    no cache: they cross blocks at the same position, never positions."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device, dtype):
+        shape = (batch, capacity, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.length = 0  # positions filled
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keeps rows `rows` (beam search: each surviving beam's parent)."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.valid = self.valid[rows]
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.n_heads, self.head_dim, self.use_flash = cfg.n_heads, cfg.dim // cfg.n_heads, cfg.flash_attn
-        for name in ("q", "k", "v", "o"):
+        self.n_kv_heads, self.layer = cfg.n_kv_heads or cfg.n_heads, layer
+        for name in ("q", "o"):
             setattr(self, name, make_linear(cfg, name, cfg.dim, cfg.dim, layer))
+        for name in ("k", "v"):  # grouped-query attention: n_kv_heads heads, each shared by n_heads / n_kv_heads
+            setattr(self, name, make_linear(cfg, name, cfg.dim, self.n_kv_heads * self.head_dim, layer))
 
-    def forward(self, x, cos, sin, latents: Latents, out_latents: Latents):
+    def forward(self, x, cos, sin, latents: Latents, out_latents: Latents, cache: Optional[KVCache] = None):
         B, T, _ = x.shape
         heads = {}
         for name in ("q", "k", "v"):
             y, out_latents[name] = getattr(self, name)(x, latents.get(name))
-            heads[name] = y.view(B, T, self.n_heads, self.head_dim)
-        q, k = apply_rotary(heads["q"], cos, sin), apply_rotary(heads["k"], cos, sin)
-        mixed = attention(q, k, heads["v"], self.use_flash).reshape(B, T, -1)
-        y, out_latents["o"] = self.o(mixed, latents.get("o"))
+            heads[name] = y.view(B, T, -1, self.head_dim)
+        q, k, v = apply_rotary(heads["q"], cos, sin), apply_rotary(heads["k"], cos, sin), heads["v"]
+        if cache is None:
+            mixed = attention(q, k, v, self.use_flash)
+        else:
+            mixed = cached_attention(q, k, v, cache, self.layer, self.n_heads // self.n_kv_heads)
+        y, out_latents["o"] = self.o(mixed.reshape(B, T, -1), latents.get("o"))
         return y
+
+
+def cached_attention(q, k, v, cache: KVCache, layer: int, group: int):
+    """Writes k, v at the cache's next positions and attends q to every valid key up to its own
+    position. The mask comes from cache.valid, so left padding is never attended to."""
+    start, T = cache.length, q.shape[1]
+    cache.keys[layer][:, start:start + T] = k
+    cache.values[layer][:, start:start + T] = v
+    keys, values = cache.keys[layer][:, :start + T], cache.values[layer][:, :start + T]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2)
+    causal = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(start)
+    mask = causal[None, None] & cache.valid[:, None, None, :start + T]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                         attn_mask=mask)
+    return out.transpose(1, 2)
 
 
 class SwiGLU(nn.Module):
@@ -109,9 +154,9 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg, layer)
 
-    def forward(self, x, cos, sin, latents: Latents) -> tuple[torch.Tensor, Latents]:
+    def forward(self, x, cos, sin, latents: Latents, cache: Optional[KVCache] = None) -> tuple[torch.Tensor, Latents]:
         out_latents: Latents = {}
-        x = x + self.attn(self.attn_norm(x), cos, sin, latents, out_latents)
+        x = x + self.attn(self.attn_norm(x), cos, sin, latents, out_latents, cache)
         x = x + self.mlp(self.mlp_norm(x), latents, out_latents)
         return x, {k: v for k, v in out_latents.items() if v is not None}
 
@@ -132,13 +177,22 @@ class LlamaLax(nn.Module):
         if init_seed is not None and not self.embed.weight.is_meta:
             init_weights(self, init_seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, T) int64 -> logits (B, T, vocab)."""
-        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, tokens.shape[1], self.cfg.rope_theta, tokens.device)
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens: (B, T) int64 -> logits (B, T, vocab). Incremental decoding passes a KVCache (whose
+        `valid` already marks these T positions) and each token's rotary position, (B, T)."""
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        if positions is None:
+            cos, sin = rotary_tables(head_dim, tokens.shape[1], self.cfg.rope_theta, tokens.device)
+        else:
+            cos, sin = rotary_tables(head_dim, int(positions.max()) + 1, self.cfg.rope_theta, tokens.device)
+            cos, sin = cos[positions], sin[positions]
         x = self.embed(tokens)
         latents: Latents = {}
         for block in self.layers:
-            x, latents = block(x, cos, sin, latents)
+            x, latents = block(x, cos, sin, latents, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return self.lm_head(self.norm(x))
 
 
@@ -213,7 +267,8 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -
 
 def _projection_shapes(cfg: ModelConfig):
     d, f = cfg.dim, cfg.ffn_dim
-    return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
+    kv = (cfg.n_kv_heads or cfg.n_heads) * (d // cfg.n_heads)
+    return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
 
 
 def count_parameters(cfg: ModelConfig) -> int:

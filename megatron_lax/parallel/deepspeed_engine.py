@@ -134,7 +134,7 @@ class DeepSpeedEngine(Engine):
 
         writer.save = save_or_remember
         try:
-            self.model.save_checkpoint(str(directory), tag=TAG)
+            self.model.save_checkpoint(str(directory), tag=TAG, exclude_frozen_parameters=self.trainable_only)
         finally:
             del writer.save  # the instance attribute; the class's method shows through again
         if failures:
@@ -150,7 +150,7 @@ class DeepSpeedEngine(Engine):
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         self.model._config.load_universal_checkpoint = tag == UNIVERSAL  # read at load time only
         try:
-            path, _ = self.model.load_checkpoint(str(directory), tag=tag, load_module_strict=True,
+            path, _ = self.model.load_checkpoint(str(directory), tag=tag, load_module_strict=not self.trainable_only,
                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
         finally:
             self.model._config.load_universal_checkpoint = False

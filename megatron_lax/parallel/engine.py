@@ -38,7 +38,17 @@ def autocast_context(precision: str, device: torch.device):
 
 class Engine:
     """Interface. `model` is what to call; `base_model` is the unwrapped model; `loss(outputs,
-    targets)` gives (summed loss, scored targets) for the model family (models.loss_function)."""
+    targets)` gives (summed loss, scored targets) for the model family (models.loss_function). With
+    `trainable_only` (fine-tuning a frozen base) checkpoints hold the trained parameters only."""
+
+    trainable_only = False
+
+    def saved_state(self) -> dict:
+        state = self.base_model.state_dict()
+        if not self.trainable_only:
+            return state
+        trained = {name for name, p in self.base_model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in state.items() if k in trained}
 
     model: nn.Module
     base_model: nn.Module
@@ -137,11 +147,12 @@ class LocalEngine(Engine):
     def save(self, directory):
         if not self.dist.is_main:
             return []
-        torch.save(self.base_model.state_dict(), directory / "model.pt")
+        torch.save(self.saved_state(), directory / "model.pt")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         return ["model.pt", "optimizer.pt"]
 
     def load(self, directory):
         device = self.dist.device
-        self.base_model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True))
+        self.base_model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True),
+                                        strict=not self.trainable_only)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -54,16 +54,20 @@ class FSDPEngine(Engine):
         self.set_lr(lr)
         return self.clipped_step(self.model.parameters())
 
+    def state_options(self) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+
     def save(self, directory):
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.state_options())
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR))
         return [p.name for p in (directory / DCP_DIR).iterdir()]
 
     def load(self, directory):
-        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        model_state, optim_state = get_state_dict(self.model, self.optimizer, options=self.state_options())
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.state_options())
 
 
 def consolidate(directory) -> dict:

@@ -44,3 +44,26 @@ def test_the_shipped_task_is_what_the_generator_writes(tmp_path_factory, name):
     if not (out / "test.json").is_file():
         make(out, 1500, 240, 6000, 0)
     assert (out / name).read_bytes() == (REPO / "data" / "arithmetic" / name).read_bytes()
+
+
+STUDY = dict(n_train=1200, n_test=200, n_documents=6000, seed=0, max_number=12, max_factor=6,
+             kinds=("add", "take_away", "compare", "multiply"), split="pairs")
+
+
+def pair(record: dict) -> tuple:
+    a, op, b, _ = EQUATION.findall(record["output"])[0]
+    return op, *sorted((int(a), int(b)))
+
+
+def test_the_pairs_split_keeps_every_test_operand_pair_out_of_training(tmp_path):
+    make(tmp_path, **STUDY)
+    import json
+    train, test = (json.loads((tmp_path / f"{side}.json").read_text()) for side in ("train", "test"))
+    assert len(train) == 1200 and len(test) == 200
+    assert not {pair(r) for r in train} & {pair(r) for r in test}
+    numbers = {n for r in train + test for n in operands(r)}
+    assert numbers <= set(range(2, 13)) and {pair(r)[0] for r in test} == {"+", "-", "x"}
+    for name in ("train.json", "test.json", "pretrain/arith-train.00000-of-00001.json.gz"):
+        assert (tmp_path / name).read_bytes() == (REPO / "data" / "arithmetic_study" / name).read_bytes()
+    with pytest.raises(ValueError, match="one-step kinds"):
+        make(tmp_path / "two", **{**STUDY, "kinds": ("add_three",)})

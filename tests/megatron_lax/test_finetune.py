@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def settings(base: Path, task: Path, run_dir: Path, **extra) -> dict[str, str]:
               "finetune.val_size": 8, "finetune.max_new_tokens": 8, "lora.rank": 4, "lora.alpha": 8,
               "train.global_batch": 8, "train.micro_batch": 4, "train.steps": 6, "optim.lr": 1e-2,
               "optim.warmup_steps": 1, "logging.run_dir": run_dir, "logging.log_every": 1, "logging.progress": "false",
-              "logging.tensorboard": "false", "logging.lax_stats_every": 0}
+              "logging.tensorboard": "false", "logging.lax_stats_every": 0,
+              "finetune.train_on_inputs": "false"}  # the response only: a clear signal in a few steps
     values.update({k.replace("__", "."): v for k, v in extra.items()})
     return {k: str(v) for k, v in values.items()}
 
@@ -96,8 +98,96 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(base, task, lora_run, t
     trainer(base, task, tmp_path, checkpoint__resume=lora_run / "checkpoints" / "step_00000003").fit()
     full, resumed = losses(lora_run), losses(tmp_path)
     assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == full[s] for s in resumed)
-    with pytest.raises(Exception, match="lora.rank: 4 -> 8"):
-        trainer(base, task, tmp_path / "other", lora__rank=8, checkpoint__resume=lora_run / "checkpoints" / "step_00000003").fit()
+    step3 = lora_run / "checkpoints" / "step_00000003"
+    for field, value, message in [("lora.rank", 8, "lora.rank: 4 -> 8"), ("lora.alpha", 16, "lora.alpha: 8.0 -> 16.0"),
+                                  ("lora.dropout", 0.1, "lora.dropout: 0.0 -> 0.1"),
+                                  ("finetune.train_on_inputs", "true", "finetune.train_on_inputs: False -> True")]:
+        with pytest.raises(Exception, match=message):
+            trainer(base, task, tmp_path / "other", **{field.replace(".", "__"): value},
+                    checkpoint__resume=step3).fit()
+    other_base = tmp_path / "other_base"
+    shutil.copytree(base, other_base)
+    with pytest.raises(Exception, match="finetune.base: "):
+        trainer(other_base, task, tmp_path / "other", checkpoint__resume=step3).fit()
+
+
+def test_full_finetuning_trains_every_weight_and_keep_best_keeps_the_lowest_validation_loss(base, task, tmp_path,
+                                                                                         monkeypatch):
+    import math
+
+    from megatron_lax.finetune import method_label, selected_checkpoint
+    scripted = iter([5.0, 3.0, 4.0, 3.5, 6.0, 7.0])  # validation losses of steps 1-6: the best is step 2's
+    original = Trainer.validate
+
+    def validate(self):
+        record = original(self)
+        record["val_loss"] = next(scripted)
+        record["val_ppl"] = math.exp(record["val_loss"])
+        self.best_val_ppl = min(getattr(self, "_ppls", [math.inf]) + [record["val_ppl"]])
+        self._ppls = getattr(self, "_ppls", []) + [record["val_ppl"]]
+        return record
+    monkeypatch.setattr(Trainer, "validate", validate)
+    run = trainer(base, task, tmp_path, finetune__full="true", train__eval_every=1, train__steps=6)
+    run.fit()
+    assert all(p.requires_grad for p in run.engine.base_model.parameters())
+    best = selected_checkpoint(tmp_path)
+    assert best == tmp_path / "best" / "step_00000002"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step_00000006"
+    model, cfg, _ = load_finetuned(best)
+    assert method_label(cfg) == "full fine-tuning" and not any(".adapter." in n for n, _ in model.named_parameters())
+    monkeypatch.undo()
+    no_best = trainer(base, task, tmp_path / "last", finetune__keep_best="false", train__steps=2)
+    no_best.fit()
+    assert selected_checkpoint(tmp_path / "last") == tmp_path / "last" and not (tmp_path / "last" / "best").exists()
+
+
+def test_bos_follows_the_base_s_own_convention(base, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from conftest import REPO
+    from megatron_lax.finetune import uses_bos
+    from tokenizer import load_tokenizer
+    ours = load_tokenizer(str(REPO / "tokenizer" / "sample"))
+    assert ours.bos_id >= 0 and not uses_bos("auto", str(base), ours)  # our pre-training never saw BOS
+    for adds, name in ((True, "llama"), (False, "no_bos")):
+        directory = tmp_path / name
+        transformers.LlamaTokenizer(vocab_file=str(REPO / "tokenizer" / "sample" / "tokenizer.model"),
+                                    add_bos_token=adds, legacy=True).save_pretrained(directory)
+        (directory / "config.json").write_text("{}")  # a Hugging Face model directory as far as base_kind sees
+        assert uses_bos("auto", str(directory), load_tokenizer(str(directory))) is adds
+    assert uses_bos("true", str(base), ours) and not uses_bos("false", str(tmp_path / "llama"), ours)
+
+
+def test_a_lora_checkpoint_holds_the_adapters_only_and_another_base_is_refused(prepared_sample, base, task,
+                                                                                 lora_run, tmp_path):
+    saved = torch.load(lora_run / "checkpoints" / "step_00000006" / "model.pt", weights_only=True)
+    assert saved and all(".adapter." in k for k in saved)  # no frozen weight in the checkpoint
+    model, _, _ = load_finetuned(lora_run)
+    assert sum(p.numel() for p in saved.values()) == 6144 < sum(p.numel() for p in model.parameters())
+    moved = tmp_path / "base"
+    shutil.copytree(base, moved)
+    run_dir = tmp_path / "run"
+    trainer(moved, task, run_dir, train__steps=2, checkpoint__every=1).fit()
+    shutil.rmtree(moved)
+    shutil.copytree(pretrained(prepared_sample, tmp_path / "other", **{"train.seed": 1}), moved)  # same path, other weights
+    with pytest.raises(Exception, match="is not the base this run was trained on"):
+        load_finetuned(run_dir)
+    with pytest.raises(Exception, match="is not the base this run was trained on"):
+        export_finetuned(run_dir, tmp_path / "export")
+    with pytest.raises(Exception, match="finetune.base_fingerprint"):
+        trainer(moved, task, tmp_path / "resumed", train__steps=2,
+                checkpoint__resume=run_dir / "checkpoints" / "step_00000001").fit()
+
+
+def test_under_bf16_training_the_frozen_projections_are_held_in_bf16(base, task, tmp_path):
+    run = trainer(base, task, tmp_path, train__precision="bf16-mixed", train__steps=2)
+    model = run.engine.base_model
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert dtypes["layers.0.attn.q.base.weight"] == dtypes["lm_head.weight"] == torch.bfloat16
+    assert dtypes["embed.weight"] == dtypes["norm.weight"] == dtypes["layers.0.attn_norm.weight"] == torch.float32
+    assert all(dtypes[n] == torch.float32 for n in dtypes if ".adapter." in n)
+    fp32 = trainer(base, task, tmp_path / "fp32", train__steps=2)
+    assert fp32.cfg.finetune.base_fingerprint == run.cfg.finetune.base_fingerprint  # one base, either dtype
+    assert run.fit()["val_loss"] == pytest.approx(fp32.fit()["val_loss"], rel=0.02)
 
 
 ENGINES = {"ddp": {"parallel__engine": "ddp"}, "fsdp": {"parallel__engine": "fsdp"},
@@ -108,7 +198,9 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
     lax = {"lora__lax_gate": "linear", "train__micro_batch": 2}
     single = tmp_path / "single"
     trainer(base, task, single, **lax).fit()
-    runs = [settings(base, task, tmp_path / name, **engine, **lax) for name, engine in ENGINES.items()]
+    runs = [settings(base, task, tmp_path / name, **engine, **lax, checkpoint__every=3) for name, engine in ENGINES.items()]
+    runs += [settings(base, task, tmp_path / f"{name}_resumed", **ENGINES[name], **lax,  # from adapters-only checkpoints
+                      checkpoint__resume=tmp_path / name / "checkpoints" / "step_00000003") for name in ("fsdp", "zero2")]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]  # DeepSpeed's ninja: see test_engines
@@ -122,8 +214,35 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
     one, _, _ = load_finetuned(single)
     with torch.no_grad():
         expected = one(TOKENS)
-        for name in ("fsdp", "zero2"):  # sharded checkpoints, consolidated (ZeRO-2's without the frozen base)
+        for name in ("fsdp", "zero2"):  # sharded checkpoints of the adapters only, consolidated, on their base
             torch.testing.assert_close(load_finetuned(tmp_path / name)[0](TOKENS), expected, rtol=1e-4, atol=1e-4)
+    from megatron_lax.checkpoint import resolve_checkpoint_dir
+    from megatron_lax.parallel import consolidated_state_dict
+    for name in ("fsdp", "zero2"):
+        saved = consolidated_state_dict(resolve_checkpoint_dir(tmp_path / name))
+        assert saved and all(".adapter." in k for k in saved), (name, [k for k in saved if ".adapter." not in k][:3])
+        resumed, full = losses(tmp_path / f"{name}_resumed"), losses(tmp_path / name)
+        assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == pytest.approx(full[s], rel=1e-6) for s in resumed)
+
+
+def test_a_hugging_face_base_loads_shard_by_shard_on_fsdp2_and_zero3_and_trains_as_on_one_process(base, task,
+                                                                                                   tmp_path):
+    pytest.importorskip("transformers")
+    hf = hf_export(base, tmp_path / "hf")
+    lax = {"lora__lax_gate": "linear", "train__micro_batch": 2}
+    trainer(hf, task, tmp_path / "single", **lax).fit()
+    engines = {"fsdp": {"parallel__engine": "fsdp"}, "zero3": {"parallel__engine": "deepspeed", "parallel__zero_stage": 3}}
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps([settings(hf, task, tmp_path / name, **engine, **lax) for name, engine in engines.items()]))
+    path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]
+    run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                 "--master_port", str(free_port()), str(RUNS_SCRIPT), str(spec)], env={"PATH": path})
+    reference = losses(tmp_path / "single")
+    for name in engines:  # built on meta (inside zero.Init for ZeRO-3), each tensor read once and sharded
+        got = losses(tmp_path / name)
+        assert sorted(got) == sorted(reference) and all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in got)
+        assert load_config(str(tmp_path / name / "config.yaml")).finetune.base_fingerprint == \
+            load_config(str(tmp_path / "single" / "config.yaml")).finetune.base_fingerprint
 
 
 # --- bases and bad input ------------------------------------------------------------------------------
@@ -131,6 +250,30 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
 def hf_export(base: Path, out: Path) -> Path:
     export(base, out)
     return out
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_hugging_face_base_built_on_meta_and_filled_tensor_by_tensor_equals_the_eager_load(base, task, tmp_path,
+                                                                                             full):
+    """What FSDP2 and ZeRO-3 fine-tunes get from finetune_recipe (here on one process, unsharded)."""
+    from megatron_lax.lora import apply_lora
+    from megatron_lax.model_io import base_fingerprint, finetune_recipe
+    from megatron_lax.parallel import materialize
+    hf = hf_export(base, tmp_path / "hf")
+    cfg = load_config(None, settings(hf, task, tmp_path / "run", lora__lax_gate="linear", finetune__full=full))
+    model_cfg, recipe = finetune_recipe(cfg)
+    with torch.device("meta"):
+        model = recipe.build()
+    assert all(p.is_meta for p in model.parameters())
+    materialize(model, recipe.initialize, torch.device("cpu"))
+    eager = load_base(str(hf))
+    assert cfg.finetune.base_fingerprint == base_fingerprint(eager.named_parameters())
+    if not full:
+        eager = apply_lora(eager, cfg.lora, seed=cfg.train.seed)
+    assert model_cfg == eager.cfg and model.state_dict().keys() == eager.state_dict().keys()
+    assert all(torch.equal(v, eager.state_dict()[k]) for k, v in model.state_dict().items())
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        [n for n, p in eager.named_parameters() if p.requires_grad]
 
 
 def test_bases_of_every_kind_load_as_the_same_dense_model(prepared_sample, base, tmp_path):
@@ -172,8 +315,8 @@ def test_bad_bases_and_adapters_that_do_not_fit_fail_in_one_line(prepared_sample
         capsys, settings(base, task, tmp_path / "c", lora__rank=100))
     gqa = hf_export(base, tmp_path / "gqa")
     config = json.loads((gqa / "config.json").read_text())
-    (gqa / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 1}))
-    assert "grouped-query attention (num_key_value_heads 1 != num_attention_heads 2)" in one_line_error(
+    (gqa / "config.json").write_text(json.dumps({**config, "num_attention_heads": 4, "num_key_value_heads": 3}))
+    assert "num_key_value_heads 3 does not divide num_attention_heads 4" in one_line_error(
         capsys, settings(gqa, task, tmp_path / "d"))
     (gqa / "config.json").write_text(json.dumps({**config, "rope_scaling": {"type": "linear", "factor": 2.0}}))
     assert "rope_scaling" in one_line_error(capsys, settings(gqa, task, tmp_path / "e"))
@@ -239,7 +382,8 @@ def test_evaluate_command_writes_accuracy_for_a_run_and_for_its_base(lora_run, b
     report = json.loads(out.read_text())
     assert report["method"] == "LoRA" and report["trainable"] == 6144 and report["seed"] == 0
     test, = report["files"]
-    assert test["n"] == 10 and 0 <= test["accuracy"] <= 1 and len(test["examples"]) == 5
+    assert test["n"] == 10 and 0 <= test["accuracy"] <= 1 and len(test["examples"]) == 10
+    assert report["bos"] is False and test["num_beams"] == 4  # our base: no BOS; LLM-Adapters' 4 beams
     assert finetune_eval.main(["evaluate", "--base", str(base), "--test", str(task / "test.json"), "--output",
                                str(tmp_path / "base.json")]) == 0
     assert json.loads((tmp_path / "base.json").read_text())["method"] == "base"

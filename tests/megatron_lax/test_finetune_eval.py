@@ -1,26 +1,12 @@
-"""Evaluation of fine-tuned models: batched greedy decoding equals one-at-a-time decoding, answers
-are extracted as LLM-Adapters does, and results become a Table 7/8-style comparison."""
+"""Evaluation of fine-tuned models: answers are extracted as LLM-Adapters does, and results become a
+Table 7/8-style comparison. (Decoding: test_generation.py; LLM-Adapters' files: test_llm_adapters_files.py.)"""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
 from megatron_lax import finetune_eval
-from megatron_lax.config import ModelConfig
-from megatron_lax.generate import generate
-from megatron_lax.models.llama import LlamaLax
-
-
-def test_batched_greedy_decoding_equals_decoding_each_prompt_alone():
-    model = LlamaLax(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=48, vocab_size=40), init_seed=0).eval()
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1)]
-    eos = generate(model, prompts[1], 3, greedy=True)[2]  # so that some sequences stop early, others not
-    batched = finetune_eval.greedy_batch(model, prompts, max_new_tokens=6, eos_id=eos, pad_id=0)
-    alone = [[t for t in generate(model, p, 6, greedy=True, eos_id=eos) if t != eos] for p in prompts]
-    assert batched == alone and len(batched[1]) == 2 and max(map(len, batched)) == 6
 
 
 @pytest.mark.parametrize("response,answer,correct", [
@@ -32,16 +18,20 @@ def test_batched_greedy_decoding_equals_decoding_each_prompt_alone():
     ("no number here", "5", False),
 ])
 def test_arithmetic_answers_are_the_last_number_within_1e3(response, answer, correct):
-    assert finetune_eval.grader([answer, "7"])(response, answer) is correct
+    check, _ = finetune_eval.graders("data/gsm8k/test.json", [{"instruction": "q", "answer": answer},
+                                                               {"instruction": "q", "answer": "7"}])
+    assert check(response) is correct
 
 
-def test_multiple_choice_answers_are_the_first_label_named():
-    correct = finetune_eval.grader(["option1", "option2", "option2"])
-    assert correct("the correct answer is option2", "option2")
-    assert not correct("option1, or perhaps option2", "option2")
-    assert not correct("options are hard", "option1")
-    letters = finetune_eval.grader(["A", "C", "E"])
-    assert letters("The answer is (C). Because ...", "C") and not letters("Answer: E", "C")
+def test_multiple_choice_answers_are_the_first_option_named():
+    records = [{"instruction": "Pick one.\n\nAnswer format: option1/option2", "answer": a}
+               for a in ("option1", "option2", "option2")]
+    _, correct, _ = finetune_eval.graders("dataset/winogrande/test.json", records)
+    assert correct("the correct answer is option2")
+    assert not correct("option1, or perhaps option2")
+    assert not correct("options are hard")
+    letters = finetune_eval.graders("dataset/AQuA/test.json", [{"instruction": "q", "answer": "C"}])[0]
+    assert letters("The answer is (C). Because ...") and not letters("Answer: E")
 
 
 def result(method: str, accuracies: list[float], trainable: int = 5) -> dict:

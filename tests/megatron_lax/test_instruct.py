@@ -52,10 +52,10 @@ def tok():
 def test_only_the_response_and_eos_are_scored_and_the_cut_off_holds(tok):
     skipped = Counter()
     long = {**GOOD, "instruction": "many words " * 40}
-    short, = instruct.tokenize([GOOD], tok, 256, skipped)
+    short, = instruct.tokenize([GOOD], tok, 256, skipped, train_on_inputs=False)
     prompt_ids, response_ids = tok.encode(instruct.prompt(GOOD)), tok.encode(GOOD["output"])
     assert short.ids.tolist() == prompt_ids + response_ids + [tok.eos_id] and short.n_prompt == len(prompt_ids)
-    cut, = instruct.tokenize([GOOD], tok, len(prompt_ids) + 3, skipped)
+    cut, = instruct.tokenize([GOOD], tok, len(prompt_ids) + 3, skipped, train_on_inputs=False)
     assert cut.ids.tolist() == prompt_ids + response_ids[:3]  # cut before the EOS, as LLM-Adapters does
     assert instruct.tokenize([long], tok, 64, skipped) == [] and skipped == Counter(prompt_too_long=1)
 
@@ -66,6 +66,18 @@ def test_only_the_response_and_eos_are_scored_and_the_cut_off_holds(tok):
     assert inputs[0].tolist() == short.ids[:-1].tolist()
     assert targets[1][targets[1] != instruct.IGNORE].tolist() == response_ids[:3]
     assert (inputs[1, len(cut.ids) - 1:] == 0).all()  # right padding, not scored
+
+
+def test_train_on_inputs_scores_the_prompt_too_and_bos_leads_when_asked(tok):
+    prompt_ids, response_ids = tok.encode(instruct.prompt(GOOD)), tok.encode(GOOD["output"])
+    plain, = instruct.tokenize([GOOD], tok, 256, Counter())  # LLM-Adapters' default: train_on_inputs
+    assert plain.n_prompt == 1 and plain.ids.tolist() == prompt_ids + response_ids + [tok.eos_id]
+    _, targets = instruct.collate([plain], pad_id=0)
+    assert targets[0].tolist() == plain.ids[1:].tolist()  # every token after the first
+    with_bos, = instruct.tokenize([GOOD], tok, 256, Counter(), train_on_inputs=False, bos=True)
+    assert with_bos.ids.tolist() == [tok.bos_id] + prompt_ids + response_ids + [tok.eos_id]
+    assert with_bos.n_prompt == 1 + len(prompt_ids)
+    assert instruct.prompt_ids([GOOD], tok, bos=True) == [[tok.bos_id] + prompt_ids]
 
 
 def examples(n: int) -> list[instruct.Example]:

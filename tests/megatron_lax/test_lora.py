@@ -114,3 +114,19 @@ def test_adapters_that_do_not_fit_the_base_are_refused():
     svd = LlamaLax(ModelConfig(dim=32, n_layers=2, n_heads=2, ffn_dim=48, vocab_size=64, method="svd", rank=4))
     with pytest.raises(ValueError, match="needs plain linear projections"):
         apply_lora(svd, LoraConfig(rank=4))
+
+
+def test_at_rank_1_the_layernorm_of_lax_makes_each_crossed_adapter_a_constant():
+    """What the study's rank-1 cells run into: a LayerNorm over one feature outputs its bias, so every
+    gate and latent gives the same adapter (block 0, which does not cross, stays LoRA)."""
+    outputs = {}
+    for norm in (True, False):
+        base = LlamaLax(SHAPE, init_seed=1)
+        model = apply_lora(base, LoraConfig(rank=1, alpha=2, lax_gate="linear", lax_norm=norm), seed=3)
+        randomise_adapters(model)
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1))
+        z0 = model.layers[0].attn.q.adapter(x)[1]
+        _, z1 = model.layers[1].attn.q.adapter(x, z0)
+        outputs[norm] = z1
+    assert torch.allclose(outputs[True], outputs[True][0, 0].expand_as(outputs[True]))  # the LayerNorm's bias
+    assert outputs[False].std() > 0.1  # without it, the latent depends on the input
