@@ -1,17 +1,28 @@
 """A comparison the way a paper makes one: every variant at its own swept learning rate, several seeds,
-mean and spread.
+mean and spread, and no reported number that took part in a choice.
 
     python -m megatron_lax.reproduce --plan configs/reproduce_small.yaml [--variants a,b] [--out DIR]
-        [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]     (a cheaper protocol; use another --out)
+        [--quick] [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]
 
 The plan (YAML) holds `config` (a base config: `preset:` and sections, as a config file), `lrs` (the
-grid every variant is swept over), `rungs`/`eta` (see megatron_lax.sweep), `seeds`, `variants`
+grid every variant is swept over: a list, or a mapping of variant names, and `default`, to lists),
+`rungs`/`eta`/`finalists`/`plateau` (see megatron_lax.sweep), `seeds`, `report`, `metric`, `variants`
 ({name: {section: {key: value}}, each with an optional `base:` naming the variant it is compared
-with}) and `default_variants` (what runs without --variants). For each variant: a successive-halving
-sweep on the first seed (megatron_lax.sweep), whose best run is that seed's run, then the other seeds
-at the best learning rate (seed = train.seed and data.seed). Results go to OUT/results.json and
-OUT/results.md; runs live under OUT/runs/, named by a digest of the variant's resolved settings, so
-variants (of this plan or another) that resolve to the same settings share their finished runs.
+with}), `default_variants` (what runs without --variants) and `quick` (a mapping of the same keys that
+--quick puts over the plan: a cheaper protocol, written to OUT_quick unless --out says otherwise).
+
+For each variant: a sweep on the first seed (megatron_lax.sweep: successive halving, at least two
+rates trained to the end, the choice made on the selection slice `train.select_tokens`, never on the
+reported validation tokens), then the other seeds at the chosen rate (seed = train.seed and
+data.seed). `report: fresh` (the default) reports only the seeds that took no part in the choice; the
+sweep seed's figure is kept beside them (`sweep_seed`). `report: all` averages the sweep seed in too
+(its reported tokens took no part in the choice, but its seed's luck did). `metric` is the
+summary field reported (default `val_ppl`, lower is better). A seed whose selection loss ends
+within `plateau` nats of the context-free baseline counts as stalled; the table gives the count.
+
+Results go to OUT/results.json and OUT/results.md; runs live under OUT/runs/, named by a digest of the
+variant's resolved settings, so variants (of this plan or another, quick or not) that resolve to the
+same settings share their finished runs.
 """
 from __future__ import annotations
 
@@ -31,7 +42,7 @@ from .config import Config, ConfigError, PRESETS, apply_dict, validate
 from .models.llama import count_parameters
 
 
-def load_plan(path: Path) -> dict:
+def load_plan(path: Path, quick: bool = False) -> dict:
     try:
         plan = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -39,7 +50,26 @@ def load_plan(path: Path) -> dict:
     for key in ("config", "lrs", "seeds", "variants"):
         if not isinstance(plan, dict) or key not in plan:
             raise ConfigError(f"plan {path}: missing `{key}`")
+    if plan.get("report", "fresh") not in ("fresh", "all"):
+        raise ConfigError(f"plan {path}: `report` must be fresh or all, not {plan['report']!r}")
+    if quick:
+        if not isinstance(plan.get("quick"), dict):
+            raise ConfigError(f"plan {path}: --quick needs a `quick:` mapping in the plan")
+        overrides = dict(plan["quick"])
+        if "variants" in overrides:
+            overrides["default_variants"] = overrides.pop("variants")
+        plan = {**plan, **overrides, "out": overrides.get("out", str(plan.get("out", "runs/reproduce")) + "_quick")}
     return plan
+
+
+def grid(plan: dict, name: str) -> list[float]:
+    """The learning rates a variant is swept over: the plan's list, or its entry in a mapping."""
+    lrs = plan["lrs"]
+    if isinstance(lrs, dict):
+        lrs = lrs.get(name, lrs.get("default"))
+        if lrs is None:
+            raise ConfigError(f"the plan's `lrs` has no grid for {name!r} and no `default`")
+    return sorted(float(v) for v in lrs)
 
 
 def variant_config(plan: dict, name: str) -> Config:
@@ -83,8 +113,16 @@ def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     return summary
 
 
+def stalled(summary: dict, plateau: float) -> bool:
+    """The run ended stuck at the plateau: its selection loss no better than the context-free
+    baseline's by `plateau` nats (False when the run has no selection slice)."""
+    loss, chance = summary.get("select_loss"), summary.get("select_chance_loss")
+    return loss is not None and chance is not None and loss > chance - plateau
+
+
 def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
     from .sweep import successive_halving
+    from .train import FINISHED
 
     cfg = variant_config(plan, name)
     m = cfg.model
@@ -92,27 +130,23 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
     first, *others = plan["seeds"]
     swept = copy.deepcopy(cfg)
     swept.train.seed = swept.data.seed = first
-    sweep = successive_halving(swept, [float(v) for v in plan["lrs"]], root / "sweep", plan.get("rungs", 3),
-                               plan.get("eta", 2), log)
-    best = Path(sweep["best_run"])
-    ppl = {first: _last_logged(best, "val_ppl")}
+    plateau, metric = plan.get("plateau", 0.1), plan.get("metric", "val_ppl")
+    sweep = successive_halving(swept, grid(plan, name), root / "sweep", plan.get("rungs", 3), plan.get("eta", 2),
+                               log, plan.get("finalists", 2), plateau)
+    summaries = {first: json.loads((Path(sweep["best_run"]) / FINISHED).read_text())}
     for seed in others:
-        ppl[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")["val_ppl"]
-        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: val ppl {ppl[seed]:.2f}")
-    values = list(ppl.values())
+        summaries[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")
+        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: {metric} {summaries[seed][metric]:.4g}")
+    reported = [s for s in summaries if plan.get("report", "fresh") == "all" or s != first] or [first]
+    values = [summaries[s][metric] for s in reported]
     cfg.model.vocab_size = cfg.model.vocab_size or _vocab(root)
-    return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"],
-            "val_ppl": {str(k): v for k, v in ppl.items()}, "mean": statistics.fmean(values),
+    return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"], "metric": metric,
+            "values": {str(s): summaries[s][metric] for s in reported}, "sweep_seed": first,
+            "sweep_seed_value": summaries[first][metric], "sweep_seed_reported": first in reported,
+            "stalled": sum(stalled(summaries[s], plateau) for s in reported), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
-            "unigram_ppl": _last_logged(best, "unigram_ppl")}
-
-
-def _last_logged(run_dir: Path, key: str) -> float:
-    """The last value of `key` in the run's metrics.jsonl (NaN if it was never logged)."""
-    from .compare import read_records
-    found = [r[key] for r in read_records(run_dir / "metrics.jsonl")[0] if key in r]
-    return found[-1] if found else math.nan
+            "unigram_ppl": summaries[first].get("unigram_ppl", math.nan)}
 
 
 def _vocab(root: Path) -> int:
@@ -122,15 +156,18 @@ def _vocab(root: Path) -> int:
 
 def results_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    lines = ["| variant | LR | val PPL, mean ± std | min - max | vs base (mean) | params (M) |",
-             "|---|---|---|---|---|---|"]
+    metric = results[0]["metric"] if results else "val_ppl"
+    lines = [f"| variant | LR | {metric}, mean ± std | min - max | stalled | vs base (mean) | sweep seed | params (M) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        n = len(r["val_ppl"])
+        n = len(r["values"])
         base = by_name.get(r["base"]) if r["base"] else None
         delta = f"{r['mean'] - base['mean']:+.2f} ({100 * (r['mean'] / base['mean'] - 1):+.1f}%) vs {base['variant']}" \
             if base else "-"
+        sweep_seed = f"{r['sweep_seed_value']:.2f}" + (" (in the mean)" if r["sweep_seed_reported"] else "")
         lines.append(f"| {r['variant']} | {r['lr']:g} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
-                     f"{r['min']:.2f} - {r['max']:.2f} | {delta} | {r['params'] / 1e6:.3f} |")
+                     f"{r['min']:.2f} - {r['max']:.2f} | {r['stalled']}/{n} | {delta} | {sweep_seed} | "
+                     f"{r['params'] / 1e6:.3f} |")
     unigram = next((r["unigram_ppl"] for r in results if math.isfinite(r.get("unigram_ppl", math.nan))), None)
     if unigram:
         lines.append(f"\nUnigram baseline on the same validation tokens: {unigram:.2f}.")
@@ -146,10 +183,12 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", help="comma-separated learning rates, replacing the plan's grid")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the plan's")
     parser.add_argument("--eta", type=int, help="replaces the plan's eta")
+    parser.add_argument("--quick", action="store_true",
+                        help="the plan's cheaper `quick` protocol (what it gives up: docs/RESULTS.md)")
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        plan = load_plan(args.plan)
+        plan = load_plan(args.plan, args.quick)
         if args.lrs:
             plan["lrs"] = [float(v) for v in args.lrs.split(",")]
         if args.seeds:
