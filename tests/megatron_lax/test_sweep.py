@@ -181,3 +181,17 @@ def test_quickstart_trains_the_reproductions_svd_lax_run():
     quickstart["optim"]["lr"] = plan["optim"]["lr"]  # the swept rate (docs/RESULTS.md)
     for section in ("model", "optim", "data", "train", "parallel"):
         assert quickstart[section] == plan[section], section
+
+
+def test_the_shipped_plan_chooses_on_a_selection_slice_and_its_quick_protocol_trains_two_rates_to_the_end():
+    from conftest import REPO
+    from megatron_lax.reproduce import grid, load_plan, variant_config
+    plan = load_plan(REPO / "configs/reproduce_small.yaml")
+    for name in plan["variants"]:
+        cfg = variant_config(plan, name)  # every study variant resolves
+        assert cfg.train.select_tokens > 0 and cfg.train.eval_tokens > 0
+    assert plan["finalists"] >= 2 and plan["report"] == "fresh" and len(plan["seeds"]) >= 4
+    quick = load_plan(REPO / "configs/reproduce_small.yaml", quick=True)
+    assert quick["rungs"] == 1 and quick["out"] != plan["out"]
+    for name in quick["default_variants"]:
+        assert len(grid(quick, name)) >= 2  # both trained to the end: rungs 1
