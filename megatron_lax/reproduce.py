@@ -2,7 +2,7 @@
 mean and spread, and no reported number that took part in a choice.
 
     python -m megatron_lax.reproduce --plan configs/reproduce_small.yaml [--variants a,b] [--out DIR]
-        [--quick] [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]
+        [--quick] [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4] [--report fresh|all]
 
 The plan (YAML) holds `config` (a base config: `preset:` and sections, as a config file), `lrs` (the
 grid every variant is swept over: a list, or a mapping of variant names, and `default`, to lists),
@@ -183,6 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", help="comma-separated learning rates, replacing the plan's grid")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the plan's")
     parser.add_argument("--eta", type=int, help="replaces the plan's eta")
+    parser.add_argument("--report", choices=("fresh", "all"), help="replaces the plan's report")
     parser.add_argument("--quick", action="store_true",
                         help="the plan's cheaper `quick` protocol (what it gives up: docs/RESULTS.md)")
     args = parser.parse_args(argv)
@@ -195,6 +196,8 @@ def main(argv=None) -> int:
             plan["seeds"] = [int(v) for v in args.seeds.split(",")]
         if args.eta:
             plan["eta"] = args.eta
+        if args.report:
+            plan["report"] = args.report
         names = args.variants.split(",") if args.variants else plan.get("default_variants", list(plan["variants"]))
         out = args.out or Path(plan.get("out", "runs/reproduce"))
         out.mkdir(parents=True, exist_ok=True)

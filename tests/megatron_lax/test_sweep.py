@@ -160,6 +160,9 @@ def test_reproduce_reports_mean_and_spread_and_shares_equal_runs(prepared_sample
     quick = json.loads((tmp_path / "out" / "results-svd.json").read_text())[0]
     assert sorted(quick["values"]) == ["0", "1"] and quick["sweep_seed_reported"]
     assert quick["values"]["1"] == results["svd"]["values"]["1"]
+    assert main(["--plan", str(tmp_path / "plan.yaml"), "--quick", "--out", str(tmp_path / "out"),
+                 "--variants", "svd", "--report", "fresh"]) == 0
+    assert list(json.loads((tmp_path / "out" / "results-svd.json").read_text())[0]["values"]) == ["1"]
 
 
 def test_run_key_ignores_what_does_not_shape_a_pretraining_run():
