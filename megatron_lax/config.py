@@ -59,6 +59,8 @@ class ModelConfig:
     lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
     lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias)
     flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
+    only_latent_act: bool = False  # cola: the MLP drops its own activation; the latent one is the only one (CoLA's only_lr_act)
+    residual_scale: bool = False  # init std of the residual branches' last layer (o, down; low-rank: B) / sqrt(2 n_layers), as GPT-2
     # --- vit only ---
     image_size: int = 224
     patch_size: int = 16
@@ -154,7 +156,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
-    stop_if_diverged: bool = False  # stop once the loss is non-finite or above its starting value (LR sweeps)
+    stop_if_diverged: bool = False  # stop once the loss is non-finite or spikes (train.divergence_spike; LR sweeps)
+    divergence_spike: float = 1.0  # nats the smoothed training loss may rise above its running best before a run counts as diverged
+    select_tokens: int = 0  # a selection slice of the validation split, after the reported eval tokens (sweep choices; never reported)
     stop_after: int = 0  # pause after this step (validate, checkpoint, exit); the schedule keeps train.steps
 
 
@@ -385,6 +389,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lax_gate_init {m.lax_gate_init!r} is unknown (identity or small)")
     if m.lax_gate_init == "small" and m.lax_gate != "dense":
         raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
+    if m.only_latent_act and m.method != "cola":
+        raise ConfigError(f"model.only_latent_act drops the MLP's activation in favour of CoLA's latent one; it needs "
+                          f"model.method cola, not {m.method!r}")
     if m.method == "dense" and m.uses_lax:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
     if m.arch not in ARCHS:

@@ -366,26 +366,32 @@ class TrainLoader:
 
 # --- validation ------------------------------------------------------------------------------------
 
-def validation_sequence_ids(sequences: Sequences, n_tokens: int) -> list[int]:
-    """The first sequences of the validation split holding n_tokens scored tokens (at least one)."""
+def validation_sequence_ids(sequences: Sequences, n_tokens: int, after_tokens: int = 0) -> list[int]:
+    """The first sequences of the validation split holding n_tokens scored tokens (at least one).
+    after_tokens > 0: the sequences that follow the first after_tokens' worth instead (the selection
+    slice, disjoint from the reported ones); an error if the split runs out before n_tokens."""
+    skip = len(validation_sequence_ids(sequences, after_tokens)) if after_tokens else 0
     ids, scored = [], 0
-    for i in range(len(sequences)):
+    for i in range(skip, len(sequences)):
         if scored >= n_tokens:
             break
         ids.append(i)
         scored += sequences.scored_tokens(i)
+    if after_tokens and scored < n_tokens:
+        raise ValueError(f"the validation split holds only {scored:,} scored tokens after the first "
+                         f"{after_tokens:,} (reported) ones, fewer than train.select_tokens {n_tokens:,}")
     return ids
 
 
 def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode: str, rank: int = 0,
-                       world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       world_size: int = 1, after_tokens: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """This rank's share (round-robin) of the fixed validation set: the same sequences for every
     run, batch size and number of ranks. Every rank gets as many batches as rank 0: sharded engines
     (FSDP2, ZeRO-3) gather parameters inside each forward, so a rank with one batch fewer would leave
     the others waiting forever. The extra batches are fully masked (pad inputs, no scored target),
     so they add nothing to the NLL or the token count."""
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
-    ids = validation_sequence_ids(sequences, n_tokens)
+    ids = validation_sequence_ids(sequences, n_tokens, after_tokens)
     mine = ids[rank::world_size]
     batches = [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
     most = math.ceil(len(ids[0::world_size]) / micro_batch)
@@ -439,10 +445,12 @@ def resolve_steps(train_cfg, model_cfg, seq_len: int, available_tokens: int, n_p
 
 # --- the unigram baseline ---------------------------------------------------------------------------
 
-def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_tokens: int = 50_000_000) -> float:
-    """The perplexity on the fixed validation set of a model that ignores context: each token's
-    frequency in (the first max_train_tokens of) the train split, add-one smoothed over the
-    tokenizer's vocabulary. A trained model should end far below it."""
+def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_tokens: int = 50_000_000,
+                       after_tokens: int = 0) -> float:
+    """The perplexity on the fixed validation set (or, with after_tokens, on the selection slice that
+    follows it) of a model that ignores context: each token's frequency in (the first
+    max_train_tokens of) the train split, add-one smoothed over the tokenizer's vocabulary. A trained
+    model should end far below it."""
     train = Split(path, "train")
     vocab = read_manifest(path)["tokenizer"]["vocab_size"]
     counts = np.zeros(vocab, dtype=np.float64)
@@ -452,7 +460,7 @@ def unigram_perplexity(path, seq_len: int, mode: str, n_tokens: int, max_train_t
     log_prob = np.log((counts + 1.0) / (counts.sum() + vocab))
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
     nll, scored = 0.0, 0
-    for i in validation_sequence_ids(sequences, n_tokens):
+    for i in validation_sequence_ids(sequences, n_tokens, after_tokens):
         targets = sequences[i][1]
         targets = targets[targets != IGNORE]
         nll -= float(log_prob[targets].sum())

@@ -5,10 +5,11 @@ script (which those launchers run on every rank); the Python side calls `main(sc
 with the recipe's settings followed by the user's own arguments, so anything can be overridden.
 The ViT scripts (pretrain_vit_b.sh, pretrain_vit_l.sh) follow Tables 9-10 the same way.
 Environment: METHOD (svd | cola | dense, and tt for the ViTs; default cola), GATE (identity | none |
-linear | dense | tensor; default identity, tensor for the ViTs), ENGINE (deepspeed | fsdp | ddp | single; default deepspeed), ZERO_STAGE
-(default 1), DATA (prepared shards, default data/prepared/c4; for the ViTs an ImageNet root with train/ and val/
-class folders, default data/imagenet), TOKENIZER (the one DATA was prepared
-with, default t5-base: a hub name or a local copy), RUN_DIR.
+linear | dense | tensor; default identity, tensor for the ViTs), ENGINE (deepspeed | fsdp | ddp | single;
+default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; for the ViTs
+an ImageNet root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was
+prepared with, default t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
+recipes, bf16-mixed for the ViTs), RUN_DIR.
 """
 from __future__ import annotations
 
@@ -22,18 +23,27 @@ SCALES = {  # preset, rank, peak LR by (method, with LaX)
     "1b": ("llama_1b", 512, {("svd", False): 8e-4, ("svd", True): 3e-3, ("cola", False): 2e-3, ("cola", True): 1e-2}),
 }
 FULL_RANK_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 1e-3}  # GaLore's full-rank baselines
+# CoLA's MLP per scale, as CoLA's configs build it: its 60M and 130M configs keep the SwiGLU's own SiLU
+# (only_lr_act false); 350M and 1B leave only_lr_act at its default, true (model.only_latent_act).
+COLA_ONLY_LATENT_ACT = {"60m": False, "130m": False, "350m": True, "1b": True}
+# Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
+# trains; PRECISION=bf16-mixed keeps fp32 master weights and optimizer states instead (docs/METHOD.md).
+RECIPE_PRECISION = "bf16-pure"
 
 
 def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
-           tokenizer: str = "t5-base") -> list[str]:
+           tokenizer: str = "t5-base", precision: str = RECIPE_PRECISION) -> list[str]:
     """Table 14: the preset's steps (10k/20k/60k/100k) and warmup (2k/4k/12k/20k), the per-variant peak
     LR, 512 x 256 tokens a step (`token_budget paper` is exactly steps x 512 x 256), AdamW with weight
     decay 0.01, clipping 0.5, cosine to 10% of the peak, one document per sequence (`data.mode paper`,
-    the GaLore/CoLA protocol, so perplexities compare with Table 5), the CoLA reference init."""
+    the GaLore/CoLA protocol, so perplexities compare with Table 5), the CoLA reference init, CoLA's MLP
+    as CoLA's config for the scale builds it, and the precision pinned (pure bf16 unless told)."""
     preset, rank, lrs = SCALES[scale]
     lr = FULL_RANK_LR[scale] if method == "dense" else lrs[(method, gate != "none")]
+    only_latent_act = method == "cola" and COLA_ONLY_LATENT_ACT[scale]
     return ["--config", preset, "--model.method", method, "--model.rank", str(rank), "--model.lax_gate", gate,
             "--model.lowrank_init", "cola",  # the CoLA reference init, which the paper's numbers come from
+            "--model.only_latent_act", str(only_latent_act).lower(), "--train.precision", precision,
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
             "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer,
@@ -63,7 +73,11 @@ def vit_variant(scale: str, method: str, gate: str) -> dict:
     return overrides
 
 
-def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str) -> list[str]:
+VIT_PRECISION = "bf16-mixed"  # autocast over fp32 master weights, as timm/DeiT train ViTs
+
+
+def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
+               precision: str = VIT_PRECISION) -> list[str]:
     """Tables 9-10: 300 epochs, cosine, 10 warmup epochs, base LR 3e-3 full rank and 1e-3 low rank,
     weight decay 0.3, dropout 0.1; LaX with the tensor gate between blocks on q, k, v, o, fc1, fc2
     (Tables 11-12, and the official configs, which also cross o), plus intra-layer LaX on the
@@ -76,7 +90,7 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
             "--optim.lr", str(VIT_LR[method]), "--optim.weight_decay", "0.3", "--optim.warmup_epochs", "10",
             "--optim.min_lr_ratio", "0.0", "--optim.beta1", "0.9", "--optim.beta2", "0.999", "--optim.grad_clip",
             "1.0", "--train.epochs", "300", "--train.global_batch", "4096", "--train.micro_batch", "128",
-            "--train.precision", "bf16-mixed", "--data.path", data, "--data.loader_workers", "8",
+            "--train.precision", precision, "--data.path", data, "--data.loader_workers", "8",
             "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
             "--checkpoint.every", str(VIT_EPOCH_STEPS), "--checkpoint.resume", "auto",
             "--train.eval_every", str(VIT_EPOCH_STEPS)]
@@ -107,10 +121,11 @@ def main(scale: str) -> None:
     run_dir = os.environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")
     zero_stage = os.environ.get("ZERO_STAGE", "1")
     if vit:
-        args = vit_recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/imagenet"), run_dir)
+        args = vit_recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/imagenet"), run_dir,
+                          os.environ.get("PRECISION", VIT_PRECISION))
     else:
         args = recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/prepared/c4"), run_dir,
-                      os.environ.get("TOKENIZER", "t5-base"))
+                      os.environ.get("TOKENIZER", "t5-base"), os.environ.get("PRECISION", RECIPE_PRECISION))
     args += user_arguments(sys.argv[1:])
     from .parallel.distributed import end_process
     from .train import main as train_main

@@ -1,18 +1,32 @@
 """A comparison the way a paper makes one: every variant at its own swept learning rate, several seeds,
-mean and spread.
+mean and spread, and no reported number that took part in a choice.
 
     python -m megatron_lax.reproduce --plan configs/reproduce_small.yaml [--variants a,b] [--out DIR]
-        [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4]     (a cheaper protocol; use another --out)
+        [--quick] [--lrs 1e-3,2e-3] [--seeds 0,1] [--eta 4] [--report fresh|all]
 
 The plan (YAML) holds `config` (a base config: `preset:` and sections, as a config file), `lrs` (the
-grid every variant is swept over; `extend_edges: N` grows it by a factor of 2 past whichever edge wins,
-up to N times, since a winner at the edge was not compared with the rate beyond it), `rungs`/`eta` (see megatron_lax.sweep), `seeds`, `variants`
+grid every variant is swept over: a list, or a mapping of variant names, and `default`, to lists),
+`rungs`/`eta`/`finalists`/`plateau` (see megatron_lax.sweep), `seeds`, `report`, `metric`, `variants`
 ({name: {section: {key: value}}, each with an optional `base:` naming the variant it is compared
-with}) and `default_variants` (what runs without --variants). For each variant: a successive-halving
-sweep on the first seed (megatron_lax.sweep), whose best run is that seed's run, then the other seeds
-at the best learning rate (seed = train.seed and data.seed). Results go to OUT/results.json and
-OUT/results.md; runs live under OUT/runs/, named by a digest of the variant's resolved settings, so
-variants (of this plan or another) that resolve to the same settings share their finished runs.
+with}), `default_variants` (what runs without --variants) and `quick` (a mapping of the same keys that
+--quick puts over the plan: a cheaper protocol, written to OUT_quick unless --out says otherwise).
+
+For each variant: a sweep on the first seed (megatron_lax.sweep: successive halving, at least two
+rates trained to the end, the choice made on the selection slice `train.select_tokens`, never on the
+reported validation tokens), then the other seeds at the chosen rate (seed = train.seed and
+data.seed). `report: fresh` (the default) reports only the seeds that took no part in the choice; the
+sweep seed's figure is kept beside them (`sweep_seed`). `report: all` averages the sweep seed in too
+(its reported tokens took no part in the choice, but its seed's luck did). `metric` is the
+summary field reported (default `val_ppl`, lower is better; `val_acc1` for a ViT, higher is better).
+`select` (overrides, e.g. {data: {eval_split: holdout}}) is put over the sweep's runs only: a ViT's
+rates are then chosen on held-out training images while the reported seeds score the test images.
+`extend_edges: N` grows a variant's grid by a factor of 2 past whichever edge wins, up to N times (a
+winner at the edge was never compared with the rate beyond it); a choice still at the edge is marked. A seed whose selection loss ends
+within `plateau` nats of the context-free baseline counts as stalled; the table gives the count.
+
+Results go to OUT/results.json and OUT/results.md; runs live under OUT/runs/, named by a digest of the
+variant's resolved settings, so variants (of this plan or another, quick or not) that resolve to the
+same settings share their finished runs.
 """
 from __future__ import annotations
 
@@ -31,13 +45,12 @@ import yaml
 from .config import Config, ConfigError, PRESETS, apply_dict, validate
 from .models import count_parameters
 
-# What a plan's `metric` reads from each run, how it is named, whether higher is better, and the
-# baseline each run logs beside it.
+# A plan's `metric`: how it is named, whether higher is better, and the baseline its runs log.
 METRICS = {"val_ppl": ("val PPL", False, "unigram_ppl"), "val_loss": ("val loss", False, "unigram_ppl"),
            "val_acc1": ("top-1 accuracy (%)", True, "chance_acc1")}
 
 
-def load_plan(path: Path) -> dict:
+def load_plan(path: Path, quick: bool = False) -> dict:
     try:
         plan = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as e:
@@ -45,7 +58,26 @@ def load_plan(path: Path) -> dict:
     for key in ("config", "lrs", "seeds", "variants"):
         if not isinstance(plan, dict) or key not in plan:
             raise ConfigError(f"plan {path}: missing `{key}`")
+    if plan.get("report", "fresh") not in ("fresh", "all"):
+        raise ConfigError(f"plan {path}: `report` must be fresh or all, not {plan['report']!r}")
+    if quick:
+        if not isinstance(plan.get("quick"), dict):
+            raise ConfigError(f"plan {path}: --quick needs a `quick:` mapping in the plan")
+        overrides = dict(plan["quick"])
+        if "variants" in overrides:
+            overrides["default_variants"] = overrides.pop("variants")
+        plan = {**plan, **overrides, "out": overrides.get("out", str(plan.get("out", "runs/reproduce")) + "_quick")}
     return plan
+
+
+def grid(plan: dict, name: str) -> list[float]:
+    """The learning rates a variant is swept over: the plan's list, or its entry in a mapping."""
+    lrs = plan["lrs"]
+    if isinstance(lrs, dict):
+        lrs = lrs.get(name, lrs.get("default"))
+        if lrs is None:
+            raise ConfigError(f"the plan's `lrs` has no grid for {name!r} and no `default`")
+    return sorted(float(v) for v in lrs)
 
 
 def variant_config(plan: dict, name: str) -> Config:
@@ -77,7 +109,7 @@ def run_key(cfg: Config) -> str:
 def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     """Trains one seed at one learning rate (or reads the finished run back). A directory that holds
     the seed at another rate (the choice moved when the grid grew) is left alone: this rate trains in
-    DIRECTORY_lr<rate>."""
+    DIRECTORY_lr<rate>. A run stopped by a signal is not recorded: the same command resumes it."""
     from .config import load_config
     from .train import trainer_for
 
@@ -90,61 +122,62 @@ def run_seed(cfg: Config, lr: float, seed: int, directory: Path) -> dict:
     run.optim.lr, run.train.seed, run.data.seed = lr, seed, seed
     run.logging.run_dir, run.checkpoint.resume = str(directory), "auto"
     summary = trainer_for(run)(run).fit()
-    if summary.get("preempted"):  # its checkpoint is there: the same command resumes it
+    if summary.get("preempted"):
         raise RuntimeError(f"{directory}: stopped by a signal after step {summary['steps']}; run the same command "
                            f"again to resume")
     done.write_text(json.dumps(summary))
     return summary
 
 
+def stalled(summary: dict, plateau: float) -> bool:
+    """The run ended stuck at the plateau: its selection loss no better than the context-free
+    baseline's by `plateau` nats (False when the run has no selection slice)."""
+    loss, chance = summary.get("select_loss"), summary.get("select_chance_loss")
+    return loss is not None and chance is not None and loss > chance - plateau
+
+
 def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
-    """The variant's sweep on the first seed, then its reported seeds at the chosen rate. With a plan's
-    `select` (overrides such as {data: {eval_split: holdout}}) the sweep is scored on data that is
-    never reported; with `report_seeds` the reported seeds are others than the sweep's, so no reported
-    run took part in the choice."""
     from .sweep import successive_halving
+    from .train import FINISHED
 
     cfg = variant_config(plan, name)
     m = cfg.model
-    metric = plan.get("metric", "val_ppl")
     root = out / "runs" / f"{m.arch + '_' if m.arch != 'llama' else ''}{m.method}" \
                           f"{'_lax-' + m.lax_gate if m.uses_lax else ''}-{run_key(cfg)}"
     first, *others = plan["seeds"]
     swept = copy.deepcopy(cfg)
     apply_dict(swept, plan.get("select") or {}, source="plan select")
     swept.train.seed = swept.data.seed = first
-    lrs = sorted(float(v) for v in plan["lrs"])
-    sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log)
+    plateau, metric = plan.get("plateau", 0.1), plan.get("metric", "val_ppl")
+    lrs = grid(plan, name)
+    sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log,
+                               plan.get("finalists", 2), plateau)
     for _ in range(plan.get("extend_edges", 0)):  # a winner at the grid's edge is not a choice yet
         if sweep["best_lr"] not in (lrs[0], lrs[-1]) or len(lrs) < 2:
             break
         lrs = sorted(lrs + [lrs[-1] * 2 if sweep["best_lr"] == lrs[-1] else lrs[0] / 2])
         log(f"{name}: best rate {sweep['best_lr']:g} is at the grid's edge; sweeping {', '.join(f'{v:g}' for v in lrs)}")
-        sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log)
-    best = Path(sweep["best_run"])
-    values = {} if plan.get("report_seeds") else {first: _last_logged(best, metric)}
-    for seed in plan.get("report_seeds") or others:
-        values[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")[metric]
-        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: {metric} {values[seed]:.2f}")
-    numbers = list(values.values())
+        sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log,
+                                   plan.get("finalists", 2), plateau)
+    summaries = {first: json.loads((Path(sweep["best_run"]) / FINISHED).read_text())}
+    for seed in others:
+        summaries[seed] = run_seed(cfg, sweep["best_lr"], seed, root / f"seed{seed}")
+        log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: {metric} {summaries[seed][metric]:.4g}")
+    reported = [s for s in summaries if plan.get("report", "fresh") == "all" or s != first] or [first]
+    values = [summaries[s][metric] for s in reported]
     if m.arch == "llama":
         cfg.model.vocab_size = cfg.model.vocab_size or _vocab(root)
     else:
         cfg.model.num_classes, cfg.model.in_channels = _image_shape(root)
-    baseline_key = METRICS[metric][2]
+    baseline = METRICS.get(metric, METRICS["val_ppl"])[2]
     return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"], "metric": metric,
-            "lr_at_edge": len(lrs) > 1 and sweep["best_lr"] in (lrs[0], lrs[-1]), "lrs": lrs,
-            "values": {str(k): v for k, v in values.items()}, "mean": statistics.fmean(numbers),
-            "std": statistics.stdev(numbers) if len(numbers) > 1 else 0.0, "min": min(numbers), "max": max(numbers),
+            "lrs": lrs, "lr_at_edge": len(lrs) > 1 and sweep["best_lr"] in (lrs[0], lrs[-1]),
+            "values": {str(s): summaries[s][metric] for s in reported}, "sweep_seed": first,
+            "sweep_seed_value": summaries[first][metric], "sweep_seed_reported": first in reported,
+            "stalled": sum(stalled(summaries[s], plateau) for s in reported), "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
-            "baseline": {baseline_key: _last_logged(best, baseline_key)}}
-
-
-def _last_logged(run_dir: Path, key: str) -> float:
-    """The last value of `key` in the run's metrics.jsonl (NaN if it was never logged)."""
-    from .compare import read_records
-    found = [r[key] for r in read_records(run_dir / "metrics.jsonl")[0] if key in r]
-    return found[-1] if found else math.nan
+            "baseline": {baseline: summaries[first].get(baseline, math.nan)}}
 
 
 def _vocab(root: Path) -> int:
@@ -160,10 +193,10 @@ def _image_shape(root: Path) -> tuple[int, int]:
 
 def results_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    metric = results[0].get("metric", "val_ppl")
-    label, higher_is_better, _ = METRICS[metric]
-    lines = [f"| variant | LR | {label}, mean ± std | min - max | vs base (mean) | params (M) |",
-             "|---|---|---|---|---|---|"]
+    metric = results[0]["metric"] if results else "val_ppl"
+    label, higher_is_better, _ = METRICS.get(metric, (metric, False, ""))
+    lines = [f"| variant | LR | {label}, mean ± std | min - max | stalled | vs base (mean) | sweep seed | params (M) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         n = len(r["values"])
         base = by_name.get(r["base"]) if r["base"] else None
@@ -172,9 +205,11 @@ def results_table(results: list[dict]) -> str:
             delta = f"{r['mean'] - base['mean']:+.2f} points vs {base['variant']}"
         elif base:
             delta = f"{r['mean'] - base['mean']:+.2f} ({100 * (r['mean'] / base['mean'] - 1):+.1f}%) vs {base['variant']}"
+        sweep_seed = f"{r['sweep_seed_value']:.2f}" + (" (in the mean)" if r["sweep_seed_reported"] else "")
         lr = f"{r['lr']:g}" + (" (edge)" if r.get("lr_at_edge") else "")
         lines.append(f"| {r['variant']} | {lr} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
-                     f"{r['min']:.2f} - {r['max']:.2f} | {delta} | {r['params'] / 1e6:.3f} |")
+                     f"{r['min']:.2f} - {r['max']:.2f} | {r['stalled']}/{n} | {delta} | {sweep_seed} | "
+                     f"{r['params'] / 1e6:.3f} |")
     baselines = [(k, v) for r in results for k, v in r.get("baseline", {}).items() if math.isfinite(v)]
     if baselines:
         key, value = baselines[0]
@@ -192,17 +227,22 @@ def main(argv=None) -> int:
     parser.add_argument("--lrs", help="comma-separated learning rates, replacing the plan's grid")
     parser.add_argument("--seeds", help="comma-separated seeds, replacing the plan's")
     parser.add_argument("--eta", type=int, help="replaces the plan's eta")
+    parser.add_argument("--report", choices=("fresh", "all"), help="replaces the plan's report")
     parser.add_argument("--extend-edges", type=int, help="replaces the plan's extend_edges")
+    parser.add_argument("--quick", action="store_true",
+                        help="the plan's cheaper `quick` protocol (what it gives up: docs/RESULTS.md)")
     args = parser.parse_args(argv)
     start = time.time()
     try:
-        plan = load_plan(args.plan)
+        plan = load_plan(args.plan, args.quick)
         if args.lrs:
             plan["lrs"] = [float(v) for v in args.lrs.split(",")]
         if args.seeds:
             plan["seeds"] = [int(v) for v in args.seeds.split(",")]
         if args.eta:
             plan["eta"] = args.eta
+        if args.report:
+            plan["report"] = args.report
         if args.extend_edges is not None:
             plan["extend_edges"] = args.extend_edges
         names = args.variants.split(",") if args.variants else plan.get("default_variants", list(plan["variants"]))

@@ -1,18 +1,33 @@
-"""Learning-rate sweep: the paper's rule ("the largest learning rate that does not diverge", Table 14's
-note) as a tool, with successive halving so that a grid costs about two full runs:
+"""Learning-rate sweep: successive halving that ends with a choice between rates trained to the end.
 
     python -m megatron_lax.sweep --config FILE [--section.key value ...] --lrs 1e-3,2e-3,4e-3,8e-3 --out DIR
     python -m megatron_lax.sweep ... --lr-range 1e-3:3e-2:6      (6 log-spaced values from 1e-3 to 3e-2)
 
-Every learning rate trains with the full schedule of the run it stands for (warmup and cosine over
-train.steps). The runs are paused at rung boundaries (halvings: by default 1/4 and 1/2 of the steps), compared on
-validation loss, and only the best 1/eta of them (rounded up) continue; a run whose training loss turns
-non-finite or rises above its first step's loss is stopped at once and marked diverged. Since a
-paused run resumes exactly, the winner's run is an ordinary complete run at its learning rate.
+The rule: **the lowest selection loss at full length among the rates that neither diverged nor
+stalled**. (Table 14's note says the paper took "the largest rate that does not diverge"; this
+tool does not, because at small scale the largest surviving rate is often far from the best one,
+docs/RESULTS.md.) In detail:
 
+- Every rate trains with the full schedule of the run it stands for (warmup and cosine over
+  train.steps). Runs are paused at rung boundaries (halvings: by default 1/4 and 1/2 of the steps),
+  ranked by selection loss, and the best 1/eta of them (rounded up), but never fewer than
+  `--finalists` (default 2), continue; so at least two rates reach the end and the choice is made
+  between complete runs, not at a fraction of the schedule where the learning rate is still high
+  and smaller rates look better.
+- The selection loss is measured on the selection slice (`train.select_tokens` of validation
+  sequences after the `train.eval_tokens` that are reported), so no reported token takes part in the
+  choice. Without a selection slice the sweep falls back to the reported validation loss and says
+  so (sweep.json `selected_on`).
+- Diverged: the training loss turned non-finite or spiked (its moving average rose more than
+  `train.divergence_spike` nats above its running best; megatron_lax.train); the run stops at once.
+- Stalled: at a pause or at the end, the selection loss is within `--plateau` nats (default 0.1) of a
+  context-free baseline on the same tokens (the unigram model for a language model): the run is stuck
+  at the plateau and is dropped.
+
+Since a paused run resumes exactly, every finalist's run is an ordinary complete run at its rate.
 DIR/lr_<value>/ holds each run; DIR/sweep.json the results; DIR/sweep.md a table; DIR/sweep.png the
-validation loss against the learning rate at every rung. `--best` prints only the best learning rate.
-Finished rungs are not repeated when the command is run again.
+selection loss against the learning rate at every rung. `--best` prints only the best learning
+rate. Finished rungs are not repeated when the command is run again.
 """
 from __future__ import annotations
 
@@ -60,12 +75,15 @@ def run_dir(out: Path, lr: float) -> Path:
 
 def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
     """Trains (or resumes) the run of this learning rate up to step stop_after; returns
-    {"step", "diverged", "val_loss": {step: loss}}. A rung already reached is read back, not trained again."""
+    {"step", "diverged", "val_loss": {step: loss}, "select_loss": {step: loss}, "chance_loss"}. A rung
+    already reached is read back, not trained again; a run stopped by a signal raises (its checkpoint
+    is there: the same command resumes it)."""
     from .train import trainer_for
 
     directory = run_dir(out, lr)
     state_file = directory / "sweep_state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"step": 0, "diverged": False, "val_loss": {}}
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = {"step": 0, "diverged": False, "val_loss": {}, "select_loss": {}, "chance_loss": None, **state}
     if state["diverged"] or state["step"] >= stop_after:
         return state
     run = copy.deepcopy(cfg)
@@ -76,53 +94,96 @@ def train_until(cfg: Config, lr: float, stop_after: int, out: Path) -> dict:
     run.checkpoint.resume = "auto"
     run.checkpoint.keep = 1
     summary = trainer_for(run)(run).fit()
+    if summary.get("preempted"):
+        raise RuntimeError(f"{directory}: stopped by a signal after step {summary['steps']}; run the same command "
+                           f"again to resume")
     state["step"], state["diverged"] = summary["steps"], bool(summary.get("diverged"))
-    state["val_loss"][str(stop_after)] = math.inf if state["diverged"] else summary["val_loss"]
+    if not state["diverged"]:
+        state["val_loss"][str(stop_after)] = summary["val_loss"]
+        if "select_loss" in summary:
+            state["select_loss"][str(stop_after)] = summary["select_loss"]
+        state["chance_loss"] = summary.get("select_chance_loss", state["chance_loss"])
     state_file.write_text(json.dumps(state))
     return state
 
 
-def val_loss_at(state: dict, step: int) -> float:
-    """The run's validation loss at a pause point; inf once it has diverged."""
-    return math.inf if state["diverged"] else state["val_loss"].get(str(step), math.inf)
+def selection_loss(state: dict, step: int) -> float:
+    """The loss the sweep ranks by at a pause point: the selection slice's when the run has one, else
+    the (reported) validation loss; inf once the run has diverged."""
+    if state["diverged"]:
+        return math.inf
+    return state["select_loss"].get(str(step), state["val_loss"].get(str(step), math.inf))
 
 
-def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3, eta: int = 2, log=print) -> dict:
-    """{"best_lr", "rungs": [step, ...], "results": {lr: {rung step: val_loss or inf}}}."""
+def status_at(state: dict, step: int, plateau: float) -> str:
+    """`diverged`, `stalled` (no better than the context-free baseline by `plateau` nats) or `ok`."""
+    if state["diverged"]:
+        return "diverged"
+    loss, chance = selection_loss(state, step), state.get("chance_loss")
+    if not math.isfinite(loss) or (chance is not None and loss > chance - plateau):
+        return "stalled"
+    return "ok"
+
+
+def successive_halving(cfg: Config, lrs: list[float], out: Path, rungs: int = 3, eta: int = 2, log=print,
+                       finalists: int = 2, plateau: float = 0.1) -> dict:
+    """{"best_lr", "rungs": [step, ...], "results": {lr: {rung step: selection loss or inf}},
+    "status": {lr: ok | stalled at N | diverged at N}, "finalists": [lr, ...], "selected_on": ...}."""
     from .train import planned_total_steps
 
+    if finalists < 1 or eta < 1:
+        raise ConfigError("--finalists and --eta must be at least 1")
     total = planned_total_steps(cfg)
     stops = rung_steps(total, rungs)
+    selected_on = (f"selection slice: {cfg.train.select_tokens} validation tokens after the reported ones"
+                   if cfg.train.select_tokens else "the reported validation tokens (train.select_tokens is 0)")
+    if cfg.model.arch == "vit" and cfg.data.eval_split == "holdout":
+        selected_on = f"{cfg.data.holdout} training images held out of training (data.eval_split holdout)"
+    elif not cfg.train.select_tokens:
+        log("sweep: warning: no selection slice (train.select_tokens 0): choosing on the reported validation "
+            "loss, and the plateau rule is off")
     results: dict[float, dict[int, float]] = {lr: {} for lr in lrs}
+    reported: dict[float, dict[int, float]] = {lr: {} for lr in lrs}
+    status: dict[float, str] = {lr: "ok" for lr in lrs}
     alive = list(lrs)
     for k, stop in enumerate(stops):
         for lr in alive:
             state = train_until(cfg, lr, stop, out)
-            results[lr][stop] = val_loss_at(state, stop)
-            status = "diverged" if state["diverged"] else f"val loss {results[lr][stop]:.4f}"
-            log(f"sweep: lr {lr:g} step {stop}/{total}: {status}")
+            results[lr][stop] = selection_loss(state, stop)
+            reported[lr][stop] = state["val_loss"].get(str(stop), math.inf)
+            now = status_at(state, stop, plateau)
+            if now != "ok":
+                status[lr] = f"{now} at step {state['step'] if now == 'diverged' else stop}"
+            log(f"sweep: lr {lr:g} step {stop}/{total}: " +
+                (status[lr] if now != "ok" else f"selection loss {results[lr][stop]:.4f}"))
+        eligible = sorted((lr for lr in alive if status[lr] == "ok"), key=lambda lr: results[lr][stop])
+        if not eligible:
+            raise RuntimeError(f"every learning rate of {lrs} diverged or stalled by step {stop}; try others")
         if k < len(stops) - 1:
-            keep = max(1, math.ceil(len(alive) / eta))
-            alive = sorted(alive, key=lambda lr: results[lr][stop])[:keep]
-            alive = [lr for lr in alive if math.isfinite(results[lr][stop])] or alive[:1]
-    finals = {lr: results[lr][stops[-1]] for lr in alive}
-    best = min(finals, key=finals.get)
-    if not math.isfinite(finals[best]):
-        raise RuntimeError(f"every learning rate of {lrs} diverged; try smaller ones")
+            alive = eligible[:max(math.ceil(len(alive) / eta), finalists)]
+        else:
+            alive = eligible
+    best = alive[0]
     return {"best_lr": best, "best_run": str(run_dir(out, best)), "total_steps": total, "rungs": stops,
-            "results": {f"{lr:g}": {str(s): v for s, v in r.items()} for lr, r in results.items()}}
+            "finalists": [f"{lr:g}" for lr in alive], "selected_on": selected_on,
+            "rule": "lowest selection loss at full length among rates that neither diverged nor stalled",
+            "results": {f"{lr:g}": {str(s): v for s, v in r.items()} for lr, r in results.items()},
+            "reported_val_loss": {f"{lr:g}": {str(s): v for s, v in r.items()} for lr, r in reported.items()},
+            "status": {f"{lr:g}": v for lr, v in status.items()}}
 
 
 def table(result: dict) -> str:
     stops = result["rungs"]
-    lines = ["| LR | " + " | ".join(f"val loss @ {s}" for s in stops) + " |", "|---|" + "---|" * len(stops)]
+    lines = ["| LR | " + " | ".join(f"selection loss @ {s}" for s in stops) + " | status |",
+             "|---|" + "---|" * (len(stops) + 1)]
     for lr, by_step in result["results"].items():
         cells = []
         for s in stops:
             v = by_step.get(str(s))
             cells.append("-" if v is None else ("diverged" if not math.isfinite(v) else f"{v:.4f}"))
-        mark = " (best)" if float(lr) == result["best_lr"] else ""
-        lines.append(f"| {lr}{mark} | " + " | ".join(cells) + " |")
+        mark = " (best)" if float(lr) == result["best_lr"] else (" (finalist)" if lr in result["finalists"] else "")
+        lines.append(f"| {lr}{mark} | " + " | ".join(cells) + f" | {result['status'][lr]} |")
+    lines.append(f"\nRanked on {result['selected_on']}; rule: {result['rule']}.")
     return "\n".join(lines)
 
 
@@ -140,7 +201,7 @@ def plot(result: dict, output: Path, title: str) -> Path:
         diverged = [float(lr) for lr, by in result["results"].items() if str(s) in by and not math.isfinite(by[str(s)])]
         if diverged and points:
             ax.scatter(diverged, [max(v for _, v in points)] * len(diverged), marker="x", color="red")
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="validation loss", title=title)
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="selection loss", title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -158,6 +219,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="sweep directory")
     parser.add_argument("--rungs", type=int, default=3, help="pause points, including the end (default: 3)")
     parser.add_argument("--eta", type=int, default=2, help="keep the best 1/eta at each pause (default: 2)")
+    parser.add_argument("--finalists", type=int, default=2,
+                        help="never keep fewer than this many rates at a pause, so they reach the end (default: 2)")
+    parser.add_argument("--plateau", type=float, default=0.1,
+                        help="a run within this many nats of the context-free baseline is stalled (default: 0.1)")
     parser.add_argument("--best", action="store_true", help="print only the best learning rate")
     args = parser.parse_args(argv)
     try:
@@ -165,7 +230,7 @@ def main(argv=None) -> int:
         lrs = parse_lrs(args.lrs, args.lr_range)
         args.out.mkdir(parents=True, exist_ok=True)
         log = (lambda _: None) if args.best else (lambda m: print(m, file=sys.stderr))
-        result = successive_halving(cfg, lrs, args.out, args.rungs, args.eta, log)
+        result = successive_halving(cfg, lrs, args.out, args.rungs, args.eta, log, args.finalists, args.plateau)
     except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

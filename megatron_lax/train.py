@@ -85,10 +85,13 @@ class Trainer:
         self.build_data()
         self.engine = build_engine(cfg, self.build_model(), self.dist)
         self.val_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in self.validation_batches()]
+        self.select_batches = [(x.to(self.dist.device), y.to(self.dist.device)) for x, y in self.selection_batches()]
         self.run_dir = Path(cfg.logging.run_dir)
         self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, cfg.logging.tensorboard)
         self.step, self.tokens, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
-        self.first_loss: float | None = None  # the divergence detector's reference (train.stop_if_diverged)
+        # the divergence detector's state (train.stop_if_diverged): smoothed training loss, its running best
+        self.loss_ema: float | None = None
+        self.best_loss_ema = math.inf
         self.last_val: dict = {}
         self.best_val_ppl = math.inf
 
@@ -120,6 +123,25 @@ class Trainer:
         return data.validation_batches(self.data_path, cfg.data.seq_len, t.micro_batch,
                                        t.eval_tokens or cfg.data.val_tokens, cfg.data.mode, self.dist.rank,
                                        self.dist.world_size)
+
+    def selection_batches(self) -> list:
+        """The selection slice (train.select_tokens; none when 0): validation sequences after the reported
+        ones, which LR sweeps choose on so that the reported tokens take no part in any choice."""
+        cfg, t = self.cfg, self.cfg.train
+        if not t.select_tokens:
+            return []
+        return data.validation_batches(self.data_path, cfg.data.seq_len, t.micro_batch, t.select_tokens,
+                                       cfg.data.mode, self.dist.rank, self.dist.world_size,
+                                       after_tokens=t.eval_tokens or cfg.data.val_tokens)
+
+    def selection_baseline(self) -> dict:
+        """{"select_chance_loss": the loss of a context-free model on the selection slice} (main rank):
+        a run that does no better has learned nothing usable (the sweep's plateau rule). A subclass
+        without such a baseline returns {} and the rule is off."""
+        cfg, t = self.cfg, self.cfg.train
+        ppl = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode, t.select_tokens,
+                                      after_tokens=t.eval_tokens or cfg.data.val_tokens)
+        return {"select_chance_loss": math.log(ppl)}
 
     def learning_rate(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.cfg.optim)
@@ -161,7 +183,7 @@ class Trainer:
     def trainer_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_ppl": self.best_val_ppl,
-                "last_val": self.last_val, "first_loss": self.first_loss}
+                "last_val": self.last_val, "loss_ema": self.loss_ema, "best_loss_ema": self.best_loss_ema}
 
     def save_checkpoint(self) -> Path:
         rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
@@ -189,7 +211,7 @@ class Trainer:
         self.step, self.tokens = state["step"], state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.best_val_ppl, self.last_val = state["best_val_ppl"], state["last_val"]
-        self.first_loss = state.get("first_loss")
+        self.loss_ema, self.best_loss_ema = state.get("loss_ema"), state.get("best_loss_ema", math.inf)
         self.loader.load_state_dict(loader_state)
         if rng is not None:
             set_rng_state(rng)
@@ -241,15 +263,30 @@ class Trainer:
         self.log(f"step {self.step}: val_loss {val_loss:.4f}  val_ppl {record['val_ppl']:.2f}  ({count} tokens)")
         return record
 
-    DIVERGENCE_MARGIN = 1.1
+    def select(self) -> dict:
+        """{"select_loss"} on the selection slice ({} without one); logged, never reported."""
+        if not self.select_batches:
+            return {}
+        self.engine.train(False)
+        nll, count = evaluate_nll(self.engine, self.select_batches)
+        self.engine.train(True)
+        record = {"step": self.step, "select_loss": nll / max(count, 1), "select_tokens": count}
+        self.metrics.log(record, prefix="select")
+        return {"select_loss": record["select_loss"]}
+
+    LOSS_EMA = 0.9  # smoothing of the training loss for the spike rule (about 10 steps)
 
     def diverged(self, loss: float) -> bool:
-        """The LR sweep's stopping rule: the loss is non-finite, or above its starting value (the first
-        step's loss, about ln(vocabulary) at initialisation) by more than 10%, a margin well above
-        the step-to-step noise of a healthy run and well below the jumps of a diverging one."""
-        if self.first_loss is None:
-            self.first_loss = loss
-        return not math.isfinite(loss) or loss > self.DIVERGENCE_MARGIN * self.first_loss
+        """The stopping rule of LR sweeps: the training loss is non-finite, or its moving average
+        (LOSS_EMA) has risen more than train.divergence_spike nats (default 1) above its own running
+        best: a loss spike that a healthy run, whose smoothed loss wanders by a few hundredths of a
+        nat, does not show. (A run that never leaves the unigram plateau does not spike; the sweep
+        catches it at its pauses by comparing it with a context-free baseline, megatron_lax.sweep.)"""
+        if not math.isfinite(loss):
+            return True
+        self.loss_ema = loss if self.loss_ema is None else self.LOSS_EMA * self.loss_ema + (1 - self.LOSS_EMA) * loss
+        self.best_loss_ema = min(self.best_loss_ema, self.loss_ema)
+        return self.loss_ema > self.best_loss_ema + self.cfg.train.divergence_spike
 
     def log_latent_stats(self) -> None:
         """One forward on the first validation batch, on every rank (sharded engines need them all;
@@ -306,19 +343,21 @@ class Trainer:
                 self.save_checkpoint()
             if t.stop_if_diverged and self.diverged(record["loss"]):
                 bar.close()
-                self.log(f"diverged at step {self.step}: loss {record['loss']:.4f} (first step "
-                         f"{self.first_loss:.4f}); stopping (train.stop_if_diverged)")
+                self.log(f"diverged at step {self.step}: loss {record['loss']:.4f} (smoothed {self.loss_ema:.4f}, its "
+                         f"best {self.best_loss_ema:.4f}); stopping (train.stop_if_diverged)")
                 self.metrics.log({"step": self.step, "diverged": 1}, prefix="event")
                 self.metrics.close()
                 return {"diverged": True, "steps": self.step, "loss": record["loss"], "run_dir": str(self.run_dir)}
             if t.stop_after and self.step >= t.stop_after and self.step < self.total_steps:
                 bar.close()
                 record = self.validate() if self.last_val.get("step") != self.step else self.last_val
+                selection = {**self.select(), **(self.selection_baseline() if self.select_batches else {})}
                 path = self.checkpoint_this_step()
                 self.log(f"paused after step {self.step} of {self.total_steps} (train.stop_after); resume with "
                          f"--checkpoint.resume auto")
                 self.metrics.close()
-                return {"paused": True, "steps": self.step, **self.summarize(record)[0], "checkpoint": str(path),
+                return {"paused": True, "steps": self.step, **self.summarize(record)[0], **selection,
+                        "checkpoint": str(path),
                         "run_dir": str(self.run_dir)}
             if stop.agreed():
                 bar.close()
@@ -328,10 +367,11 @@ class Trainer:
                 return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
         bar.close()
         final = self.validate()
+        selection = {**self.select(), **(self.selection_baseline() if self.select_batches else {})}
         path = self.save_checkpoint()
         fields, headline = self.summarize(final)
         summary = {**fields, "steps": self.step, "tokens": self.tokens, "seconds": time.time() - start,
-                   "checkpoint": str(path), "run_dir": str(self.run_dir)}
+                   "checkpoint": str(path), "run_dir": str(self.run_dir), **selection}
         baselines = self.baselines() if self.dist.is_main else {}
         if baselines:
             summary.update(baselines)

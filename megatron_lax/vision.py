@@ -99,6 +99,14 @@ class VisionTrainer(Trainer):
             self.dist.world_size, cfg.data.val_images, cfg.data.loader_workers)
         return batches
 
+    def selection_batches(self) -> list:
+        """None in the run itself: a ViT's choices are made by runs that score the held-out training
+        images (data.holdout with data.eval_split holdout; a reproduce plan's `select`)."""
+        return []
+
+    def selection_baseline(self) -> dict:
+        return {}
+
     def scored(self, targets: torch.Tensor) -> int:
         return int(targets.shape[0])
 

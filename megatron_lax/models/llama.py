@@ -133,8 +133,13 @@ def cached_attention(q, k, v, cache: KVCache, layer: int, group: int):
 
 
 class SwiGLU(nn.Module):
+    """down(silu(gate x) * up x). With `model.only_latent_act` (CoLA only; CoLA's `only_lr_act`, which
+    its 350M-7B configs use) the SiLU on the gate is dropped: down(gate x * up x), where each CoLA
+    layer already applies its latent SiLU."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.act = (lambda g: g) if cfg.only_latent_act else F.silu
         self.gate = make_linear(cfg, "gate", cfg.dim, cfg.ffn_dim, layer)
         self.up = make_linear(cfg, "up", cfg.dim, cfg.ffn_dim, layer)
         self.down = make_linear(cfg, "down", cfg.ffn_dim, cfg.dim, layer)
@@ -142,7 +147,7 @@ class SwiGLU(nn.Module):
     def forward(self, x, latents: Latents, out_latents: Latents):
         g, out_latents["gate"] = self.gate(x, latents.get("gate"))
         u, out_latents["up"] = self.up(x, latents.get("up"))
-        y, out_latents["down"] = self.down(F.silu(g) * u, latents.get("down"))
+        y, out_latents["down"] = self.down(self.act(g) * u, latents.get("down"))
         return y
 
 
@@ -211,7 +216,21 @@ def init_rules(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, float
                 rules[f"{at}bias"] = ("zeros", 0.0)
         else:
             rules.update(lowrank_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
+    if cfg.residual_scale:
+        scale_residual_branches(rules, cfg.n_layers, ("attn.o.", "mlp.down."))
     return rules
+
+
+def scale_residual_branches(rules: dict, n_layers: int, last_layers: tuple) -> None:
+    """`model.residual_scale` (GPT-2): the last layer of each residual branch starts with its std divided
+    by sqrt(2 n_layers), so the residual stream's variance at init does not grow with depth. For a
+    dense layer that is its weight; for a low-rank one the output-side factor B (the product B A then
+    shrinks by the same factor)."""
+    factor = (2 * n_layers) ** -0.5
+    for name, (kind, std) in list(rules.items()):
+        if kind == "normal" and any(f".{last}weight" in f".{name}" or f".{last}B.weight" in f".{name}"
+                                    for last in last_layers):
+            rules[name] = (kind, std * factor)
 
 
 def name_seed(seed: int, name: str) -> int:

@@ -35,7 +35,7 @@ class StandInTrainer:
 
 def plan(lrs, extend_edges=0) -> dict:
     return {"config": {"preset": "llama_micro", "model": {"vocab_size": 256}, "train": {"steps": 6}},
-            "lrs": lrs, "extend_edges": extend_edges, "rungs": 1, "seeds": [0], "report_seeds": [1, 2],
+            "lrs": lrs, "extend_edges": extend_edges, "rungs": 1, "seeds": [0, 1, 2],
             "metric": "val_ppl", "variants": {"svd": {"model": {"method": "svd"}}}}
 
 

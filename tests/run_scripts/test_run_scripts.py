@@ -64,6 +64,9 @@ def test_each_script_resolves_to_table_14(scale):
         assert (cfg["optim"]["weight_decay"], cfg["optim"]["grad_clip"], cfg["optim"]["min_lr_ratio"]) == (0.01, 0.5, 0.1)
         assert cfg["data"]["mode"] == "paper" and (cfg["model"]["method"], cfg["model"]["lax_gate"]) == (method, gate)
         assert cfg["model"]["lowrank_init"] == "cola"
+        assert cfg["train"]["precision"] == "bf16-pure"  # pinned, as GaLore/CoLA train (PRECISION overrides)
+        # CoLA's MLP as CoLA's config for the scale: 350M and 1B drop the SwiGLU's own SiLU (only_lr_act)
+        assert cfg["model"]["only_latent_act"] == (method == "cola" and scale in ("350m", "1b"))
         assert cfg["data"]["tokenizer"] == "t5-base"  # the tokenizer C4 is prepared with (TOKENIZER overrides)
 
 
