@@ -3,6 +3,7 @@ of the learning rate (no training): the grid grows past a winning edge, a seed's
 and a run stopped by a signal is never recorded as finished."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -30,7 +31,9 @@ class StandInTrainer:
         if self.cfg.train.seed in self.preempt_seeds:
             return {"preempted": True, "steps": 3, "checkpoint": str(run_dir / "checkpoints" / "step_00000003")}
         loss = 1.0 + math.log2(self.cfg.optim.lr / BEST_LR) ** 2 + 0.01 * self.cfg.train.seed
-        return {"val_loss": loss, "val_ppl": math.exp(loss), "steps": 6, "run_dir": str(run_dir)}
+        summary = {"val_loss": loss, "val_ppl": math.exp(loss), "steps": 6, "run_dir": str(run_dir)}
+        (run_dir / "finished.json").write_text(json.dumps(summary))
+        return summary
 
 
 def plan(lrs, extend_edges=0) -> dict:
