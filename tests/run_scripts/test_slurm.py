@@ -142,7 +142,8 @@ def test_batch_script_requeues_only_a_preempted_unfinished_run(slurm, tmp_path, 
 STEPS = 12
 REHEARSAL = {**TINY, "train.token_budget": "0", "train.steps": STEPS, "optim.warmup_steps": 2,
              "train.micro_batch": 1, "data.mode": "packed", "train.eval_tokens": 13 * 32, "train.eval_every": 4,
-             "checkpoint.every": 4, "checkpoint.keep": 3, "logging.log_every": 1, "logging.lax_stats_every": 2}
+             "checkpoint.every": 4, "checkpoint.keep": 3, "logging.log_every": 1, "logging.lax_stats_every": 2,
+             "train.precision": "fp32"}  # the recipe's bf16-pure rounds 8- and 4-rank reductions apart (~1e-4)
 
 
 def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losses(slurm, prepared_sample,
@@ -181,7 +182,7 @@ def test_two_node_job_preempted_by_sigusr1_resumes_on_one_node_to_the_same_losse
     assert slurm.requeues() == ["requeue 4242"] and (run_dir / "finished.json").exists()
     got = losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
-    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got), (got, expected)
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-5) for s in got), {s: (got[s], expected[s]) for s in got if got[s] != pytest.approx(expected[s], rel=1e-5)}
 
 
 def losses_so_far(run_dir: Path) -> dict:
