@@ -8,6 +8,7 @@
 #   apt-get update && apt-get install dataset-fashion-mnist
 #   bash run_scripts/reproduce_vit_fmnist.sh                                        # the comparison
 #   bash run_scripts/reproduce_vit_fmnist.sh --variants svd,svd_lax,svd_lax.identity,svd_lax.linear,svd_lax.dense,svd.r12,svd_lax.r12.identity,svd_lax.r12.linear,svd_lax.r12.tensor,svd_lax.r12.dense   # the gates
+#   bash run_scripts/reproduce_vit_fmnist.sh --variants dense,svd,svd_lax,svd.init_cola,svd_lax.init_cola   # the init check
 #
 # Finished runs are not repeated. Results: runs/reproduce_vit_fmnist/results*.md and .json.
 set -euo pipefail
