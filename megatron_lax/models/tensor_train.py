@@ -94,25 +94,26 @@ class TTLinear(LatentLinear):
 
     def encode(self, x, partials: Optional[list] = None):
         """Contracts the input modes one core at a time: (N, d_j, ..., r_j) -> (N, ..., r_{j+1})."""
-        state = x.reshape(-1, *self.in_dims, 1)
-        n = state.shape[0]
+        n = math.prod(x.shape[:-1])  # explicit sizes throughout: a batch may be empty (padded validation)
+        state = x.reshape(n, *self.in_dims, 1)
         for j in range(self.k):
             core, (r, d, r_next) = self.cores[j], self.cores[j].shape
             rest = state.shape[2:-1]
-            flat = state.reshape(n, d, math.prod(rest), r).transpose(1, 2).reshape(-1, d * r)
+            flat = state.reshape(n, d, math.prod(rest), r).transpose(1, 2).reshape(n * math.prod(rest), d * r)
             state = (flat @ core.permute(1, 0, 2).reshape(d * r, r_next)).reshape(n, *rest, r_next)
             if partials is not None and j < self.k - 1:
-                partials.append(state.reshape(n, -1))
+                partials.append(state.reshape(n, math.prod(rest) * r_next))
         return state.reshape(*x.shape[:-1], self.rank)
 
     def decode(self, z, partials: Optional[list] = None):
         """Expands the latent through the output cores: (N, P, r_j) -> (N, P d_j, r_{j+1}), adding
         the mirrored left partial after each inner step when intra-layer LaX is on."""
-        n = z.reshape(-1, self.rank).shape[0]
+        n = math.prod(z.shape[:-1])
         state = z.reshape(n, 1, self.rank)
         for i, j in enumerate(range(self.k, 2 * self.k)):
             core, (r, d, r_next) = self.cores[j], self.cores[j].shape
-            state = (state.reshape(-1, r) @ core.reshape(r, d * r_next)).reshape(n, -1, r_next)
+            modes = state.shape[1] * d
+            state = (state.reshape(n * state.shape[1], r) @ core.reshape(r, d * r_next)).reshape(n, modes, r_next)
             if partials and j < 2 * self.k - 1:
                 state = state + self.intra_gates[i](partials[self.k - 2 - i]).reshape(state.shape)
         y = state.reshape(*z.shape[:-1], self.d_out)

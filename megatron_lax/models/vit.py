@@ -49,7 +49,7 @@ class Attention(nn.Module):
         heads = {}
         for name in ("q", "k", "v"):
             y, out_latents[name] = getattr(self, name)(x, latents.get(name))
-            heads[name] = y.view(B, T, self.n_heads, -1).transpose(1, 2)
+            heads[name] = y.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
         mixed = F.scaled_dot_product_attention(heads["q"], heads["k"], heads["v"])
         y, out_latents["o"] = self.o(mixed.transpose(1, 2).reshape(B, T, D), latents.get("o"))
         return y

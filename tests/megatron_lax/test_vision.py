@@ -129,3 +129,15 @@ def test_info_prints_the_vit_counts():
                           "--model.lax_gate", "tensor", "--json"])
     info = json.loads(result.stdout)
     assert int(info["params"] / 1e4) / 100 == pytest.approx(44.24)
+
+
+def test_three_ranks_with_uneven_validation_match_one_process(tmp_path):
+    """DDP on 3 ranks, 50 validation images (17, 17, 16 a rank, padded with an empty batch), 24 images a
+    step: the losses and the accuracy of one process."""
+    settings = dict(model__dropout=0.0, train__global_batch=24, data__val_images=50, checkpoint__every=0, train__steps=3)
+    run_all([vit_run(tmp_path / "single", **settings)])
+    launch([vit_run(tmp_path / "ddp", parallel__engine="ddp", **settings)], tmp_path, nproc=3)
+    assert_close_losses(losses(tmp_path / "ddp"), losses(tmp_path / "single"), rel=1e-5)
+    got, expected = final_record(tmp_path / "ddp"), final_record(tmp_path / "single")
+    assert got["val_images"] == expected["val_images"] == 50
+    assert got["val_acc1"] == pytest.approx(expected["val_acc1"]) and got["val_loss"] == pytest.approx(expected["val_loss"])

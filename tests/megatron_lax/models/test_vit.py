@@ -102,6 +102,14 @@ def test_cola_latent_activation_is_gelu_and_tt_layers_are_built():
     assert tt(torch.randn(3, 1, 28, 28)).shape == (3, 10)
 
 
+def test_an_empty_batch_goes_through_every_format():
+    """Ranks with no validation image left run an empty batch (sharded engines need every rank)."""
+    for method, gate, extra in (("dense", "none", {}), ("svd", "tensor", {}), ("cola", "linear", {}),
+                                ("tt", "tensor", {"model__lax_intra_modules": "q,fc1"})):
+        model, _ = micro(method, gate, **extra)
+        assert model(torch.empty(0, 1, 28, 28)).shape == (0, 10)
+
+
 def test_bf16_model_takes_fp32_images():
     model, _ = micro("svd", "tensor")
     assert model.to(torch.bfloat16)(torch.randn(2, 1, 28, 28)).dtype == torch.bfloat16
