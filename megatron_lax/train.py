@@ -388,10 +388,8 @@ class Trainer:
 
 def resolved_for_display(cfg: Config) -> Config:
     """The config with train.steps resolved from the token budget (no data needed for that)."""
-    if cfg.train.token_budget not in ("0", ""):
-        vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000
-        model = dataclasses.replace(cfg.model, vocab_size=vocab)
-        cfg.train.steps = data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
+    if cfg.model.arch == "llama" and cfg.train.token_budget not in ("0", ""):
+        cfg.train.steps = planned_total_steps(cfg)
     return cfg
 
 

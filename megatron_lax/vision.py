@@ -11,13 +11,14 @@ rate there keeps the reported test images out of every choice.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from . import vision_data
 from .config import Config, DataConfig
-from .models.vit import count_parameters, flops_per_image
+from .models.vit import classification_loss, count_parameters, flops_per_image
 from .parallel.distributed import all_reduce_sum
 from .train import Trainer
 
@@ -59,7 +60,7 @@ def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[summed cross-entropy, top-1 hits, top-5 hits, images] of one batch, in fp32."""
     if labels.numel() == 0:
         return torch.zeros(4, device=logits.device)
-    loss = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+    loss, _ = classification_loss(logits, labels)
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top == labels[:, None]
     return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(),
@@ -151,10 +152,7 @@ class VisionTrainer(Trainer):
 def evaluate_model(model, cfg: Config, device: torch.device, split: str = "val", limit: int = 0,
                    micro_batch: int = 0) -> dict:
     """Accuracy of a built ViT on one split of the run's data, on one process."""
-    data_cfg = cfg.data
-    if split != data_cfg.eval_split:
-        data_cfg = type(cfg.data)(**{**cfg.data.__dict__, "eval_split": split})
-    _, dataset = open_splits(data_cfg)
+    _, dataset = open_splits(dataclasses.replace(cfg.data, eval_split=split))
     batches, skipped = vision_data.validation_batches(dataset, augment_config(cfg, train=False),
                                                       micro_batch or cfg.train.micro_batch, limit=limit)
     sums = torch.zeros(4, device=device)
