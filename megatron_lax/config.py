@@ -24,9 +24,10 @@ ARCHS = ("llama", "vit")
 METHODS = ("dense", "svd", "cola", "tt")
 GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched")
-# model.lowrank_init auto: each method's default, chosen from the multi-seed, swept-LR measurements
-# in docs/RESULTS.md ("Initialisation").
-DEFAULT_LOWRANK_INIT = {"svd": "matched", "cola": "matched"}
+# model.lowrank_init auto: each method's default, from the widest width measured in docs/RESULTS.md
+# ("Initialisation"): SVD's better init flips from matched at width 128 to cola at 256; CoLA's is
+# matched at both.
+DEFAULT_LOWRANK_INIT = {"svd": "cola", "cola": "matched"}
 
 
 class ConfigError(ValueError):

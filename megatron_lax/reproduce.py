@@ -191,6 +191,29 @@ def _image_shape(root: Path) -> tuple[int, int]:
     return model.num_classes, model.in_channels
 
 
+def lax_effects(results: list[dict], setting_of, sweep_seed: bool = False) -> dict[str, list[tuple]]:
+    """{method: [(setting, change %, error %), ...]}: each LaX variant against its base among `results`.
+
+    The change is of the reported mean (negative: LaX lowers the metric); with `sweep_seed` it is of
+    the sweep seed's run instead, so that settings measured with different numbers of seeds are
+    compared like with like. The error is half of each min-max range added (zero for one seed).
+    `setting_of(result)` gives the x value, e.g. the variant's depth."""
+    by_name = {r["variant"]: r for r in results}
+    lines: dict[str, list[tuple]] = {}
+    for r in results:
+        base = by_name.get(r.get("base"))
+        if base is None or "lax" not in r["variant"]:
+            continue
+        if sweep_seed:
+            change, error = 100 * (r["sweep_seed_value"] / base["sweep_seed_value"] - 1), 0.0
+        else:
+            change = 100 * (r["mean"] / base["mean"] - 1)
+            error = 100 * ((r["max"] - r["min"]) / 2 + (base["max"] - base["min"]) / 2) / base["mean"]
+        method = r["variant"].split(".")[0].replace("_lax", " + LaX").replace("svd", "SVD").replace("cola", "CoLA")
+        lines.setdefault(method, []).append((setting_of(r), change, error))
+    return {m: sorted(p) for m, p in lines.items()}
+
+
 def results_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
     metric = results[0]["metric"] if results else "val_ppl"

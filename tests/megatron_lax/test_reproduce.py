@@ -77,3 +77,25 @@ def test_a_preempted_seed_is_not_recorded_as_finished(stand_in, tmp_path):
     assert not (seed2 / "summary.json").exists()
     stand_in.preempt_seeds = set()
     assert reproduce.run_variant(plan([2e-3, 4e-3]), "svd", tmp_path, log=lambda m: None)["values"].keys() == {"1", "2"}
+
+
+def result(variant, base, values, sweep_value, depth):
+    return {"variant": variant, "base": base, "mean": sum(values) / len(values), "min": min(values),
+            "max": max(values), "sweep_seed_value": sweep_value, "depth": depth}
+
+
+def test_lax_effect_is_each_lax_variant_against_its_own_base():
+    results = [result("svd.depth8", None, [100.0, 110.0], 90.0, 8),
+               result("svd_lax.depth8", "svd.depth8", [84.0], 99.0, 8),
+               result("cola.depth8", None, [80.0], 80.0, 8),
+               result("cola_lax.depth8", "cola.depth8", [88.0], 60.0, 8),
+               result("svd_lax.depth4", "svd.depth4", [50.0], 50.0, 4)]  # base missing: no point
+    depth = lambda r: r["depth"]
+    effects = reproduce.lax_effects(results, depth)
+    assert set(effects) == {"SVD + LaX", "CoLA + LaX"}
+    (x, change, error), = effects["SVD + LaX"]
+    assert (x, change) == (8, pytest.approx(-20.0)) and error == pytest.approx(5 / 105 * 100)
+    assert effects["CoLA + LaX"][0][1] == pytest.approx(10.0)
+    by_sweep_seed = reproduce.lax_effects(results, depth, sweep_seed=True)
+    assert by_sweep_seed["SVD + LaX"][0][1:] == (pytest.approx(10.0), 0.0)
+    assert by_sweep_seed["CoLA + LaX"][0][1] == pytest.approx(-25.0)
