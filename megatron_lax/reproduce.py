@@ -197,10 +197,11 @@ def lax_effects(results: list[dict], setting_of, sweep_seed: bool = False) -> di
     The change is of the reported mean (negative: LaX lowers the metric); with `sweep_seed` it is of
     the sweep seed's run instead, so that settings measured with different numbers of seeds are
     compared like with like. The error is half of each min-max range added (zero for one seed).
-    `setting_of(result)` gives the x value, e.g. the variant's depth."""
+    `setting_of(result)` gives the x value, e.g. the variant's depth. A variant listed twice counts
+    once, as its last entry."""
     by_name = {r["variant"]: r for r in results}
     lines: dict[str, list[tuple]] = {}
-    for r in results:
+    for r in by_name.values():
         base = by_name.get(r.get("base"))
         if base is None or "lax" not in r["variant"]:
             continue
