@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_engines import free_port  # noqa: E402
 from benchmarks.common import REPO, markdown_table, print_header  # noqa: E402
+from megatron_lax.train import make_trainer  # noqa: E402
 
 
 def timed(action) -> float:
@@ -42,14 +43,14 @@ def timed(action) -> float:
 
 def worker(out_dir: Path, repeats: int, config_args: list[str]) -> None:
     """One rank: a Trainer, one step, then the timed saves and verifies; rank 0 writes the medians."""
-    from megatron_lax import checkpoint
+    from megatron_lax.training import checkpoint
     from megatron_lax.config import add_config_arguments, config_from_args
     from megatron_lax.parallel.distributed import shutdown
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    trainer = Trainer(config_from_args(parser.parse_args(config_args)))
+    trainer = make_trainer(config_from_args(parser.parse_args(config_args)))
     trainer.engine.train(True)
     trainer.train_step()
     dist = trainer.dist

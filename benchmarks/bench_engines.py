@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, markdown_table, print_header  # noqa: E402
+from megatron_lax.train import make_trainer  # noqa: E402
 
 ENGINES = {"single": {}, "ddp": {}, "fsdp": {}, "zero1": {"parallel.zero_stage": 1},
            "zero2": {"parallel.zero_stage": 2}, "zero3": {"parallel.zero_stage": 3}}
@@ -51,11 +52,11 @@ def worker(out_dir: Path, steps: int, config_args: list[str]) -> None:
 
     from megatron_lax.config import add_config_arguments, config_from_args
     from megatron_lax.parallel.distributed import shutdown
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
-    trainer = Trainer(config_from_args(parser.parse_args(config_args)))
+    trainer = make_trainer(config_from_args(parser.parse_args(config_args)))
     device = trainer.dist.device
     trainer.engine.train(True)
     times, losses = [], []

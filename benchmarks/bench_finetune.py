@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SHAPES, markdown_table, model_config, print_header, random_batch, time_interleaved  # noqa: E402
 from megatron_lax.config import LoraConfig, OptimConfig  # noqa: E402
-from megatron_lax.lora import apply_lora, trainable_parameters  # noqa: E402
+from megatron_lax.models.lora import apply_lora, trainable_parameters  # noqa: E402
 from megatron_lax.models.llama import LlamaLax, token_nll  # noqa: E402
-from megatron_lax.optim import build_optimizer  # noqa: E402
+from megatron_lax.training.optim import build_optimizer  # noqa: E402
 
 CONTENDERS = {"full fine-tuning": None, "LoRA": "none", "LaX-LoRA (identity)": "identity",
               "LaX-LoRA (linear)": "linear"}

@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.introspection import peak_flops, peak_memory_gb  # noqa: E402
+from megatron_lax.training.introspection import peak_flops, peak_memory_gb  # noqa: E402
 from megatron_lax.launch import vit_variant  # noqa: E402
-from megatron_lax.models import build_model  # noqa: E402
-from megatron_lax.models.llama import flash_attn_func, flops_per_token, init_weights  # noqa: E402
+from megatron_lax.models import build_model, family_of, loss_function  # noqa: E402
+from megatron_lax.tasks import task_class  # noqa: E402
+from megatron_lax.models.llama import flash_attn_func, flops_per_token  # noqa: E402
+from megatron_lax.method.init import init_weights  # noqa: E402
 from megatron_lax.models.vit import flops_per_image  # noqa: E402
 from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
 from megatron_lax.parallel.distributed import DistInfo  # noqa: E402
@@ -53,7 +55,7 @@ def config_overrides(shape: str, method: str, lax: str, args) -> dict:
 
 def random_batch(cfg, micro: int, args, device: torch.device):
     """(inputs, targets, items per step, training FLOPs per item): token sequences or images."""
-    if cfg.model.arch == "vit":
+    if not family_of(cfg.model).uses_tokenizer:
         size = cfg.model.image_size
         images = torch.randn(micro, cfg.model.in_channels, size, size, device=device)
         labels = torch.randint(0, cfg.model.num_classes, (micro,), device=device)
@@ -70,7 +72,8 @@ def measure(shape: str, method: str, lax: str, compiled: bool, args, device: tor
                               "parallel.engine": "single"})
     dist = DistInfo(0, 1, 0, device)
     engine = build_engine(cfg, ModelRecipe(lambda: build_model(cfg.model, init_seed=None),
-                                           lambda model: init_weights(model, 0)), dist)
+                                           lambda model: init_weights(model, 0)), dist,
+                          loss_function(cfg.model))
     inputs, targets, items, flops_per_item = random_batch(cfg, micro, args, device)
     weight = 1.0 / items
 
@@ -89,7 +92,7 @@ def measure(shape: str, method: str, lax: str, compiled: bool, args, device: tor
         step()
     sync()
     per_s = args.steps * items / (time.perf_counter() - start)
-    unit = "images_per_s" if cfg.model.arch == "vit" else "tokens_per_s"
+    unit = f"{task_class(cfg).unit}_per_s"
     return {unit: per_s, "mfu": flops_per_item * per_s / peak_flops(device), "peak_memory_gb": peak_memory_gb(device),
             "micro_batch": micro, "params": sum(p.numel() for p in engine.base_model.parameters())}
 

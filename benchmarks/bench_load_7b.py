@@ -46,7 +46,7 @@ def build(shape: str, rank: int, gate: str):
     import torch
 
     from megatron_lax.config import LoraConfig, ModelConfig
-    from megatron_lax.lora import apply_lora
+    from megatron_lax.models.lora import apply_lora
     from megatron_lax.models.llama import LlamaLax
 
     with torch.device("meta"):

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from megatron_lax import data  # noqa: E402
+from megatron_lax.data import tokens as data  # noqa: E402
 from megatron_lax.config import DataConfig, load_config  # noqa: E402
 from megatron_lax.models.llama import LlamaLax, token_nll  # noqa: E402
 

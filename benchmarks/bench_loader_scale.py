@@ -99,7 +99,7 @@ def rank_main(spec: dict) -> None:
     """Runs in a process of its own: prints one JSON line of measurements."""
     sys.path.insert(0, spec["code"])
     import torch  # noqa: F401  (a training process has it loaded: part of the baseline)
-    from megatron_lax import data
+    from megatron_lax.data import tokens as data
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak to the current RSS
     baseline = {field: memory_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}

@@ -3,7 +3,7 @@
 
 def load_pretrained(directory, device: str = "cpu"):
     """A LaX / CoLA model exported with `python -m megatron_lax.export`, ready for inference."""
-    from .model_io import load_pretrained as load
+    from .loading.ours import load_pretrained as load
     return load(directory, device)
 
 

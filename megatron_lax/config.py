@@ -18,10 +18,15 @@ from typing import Any, Optional
 
 import yaml
 
+from . import paper
+
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's
 VIT_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
-ARCHS = ("llama", "vit")
-METHODS = ("dense", "svd", "cola", "tt")
+# model.arch -> the projection names of that family (megatron_lax.models.FAMILIES has the rest)
+ARCH_PROJECTIONS = {"llama": PROJECTIONS, "vit": VIT_PROJECTIONS}
+ARCHS = tuple(ARCH_PROJECTIONS)
+TT_ARCHS = ("vit",)  # families whose presets carry tensor-train modes (Table 13)
+METHODS = ("dense", "svd", "cola", "tt")  # the formats registered in megatron_lax.method.formats
 GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched")
 # model.lowrank_init auto: each method's default, from the widest width measured in docs/RESULTS.md
@@ -75,7 +80,7 @@ class ModelConfig:
 
     @property
     def projections(self) -> tuple:
-        return VIT_PROJECTIONS if self.arch == "vit" else PROJECTIONS
+        return ARCH_PROJECTIONS[self.arch]
 
     def crosses(self, projection: str, layer: int) -> bool:
         """Whether this projection of block `layer` receives the previous block's latent."""
@@ -161,6 +166,7 @@ class TrainConfig:
     divergence_spike: float = 1.0  # nats the smoothed training loss may rise above its running best before a run counts as diverged
     select_tokens: int = 0  # a selection slice of the validation split, after the reported eval tokens (sweep choices; never reported)
     stop_after: int = 0  # pause after this step (validate, checkpoint, exit); the schedule keeps train.steps
+    task: str = "auto"  # auto (the model family's: language_modeling, image_classification) | instruction_tuning
 
 
 @dataclass
@@ -240,26 +246,21 @@ class Config:
 # The vocabulary is not pinned: it follows the tokenizer (32,100 entries for t5-base -> 32,128 rows),
 # and `info` counts parameters at the paper's 32,000 when no tokenizer is given.
 
-def _llama(dim, ffn_dim, n_heads, n_layers, rank, steps, warmup) -> dict:
+def _llama(scale: paper.LlamaScale) -> dict:
+    """A Table 14 scale: its shape, rank, steps and warmup (512 sequences of 256 tokens per step)."""
     return {
-        "model": dict(dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_layers=n_layers, rank=rank),
-        "optim": dict(warmup_steps=warmup),
-        "train": dict(steps=steps, global_batch=512),
+        "model": dict(dim=scale.dim, ffn_dim=scale.ffn_dim, n_heads=scale.n_heads, n_layers=scale.n_layers,
+                      rank=scale.rank),
+        "optim": dict(warmup_steps=scale.warmup),
+        "train": dict(steps=scale.steps, global_batch=paper.SEQUENCES_PER_STEP),
     }
 
-
-# Table 14: steps and warmup per scale (512 sequences of 256 tokens per step).
-PAPER_SCHEDULES = {"llama_60m": (10_000, 2_000), "llama_130m": (20_000, 4_000), "llama_350m": (60_000, 12_000),
-                   "llama_1b": (100_000, 20_000)}
 
 PRESETS: dict[str, dict] = {
     "llama_micro": {"model": dict(dim=128, ffn_dim=344, n_heads=4, n_layers=4, rank=32)},
     "llama_tiny": {"model": dict(dim=256, ffn_dim=688, n_heads=4, n_layers=4, rank=64)},
     "llama_mini": {"model": dict(dim=384, ffn_dim=1024, n_heads=6, n_layers=6, rank=96)},
-    "llama_60m": _llama(512, 1376, 8, 8, 128, *PAPER_SCHEDULES["llama_60m"]),
-    "llama_130m": _llama(768, 2048, 12, 12, 256, *PAPER_SCHEDULES["llama_130m"]),
-    "llama_350m": _llama(1024, 2736, 16, 24, 256, *PAPER_SCHEDULES["llama_350m"]),
-    "llama_1b": _llama(2048, 5461, 32, 24, 512, *PAPER_SCHEDULES["llama_1b"]),
+    **{scale.preset: _llama(scale) for scale in paper.TABLE_14.values()},
 }
 
 
@@ -378,6 +379,8 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[dict] = 
 
 def validate(cfg: Config) -> None:
     m = cfg.model
+    if m.arch not in ARCHS:
+        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
     if m.method not in METHODS:
         raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(METHODS)})")
     if m.lax_gate not in GATES:
@@ -395,8 +398,6 @@ def validate(cfg: Config) -> None:
                           f"model.method cola, not {m.method!r}")
     if m.method == "dense" and m.uses_lax:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
-    if m.arch not in ARCHS:
-        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
     for key in ("lax_modules", "lax_intra_modules"):
         unknown = [p for p in getattr(m, key) if p not in m.projections + ("all",)]
         if unknown:
@@ -410,7 +411,7 @@ def validate(cfg: Config) -> None:
         validate_tt(m)
     elif m.lax_intra_modules:
         raise ConfigError("model.lax_intra_modules (intra-layer LaX) needs model.method tt")
-    if m.arch == "vit" and m.image_size % m.patch_size:
+    if m.image_size % m.patch_size:
         raise ConfigError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
     if m.dim % m.n_heads != 0:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
@@ -457,8 +458,9 @@ def tt_dims(m: ModelConfig) -> dict[str, tuple[list[int], list[int]]]:
 
 
 def validate_tt(m: ModelConfig) -> None:
-    if m.arch != "vit":
-        raise ConfigError("model.method tt is built for model.arch vit (its modes are the ViT presets' Table 13)")
+    if m.arch not in TT_ARCHS:
+        raise ConfigError(f"model.method tt is built for model.arch {' or '.join(TT_ARCHS)} (its modes are the ViT "
+                          f"presets' Table 13)")
     expected = {"tt_attn_dims": (m.dim, m.dim), "tt_fc1_dims": (m.dim, m.ffn_dim), "tt_fc2_dims": (m.ffn_dim, m.dim)}
     for key, (d_in, d_out) in expected.items():
         dims = [int(d) for d in getattr(m, key)]

@@ -23,22 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
-from .model_io import load_checkpoint_model as load_model  # noqa: F401 (also imported from here by callers)
-from .parallel.distributed import all_reduce_sum, init_distributed, is_distributed, shutdown
-
-
-@torch.no_grad()
-def evaluate_nll(engine, batches) -> tuple[float, int]:
-    """Summed NLL and scored-token count over this rank's batches, summed over all ranks."""
-    device = engine.dist.device
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches:
-        nll, count = engine.eval_nll(x, y)
-        totals[0] += nll.double()
-        totals[1] += count
-    all_reduce_sum(totals)
-    return float(totals[0]), int(totals[1])
+from .data import tokens as data
+from .loading.ours import load_checkpoint_model as load_model
+from .models import family_of
+from .parallel.distributed import init_distributed, is_distributed, shutdown
+from .training import checkpoint
 
 
 @torch.no_grad()
@@ -94,7 +83,7 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     model, cfg, ckpt = load_model(path, dist.device)
     name, dtype, autocast = evaluation_precision(cfg, dist.device, precision)
     model.to(dtype)
-    if cfg.model.arch == "vit":
+    if not family_of(cfg.model).uses_tokenizer:
         return evaluate_images(model, cfg, ckpt, dist, name, autocast, data_path, micro_batch)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
@@ -114,7 +103,7 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
 def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, data_path: str | None,
                     micro_batch: int) -> dict:
     """A ViT checkpoint's top-1 / top-5 accuracy and loss on its run's validation split (one process)."""
-    from .vision import evaluate_model
+    from .tasks.image_classification import evaluate_model
     if dist.world_size > 1:
         raise ValueError("evaluating a ViT checkpoint runs on one process")
     if data_path:

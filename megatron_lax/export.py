@@ -27,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
 from .config import ModelConfig, dump_yaml
-from .model_io import (HF_NAMES, LAX_LORA_FORMAT, OUR_FORMAT, base_kind, hf_state_dict, is_finetune_run,  # noqa: F401
-                       load_checkpoint_model as load_model, load_finetuned, load_hf_llama, load_lax_lora,
-                       load_pretrained, mergeable, model_config_from_hf, read_hf_weights, selected_checkpoint,
-                       state_dict_from_hf)
+from .loading.bases import base_kind, is_finetune_run
+from .loading.finetuned import load_finetuned, selected_checkpoint
+from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
+from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
+from .training import checkpoint
 from .models.llama import LlamaLax
 
 
@@ -77,7 +77,7 @@ def export(checkpoint_dir: Path, output: Path) -> str:
 
 def peft_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
     """Plain LoRA adapters under the names PEFT writes for LlamaForCausalLM."""
-    from .lora import LoraLinear
+    from .models.lora import LoraLinear
     out = {}
     for i, block in enumerate(model.layers):
         for ours, theirs in HF_NAMES.items():
@@ -107,7 +107,7 @@ def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False) ->
     """Writes a fine-tuning run's adapters (see the module docstring); returns the format written."""
     from safetensors.torch import save_file
 
-    from .lora import adapter_state_dict, merge_lora, strip_lora, uses_lax
+    from .models.lora import adapter_state_dict, merge_lora, strip_lora, uses_lax
 
     model, cfg, _ = load_finetuned(selected_checkpoint(checkpoint_dir))
     output.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, instruct
+from .training import checkpoint
+from .data import instructions as instruct
 from .generate import decode_batch
 
 NUMBER = re.compile(r"-?\d+\.?\d*")
@@ -208,9 +209,10 @@ def teacher_forced(model, tokenizer, records: list[dict], batch_size: int = 32, 
 def load_for_eval(checkpoint_dir: Path | None, base: str | None):
     """(model, tokenizer spec, the run's config or None, a description) for a fine-tuning run (its
     best-validation checkpoint when finetune.keep_best kept one), or for a bare base model."""
-    from .finetune import method_label
-    from .lora import trainable_parameters
-    from .model_io import base_tokenizer, load_base, load_finetuned, selected_checkpoint
+    from .tasks.instruction_tuning import method_label
+    from .models.lora import trainable_parameters
+    from .loading.bases import base_tokenizer, load_base
+    from .loading.finetuned import load_finetuned, selected_checkpoint
 
     if base:
         model = load_base(base)
@@ -233,7 +235,7 @@ def evaluate(checkpoint_dir: Path | None, base: str | None, tests: list[str], ma
              batch_size: int = 32, label: str | None = None, num_beams: int = 0, precision: str = "") -> dict:
     from tokenizer import load_tokenizer
 
-    from .finetune import uses_bos
+    from .tasks.instruction_tuning import uses_bos
 
     model, tokenizer_spec, run_cfg, info = load_for_eval(checkpoint_dir, base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

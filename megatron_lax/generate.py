@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from .training import checkpoint
 from .models.llama import KVCache
 
 
@@ -138,7 +138,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int, temperature: flo
 def load_for_generation(path: Path):
     """(model, tokenizer spec) from a checkpoint/run directory (pre-training or fine-tuning), a
     megatron_lax export or a Hugging Face LLaMA directory."""
-    from .model_io import load_any
+    from .loading.finetuned import load_any
     return load_any(path)
 
 

@@ -12,8 +12,9 @@ import json
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
+from .models import family_of
 from .models.llama import count_parameters, flops_per_token, memory_gb
-from .models.lowrank import lowrank_factor_std
+from .method.lowrank import lowrank_factor_std
 
 PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without its 100 sentinel ids
 
@@ -80,14 +81,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        row = describe_vit(cfg) if cfg.model.arch == "vit" else describe(cfg)
+        images = not family_of(cfg.model).uses_tokenizer
+        row = describe_vit(cfg) if images else describe(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(row))
         return 0
-    if cfg.model.arch == "vit":
+    if images:
         print("| variant | rank | params (M) | memory (GB) | GFLOPs/image (train) |")
         print("|---|---|---|---|---|")
         print(f"| {row['variant']} | {'/'.join(map(str, row['rank'])) or '-'} | {row['params_m']:.2f} | "

@@ -16,16 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
-SCALES = {  # preset, rank, peak LR by (method, with LaX)
-    "60m": ("llama_60m", 128, {("svd", False): 2e-3, ("svd", True): 2e-2, ("cola", False): 6e-3, ("cola", True): 4e-2}),
-    "130m": ("llama_130m", 256, {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 4e-3, ("cola", True): 2e-2}),
-    "350m": ("llama_350m", 256, {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 3e-3, ("cola", True): 2e-2}),
-    "1b": ("llama_1b", 512, {("svd", False): 8e-4, ("svd", True): 3e-3, ("cola", False): 2e-3, ("cola", True): 1e-2}),
-}
-FULL_RANK_LR = {"60m": 1e-3, "130m": 1e-3, "350m": 1e-3, "1b": 1e-3}  # GaLore's full-rank baselines
-# CoLA's MLP per scale, as CoLA's configs build it: its 60M and 130M configs keep the SwiGLU's own SiLU
-# (only_lr_act false); 350M and 1B leave only_lr_act at its default, true (model.only_latent_act).
-COLA_ONLY_LATENT_ACT = {"60m": False, "130m": False, "350m": True, "1b": True}
+from . import paper
+
 # Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
 # trains; PRECISION=bf16-mixed keeps fp32 master weights and optimizer states instead (docs/METHOD.md).
 RECIPE_PRECISION = "bf16-pure"
@@ -38,10 +30,11 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
     decay 0.01, clipping 0.5, cosine to 10% of the peak, one document per sequence (`data.mode paper`,
     the GaLore/CoLA protocol, so perplexities compare with Table 5), the CoLA reference init, CoLA's MLP
     as CoLA's config for the scale builds it, and the precision pinned (pure bf16 unless told)."""
-    preset, rank, lrs = SCALES[scale]
-    lr = FULL_RANK_LR[scale] if method == "dense" else lrs[(method, gate != "none")]
-    only_latent_act = method == "cola" and COLA_ONLY_LATENT_ACT[scale]
-    return ["--config", preset, "--model.method", method, "--model.rank", str(rank), "--model.lax_gate", gate,
+    table = paper.TABLE_14[scale]
+    lr = table.dense_lr if method == "dense" else table.lr[(method, gate != "none")]
+    only_latent_act = method == "cola" and table.cola_only_latent_act
+    return ["--config", table.preset, "--model.method", method, "--model.rank", str(table.rank),
+            "--model.lax_gate", gate,
             "--model.lowrank_init", "cola",  # the CoLA reference init, which the paper's numbers come from
             "--model.only_latent_act", str(only_latent_act).lower(), "--train.precision", precision,
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
@@ -51,18 +44,13 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
             "--checkpoint.every", "1000", "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
 
 
-# Tables 9-10 (ViT-B / ViT-L on ImageNet-1k): preset, rank of SVD and CoLA, TT ranks (attention, MLP).
-# The TT MLP ranks are not in the tables: the official code sizes them to keep the parameter count
-# its rank rule gives, which is what reproduces Table 1's counts (ViT-L exactly; docs/VISION.md).
-VIT_SCALES = {"vit_b": ("vit_b", 256, (336, 158)), "vit_l": ("vit_l", 256, (256, 198))}
-VIT_LR = {"dense": 3e-3, "svd": 1e-3, "cola": 1e-3, "tt": 1e-3}  # Tables 9-10, with or without LaX
-VIT_EPOCH_STEPS = 1_281_167 // 4096  # ImageNet-1k training images per step of 4096: checkpoint once an epoch
+VIT_EPOCH_STEPS = paper.IMAGENET_TRAIN_IMAGES // 4096  # training images per step of 4096: checkpoint once an epoch
 
 
 def vit_variant(scale: str, method: str, gate: str) -> dict:
     """The model overrides of a Table 1 variant: the method, gate and ranks, and for TT + LaX
     intra-layer LaX on the attention projections (the official config)."""
-    preset, rank, (tt_attn, tt_mlp) = VIT_SCALES.get(scale, (scale, 0, (0, 0)))
+    preset, rank, (tt_attn, tt_mlp) = paper.TABLES_9_10.get(scale, (scale, 0, (0, 0)))
     overrides = {"model.method": method, "model.lax_gate": gate if method != "dense" else "none"}
     if method in ("svd", "cola") and rank:
         overrides["model.rank"] = str(rank)
@@ -85,11 +73,12 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
     batch of 4096 with AdamW (0.9, 0.999) and clipping at 1.0 (Table 9's base LR is used as is at that
     batch), DeiT's augmentation (the `augment` defaults), bf16 autocast over fp32 master weights, and
     low-rank factors whose product starts with the dense ViT's weight std (`matched`)."""
-    args = ["--config", VIT_SCALES[scale][0], "--model.dropout", "0.1",
+    args = ["--config", paper.TABLES_9_10[scale].preset, "--model.dropout", str(paper.VIT_DROPOUT),
             "--model.lowrank_init", "matched",  # low-rank products start with the ViT's dense init std (0.02)
-            "--optim.lr", str(VIT_LR[method]), "--optim.weight_decay", "0.3", "--optim.warmup_epochs", "10",
+            "--optim.lr", str(paper.VIT_LR[method]), "--optim.weight_decay", str(paper.VIT_WEIGHT_DECAY),
+            "--optim.warmup_epochs", str(paper.VIT_WARMUP_EPOCHS),
             "--optim.min_lr_ratio", "0.0", "--optim.beta1", "0.9", "--optim.beta2", "0.999", "--optim.grad_clip",
-            "1.0", "--train.epochs", "300", "--train.global_batch", "4096", "--train.micro_batch", "128",
+            "1.0", "--train.epochs", str(paper.VIT_EPOCHS), "--train.global_batch", "4096", "--train.micro_batch", "128",
             "--train.precision", precision, "--data.path", data, "--data.loader_workers", "8",
             "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
             "--checkpoint.every", str(VIT_EPOCH_STEPS), "--checkpoint.resume", "auto",
@@ -113,7 +102,7 @@ def user_arguments(argv: list[str]) -> list[str]:
 
 
 def main(scale: str) -> None:
-    vit = scale in VIT_SCALES
+    vit = scale in paper.TABLES_9_10
     method, gate = os.environ.get("METHOD", "cola"), os.environ.get("GATE", "tensor" if vit else "identity")
     if method == "dense":
         gate = "none"

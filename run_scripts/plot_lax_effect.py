@@ -19,8 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.data import parse_token_count  # noqa: E402
-from megatron_lax.reproduce import lax_effects  # noqa: E402
+from megatron_lax.data.tokens import parse_token_count  # noqa: E402
+from megatron_lax.experiments.reproduce import lax_effects  # noqa: E402
 
 
 def setting(key: str):

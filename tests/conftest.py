@@ -18,7 +18,7 @@ TINY = {
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory) -> Path:
     """data/sample tokenized with tokenizer/sample (the repo's defaults)."""
-    from megatron_lax import data
+    from megatron_lax.data import tokens as data
     from megatron_lax.config import DataConfig
 
     path = tmp_path_factory.mktemp("prepared") / "sample"

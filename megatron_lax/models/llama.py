@@ -8,21 +8,21 @@ Blocks therefore take and return a dict of latents alongside the residual stream
 projection hands on is `model.lax_latent`: `output` (z_i after the sum, LayerNorm and activation; the
 official LaX code, recursive) or `projection` (h_i = A_i x_i, the paper's equations 2-5).
 
-Parameters get their initial values from `init_weights`, one seeded generator per parameter name, so
-a model has the same weights whether it is built whole, on the meta device and sharded by FSDP2, or
-partitioned by DeepSpeed ZeRO-3.
+Parameters get their initial values from `init_rules` through method/init.py's `init_weights`, one
+seeded generator per parameter name, so a model has the same weights however it is built or sharded.
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .lowrank import DenseLinear, Latents, lowrank_init_rules, make_linear, projection_counts
+from ..method.formats import make_linear, projection_counts
+from ..method.init import init_weights, module_init_rules
+from ..method.lowrank import DenseLinear, Latents
 
 try:  # optional: used only on CUDA with half-precision tensors
     from flash_attn import flash_attn_func
@@ -182,6 +182,9 @@ class LlamaLax(nn.Module):
         if init_seed is not None and not self.embed.weight.is_meta:
             init_weights(self, init_seed)
 
+    def weight_init_rules(self) -> dict[str, tuple[str, float]]:
+        return init_rules(self, self.cfg)
+
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab). Incremental decoding passes a KVCache (whose
@@ -215,7 +218,7 @@ def init_rules(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, float
             if getattr(module, "bias", None) is not None:
                 rules[f"{at}bias"] = ("zeros", 0.0)
         else:
-            rules.update(lowrank_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
+            rules.update(module_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
     if cfg.residual_scale:
         scale_residual_branches(rules, cfg.n_layers, ("attn.o.", "mlp.down."))
     return rules
@@ -231,49 +234,6 @@ def scale_residual_branches(rules: dict, n_layers: int, last_layers: tuple) -> N
         if kind == "normal" and any(f".{last}weight" in f".{name}" or f".{last}B.weight" in f".{name}"
                                     for last in last_layers):
             rules[name] = (kind, std * factor)
-
-
-def name_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.Tensor:
-    """The full fp32 CPU value of one parameter, the same on every process."""
-    if kind == "normal":
-        return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(std)
-    if kind == "eye":
-        return torch.eye(shape[0], shape[-1])  # rectangular for shape-changing tensor gates
-    return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
-
-
-@torch.no_grad()
-def assign_parameters(model: nn.Module, value_of: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
-    """Sets every parameter to value_of(name, param), a full-size CPU tensor, whether the parameter is
-    a plain tensor, an FSDP2 shard (DTensor: each rank keeps its own slice, no communication) or a
-    DeepSpeed ZeRO-3 partition (gathered one parameter at a time)."""
-    for name, p in model.named_parameters():
-        full = value_of(name, p)
-        if hasattr(p, "device_mesh"):  # DTensor
-            from torch.distributed.tensor import distribute_tensor
-            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
-            p.to_local().copy_(local.to_local())
-        elif hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3
-            import deepspeed
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.copy_(full.to(p.device, p.dtype))
-        else:
-            p.copy_(full.to(p.device, p.dtype))
-
-
-def init_weights(model: nn.Module, seed: int) -> None:
-    """Gives every parameter its initial value: a model's own `init_rules()` (the ViT) or the
-    LLaMA's rules."""
-    rules = model.init_rules() if hasattr(model, "init_rules") else init_rules(model, model.cfg)
-    missing = [name for name, _ in model.named_parameters() if name not in rules]
-    if missing:
-        raise RuntimeError(f"no initialisation rule for {missing[:3]}")
-    shape_of = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-    assign_parameters(model, lambda name, p: initial_value(*rules[name], shape_of(p), seed, name))
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100):

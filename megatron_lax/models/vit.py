@@ -1,6 +1,6 @@
 """A Vision Transformer (ViT, Dosovitskiy et al.) whose projections can be dense, SVD, CoLA or
 tensor-train, with LaX crossing latents q->q, k->k, v->v, o->o, fc1->fc1, fc2->fc2 between blocks
-(the paper's section 4.1), built from the same low-rank core as the LLaMA (models/lowrank.py).
+(the paper's section 4.1), built from the same method package as the LLaMA (megatron_lax/method).
 
 Patch embedding (a stride-p convolution), a learned CLS token and position embeddings, pre-norm
 blocks (LayerNorm, multi-head attention, LayerNorm, GELU MLP), a final LayerNorm and a linear head on
@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig, tt_dims
-from .llama import init_weights
-from .lowrank import LatentLinear, Latents, lowrank_init_rules, make_linear, projection_counts
+from ..method.formats import make_linear, projection_counts
+from ..method.init import init_weights, module_init_rules
+from ..method.lowrank import LatentLinear, Latents
 
 
 def uses_mlp_norm(cfg: ModelConfig) -> bool:
@@ -113,7 +114,7 @@ class ViTLax(nn.Module):
             x, latents = block(x, latents)
         return self.head(self.head_dropout(self.norm(x[:, 0])))
 
-    def init_rules(self) -> dict[str, tuple[str, float]]:
+    def weight_init_rules(self) -> dict[str, tuple[str, float]]:
         """The ViT's: weights N(0, init_std^2) (timm uses a truncated normal of the same std), biases
         zero, the CLS token N(0, 1e-6^2) as timm, LayerNorms at the identity; low-rank factors by
         `model.lowrank_init`."""
@@ -130,7 +131,7 @@ class ViTLax(nn.Module):
             elif isinstance(module, nn.LayerNorm):  # the crossings' LayerNorms too
                 rules.update({f"{at}weight": ("ones", 0.0), f"{at}bias": ("zeros", 0.0)})
             else:
-                rules.update(lowrank_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
+                rules.update(module_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
         rules.update({"cls_token": ("normal", 1e-6), "pos_embed": ("normal", cfg.init_std)})
         return rules
 

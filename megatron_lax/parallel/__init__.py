@@ -73,7 +73,9 @@ def materialize(model: nn.Module, initialize: Optional[Callable], device: torch.
     initialize(model)
 
 
-def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: DistInfo) -> Engine:
+def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: DistInfo, loss) -> Engine:
+    """The engine cfg.parallel names, running `source` with `loss(outputs, targets)` -> (summed loss,
+    scored targets), the task's."""
     precision = resolve_precision(cfg.train.precision, dist_info.device)
     model, initialize = construct(source, cfg, precision, dist_info.world_size)
     if cfg.train.compile:
@@ -82,12 +84,12 @@ def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: 
         apply_activation_checkpointing(model)
     engine = cfg.parallel.engine
     if engine in ("single", "ddp"):
-        return LocalEngine(cfg, dist_info, precision, model, ddp=engine == "ddp", initialize=initialize)
+        return LocalEngine(cfg, dist_info, precision, loss, model, ddp=engine == "ddp", initialize=initialize)
     if engine == "fsdp":
         from .fsdp import FSDPEngine
-        return FSDPEngine(cfg, dist_info, precision, model, initialize)
+        return FSDPEngine(cfg, dist_info, precision, loss, model, initialize)
     from .deepspeed_engine import DeepSpeedEngine
-    return DeepSpeedEngine(cfg, dist_info, precision, model, initialize)
+    return DeepSpeedEngine(cfg, dist_info, precision, loss, model, initialize)
 
 
 def checkpoint_engine(checkpoint_dir: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..optim import param_groups
+from ..training.optim import param_groups
 from .distributed import broadcast_object
 from .engine import Engine, StepResult
 
@@ -75,12 +75,12 @@ def deepspeed_config(cfg, world_size: int, precision: str) -> dict:
 class DeepSpeedEngine(Engine):
     uses_autocast = False  # DeepSpeed's bf16 mode casts the model itself
 
-    def __init__(self, cfg, dist_info, precision, model, initialize=None):
+    def __init__(self, cfg, dist_info, precision, loss, model, initialize=None):
         """With `initialize`, the model comes partitioned from zero.Init (stage 3) or on the meta device."""
         import deepspeed
         from . import materialize
 
-        super().__init__(cfg, dist_info, precision)
+        super().__init__(cfg, dist_info, precision, loss)
         if initialize is not None and cfg.parallel.zero_stage == 3:
             initialize(model)
         else:

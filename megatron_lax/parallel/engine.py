@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..models import loss_function
-from ..optim import build_optimizer
+from ..training.optim import build_optimizer
 from .distributed import DistInfo
 
 
@@ -38,7 +37,7 @@ def autocast_context(precision: str, device: torch.device):
 
 class Engine:
     """Interface. `model` is what to call; `base_model` is the unwrapped model; `loss(outputs,
-    targets)` gives (summed loss, scored targets) for the model family (models.loss_function). With
+    targets)` gives (summed loss, scored targets): the task's loss, given to build_engine. With
     `trainable_only` (fine-tuning a frozen base) checkpoints hold the trained parameters only."""
 
     trainable_only = False
@@ -55,9 +54,8 @@ class Engine:
     optimizer: torch.optim.Optimizer
     uses_autocast = True  # False where the engine casts itself (FSDP2's policy, DeepSpeed's bf16)
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str):
-        self.cfg, self.dist, self.precision = cfg, dist_info, precision
-        self.loss = loss_function(cfg.model)
+    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, loss):
+        self.cfg, self.dist, self.precision, self.loss = cfg, dist_info, precision, loss
 
     def forward_backward(self, inputs, targets, loss_weight: float, sync: bool):
         """Backpropagates loss_weight * (summed NLL of this micro-batch) so that, over all micro-batches
@@ -114,10 +112,10 @@ class Engine:
 class LocalEngine(Engine):
     """A single process, or plain DDP (every rank holds the whole model and optimizer)."""
 
-    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, model: nn.Module, ddp: bool = False,
+    def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, loss, model: nn.Module, ddp: bool = False,
                  initialize=None):
         from . import materialize
-        super().__init__(cfg, dist_info, precision)
+        super().__init__(cfg, dist_info, precision, loss)
         materialize(model, initialize, dist_info.device)
         model.to(dist_info.device)
         if precision == "bf16-pure":

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..optim import build_optimizer
+from ..training.optim import build_optimizer
 from .engine import Engine
 
 DCP_DIR = "dcp"
@@ -30,10 +30,10 @@ def shard_model(model: torch.nn.Module, world_size: int, device: torch.device, p
 class FSDPEngine(Engine):
     uses_autocast = False  # the MixedPrecisionPolicy casts
 
-    def __init__(self, cfg, dist_info, precision, model, initialize=None):
+    def __init__(self, cfg, dist_info, precision, loss, model, initialize=None):
         """A meta model (with `initialize`) is sharded first and then allocated shard by shard."""
         from . import materialize
-        super().__init__(cfg, dist_info, precision)
+        super().__init__(cfg, dist_info, precision, loss)
         if initialize is None:
             model.to(dist_info.device)
         if precision == "bf16-pure":

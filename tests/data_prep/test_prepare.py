@@ -14,7 +14,7 @@ import pytest
 
 from data_prep.prepare import prepare
 from data_prep.readers import SKIP_REASONS
-from megatron_lax.data import Split
+from megatron_lax.data.tokens import Split
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "data" / "sample"

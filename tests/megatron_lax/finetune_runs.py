@@ -10,13 +10,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.finetune import FinetuneTrainer  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
+from megatron_lax.train import make_trainer  # noqa: E402
 
 if __name__ == "__main__":
     try:
         for overrides in json.loads(Path(sys.argv[1]).read_text()):
-            FinetuneTrainer(load_config(None, overrides)).fit()
+            make_trainer(load_config(None, overrides), "instruction_tuning").fit()
         barrier()  # no rank tears the group down while another still uses it
     finally:
         shutdown()

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from megatron_lax.checkpoint import shares
+from megatron_lax.training.checkpoint import shares
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8, 64])
@@ -33,7 +33,7 @@ def test_a_dcp_checkpoint_spreads_its_shards_over_the_ranks():
 @pytest.mark.parametrize("saved,resuming,refused", [("ddp", "single", False), ("single", "ddp", False),
                                                     ("fsdp", "ddp", True), ("deepspeed", "fsdp", True)])
 def test_resume_is_refused_by_an_engine_that_cannot_read_the_checkpoint(tmp_path, saved, resuming, refused):
-    from megatron_lax import checkpoint
+    from megatron_lax.training import checkpoint
     from megatron_lax.config import dump_yaml, load_config
 
     (tmp_path / "config.yaml").write_text(dump_yaml(load_config("llama_tiny", {"parallel.engine": saved})))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from megatron_lax import compare
+from megatron_lax.experiments import compare
 from megatron_lax.config import dump_yaml, load_config
 from megatron_lax.models.llama import count_parameters, memory_gb
 
@@ -125,7 +125,7 @@ def test_run_without_records_is_an_error(tmp_path):
 
 
 def test_best_picks_the_lowest_final_validation_perplexity(tmp_path, capsys):
-    from megatron_lax.compare import main
+    from megatron_lax.experiments.compare import main
     for name, ppl in (("a", 40.0), ("b", 31.5), ("c", float("nan"))):
         run_dir = tmp_path / name
         run_dir.mkdir()
@@ -137,7 +137,7 @@ def test_best_picks_the_lowest_final_validation_perplexity(tmp_path, capsys):
 
 
 def test_latent_rms_table_averages_each_kind_over_projections_and_blocks(tmp_path):
-    from megatron_lax.compare import latent_rms_table, load_run
+    from megatron_lax.experiments.compare import latent_rms_table, load_run
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_yaml(load_config("llama_60m", {"model.vocab_size": "32000"})))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, free_port, run_command
+from megatron_lax.train import make_trainer
 
 RUN = {**TINY, "model.method": "cola", "model.lax_gate": "identity", "optim.lr": "1e-2", "train.steps": "4",
        "logging.lax_stats_every": "0"}
@@ -28,9 +29,9 @@ def evaluated(run_dir: Path, precision: str = "run") -> dict:
 
 def test_single_engine_bf16_mixed_evaluates_as_it_validated(prepared_sample, tmp_path):
     from megatron_lax.config import load_config
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
     overrides = {**RUN, "data.path": str(prepared_sample), "logging.run_dir": str(tmp_path), "train.precision": "bf16-mixed"}
-    Trainer(load_config("llama_tiny", overrides)).fit()
+    make_trainer(load_config("llama_tiny", overrides)).fit()
     result = evaluated(tmp_path)
     assert result["precision"] == "bf16-mixed (bf16 autocast)"
     assert result["val_loss"] == pytest.approx(final_val_loss(tmp_path), rel=1e-3)

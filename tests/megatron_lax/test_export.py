@@ -13,13 +13,14 @@ from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
 from megatron_lax.export import export
 from megatron_lax.generate import generate
-from megatron_lax.train import Trainer
+from megatron_lax.training.trainer import Trainer
+from megatron_lax.train import make_trainer
 
 
 def trained(prepared, run_dir, **extra):
     values = {**TINY, "train.steps": 3, "optim.lr": 1e-2, "data.path": str(prepared),
               "logging.run_dir": str(run_dir), **extra}
-    Trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()})).fit()
+    make_trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()})).fit()
     return run_dir
 
 

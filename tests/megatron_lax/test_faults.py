@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from conftest import REPO, TINY, as_cli, losses
-from megatron_lax import checkpoint
+from megatron_lax.training import checkpoint
 from megatron_lax.config import load_config
-from megatron_lax.train import Trainer
+from megatron_lax.training.trainer import Trainer
+from megatron_lax.train import make_trainer
 
 STEPS = 8
 RUN = {"model.method": "svd", "model.lax_gate": "identity", "optim.lr": 1e-2, "train.steps": STEPS,
@@ -94,11 +95,11 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_zero(prepared_sample, t
 
 def tiny_trainer(prepared, run_dir, **extra) -> Trainer:
     values = {**TINY, **RUN, "data.path": str(prepared), "logging.run_dir": str(run_dir), **extra}
-    return Trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()}))
+    return make_trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()}))
 
 
 def test_non_finite_step_is_skipped_without_touching_weights_or_optimizer(prepared_sample, tmp_path, monkeypatch):
-    from megatron_lax import faults
+    from megatron_lax.training import faults
     trainer = tiny_trainer(prepared_sample, tmp_path)
     trainer.train_step(), trainer.train_step()
     params = {k: v.clone() for k, v in trainer.engine.base_model.state_dict().items()}

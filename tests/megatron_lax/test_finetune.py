@@ -15,10 +15,15 @@ import torch
 from conftest import TINY, free_port, losses, run_command
 from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
-from megatron_lax.export import export, export_finetuned, load_hf_llama, load_lax_lora
-from megatron_lax.finetune import FinetuneTrainer, load_base, load_finetuned, main
+from megatron_lax.export import export, export_finetuned
+from megatron_lax.loading.finetuned import load_lax_lora
+from megatron_lax.loading.huggingface import load_hf_llama
+from megatron_lax.finetune import main
+from megatron_lax.loading.bases import load_base
+from megatron_lax.loading.finetuned import load_finetuned
 from megatron_lax.models.llama import token_nll
-from megatron_lax.train import Trainer
+from megatron_lax.training.trainer import Trainer
+from megatron_lax.train import make_trainer
 
 RUNS_SCRIPT = Path(__file__).with_name("finetune_runs.py")
 TOKENS = torch.randint(0, 8000, (2, 20), generator=torch.Generator().manual_seed(0))
@@ -27,7 +32,7 @@ TOKENS = torch.randint(0, 8000, (2, 20), generator=torch.Generator().manual_seed
 def pretrained(prepared: Path, run_dir: Path, **extra) -> Path:
     values = {**TINY, "train.steps": 2, "optim.lr": 1e-2, "data.path": str(prepared), "logging.run_dir": str(run_dir),
               "logging.lax_stats_every": 0, **extra}
-    Trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()})).fit()
+    make_trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()})).fit()
     return run_dir
 
 
@@ -56,8 +61,8 @@ def settings(base: Path, task: Path, run_dir: Path, **extra) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def trainer(*args, **extra) -> FinetuneTrainer:
-    return FinetuneTrainer(load_config(None, settings(*args, **extra)))
+def trainer(*args, **extra) -> Trainer:
+    return make_trainer(load_config(None, settings(*args, **extra)), "instruction_tuning")
 
 
 @pytest.fixture(scope="module")
@@ -115,18 +120,16 @@ def test_full_finetuning_trains_every_weight_and_keep_best_keeps_the_lowest_vali
                                                                                          monkeypatch):
     import math
 
-    from megatron_lax.finetune import method_label, selected_checkpoint
+    from megatron_lax.tasks.instruction_tuning import method_label
+    from megatron_lax.loading.finetuned import selected_checkpoint
+    from megatron_lax.tasks.instruction_tuning import InstructionTuning
     scripted = iter([5.0, 3.0, 4.0, 3.5, 6.0, 7.0])  # validation losses of steps 1-6: the best is step 2's
-    original = Trainer.validate
+    original = InstructionTuning.evaluate
 
-    def validate(self):
-        record = original(self)
-        record["val_loss"] = next(scripted)
-        record["val_ppl"] = math.exp(record["val_loss"])
-        self.best_val_ppl = min(getattr(self, "_ppls", [math.inf]) + [record["val_ppl"]])
-        self._ppls = getattr(self, "_ppls", []) + [record["val_ppl"]]
-        return record
-    monkeypatch.setattr(Trainer, "validate", validate)
+    def evaluate(self, engine, batches):
+        loss = next(scripted)
+        return {**original(self, engine, batches), "val_loss": loss, "val_ppl": math.exp(loss)}
+    monkeypatch.setattr(InstructionTuning, "evaluate", evaluate)
     run = trainer(base, task, tmp_path, finetune__full="true", train__eval_every=1, train__steps=6)
     run.fit()
     assert all(p.requires_grad for p in run.engine.base_model.parameters())
@@ -144,7 +147,7 @@ def test_full_finetuning_trains_every_weight_and_keep_best_keeps_the_lowest_vali
 def test_bos_follows_the_base_s_own_convention(base, tmp_path):
     transformers = pytest.importorskip("transformers")
     from conftest import REPO
-    from megatron_lax.finetune import uses_bos
+    from megatron_lax.tasks.instruction_tuning import uses_bos
     from tokenizer import load_tokenizer
     ours = load_tokenizer(str(REPO / "tokenizer" / "sample"))
     assert ours.bos_id >= 0 and not uses_bos("auto", str(base), ours)  # our pre-training never saw BOS
@@ -216,7 +219,7 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
         expected = one(TOKENS)
         for name in ("fsdp", "zero2"):  # sharded checkpoints of the adapters only, consolidated, on their base
             torch.testing.assert_close(load_finetuned(tmp_path / name)[0](TOKENS), expected, rtol=1e-4, atol=1e-4)
-    from megatron_lax.checkpoint import resolve_checkpoint_dir
+    from megatron_lax.training.checkpoint import resolve_checkpoint_dir
     from megatron_lax.parallel import consolidated_state_dict
     for name in ("fsdp", "zero2"):
         saved = consolidated_state_dict(resolve_checkpoint_dir(tmp_path / name))
@@ -256,8 +259,9 @@ def hf_export(base: Path, out: Path) -> Path:
 def test_a_hugging_face_base_built_on_meta_and_filled_tensor_by_tensor_equals_the_eager_load(base, task, tmp_path,
                                                                                              full):
     """What FSDP2 and ZeRO-3 fine-tunes get from finetune_recipe (here on one process, unsharded)."""
-    from megatron_lax.lora import apply_lora
-    from megatron_lax.model_io import base_fingerprint, finetune_recipe
+    from megatron_lax.models.lora import apply_lora
+    from megatron_lax.loading.bases import base_fingerprint
+    from megatron_lax.loading.finetuned import finetune_recipe
     from megatron_lax.parallel import materialize
     hf = hf_export(base, tmp_path / "hf")
     cfg = load_config(None, settings(hf, task, tmp_path / "run", lora__lax_gate="linear", finetune__full=full))

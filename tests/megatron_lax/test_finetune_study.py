@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from megatron_lax import finetune_eval, finetune_study
+from megatron_lax import finetune_eval
+from megatron_lax.experiments import finetune_study
 from megatron_lax.config import ModelConfig
 from megatron_lax.models.llama import LlamaLax
 from tokenizer import load_tokenizer

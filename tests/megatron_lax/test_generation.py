@@ -7,7 +7,7 @@ import torch
 
 from megatron_lax.config import LoraConfig, ModelConfig
 from megatron_lax.generate import decode_batch
-from megatron_lax.lora import apply_lora
+from megatron_lax.models.lora import apply_lora
 from megatron_lax.models.llama import LlamaLax
 
 PROMPTS = [[5, 9, 2, 7, 3, 8, 4], [11, 3], [6, 6, 20, 31, 2], [40]]

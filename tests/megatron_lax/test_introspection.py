@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from megatron_lax.config import PROJECTIONS, load_config
-from megatron_lax.introspection import PEAK_BF16_FLOPS, gate_values, latent_rms, peak_flops
+from megatron_lax.training.introspection import PEAK_BF16_FLOPS, gate_values, latent_rms, peak_flops
 from megatron_lax.models.llama import LlamaLax
 
 
@@ -48,7 +48,7 @@ def test_peak_flops_given_or_measured():
 
 def test_lax_lora_adapters_are_found_by_the_introspection():
     from megatron_lax.config import LoraConfig
-    from megatron_lax.lora import apply_lora
+    from megatron_lax.models.lora import apply_lora
     cfg = load_config("llama_tiny", {"model.method": "dense", "model.vocab_size": 64, "model.dim": 32,
                                      "model.n_heads": 2, "model.ffn_dim": 48, "model.n_layers": 3})
     model = apply_lora(LlamaLax(cfg.model), LoraConfig(rank=4, alpha=8, lax_gate="linear", targets=["q", "up"]))

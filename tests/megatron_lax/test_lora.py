@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_lax.config import LoraConfig, ModelConfig
-from megatron_lax.lora import LoraLinear, apply_lora, merge_lora, strip_lora, trainable_parameters
+from megatron_lax.models.lora import LoraLinear, apply_lora, merge_lora, strip_lora, trainable_parameters
 from megatron_lax.models.llama import LlamaLax
 
 SHAPE = ModelConfig(dim=32, n_layers=3, n_heads=2, ffn_dim=48, vocab_size=64)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_lax import reproduce
+from megatron_lax.experiments import reproduce
 from megatron_lax.config import dump_yaml
 
 BEST_LR = 4e-3
@@ -20,7 +20,7 @@ class StandInTrainer:
     validation loss smallest at BEST_LR; `preempt_seeds` end as a signal would end them."""
     preempt_seeds: set = set()
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, task_class=None):
         self.cfg = cfg
 
     def fit(self) -> dict:
@@ -45,7 +45,8 @@ def plan(lrs, extend_edges=0) -> dict:
 @pytest.fixture
 def stand_in(monkeypatch):
     StandInTrainer.preempt_seeds = set()
-    monkeypatch.setattr("megatron_lax.train.trainer_for", lambda cfg: StandInTrainer)
+    for module in ("reproduce", "sweep"):
+        monkeypatch.setattr(f"megatron_lax.experiments.{module}.Trainer", StandInTrainer)
     return StandInTrainer
 
 

@@ -10,7 +10,8 @@ import yaml
 
 from conftest import TINY, losses
 from megatron_lax.config import load_config
-from megatron_lax.sweep import log_spaced, parse_lrs, rung_steps, successive_halving
+from megatron_lax.experiments.sweep import log_spaced, parse_lrs, rung_steps, successive_halving
+from megatron_lax.train import make_trainer
 
 STEPS = 8
 
@@ -44,10 +45,10 @@ def test_sweep_trains_two_finalists_to_the_end_and_chooses_on_the_selection_slic
     reported = result["reported_val_loss"]
     assert all(reported[lr]["8"] != pytest.approx(finals[lr], abs=1e-6) for lr in finals)  # other tokens
     # paused at step 4 and resumed: the same losses as one uninterrupted run at that rate
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
     plain = tiny(prepared_sample, optim__lr=result["best_lr"], logging__run_dir=tmp_path / "plain",
                  train__select_tokens=2048)
-    summary = Trainer(plain).fit()
+    summary = make_trainer(plain).fit()
     swept = losses(tmp_path / "sweep" / f"lr_{result['best_lr']:g}")
     assert swept == pytest.approx(losses(tmp_path / "plain"), rel=1e-6)
     assert summary["select_loss"] == pytest.approx(finals[f"{result['best_lr']:g}"], rel=1e-6)
@@ -59,7 +60,7 @@ def test_sweep_trains_two_finalists_to_the_end_and_chooses_on_the_selection_slic
 
 def fake_runs(monkeypatch, selection: dict, reported: dict, chance: float = 6.0):
     """Replaces training: train_until returns the given selection / reported losses at each pause."""
-    import megatron_lax.sweep as sweep
+    import megatron_lax.experiments.sweep as sweep
     trained = []
 
     def train_until(cfg, lr, stop, out):
@@ -100,7 +101,7 @@ def test_a_rate_stuck_at_the_unigram_plateau_is_stalled_and_never_chosen(monkeyp
 
 
 def test_spike_rule_fires_on_a_loss_spike_and_not_on_noise_or_a_plateau():
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
     trainer = object.__new__(Trainer)
     trainer.cfg = load_config("llama_micro", {})
 
@@ -118,7 +119,7 @@ def test_spike_rule_fires_on_a_loss_spike_and_not_on_noise_or_a_plateau():
 
 
 def test_selection_slice_follows_the_reported_tokens_and_never_overlaps_them(prepared_sample):
-    from megatron_lax import data
+    from megatron_lax.data import tokens as data
     sequences = data.Sequences(data.Split(prepared_sample, "validation"), 32, "packed")
     reported = data.validation_sequence_ids(sequences, 4096)
     selection = data.validation_sequence_ids(sequences, 2048, after_tokens=4096)
@@ -128,7 +129,7 @@ def test_selection_slice_follows_the_reported_tokens_and_never_overlaps_them(pre
 
 
 def test_reproduce_reports_mean_and_spread_and_shares_equal_runs(prepared_sample, tmp_path):
-    from megatron_lax.reproduce import main
+    from megatron_lax.experiments.reproduce import main
     plan = {"out": str(tmp_path / "out"), "lrs": [3e-3, 1e-2], "rungs": 2, "eta": 2, "seeds": [0, 1, 2],
             "plateau": -1e9, "config": {"preset": "llama_tiny", **{s: {} for s in ("model", "data", "train", "logging")}},
             "variants": {"svd": {"model": {"method": "svd"}},
@@ -166,7 +167,7 @@ def test_reproduce_reports_mean_and_spread_and_shares_equal_runs(prepared_sample
 
 
 def test_run_key_ignores_what_does_not_shape_a_pretraining_run():
-    from megatron_lax.reproduce import run_key
+    from megatron_lax.experiments.reproduce import run_key
     cfg = load_config("llama_micro", {})
     key = run_key(cfg)
     cfg.lora.rank, cfg.finetune.epochs, cfg.optim.lr, cfg.train.seed = 4, 9, 0.5, 7
@@ -178,7 +179,7 @@ def test_run_key_ignores_what_does_not_shape_a_pretraining_run():
 def test_quickstart_trains_the_reproductions_svd_lax_run():
     """README command 1 prints a figure docs/RESULTS.md can be checked against: same settings."""
     from conftest import REPO
-    from megatron_lax.reproduce import load_plan, variant_config
+    from megatron_lax.experiments.reproduce import load_plan, variant_config
     plan = variant_config(load_plan(REPO / "configs/reproduce_small.yaml"), "svd_lax").to_dict()
     quickstart = load_config(str(REPO / "configs/quickstart.yaml"), {}).to_dict()
     quickstart["optim"]["lr"] = plan["optim"]["lr"]  # the swept rate (docs/RESULTS.md)
@@ -188,7 +189,7 @@ def test_quickstart_trains_the_reproductions_svd_lax_run():
 
 def test_the_shipped_plan_chooses_on_a_selection_slice_and_its_quick_protocol_trains_two_rates_to_the_end():
     from conftest import REPO
-    from megatron_lax.reproduce import grid, load_plan, variant_config
+    from megatron_lax.experiments.reproduce import grid, load_plan, variant_config
     plan = load_plan(REPO / "configs/reproduce_small.yaml")
     for name in plan["variants"]:
         cfg = variant_config(plan, name)  # every study variant resolves

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megatron_lax.config import load_config
-from megatron_lax.train import Trainer
+from megatron_lax.training.trainer import Trainer
+from megatron_lax.train import make_trainer
 
 VARIANTS = [("dense", "none", 3e-3), ("svd", "none", 3e-3), ("svd", "identity", 1e-2),
             ("cola", "none", 3e-3), ("cola", "identity", 1e-2)]
@@ -20,7 +21,7 @@ VARIANTS = [("dense", "none", 3e-3), ("svd", "none", 3e-3), ("svd", "identity", 
 def test_training_lowers_validation_loss(tiny_overrides, tmp_path, method, gate, lr):
     cfg = load_config("llama_tiny", tiny_overrides(tmp_path, model__method=method,
                                                    model__lax_gate=gate, optim__lr=lr, train__steps=40))
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     before = trainer.validate()["val_loss"]
     summary = trainer.fit()
     assert summary["val_loss"] < before - 1.0, (before, summary["val_loss"])
@@ -63,7 +64,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_overrides, tmp_p
                                                        train__micro_batch=micro, model__method="svd",
                                                        model__lax_gate="identity", optim__lr=1e-2,
                                                        train__steps=4))
-        trainer = Trainer(cfg)
+        trainer = make_trainer(cfg)
         losses.append([trainer.train_step()["loss"] for _ in range(4)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6)
 
@@ -72,7 +73,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_overrides, tmp_p
 def test_bf16_precisions_on_one_process(tiny_overrides, tmp_path, precision):
     cfg = load_config("llama_tiny", tiny_overrides(tmp_path, model__method="cola", model__lax_gate="identity",
                                                    train__precision=precision, train__steps=3))
-    trainer = Trainer(cfg)
+    trainer = make_trainer(cfg)
     dtypes = {p.dtype for p in trainer.engine.base_model.parameters()}
     assert dtypes == ({torch.bfloat16} if precision == "bf16-pure" else {torch.float32})
     first = trainer.train_step()["loss"]

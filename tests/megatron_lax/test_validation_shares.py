@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_lax import data
+from megatron_lax.data import tokens as data
 from megatron_lax.config import load_config
 from megatron_lax.models.llama import LlamaLax, token_nll
 

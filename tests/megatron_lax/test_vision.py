@@ -82,7 +82,7 @@ def test_training_learns(tmp_path):
 
 def test_held_out_images_are_never_trained_on():
     from megatron_lax.config import load_config
-    from megatron_lax.vision import open_splits
+    from megatron_lax.tasks.image_classification import open_splits
     cfg = load_config("vit_micro", {"data.path": str(SAMPLE), "data.train_images": "500", "data.holdout": "100",
                                     "data.eval_split": "holdout"})
     train, holdout = open_splits(cfg.data)

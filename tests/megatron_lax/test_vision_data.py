@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_lax.vision_data import (AugmentConfig, ImageTrainLoader, holdout_split, open_image_dataset, read_idx,
-                                      soft_targets, subset, validation_batches)
+from megatron_lax.data.images import AugmentConfig, ImageTrainLoader, holdout_split, open_image_dataset, read_idx, soft_targets, subset, validation_batches
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "fashion_mnist_sample"
 FMNIST = dict(image_size=28, crop_scale=(0.35, 1.0))

@@ -13,6 +13,7 @@ import pytest
 
 from tokenizer import load_tokenizer
 from tokenizer.train import sample_documents, train_tokenizer
+from megatron_lax.train import make_trainer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_TRAIN = REPO / "data" / "sample" / "c4-train.00000-of-00001.json.gz"
@@ -83,9 +84,9 @@ def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
     pytest.importorskip("transformers")
     from conftest import TINY
     from megatron_lax.config import PRESETS, load_config
-    from megatron_lax.data import model_vocab_size
+    from megatron_lax.data.tokens import model_vocab_size
     from megatron_lax.info import describe
-    from megatron_lax.train import Trainer
+    from megatron_lax.training.trainer import Trainer
 
     tok = load_tokenizer(str(t5_layout_directory(tmp_path / "t5")))
     assert tok.vocab_size == 8192 + 100 and tok.eos_id == 1
@@ -97,6 +98,6 @@ def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
     overrides = {**TINY, "data.path": str(tmp_path / "prepared"), "data.tokenizer": str(tmp_path / "t5"),
                  "data.raw": str(REPO / "data" / "sample"), "logging.run_dir": str(tmp_path / "run"),
                  "train.steps": "2", "model.method": "svd", "model.lax_gate": "identity"}
-    summary = Trainer(load_config("llama_tiny", overrides)).fit()
+    summary = make_trainer(load_config("llama_tiny", overrides)).fit()
     run_cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     assert run_cfg.model.vocab_size == 8320 and summary["steps"] == 2

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from megatron_lax.config import PRESETS, load_config
 from megatron_lax.models.llama import LlamaLax, flops_per_token
-from megatron_lax.models.lowrank import DenseGate, LowRankLinear
+from megatron_lax.method.lowrank import DenseGate, LowRankLinear
 
 SMALL = {"model.vocab_size": 96, "model.dim": 32, "model.n_layers": 3, "model.n_heads": 4, "model.ffn_dim": 48,
          "model.rank": 8}

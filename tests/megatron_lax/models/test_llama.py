@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from megatron_lax.config import PROJECTIONS, load_config
 from megatron_lax.models.llama import LlamaLax, count_parameters
-from megatron_lax.models.lowrank import TensorGate
+from megatron_lax.method.lowrank import TensorGate
 
 VOCAB = 97
 
@@ -217,7 +217,7 @@ def test_lax_layernorm_makes_the_latent_unit_scale_whatever_the_init():
     """Why the init matters so much with LaX: the LayerNorm rescales A x (+ the crossing) to unit
     RMS, so B's initial std alone sets the projection's output scale. Without LaX the latent keeps
     A's scale. Recorded with the latent-RMS introspection."""
-    from megatron_lax.introspection import latent_rms
+    from megatron_lax.training.introspection import latent_rms
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     stats = {}
     for init in ("cola", "matched"):
@@ -262,7 +262,7 @@ def test_small_dense_gate_init_starts_near_zero_with_a_bias():
 
 
 def test_initial_weights_depend_on_the_seed_and_names_not_on_how_the_model_is_built():
-    from megatron_lax.models.llama import init_weights
+    from megatron_lax.method.init import init_weights
     a, cfg = build("cola", "dense")
     with torch.device("meta"):
         b = LlamaLax(cfg.model, init_seed=None)
@@ -286,7 +286,7 @@ def test_rotary_tables_stay_fp32_in_a_bf16_model():
 
 
 def test_gates_take_no_weight_decay():
-    from megatron_lax.optim import param_groups
+    from megatron_lax.training.optim import param_groups
     model, _ = build("svd", "dense")
     decay, no_decay = param_groups(model, 0.01)
     gate_ids = {id(p) for n, p in model.named_parameters() if ".lax_gate." in n}

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_lax.models.lowrank import TensorGate
-from megatron_lax.models.tensor_train import TTLinear, intra_parameters, tt_flops, tt_parameters, tt_ranks
+from megatron_lax.method.lowrank import TensorGate
+from megatron_lax.method.tensor_train import TTLinear, intra_parameters, tt_flops, tt_parameters, tt_ranks
 
 
 def dense_from_cores(cores, in_dims, out_dims) -> torch.Tensor:
@@ -116,7 +116,7 @@ def test_counts_match_the_built_layer():
 
 @pytest.mark.parametrize("init,sigma", [("matched", 0.02), ("cola", (48 + 48) ** -0.5)])
 def test_initialisation_gives_the_stated_product_std(init, sigma):
-    from megatron_lax.models.llama import initial_value
+    from megatron_lax.method.init import initial_value
     layer = TTLinear([6, 8], [8, 6], 16, activation=None, gate=None)
     rules = layer.init_rules("", init, 0.02)
     stds = []

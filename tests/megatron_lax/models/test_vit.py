@@ -5,8 +5,8 @@ import torch
 
 from megatron_lax.config import load_config
 from megatron_lax.launch import vit_variant
-from megatron_lax.models.lowrank import LowRankLinear, TensorGate
-from megatron_lax.models.tensor_train import TTLinear
+from megatron_lax.method.lowrank import LowRankLinear, TensorGate
+from megatron_lax.method.tensor_train import TTLinear
 from megatron_lax.models.vit import ViTLax, count_parameters, flops_per_image
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from megatron_lax.config import load_config  # noqa: E402
-from megatron_lax.models.llama import LlamaLax, count_parameters, init_weights  # noqa: E402
+from megatron_lax.models.llama import LlamaLax, count_parameters, token_nll  # noqa: E402
+from megatron_lax.method.init import init_weights  # noqa: E402
 from megatron_lax.parallel import ModelRecipe, build_engine  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, init_distributed, shutdown  # noqa: E402
 
@@ -26,7 +27,7 @@ if __name__ == "__main__":
     dist = init_distributed("fsdp", "cpu")
     before = peak_rss_bytes()
     engine = build_engine(cfg, ModelRecipe(lambda: LlamaLax(cfg.model, init_seed=None),
-                                           lambda model: init_weights(model, 0)), dist)
+                                           lambda model: init_weights(model, 0)), dist, token_nll)
     local = sum(p.to_local().numel() for p in engine.model.parameters())
     print(json.dumps({"rank": dist.rank, "growth": peak_rss_bytes() - before, "local_params": local,
                       "unsharded_bytes": 4 * count_parameters(cfg.model)}), flush=True)

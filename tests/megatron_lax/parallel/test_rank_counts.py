@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, losses
-from megatron_lax import checkpoint
+from megatron_lax.training import checkpoint
 from train_runs import launch, run_all
 
 STEPS = 4

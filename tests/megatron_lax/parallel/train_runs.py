@@ -23,11 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from megatron_lax import faults  # noqa: E402
-from megatron_lax.checkpoint import CheckpointError  # noqa: E402
+from megatron_lax.training import faults  # noqa: E402
+from megatron_lax.training.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
-from megatron_lax.train import Trainer, trainer_for  # noqa: E402
+from megatron_lax.training.trainer import Trainer  # noqa: E402
+from megatron_lax.train import make_trainer  # noqa: E402
 
 
 def failing_saves(trainer: Trainer, step: int):
@@ -44,7 +45,7 @@ def failing_saves(trainer: Trainer, step: int):
 
 def run_one(run: dict) -> None:
     cfg = load_config(run.get("preset", "llama_tiny"), {k: str(v) for k, v in run["overrides"].items()})
-    trainer = trainer_for(cfg)(cfg)
+    trainer = make_trainer(cfg)
     disk_full = run.get("disk_full")
     patch = failing_saves(trainer, disk_full["step"]) if disk_full and disk_full["rank"] == trainer.dist.rank \
         else contextlib.nullcontext()

@@ -145,3 +145,20 @@ class TTLinear(LatentLinear):
         if self.bias is not None:
             rules[f"{at}bias"] = ("zeros", 0.0)
         return rules
+
+
+# --- the format's entry in the registry (formats.py) -------------------------------------------------
+
+def build_tt(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
+    latent_activation = activation if cfg.method == "cola" else None
+    intra = cfg.lax_intra_gate if projection in cfg.lax_intra_modules else None
+    return TTLinear(*tt_dims, cfg.rank_of(projection), latent_activation, intra=intra, bias=bias, **crossing)
+
+
+def count_tt(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
+    r = cfg.rank_of(projection)
+    params, flops = tt_parameters(*tt_dims, r), tt_flops(*tt_dims, r)
+    if projection in cfg.lax_intra_modules:
+        params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
+    latent_width = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]
+    return params, flops, latent_width

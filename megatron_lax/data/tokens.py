@@ -27,12 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import paper
+
 IGNORE = -100
-# Table 14's steps by model dim (60M..1B); `train.token_budget paper` is exactly steps x 512 x 256
-# tokens. (The 1.1B/2.2B/6.4B/13.1B figures quoted with Table 5 are GaLore's, and disagree with these
-# step counts at 512 x 256 tokens a step.)
-PAPER_STEPS = {512: 10_000, 768: 20_000, 1024: 60_000, 2048: 100_000}
-PAPER_TOKENS_PER_STEP = 512 * 256
 
 
 # --- preparation and the manifest ------------------------------------------------------------------
@@ -413,10 +410,10 @@ def parse_token_count(text: str) -> float:
 def budget_tokens(budget: str, model_cfg, n_params: int) -> float:
     """Tokens for train.token_budget, or 0 when the budget is not set (steps are given instead)."""
     if budget == "paper":
-        if model_cfg.dim not in PAPER_STEPS:
+        if model_cfg.dim not in paper.STEPS_BY_DIM:
             raise ValueError(f"train.token_budget paper is defined for the 60M/130M/350M/1B shapes "
                              f"(dim 512/768/1024/2048), not dim {model_cfg.dim}")
-        return float(PAPER_STEPS[model_cfg.dim] * PAPER_TOKENS_PER_STEP)
+        return float(paper.STEPS_BY_DIM[model_cfg.dim] * paper.TOKENS_PER_STEP)
     if budget == "chinchilla":
         return 20.0 * n_params
     return parse_token_count(budget)

@@ -1,4 +1,4 @@
-"""The low-rank core shared by every model family: linear formats, LaX gates and the crossing.
+"""Dense, SVD and CoLA projections, the LaX gates and the crossing that every latent format shares.
 
 A projection maps x to y through a rank-r latent: h = encode(x), y = decode(z). With LaX (a gate),
 for block i > 0
@@ -9,6 +9,9 @@ where z_{i-1} is the latent of the same-named projection of block i-1. Formats:
 - `DenseLinear`: W x (no latent);
 - `LowRankLinear`: encode = A, decode = B (SVD: B A x; CoLA: B act(A x));
 - `TTLinear` (tensor_train.py): encode/decode are the two halves of a tensor-train contraction.
+
+Each module that owns parameters states its initial values through `init_rules(at, init, init_std)`
+(see method/init.py). The formats are found by name through formats.py.
 
 Every projection returns (y, the latent it hands on), so a model's blocks carry a dict of latents
 alongside the residual stream. Which latent is handed on is `latent`: `output` (z after the sum,
@@ -49,6 +52,9 @@ class LinearGate(nn.Module):
     def forward(self, z):
         return self.beta * z
 
+    def init_rules(self, at: str, init: str, init_std: float) -> dict:
+        return {f"{at}beta": ("ones", 0.0)}
+
 
 class DenseGate(nn.Module):
     """An r x r linear map. `init identity`: starts as the identity, no bias; `small`: weight
@@ -62,6 +68,12 @@ class DenseGate(nn.Module):
 
     def forward(self, z):
         return F.linear(z, self.weight, self.bias)
+
+    def init_rules(self, at: str, init: str, init_std: float) -> dict:
+        rules = {f"{at}weight": ("normal", 0.02) if self.init == "small" else ("eye", 0.0)}
+        if self.bias is not None:
+            rules[f"{at}bias"] = ("zeros", 0.0)
+        return rules
 
 
 def balanced_factors(n: int) -> tuple[int, int]:
@@ -91,6 +103,9 @@ class TensorGate(nn.Module):
         folded = z.unflatten(-1, self.in_shape)
         out = torch.matmul(torch.matmul(self.core0, folded), self.core1.transpose(0, 1))
         return out.flatten(-2)
+
+    def init_rules(self, at: str, init: str, init_std: float) -> dict:
+        return {f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)}
 
 
 GATES = {"identity": IdentityGate, "linear": LinearGate, "dense": DenseGate, "tensor": TensorGate}
@@ -192,62 +207,30 @@ class LowRankLinear(LatentLinear):
     def decode(self, z):
         return self.B(z)
 
-
-def lowrank_init_rules(module: nn.Module, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
-    """(kind, std) for the parameters of one low-rank module (a format or a gate) named `at` + '.'
-    prefix; {} for other modules. Kinds: `normal`, `ones`, `zeros`, `eye` (a rectangular identity)."""
-    rules = {}
-    if isinstance(module, LowRankLinear):
-        std = lowrank_factor_std(module.d_in, module.d_out, module.rank, init, init_std)
+    def init_rules(self, at: str, init: str, init_std: float) -> dict:
+        std = lowrank_factor_std(self.d_in, self.d_out, self.rank, init, init_std)
         rules = {f"{at}A.weight": ("normal", std), f"{at}B.weight": ("normal", std)}
-        if module.B.bias is not None:
+        if self.B.bias is not None:
             rules[f"{at}B.bias"] = ("zeros", 0.0)
-    elif isinstance(module, LinearGate):
-        rules[f"{at}beta"] = ("ones", 0.0)
-    elif isinstance(module, DenseGate):
-        rules[f"{at}weight"] = ("normal", 0.02) if module.init == "small" else ("eye", 0.0)
-        if module.bias is not None:
-            rules[f"{at}bias"] = ("zeros", 0.0)
-    elif isinstance(module, TensorGate):
-        rules.update({f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)})
-    elif isinstance(module, LatentLinear) and hasattr(module, "init_rules"):  # TTLinear
-        rules = module.init_rules(at, init, init_std)
-    return rules
+        return rules
 
 
-def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
-                activation: str = "silu", tt_dims: Optional[tuple[list, list]] = None) -> nn.Module:
-    """The one factory for every projection of every block of both model families. `cfg` is a
-    ModelConfig; `activation` is CoLA's latent activation (the family's own: SiLU for LLaMA, GELU
-    for the ViT); `tt_dims` the (input, output) modes of a tensor-train projection."""
-    if cfg.method == "dense":
-        return DenseLinear(d_in, d_out, bias)
-    common = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
-                  latent=cfg.lax_latent, norm=cfg.lax_norm, bias=bias)
+# --- the formats' entries in the registry (formats.py) -------------------------------------------------
+
+def build_dense(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
+    return DenseLinear(d_in, d_out, bias)
+
+
+def count_dense(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
+    return d_in * d_out, 2 * d_in * d_out, 0
+
+
+def build_factored(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
+    """SVD (B A x) or CoLA (B act(A x)): CoLA's latent activation is the family's own (`activation`)."""
     latent_activation = activation if cfg.method == "cola" else None
-    if cfg.method == "tt":
-        from .tensor_train import TTLinear
-        intra = cfg.lax_intra_gate if projection in cfg.lax_intra_modules else None
-        return TTLinear(*tt_dims, cfg.rank_of(projection), latent_activation, intra=intra, **common)
-    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), latent_activation, **common)
+    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), latent_activation, bias=bias, **crossing)
 
 
-def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
-                      tt_dims: Optional[tuple[list, list]] = None) -> tuple[int, int]:
-    """(parameters, forward FLOPs per token) of the projection make_linear builds, its crossing and
-    intra-layer gates included (2 FLOPs per multiply-add; elementwise activations left out)."""
-    if cfg.method == "dense":
-        return d_in * d_out + (d_out if bias else 0), 2 * d_in * d_out
+def count_factored(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
     r = cfg.rank_of(projection)
-    if cfg.method == "tt":
-        from .tensor_train import intra_parameters, tt_flops, tt_parameters, tt_ranks
-        params, flops = tt_parameters(*tt_dims, r), tt_flops(*tt_dims, r)
-        if projection in cfg.lax_intra_modules:
-            params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
-        r = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]  # the latent's width
-    else:
-        params, flops = r * (d_in + d_out), 2 * r * (d_in + d_out)
-    if cfg.crosses(projection, layer):
-        params += crossing_parameters(cfg.lax_gate, r, cfg.lax_gate_init, cfg.lax_norm)
-        flops += crossing_flops(cfg.lax_gate, r)
-    return params + (d_out if bias else 0), flops
+    return r * (d_in + d_out), 2 * r * (d_in + d_out), r

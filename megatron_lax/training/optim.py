@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -13,7 +13,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     mixing weight that starts at the identity (or near zero): decaying it would pull a dense or
     tensor gate toward switching the crossing off rather than toward its starting point, and the
     gates hold a negligible share of the parameters, so they need no regularising."""
-    from .models.lowrank import GATES
+    from ..method.lowrank import GATES
     gate_params = {id(p) for m in model.modules() if isinstance(m, tuple(GATES.values())) for p in m.parameters()}
     decay, no_decay = [], []
     for p in model.parameters():

@@ -8,7 +8,7 @@ import signal
 
 import torch
 
-from .parallel.distributed import all_reduce_sum
+from ..parallel.distributed import all_reduce_sum
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 

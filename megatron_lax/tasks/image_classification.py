@@ -1,10 +1,8 @@
-"""Image classification (model.arch vit): the pre-training loop of train.py with image data.
+"""Image classification (the ViT family):
 
     python -m megatron_lax.train --config configs/vit_fashion_mnist.yaml [--section.key value ...]
 
-`train` picks VisionTrainer for a ViT config; everything else (engines, precision, checkpoints with
-exact resume, metrics, TensorBoard, sweep and reproduce) is pre-training's. The schedule is counted in
-epochs of the training images (train.epochs, optim.warmup_epochs); validation reports top-1 and top-5
+The schedule is counted in epochs of the training images (train.epochs, optim.warmup_epochs); validation reports top-1 and top-5
 accuracy and the cross-entropy. With data.holdout > 0 a seeded slice of the training images is never
 trained on, and data.eval_split holdout scores it instead of the reported split: choosing a learning
 rate there keeps the reported test images out of every choice.
@@ -16,41 +14,34 @@ import math
 
 import torch
 
-from . import vision_data
-from .config import Config, DataConfig
-from .models.vit import classification_loss, count_parameters, flops_per_image
-from .parallel.distributed import all_reduce_sum
-from .train import Trainer
+from ..config import Config, DataConfig
+from ..data import images
+from ..method.init import init_weights
+from ..models.vit import ViTLax, classification_loss, count_parameters, flops_per_image
+from ..parallel import ModelRecipe
+from ..parallel.distributed import DistInfo, all_reduce_sum
+from .base import Task
 
 HOLDOUT_SEED = 1234  # the held-out slice is the same whatever data.seed, so every run is scored on it
 
 
-def open_splits(d: DataConfig) -> tuple[vision_data.ImageDataset, vision_data.ImageDataset]:
+def open_splits(d: DataConfig) -> tuple[images.ImageDataset, images.ImageDataset]:
     """(training images, validation images) as data.train_images / holdout / eval_split ask."""
-    train = vision_data.open_image_dataset(d.path, "train")
+    train = images.open_image_dataset(d.path, "train")
     if d.train_images:
-        train = vision_data.subset(train, range(min(d.train_images, len(train))))
+        train = images.subset(train, range(min(d.train_images, len(train))))
     holdout = None
     if d.holdout:
         if d.holdout >= len(train):
             raise ValueError(f"data.holdout {d.holdout} leaves no training images (there are {len(train)})")
-        train, holdout = vision_data.holdout_split(train, d.holdout, HOLDOUT_SEED)
-    evaluated = holdout if d.eval_split == "holdout" else vision_data.open_image_dataset(d.path, "val")
+        train, holdout = images.holdout_split(train, d.holdout, HOLDOUT_SEED)
+    evaluated = holdout if d.eval_split == "holdout" else images.open_image_dataset(d.path, "val")
     return train, evaluated
 
 
-def planned_steps(cfg: Config, steps_per_epoch: int = 0) -> int:
-    """train.steps, or train.epochs of the training images in steps of train.global_batch."""
-    if cfg.train.steps:
-        return cfg.train.steps
-    if not steps_per_epoch:
-        steps_per_epoch = len(open_splits(cfg.data)[0]) // cfg.train.global_batch
-    return math.ceil(cfg.train.epochs * steps_per_epoch)
-
-
-def augment_config(cfg: Config, train: bool) -> vision_data.AugmentConfig:
+def augment_config(cfg: Config, train: bool) -> images.AugmentConfig:
     a = cfg.augment
-    return vision_data.AugmentConfig(
+    return images.AugmentConfig(
         image_size=cfg.model.image_size, train=train, crop_scale=(a.crop_scale_min, 1.0), hflip=a.hflip,
         randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m, erase_prob=a.random_erasing,
         mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing)
@@ -73,60 +64,56 @@ def summary_of(sums: torch.Tensor) -> dict:
     return {"val_loss": loss / n, "val_acc1": 100 * top1 / n, "val_acc5": 100 * top5 / n, "val_images": int(n)}
 
 
-class VisionTrainer(Trainer):
+class ImageClassification(Task):
     unit = "images"
+    headline_metric = ("val_acc1", "top-1 (%)", True)
 
-    def build_data(self) -> None:
-        cfg, t, d = self.cfg, self.cfg.train, self.dist
+    def __init__(self, cfg: Config, dist: DistInfo):
+        super().__init__(cfg, dist)
+        cfg, t = self.cfg, self.cfg.train
         self.train_set, self.eval_set = open_splits(cfg.data)
         cfg.model.num_classes = cfg.model.num_classes or self.train_set.num_classes
         cfg.model.in_channels = cfg.model.in_channels or self.train_set.channels
-        self.loader = vision_data.ImageTrainLoader(self.train_set, augment_config(cfg, train=True), t.global_batch,
-                                                   t.micro_batch, d.rank, d.world_size, cfg.data.seed,
-                                                   cfg.data.loader_workers, cfg.model.num_classes)
+        self.loader = images.ImageTrainLoader(self.train_set, augment_config(cfg, train=True), t.global_batch,
+                                              t.micro_batch, dist.rank, dist.world_size, cfg.data.seed,
+                                              cfg.data.loader_workers, cfg.model.num_classes)
         if self.loader.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images do not fill one step of {t.global_batch}")
         self.n_params = count_parameters(cfg.model)
-        self.total_steps = planned_steps(cfg, self.loader.steps_per_epoch)
+        self.total_steps = self.planned_steps(cfg, self.loader.steps_per_epoch)
         if self.total_steps <= 0:
             raise ValueError("a ViT run needs train.epochs (or train.steps) > 0")
         if cfg.optim.warmup_epochs >= 0:
             cfg.optim.warmup_steps = round(cfg.optim.warmup_epochs * self.loader.steps_per_epoch)
+        self.val_skipped = 0
+
+    def model(self) -> ModelRecipe:
+        cfg = self.cfg
+        return ModelRecipe(build=lambda: ViTLax(cfg.model, init_seed=None),
+                           initialize=lambda model: init_weights(model, cfg.train.seed))
+
+    def loss(self, outputs, targets):
+        return classification_loss(outputs, targets)
 
     def validation_batches(self) -> list:
         cfg = self.cfg
-        batches, self.val_skipped = vision_data.validation_batches(
+        batches, self.val_skipped = images.validation_batches(
             self.eval_set, augment_config(cfg, train=False), cfg.train.micro_batch, self.dist.rank,
             self.dist.world_size, cfg.data.val_images, cfg.data.loader_workers)
         return batches
 
-    def selection_batches(self) -> list:
-        """None in the run itself: a ViT's choices are made by runs that score the held-out training
-        images (data.holdout with data.eval_split holdout; a reproduce plan's `select`)."""
-        return []
-
-    def selection_baseline(self) -> dict:
-        return {}
-
-    def scored(self, targets: torch.Tensor) -> int:
-        return int(targets.shape[0])
-
-    def validate(self) -> dict:
-        self.engine.train(False)
+    def evaluate(self, engine, batches) -> dict:
         sums = torch.zeros(4, device=self.dist.device)
-        for images, labels in self.val_batches:
-            sums += accuracy_sums(self.engine.predict(images), labels)
-        self.engine.train(True)
-        record = {"step": self.step, "images": self.tokens, **summary_of(all_reduce_sum(sums)),
-                  "skipped_images": int(all_reduce_sum(torch.tensor(float(self.loader.skipped + self.val_skipped),
-                                                                    device=self.dist.device)))}
-        self.last_val = record
-        self.metrics.log(record, prefix="val")
-        self.log(f"step {self.step}: val_loss {record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f}%  "
-                 f"top-5 {record['val_acc5']:.2f}%  ({record['val_images']} images)")
-        return record
+        for pixels, labels in batches:
+            sums += accuracy_sums(engine.predict(pixels), labels)
+        skipped = torch.tensor(float(self.loader.skipped + self.val_skipped), device=self.dist.device)
+        return {**summary_of(all_reduce_sum(sums)), "skipped_images": int(all_reduce_sum(skipped))}
 
-    def summarize(self, final: dict) -> tuple[dict, str]:
+    def describe_validation(self, record: dict) -> str:
+        return (f"val_loss {record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f}%  top-5 {record['val_acc5']:.2f}%  "
+                f"({record['val_images']} images)")
+
+    def summarize(self, final: dict, best_val_loss: float) -> tuple[dict, str]:
         fields = {k: final[k] for k in ("val_loss", "val_acc1", "val_acc5", "val_images", "skipped_images")}
         split = "held-out training images" if self.cfg.data.eval_split == "holdout" else "validation images"
         return fields, (f"top-1 accuracy {final['val_acc1']:.2f}% (top-5 {final['val_acc5']:.2f}%, loss "
@@ -135,17 +122,26 @@ class VisionTrainer(Trainer):
     def baselines(self) -> dict:
         return {"chance_acc1": 100.0 / self.cfg.model.num_classes}
 
-    def describe(self) -> str:
+    def describe(self, engine) -> str:
         cfg, t = self.cfg, self.cfg.train
         lax = f" + LaX ({cfg.model.lax_gate})" if cfg.model.uses_lax else ""
         intra = f", intra-layer LaX on {','.join(cfg.model.lax_intra_modules)}" if cfg.model.lax_intra_modules else ""
+        epochs = self.total_steps / self.loader.steps_per_epoch
         return (f"model: ViT {cfg.model.method}{lax}{intra}, {self.n_params / 1e6:.2f}M parameters; "
-                f"{self.total_steps} steps of {t.global_batch} images ({self.total_steps / self.loader.steps_per_epoch:.2f}"
-                f" epochs of {len(self.train_set)}) on {self.dist.world_size} rank(s), engine "
-                f"{cfg.parallel.engine}, precision {self.engine.precision}")
+                f"{self.total_steps} steps of {t.global_batch} images ({epochs:.2f} epochs of {len(self.train_set)}) "
+                f"on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, precision {engine.precision}")
 
     def throughput_basis(self) -> tuple[float, float]:
         return self.cfg.train.global_batch, flops_per_image(self.cfg.model)["train"]
+
+    @classmethod
+    def planned_steps(cls, cfg: Config, steps_per_epoch: int = 0) -> int:
+        """train.steps, or train.epochs of the training images in steps of train.global_batch."""
+        if cfg.train.steps:
+            return cfg.train.steps
+        if not steps_per_epoch:
+            steps_per_epoch = len(open_splits(cfg.data)[0]) // cfg.train.global_batch
+        return math.ceil(cfg.train.epochs * steps_per_epoch)
 
 
 @torch.no_grad()
@@ -153,9 +149,9 @@ def evaluate_model(model, cfg: Config, device: torch.device, split: str = "val",
                    micro_batch: int = 0) -> dict:
     """Accuracy of a built ViT on one split of the run's data, on one process."""
     _, dataset = open_splits(dataclasses.replace(cfg.data, eval_split=split))
-    batches, skipped = vision_data.validation_batches(dataset, augment_config(cfg, train=False),
-                                                      micro_batch or cfg.train.micro_batch, limit=limit)
+    batches, skipped = images.validation_batches(dataset, augment_config(cfg, train=False),
+                                                 micro_batch or cfg.train.micro_batch, limit=limit)
     sums = torch.zeros(4, device=device)
-    for images, labels in batches:
-        sums += accuracy_sums(model(images.to(device)), labels.to(device))
+    for pixels, labels in batches:
+        sums += accuracy_sums(model(pixels.to(device)), labels.to(device))
     return {**summary_of(sums), "skipped_images": skipped, "split": split}

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import IGNORE
+from .tokens import IGNORE
 
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
               "Write a response that appropriately completes the request.\n\n"

@@ -4,7 +4,7 @@
                                             z_i = LN(A_i dropout(x_i) + G(z_{i-1}))        (LaX-LoRA, block i > 0)
 
 where z_{i-1} is the latent of the same adapter (q->q, ..., down->down) in block i-1. An adapter IS
-models.lowrank.LowRankLinear (no activation), so the blocks carry its latent from block to block as they
+method.lowrank.LowRankLinear (no activation), so the blocks carry its latent from block to block as they
 carry a low-rank model's. B starts at zero: at step 0 a LoRA or LaX-LoRA model computes exactly
 the base model's logits, whatever the gate.
 """
@@ -16,9 +16,10 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import LoraConfig
-from .models.llama import LlamaLax, init_rules, initial_value, name_seed
-from .models.lowrank import DenseLinear, LowRankLinear
+from ..config import LoraConfig
+from ..method.init import initial_value, name_seed
+from ..method.lowrank import DenseLinear, LowRankLinear
+from .llama import LlamaLax, init_rules
 
 ATTENTION = ("q", "k", "v", "o")
 

@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn as nn
 
-from .models.lowrank import LatentLinear, LinearGate
+from ..method.lowrank import LatentLinear, LinearGate
 
 # Dense BF16 peak FLOP/s (no sparsity) of common accelerators, matched by substring of the device name.
 PEAK_BF16_FLOPS = {

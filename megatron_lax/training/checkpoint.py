@@ -25,9 +25,9 @@ from typing import Optional
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from . import config as config_lib
+from .. import config as config_lib
 from . import faults
-from .parallel.distributed import DistInfo, all_gather_object, broadcast_object
+from ..parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"
 LATEST = "latest"

@@ -1,0 +1,7 @@
+"""Training data, one module per kind, each with its exact-resume loader over one global-batch
+cursor (cursor.py):
+
+    tokens.py         prepared C4-format token shards (memory-mapped): packed / paper sequences, budgets
+    images.py         image class folders and Fashion-MNIST, augmentation
+    instructions.py   instruction records (LLM-Adapters layout), tokenised and padded
+"""

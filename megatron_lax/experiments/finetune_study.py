@@ -1,0 +1,272 @@
+"""The CPU-scale study of LoRA against LaX-LoRA (docs/FINETUNING.md, "The study"):
+
+    python -m megatron_lax.finetune_study probe --base RUN [--output probe.json]
+    python -m megatron_lax.finetune_study run --config configs/finetune_study.yaml --out DIR [--seeds 0 1 2 3 4]
+    python -m megatron_lax.finetune_study table DIR [--output table.md]
+
+`probe` asks the base, before any fine-tuning, whether it can do what the task needs, on sentences
+of its own pre-training text with every operand pair: copy the two numbers of a sentence into the
+equation that follows them, and complete the equation with the fact it saw in pre-training.
+
+`run` fine-tunes every cell (a method at a rank) with every seed, one after the other in this
+process, and writes DIR/CELL/seedS/result.json (skipped when present, so an interrupted study
+resumes): exact match on the whole test file (greedy decoding) and the teacher-forced losses of the
+gold response and of its answer tokens. LoRA and LaX-LoRA of one seed share A's initialisation
+(seeded by parameter name), the held-out split and the example order (data.seed = train.seed).
+
+`table` reports each cell's mean ± sample standard deviation over seeds, and each LaX-LoRA cell's
+per-seed difference from LoRA at the same rank and seed (mean ± standard deviation, and on how many
+seeds LaX-LoRA was better).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# cell name -> overrides; the rank is added per cell ("lora_r1", "lax_identity_r1", ...)
+METHODS = {
+    "lora": {"lora.lax_gate": "none"},
+    "lax_identity": {"lora.lax_gate": "identity"},
+    "lax_linear": {"lora.lax_gate": "linear"},
+    "lax_identity_projection": {"lora.lax_gate": "identity", "lora.lax_latent": "projection"},
+    "lax_linear_projection": {"lora.lax_gate": "linear", "lora.lax_latent": "projection"},
+    # without the LayerNorm on the crossed latent (the paper's Table 22): at rank 1 a LayerNorm over one
+    # feature outputs its bias whatever the input, so LaX-LoRA with it is a constant per block there
+    "lax_identity_nonorm": {"lora.lax_gate": "identity", "lora.lax_norm": "false"},
+    "lax_linear_nonorm": {"lora.lax_gate": "linear", "lora.lax_norm": "false"},
+}
+FULL = "full"
+
+
+# --- the probe ----------------------------------------------------------------------------------------
+
+def probe_items(max_number: int = 12, max_factor: int = 6) -> list[tuple[str, str, str]]:
+    """(prefix, operands as the text writes them, result) for every operand pair, in sentences of the
+    narrative pre-training text (data_prep.make_arithmetic.narrative_sentence)."""
+    rng = random.Random("probe")
+    items = []
+    for a in range(2, max_number + 1):
+        for b in range(2, max_number + 1):
+            n, m = rng.sample(["Anna", "Ben", "Carla", "David", "Emma", "Hugo"], 2)
+            items.append((f"{n} put {a} apples on the table and {m} added {b}; ", f"{a} + {b} =", str(a + b)))
+            hi, lo = max(a, b) + min(a, b), min(a, b)  # the text subtracts an operand from a sum
+            items.append((f"{n} had {hi} shells but lost {lo} of them on the way home, leaving ", f"{hi} - {lo} =",
+                          str(hi - lo)))
+    for x in range(2, max_factor + 1):
+        for y in range(2, max_factor + 1):
+            items.append((f"Hugo kept {x} boxes of {y} stamps each in the shed, ", f"{x} x {y} =", str(x * y)))
+    return items
+
+
+def first_number(text: str) -> str | None:
+    import re
+    found = re.search(r"\d+", text)
+    return found.group(0) if found else None
+
+
+@torch.no_grad()
+def probe(model, tokenizer, items) -> dict:
+    """copy: the greedy continuation of the prefix starts with the equation's operands; fact: given
+    the prefix and the equation, the next number is the result."""
+    from ..generate import decode_batch
+    copied = fact = 0
+    examples = []
+    for i in range(0, len(items), 64):
+        chunk = items[i: i + 64]
+        copies = decode_batch(model, tokenizer.encode_batch([p.rstrip() for p, _, _ in chunk]), 8, tokenizer.eos_id)
+        facts = decode_batch(model, tokenizer.encode_batch([p + e for p, e, _ in chunk]), 4, tokenizer.eos_id)
+        for (prefix, equation, result), c, f in zip(chunk, copies, facts):
+            copy_text, fact_text = tokenizer.decode(c).strip(), tokenizer.decode(f)
+            copied += copy_text.startswith(equation)
+            fact += first_number(fact_text) == result
+            if len(examples) < 6:
+                examples.append({"prefix": prefix, "continuation": copy_text, "after_equation": fact_text})
+    return {"items": len(items), "copy": copied / len(items), "fact": fact / len(items), "examples": examples}
+
+
+# --- the runs -----------------------------------------------------------------------------------------
+
+def cell(name: str) -> tuple[str, dict]:
+    """`full`, or METHOD_rRANK (alpha is 2 x rank in every cell)."""
+    if name == FULL:
+        return name, {"finetune.full": "true"}
+    method, _, rank = name.rpartition("_r")
+    if method not in METHODS or not rank.isdigit():
+        raise ValueError(f"unknown cell {name!r} (full, or one of {', '.join(METHODS)} followed by _rRANK)")
+    return name, {**METHODS[method], "lora.rank": rank, "lora.alpha": str(2 * int(rank))}
+
+
+def cells(ranks: list[int], methods: list[str], full: bool) -> list[tuple[str, dict]]:
+    return [cell(f"{method}_r{rank}") for rank in ranks for method in methods] + ([cell(FULL)] if full else [])
+
+
+def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict:
+    from tokenizer import load_tokenizer
+
+    from ..config import load_config
+    from ..finetune import finetune
+    from ..tasks.instruction_tuning import uses_bos
+    from ..loading.finetuned import load_finetuned
+    from ..finetune_eval import accuracy, read_test_file, teacher_forced
+    from ..models.lora import trainable_parameters
+
+    values = {**overrides, "logging.run_dir": str(run_dir), "logging.progress": "false",
+              "logging.tensorboard": "false", "logging.lax_stats_every": "0"}
+    if overrides.get("finetune.full") == "true":
+        values["optim.lr"] = str(full_lr)
+    cfg = load_config(config, values)
+    start = time.time()
+    summary = finetune(cfg)
+    train_seconds = time.time() - start
+    model, cfg, _ = load_finetuned(run_dir)
+    f = cfg.finetune
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    bos = uses_bos(f.add_bos, f.base, tokenizer)
+    result = {"overrides": overrides, "seed": cfg.train.seed, "trainable": trainable_parameters(model),
+              "val_loss": summary["val_loss"], "train_seconds": train_seconds, "files": []}
+    for path in f.test_json:
+        acc = accuracy(model, tokenizer, path, f.max_new_tokens, 64, f.num_beams, bos)
+        losses = teacher_forced(model, tokenizer, read_test_file(path)[0], 64, bos)
+        result["files"].append({**{k: acc[k] for k in ("file", "n", "correct", "accuracy")}, **losses,
+                                "examples": acc["examples"][:8]})
+    result["seconds"] = time.time() - start
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the result is what the study keeps
+    return result
+
+
+def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], full_lr: float, base: str = "",
+        extra: dict | None = None) -> None:
+    """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds."""
+    for seed in seeds:
+        for name, overrides in plan:
+            target = out / name / f"seed{seed}" / "result.json"
+            if target.is_file():
+                continue
+            overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed),
+                         **({"finetune.base": base} if base else {}), **(extra or {})}
+            result = run_one(config, overrides, target.parent / "run", full_lr)
+            target.write_text(json.dumps(result, indent=1))
+            f = result["files"][0]
+            print(f"{name} seed {seed}: exact match {100 * f['accuracy']:.1f}% ({f['correct']}/{f['n']}), answer "
+                  f"loss {f['answer_loss']:.3f}, response loss {f['response_loss']:.4f} ({result['seconds']:.0f}s)",
+                  flush=True)
+
+
+# --- the table ----------------------------------------------------------------------------------------
+
+def read_results(out: Path) -> dict[str, dict[int, dict]]:
+    results: dict[str, dict[int, dict]] = {}
+    for path in sorted(out.glob("*/seed*/result.json")):
+        result = json.loads(path.read_text())
+        results.setdefault(path.parent.parent.name, {})[result["seed"]] = result
+    return results
+
+
+def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
+    mean = scale * statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def table(out: Path) -> str:
+    """Markdown: one row per cell; LaX-LoRA rows add the paired per-seed differences from LoRA."""
+    results = read_results(out)
+    metric = lambda r, key: r["files"][0][key]
+    lines = ["| cell | seeds | trainable | exact match % | Δ EM vs LoRA (pp) | LaX better (EM) | answer loss | "
+             "Δ answer loss vs LoRA | LaX lower (loss) |", "|---" * 9 + "|"]
+    order = sorted(results, key=lambda c: (c == FULL, int(c.rsplit("_r", 1)[1]) if "_r" in c else 0,
+                                           list(METHODS).index(c.rsplit("_r", 1)[0]) if "_r" in c else 0))
+    for cell in order:
+        runs = results[cell]
+        seeds = sorted(runs)
+        em = [metric(runs[s], "accuracy") for s in seeds]
+        loss = [metric(runs[s], "answer_loss") for s in seeds]
+        row = [cell, str(len(seeds)), f"{runs[seeds[0]]['trainable']:,}", spread(em, 100), "", "", spread(loss, 1, 3),
+               "", ""]
+        baseline = results.get("lora_r" + cell.rsplit("_r", 1)[1]) if cell.startswith("lax") else None
+        if baseline:
+            paired = [s for s in seeds if s in baseline]
+            d_em = [metric(runs[s], "accuracy") - metric(baseline[s], "accuracy") for s in paired]
+            d_loss = [metric(runs[s], "answer_loss") - metric(baseline[s], "answer_loss") for s in paired]
+            row[4] = spread(d_em, 100)
+            row[5] = f"{sum(d > 0 for d in d_em)}/{len(paired)} (ties {sum(d == 0 for d in d_em)})"
+            row[7] = spread(d_loss, 1, 3)
+            row[8] = f"{sum(d < 0 for d in d_loss)}/{len(paired)}"
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Per-seed differences from LoRA at the same rank (exact match in points; answer loss):", "",
+              "| cell | " + " | ".join(f"seed {s}" for s in sorted({s for r in results.values() for s in r})) + " |",
+              "|---" * (1 + len({s for r in results.values() for s in r})) + "|"]
+    all_seeds = sorted({s for r in results.values() for s in r})
+    for cell in order:
+        baseline = results.get("lora_r" + cell.rsplit("_r", 1)[1]) if cell.startswith("lax") else None
+        if not baseline:
+            continue
+        runs = results[cell]
+        cells_text = [f"{100 * (metric(runs[s], 'accuracy') - metric(baseline[s], 'accuracy')):+.1f}; "
+                      f"{metric(runs[s], 'answer_loss') - metric(baseline[s], 'answer_loss'):+.3f}"
+                      if s in runs and s in baseline else "" for s in all_seeds]
+        lines.append(f"| {cell} | " + " | ".join(cells_text) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("probe", help="can the base copy numbers and complete the facts it saw?")
+    p.add_argument("--base", required=True)
+    p.add_argument("--max-number", type=int, default=12)
+    p.add_argument("--max-factor", type=int, default=6)
+    p.add_argument("--output", type=Path)
+    r = commands.add_parser("run", help="fine-tune and evaluate every cell with every seed")
+    r.add_argument("--config", required=True)
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--base", default="", help="overrides the config's finetune.base")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for every cell")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    r.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    r.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    r.add_argument("--no-full", action="store_true", help="leave out the full fine-tuning ceiling")
+    r.add_argument("--cells", nargs="+", help="explicit cells (e.g. lora_r1 lax_linear_projection_r1 full) instead "
+                                              "of ranks x methods (+ full)")
+    r.add_argument("--full-lr", type=float, default=1e-3)
+    t = commands.add_parser("table", help="the Markdown table of a study directory")
+    t.add_argument("out", type=Path)
+    t.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.command == "probe":
+        from tokenizer import load_tokenizer
+
+        from ..loading.bases import base_tokenizer, load_base
+        model, tokenizer = load_base(args.base), load_tokenizer(base_tokenizer(args.base))
+        result = probe(model, tokenizer, probe_items(args.max_number, args.max_factor))
+        text = json.dumps(result, indent=1)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(text)
+        print(text)
+        return 0
+    if args.command == "run":
+        extra = dict(item.split("=", 1) for item in args.set)
+        plan = [cell(name) for name in args.cells] if args.cells else cells(args.ranks, args.methods, not args.no_full)
+        run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra)
+        return 0
+    text = table(args.out)
+    if args.output:
+        args.output.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""What the training loop asks of a task (training/trainer.py never asks anything else).
+
+A task is built once per run, before the model: `Task(cfg, dist)` opens its data, completes its own
+copy of the config from it (`self.cfg`: a vocabulary from the tokenizer, classes from the images,
+warmup from epochs) and sets `loader` (this rank's micro-batches, resumable: state_dict /
+load_state_dict) and `total_steps`. Then, in this order, the trainer calls `model()` and builds the
+engine with `loss`, calls `attach(engine)`, and takes the validation batches. Everything after that
+(a step, validation, summaries) only reads.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..parallel.distributed import DistInfo, all_reduce_sum
+from ..training.optim import lr_at
+
+
+class Task:
+    unit = "tokens"  # what the loss scores, and what the trainer counts: tokens, images
+    keep_best = False  # write RUN/best at each new lowest validation loss
+    # (summary key, column title, higher is better): how experiments rank finished runs
+    headline_metric = ("val_loss", "val loss", False)
+
+    def __init__(self, cfg: Config, dist: DistInfo):
+        self.cfg, self.dist = copy.deepcopy(cfg), dist
+        self.loader = None
+        self.total_steps = 0
+        self.n_params: int | None = None
+
+    # --- building ----------------------------------------------------------------------------------
+
+    def model(self):
+        """A parallel.ModelRecipe (built on the meta device or partitioned by the engine) or a module."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, number of scored targets) of one micro-batch."""
+        raise NotImplementedError
+
+    def attach(self, engine) -> None:
+        """Called once the engine holds the model."""
+
+    def check_resume(self, checkpoint_dir: Path) -> None:
+        """Refuses (CheckpointError) a checkpoint the task cannot continue from, beyond the model's shape."""
+
+    # --- data --------------------------------------------------------------------------------------
+
+    def validation_batches(self) -> list:
+        """This rank's validation micro-batches; every rank gets as many (sharded engines meet in each)."""
+        raise NotImplementedError
+
+    def selection_batches(self) -> list:
+        """A slice held out for choices (LR sweeps), never reported; [] when the task has none."""
+        return []
+
+    def scored(self, targets: torch.Tensor) -> int:
+        """How many targets of a micro-batch the loss scores."""
+        return int(targets.shape[0])
+
+    def on_device(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training micro-batch once on the device, before the forward (device-side augmentation)."""
+        return inputs, targets
+
+    def learning_rate(self, step: int) -> float:
+        return lr_at(step, self.total_steps, self.cfg.optim)
+
+    # --- scoring -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate_loss(self, engine, batches) -> tuple[float, int]:
+        """Summed loss and scored-target count over this rank's batches, summed over all ranks."""
+        totals = torch.zeros(2, dtype=torch.float64, device=engine.dist.device)
+        for x, y in batches:
+            loss, count = engine.eval_nll(x, y)
+            totals[0] += loss.double()
+            totals[1] += count
+        all_reduce_sum(totals)
+        return float(totals[0]), int(totals[1])
+
+    def evaluate(self, engine, batches) -> dict:
+        """The validation metrics ({"val_loss", ...}) over every rank's batches."""
+        raise NotImplementedError
+
+    def describe_validation(self, record: dict) -> str:
+        return f"val_loss {record['val_loss']:.4f}"
+
+    def summarize(self, final: dict, best_val_loss: float) -> tuple[dict, str]:
+        """The end-of-run summary's validation fields and how they read in the last line."""
+        raise NotImplementedError
+
+    def selection_baseline(self) -> dict:
+        """{"select_chance_loss": a context-free model's loss on the selection slice} or {}."""
+        return {}
+
+    def baselines(self) -> dict:
+        """Reference numbers logged beside the final validation (main rank only)."""
+        return {}
+
+    def describe(self, engine) -> str:
+        raise NotImplementedError
+
+    def throughput_basis(self) -> tuple[float, float]:
+        """(units per optimizer step, training FLOPs per unit) for throughput and MFU."""
+        raise NotImplementedError
+
+    @classmethod
+    def display_config(cls, cfg: Config) -> Config:
+        """The config as --print-config shows it."""
+        return cfg
+
+    @classmethod
+    def planned_steps(cls, cfg: Config) -> int:
+        """The optimizer steps a run of this config will take, known before it is built."""
+        return cfg.train.steps

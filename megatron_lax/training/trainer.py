@@ -1,0 +1,361 @@
+"""The training loop, the same for every task and every engine.
+
+One optimizer step: gather the micro-batches of one global batch, back-propagate each with a weight
+of 1 / (scored targets of the global batch), step; then log, validate, checkpoint. What is trained
+on, and how it is scored, is the task's (megatron_lax.tasks): the loop only knows that a task gives
+micro-batches, a model, a loss and validation metrics. How the model runs is the engine's
+(megatron_lax.parallel): the loop never asks which one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, dump_yaml
+from ..parallel import build_engine
+from ..parallel.distributed import all_reduce_sum, barrier, init_distributed, shutdown
+from . import checkpoint, faults, introspection
+from .metrics import MetricsLogger
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+# Written to the run directory when the schedule completes (and removed when a run starts): a job
+# script can tell a finished run from a preempted one (run_scripts/slurm_example.sbatch).
+FINISHED = "finished.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batches: list, device: torch.device) -> list:
+    return [(x.to(device), y.to(device)) for x, y in batches]
+
+
+class Trainer:
+    """Builds a run from a config and a task class, then `fit()` trains it to the end of its schedule
+    (or a pause, a preemption or a divergence) and returns the run's summary."""
+
+    LOSS_EMA = 0.9  # smoothing of the training loss for the spike rule (about 10 steps)
+
+    def __init__(self, cfg: Config, task_class):
+        self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
+        seed_everything(cfg.train.seed)
+        per_step = cfg.train.micro_batch * self.dist.world_size
+        if cfg.train.global_batch % per_step:
+            raise ConfigError(f"train.global_batch {cfg.train.global_batch} is not a multiple of micro_batch x "
+                              f"ranks = {per_step}")
+        self.accumulation = cfg.train.global_batch // per_step
+        self.task = task_class(cfg, self.dist)  # opens the data and completes its own copy of the config
+        self.engine = build_engine(self.task.cfg, self.task.model(), self.dist, self.task.loss)
+        self.task.attach(self.engine)
+        self.cfg = self.task.cfg  # complete now: the model may have finished it (a fine-tuning base's shape)
+        self.val_batches = to_device(self.task.validation_batches(), self.dist.device)
+        self.select_batches = to_device(self.task.selection_batches(), self.dist.device)
+        self.run_dir = Path(self.cfg.logging.run_dir)
+        self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, self.cfg.logging.tensorboard)
+        self.step, self.seen, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
+        # the divergence detector's state (train.stop_if_diverged): smoothed training loss, its running best
+        self.loss_ema: float | None = None
+        self.best_loss_ema = math.inf
+        self.last_val: dict = {}
+        self.best_val_loss = math.inf
+
+    @property
+    def loader(self):
+        return self.task.loader
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "tokens": self.seen, "skipped_steps": self.skipped_steps,
+                "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_loss": self.best_val_loss,
+                "last_val": self.last_val, "loss_ema": self.loss_ema, "best_loss_ema": self.best_loss_ema}
+
+    def load_trainer_state(self, state: dict) -> None:
+        self.step, self.seen = state["step"], state["tokens"]  # "tokens" counts the task's unit
+        self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+        self.last_val = state["last_val"]
+        if "best_val_loss" in state:
+            self.best_val_loss = state["best_val_loss"]
+        elif state.get("best_val_ppl", math.inf) < math.inf:  # written before tasks: the best perplexity
+            self.best_val_loss = math.log(state["best_val_ppl"])
+        self.loss_ema, self.best_loss_ema = state.get("loss_ema"), state.get("best_loss_ema", math.inf)
+
+    def save_checkpoint(self, root: Path | None = None, keep: int | None = None) -> Path:
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        path = checkpoint.save(root or self.run_dir / "checkpoints", self.step, self.engine, self.trainer_state(),
+                               rank_state, self.cfg, self.dist, keep or self.cfg.checkpoint.keep)
+        if root is None:
+            self.log(f"checkpoint: {path}")
+        return path
+
+    def periodic_checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint.every
+        return bool(every) and self.step % every == 0 and self.step < self.task.total_steps
+
+    def checkpoint_this_step(self) -> Path:
+        """The checkpoint of the current step: the periodic one if it was just written, else a new one."""
+        if self.periodic_checkpoint_due():
+            return self.run_dir / "checkpoints" / checkpoint.step_dir_name(self.step)
+        return self.save_checkpoint()
+
+    def resume(self) -> None:
+        path = checkpoint.resolve_resume(self.cfg.checkpoint.resume, self.run_dir, self.dist, self.log)
+        if path is None:
+            return
+        self.task.check_resume(path)
+        checkpoint.check_compatible(path, self.cfg)
+        state, loader_state, rng = checkpoint.load(path, self.engine, self.dist)
+        self.load_trainer_state(state)
+        self.loader.load_state_dict(loader_state)
+        if rng is not None:
+            set_rng_state(rng)
+        self.log(f"resumed from {path} at step {self.step}")
+        written_by = len(list(path.glob("rank_*.pt")))
+        if written_by < self.dist.world_size:
+            self.log(f"the checkpoint was written by {written_by} rank(s): ranks {written_by}-"
+                     f"{self.dist.world_size - 1} keep the RNG state seeded from train.seed")
+
+    # --- one optimizer step ----------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        micro_batches = [next(self.loader) for _ in range(self.accumulation)]
+        device = self.dist.device
+        scored = all_reduce_sum(torch.tensor(float(sum(self.task.scored(y) for _, y in micro_batches)),
+                                             device=device))
+        total_loss = torch.zeros((), device=device)
+        loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
+        for i, (x, y) in enumerate(micro_batches):
+            x, y = self.task.on_device(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            loss, _ = self.engine.forward_backward(x, y, loss_weight, sync=i == len(micro_batches) - 1)
+            total_loss += loss.float()
+        lr = self.task.learning_rate(self.step)
+        result = self.engine.step(lr)
+        loss = float(all_reduce_sum(total_loss) / scored)
+        self.step += 1
+        self.seen += int(scored)
+        self.count_nonfinite(result, loss)
+        return {"step": self.step, "loss": loss, "lr": lr, self.task.unit: self.seen, "grad_norm": result.grad_norm,
+                "skipped": int(result.skipped)}
+
+    def count_nonfinite(self, result, loss: float) -> None:
+        if not (result.skipped or not math.isfinite(loss)):
+            self.nonfinite_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row (loss "
+                                f"{loss}, grad norm {result.grad_norm}); stopping. The last good checkpoint is "
+                                f"left as it was.")
+
+    # --- validation ---------------------------------------------------------------------------------
+
+    def validate(self) -> dict:
+        self.engine.train(False)
+        metrics = self.task.evaluate(self.engine, self.val_batches)
+        self.engine.train(True)
+        record = {"step": self.step, self.task.unit: self.seen, **metrics}
+        self.last_val = record
+        improved = record["val_loss"] < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, record["val_loss"])
+        self.metrics.log(record, prefix="val")
+        self.log(f"step {self.step}: {self.task.describe_validation(record)}")
+        if improved and self.task.keep_best:
+            self.save_checkpoint(self.run_dir / "best", keep=1)  # one checkpoint, replaced
+        return record
+
+    def select(self) -> dict:
+        """{"select_loss"} on the selection slice ({} without one); logged, never reported."""
+        if not self.select_batches:
+            return {}
+        self.engine.train(False)
+        loss, count = self.task.evaluate_loss(self.engine, self.select_batches)
+        self.engine.train(True)
+        record = {"step": self.step, "select_loss": loss / max(count, 1), "select_tokens": count}
+        self.metrics.log(record, prefix="select")
+        return {"select_loss": record["select_loss"]}
+
+    def selection_summary(self) -> dict:
+        return {**self.select(), **(self.task.selection_baseline() if self.select_batches else {})}
+
+    def diverged(self, loss: float) -> bool:
+        """The stopping rule of LR sweeps: the training loss is non-finite, or its moving average
+        (LOSS_EMA) has risen more than train.divergence_spike nats (default 1) above its own running
+        best: a loss spike that a healthy run, whose smoothed loss wanders by a few hundredths of a
+        nat, does not show. (A run that never leaves the unigram plateau does not spike; the sweep
+        catches it at its pauses by comparing it with a context-free baseline, experiments.sweep.)"""
+        if not math.isfinite(loss):
+            return True
+        self.loss_ema = loss if self.loss_ema is None else self.LOSS_EMA * self.loss_ema + (1 - self.LOSS_EMA) * loss
+        self.best_loss_ema = min(self.best_loss_ema, self.loss_ema)
+        return self.loss_ema > self.best_loss_ema + self.cfg.train.divergence_spike
+
+    def log_latent_stats(self) -> None:
+        """One forward on the first validation batch, on every rank (sharded engines need them all;
+        a rank without a real validation sequence runs its fully-masked one); rank 0 logs."""
+        if not self.val_batches or not any(introspection.lowrank_projections(self.engine.base_model)):
+            return
+        x, y = self.val_batches[0]
+        self.engine.train(False)
+        stats = introspection.latent_rms(self.engine.base_model, lambda: self.engine.eval_nll(x, y))
+        self.engine.train(True)
+        self.metrics.log({"step": self.step, **stats}, prefix="lax")
+
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.resume()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / FINISHED).unlink(missing_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            self.log(self.task.describe(self.engine))
+        if self.cfg.logging.lax_stats_every and self.step == 0:
+            self.log_latent_stats()  # the initialisation's latent scales, before any update
+        self.engine.train(True)
+
+    def fit(self) -> dict:
+        self.start()
+        bar = tqdm(total=self.task.total_steps, initial=self.step, dynamic_ncols=True, desc="train",
+                   disable=not (self.dist.is_main and self.cfg.logging.progress))
+        throughput = Throughput(self)
+        stop = faults.StopFlag(self.dist.device)
+        try:
+            while self.step < self.task.total_steps:
+                record = self.train_step()
+                if self.step in faults.KILL_AT_STEPS:
+                    faults.kill_self()
+                throughput.add(record, bar)
+                bar.update(1)
+                ended = self.after_step(record, stop)
+                if ended is not None:
+                    return ended
+            bar.close()
+            return self.finish(throughput.start)
+        finally:
+            bar.close()
+            self.metrics.close()
+
+    def after_step(self, record: dict, stop: faults.StopFlag) -> dict | None:
+        """Periodic work after a step; the run's summary if the run stops here."""
+        t, lax_every = self.cfg.train, self.cfg.logging.lax_stats_every
+        if lax_every and self.step % lax_every == 0:
+            self.log_latent_stats()
+        if t.eval_every and self.step % t.eval_every == 0 and self.step < self.task.total_steps:
+            self.validate()
+        if self.periodic_checkpoint_due():
+            self.save_checkpoint()
+        if t.stop_if_diverged and self.diverged(record["loss"]):
+            self.log(f"diverged at step {self.step}: loss {record['loss']:.4f} (smoothed {self.loss_ema:.4f}, its "
+                     f"best {self.best_loss_ema:.4f}); stopping (train.stop_if_diverged)")
+            self.metrics.log({"step": self.step, "diverged": 1}, prefix="event")
+            return {"diverged": True, "steps": self.step, "loss": record["loss"], "run_dir": str(self.run_dir)}
+        if t.stop_after and t.stop_after <= self.step < self.task.total_steps:
+            return self.pause()
+        if stop.agreed():
+            path = self.checkpoint_this_step()
+            self.log(f"preempted by signal {stop.signal}: stopped after step {self.step}, checkpoint {path}")
+            return {"preempted": True, "steps": self.step, "checkpoint": str(path)}
+        return None
+
+    def pause(self) -> dict:
+        record = self.validate() if self.last_val.get("step") != self.step else self.last_val
+        selection = self.selection_summary()
+        path = self.checkpoint_this_step()
+        self.log(f"paused after step {self.step} of {self.task.total_steps} (train.stop_after); resume with "
+                 f"--checkpoint.resume auto")
+        return {"paused": True, "steps": self.step, **self.task.summarize(record, self.best_val_loss)[0], **selection,
+                "checkpoint": str(path), "run_dir": str(self.run_dir)}
+
+    def finish(self, start: float) -> dict:
+        final = self.validate()
+        selection = self.selection_summary()
+        path = self.save_checkpoint()
+        fields, headline = self.task.summarize(final, self.best_val_loss)
+        summary = {**fields, "steps": self.step, "tokens": self.seen, "seconds": time.time() - start,
+                   "checkpoint": str(path), "run_dir": str(self.run_dir), **selection}
+        baselines = self.task.baselines() if self.dist.is_main else {}
+        if baselines:
+            summary.update(baselines)
+            self.metrics.log({"step": self.step, **baselines}, prefix="val")
+        if self.dist.is_main:
+            (self.run_dir / FINISHED).write_text(json.dumps(summary, indent=1))
+        shown = ", ".join(f"{k.split('_')[0]} baseline {v:.2f}" for k, v in baselines.items())
+        self.log(f"done: {headline}{' (' + shown + ')' if shown else ''}; "
+                 f"{self.seen} {self.task.unit} in {summary['seconds']:.0f}s; checkpoint {path}; "
+                 f"logs {self.run_dir / 'metrics.jsonl'}")
+        return summary
+
+
+class Throughput:
+    """Every logging.log_every steps: samples/s, FLOP/s, MFU, peak memory and the LaX gates, logged
+    with the step's record."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.per_step, self.flops_per_unit = trainer.task.throughput_basis()
+        dist = trainer.dist
+        self.cluster_peak = introspection.peak_flops(dist.device, trainer.cfg.logging.peak_flops) * dist.world_size
+        self.start = self.window_start = time.time()
+        self.window = 0
+
+    def add(self, record: dict, bar) -> None:
+        trainer = self.trainer
+        self.window += self.per_step
+        if trainer.step % trainer.cfg.logging.log_every and trainer.step != trainer.task.total_steps:
+            return
+        elapsed = time.time() - self.window_start
+        rate_key = f"{trainer.task.unit}_per_s"
+        record[rate_key] = self.window / max(elapsed, 1e-9)
+        record["flops_per_s"] = record[rate_key] * self.flops_per_unit
+        if self.cluster_peak > 0:
+            record["mfu"] = record["flops_per_s"] / self.cluster_peak
+        record["peak_memory_gb"] = introspection.peak_memory_gb(trainer.dist.device)
+        record.update(introspection.gate_values(trainer.engine.base_model))
+        trainer.metrics.log(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record[rate_key]:.0f}")
+        self.window_start, self.window = time.time(), 0
+
+
+def train(cfg: Config, task_class) -> dict:
+    """Runs one training and tears the process group down once every rank is done with it."""
+    try:
+        summary = Trainer(cfg, task_class).fit()
+        faults.ignore_preemption_signals()
+        barrier()  # no rank tears its process group down while another still uses it
+        return summary
+    finally:
+        shutdown()
