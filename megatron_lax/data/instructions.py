@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cursor import GlobalBatchCursor, permutation_order
 from .tokens import IGNORE
 
 WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -170,43 +171,31 @@ def batches(examples: list[Example], micro_batch: int, pad_id: int) -> list[tupl
 # --- training order -------------------------------------------------------------------------------------
 
 class InstructLoader:
-    """An iterator of this rank's micro-batches. Step s of an epoch uses examples order[s*G : (s+1)*G]
-    of that epoch's permutation; rank r takes the r-th contiguous share, in micro-batches. An epoch
-    has floor(examples / G) steps (the remainder, a different one each epoch, is not used)."""
+    """An iterator of this rank's micro-batches over the training examples, in the global-batch order
+    of data/cursor.py (a new permutation each epoch), resumable exactly."""
+
+    ORDER = "numpy-permutation"
 
     def __init__(self, examples: list[Example], global_batch: int, micro_batch: int, pad_id: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
         self.examples, self.pad_id = examples, pad_id
-        self.global_batch, self.micro_batch, self.seed = global_batch, micro_batch, seed
-        self.rank, self.per_rank = rank, global_batch // world_size
-        self.micro_per_step = self.per_rank // micro_batch
-        self.steps_per_epoch = len(examples) // global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(examples)} training examples are fewer than one global batch of {global_batch}")
-        self.epoch, self.step, self.micro = 0, 0, 0
+        self.cursor = GlobalBatchCursor(len(examples), global_batch, micro_batch, rank, world_size, seed,
+                                        permutation_order(len(examples), seed), self.ORDER, unit="training example",
+                                        data="instruction data")
+        self.steps_per_epoch = self.cursor.steps_per_epoch
 
-    def order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+    @property
+    def epoch(self) -> int:
+        return self.cursor.epoch
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step = self.epoch + 1, 0
-        start = self.step * self.global_batch + self.rank * self.per_rank + self.micro * self.micro_batch
-        batch = collate([self.examples[i] for i in self.order()[start: start + self.micro_batch]], self.pad_id)
-        self.micro += 1
-        if self.micro == self.micro_per_step:
-            self.step, self.micro = self.step + 1, 0
-        return batch
+        return collate([self.examples[i] for i in self.cursor.next_ids()], self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
-                "examples": len(self.examples), "global_batch": self.global_batch}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if (state["examples"], state["seed"], state["global_batch"]) != (len(self.examples), self.seed,
-                                                                          self.global_batch):
-            raise ValueError("the loader state belongs to other instruction data, another seed or another global batch")
-        self.epoch, self.step, self.micro = state["epoch"], state["step"], state["micro"]
+        self.cursor.load_state_dict(state)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import paper
+from .cursor import DataExhausted, GlobalBatchCursor  # noqa: F401 (DataExhausted: raised from here)
 
 IGNORE = -100
 
@@ -277,10 +278,6 @@ class Permutation:
 
 # --- training ------------------------------------------------------------------------------------------
 
-class DataExhausted(RuntimeError):
-    pass
-
-
 class TrainLoader:
     """An endless iterator of this rank's micro-batches (inputs, targets), resumable exactly."""
 
@@ -288,21 +285,12 @@ class TrainLoader:
 
     def __init__(self, path, seq_len: int, mode: str, global_batch: int, micro_batch: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, allow_repetition: bool = False):
-        if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
-                             f"x {world_size} ranks")
         self.sequences = Sequences(Split(path, "train"), seq_len, mode)
-        self.global_batch, self.micro_batch = global_batch, micro_batch
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.allow_repetition = allow_repetition
-        self.per_rank = global_batch // world_size
-        self.micro_per_step = self.per_rank // micro_batch
-        self.steps_per_epoch = len(self.sequences) // global_batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the prepared train split holds {len(self.sequences)} sequences, fewer than one "
-                             f"global batch of {global_batch}")
-        self.epoch, self.step, self.micro = 0, 0, 0
-        self._step_ids = (None, None)  # ((epoch, step), this rank's sequence ids of that step)
+        n = len(self.sequences)
+        self.cursor = GlobalBatchCursor(n, global_batch, micro_batch, rank, world_size, seed,
+                                        lambda epoch: Permutation(n, seed, epoch), self.ORDER, allow_repetition,
+                                        unit="sequence", legacy_order="a full permutation in memory")
+        self.global_batch, self.steps_per_epoch = global_batch, self.cursor.steps_per_epoch
 
     @property
     def total_tokens(self) -> int:
@@ -311,54 +299,19 @@ class TrainLoader:
 
     @property
     def sequences_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.global_batch
-
-    def order(self) -> Permutation:
-        return Permutation(len(self.sequences), self.seed, self.epoch)
-
-    def rank_ids(self) -> np.ndarray:
-        """This rank's sequence ids in the current step, computed once a step: numpy's per-call cost
-        dominates the permutation for a few positions."""
-        if self._step_ids[0] != (self.epoch, self.step):
-            start = self.step * self.global_batch + self.rank * self.per_rank
-            self._step_ids = ((self.epoch, self.step), self.order()(np.arange(start, start + self.per_rank)))
-        return self._step_ids[1]
+        return self.cursor.samples_per_epoch
 
     def __iter__(self):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.step >= self.steps_per_epoch:
-            if not self.allow_repetition:
-                raise DataExhausted(f"the train split is exhausted after {self.steps_per_epoch} steps; set "
-                                    f"train.allow_repetition true to start another epoch")
-            self.epoch, self.step = self.epoch + 1, 0
-        first = self.micro * self.micro_batch
-        batch = _stack(self.sequences, self.rank_ids()[first: first + self.micro_batch])
-        self.micro += 1
-        if self.micro == self.micro_per_step:
-            self.step, self.micro = self.step + 1, 0
-        return batch
+        return _stack(self.sequences, self.cursor.next_ids())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "micro": self.micro, "seed": self.seed,
-                "global_batch": self.global_batch, "world_size": self.world_size, "sequences": len(self.sequences),
-                "order": self.ORDER}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if state["sequences"] != len(self.sequences) or state["seed"] != self.seed:
-            raise ValueError("the loader state belongs to other data or another data seed")
-        if state.get("order") != self.ORDER:
-            raise ValueError(f"the loader state was saved by a loader with another sequence order "
-                             f"({state.get('order', 'a full permutation in memory')}, not {self.ORDER}); it "
-                             f"cannot be continued exactly")
-        if state["global_batch"] != self.global_batch:
-            raise ValueError(f"the loader state was saved with global batch {state['global_batch']}, "
-                             f"not {self.global_batch}")
-        if state["micro"] and state.get("world_size", self.world_size) != self.world_size:  # a micro-batch index means per-rank data
-            raise ValueError(f"the loader state was saved mid-step on {state['world_size']} ranks; it resumes on "
-                             f"another number of ranks only at a step boundary")
-        self.epoch, self.step, self.micro = state["epoch"], state["step"], state["micro"]
+        self.cursor.load_state_dict(state)
 
 
 # --- validation ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data.tokens import IGNORE, DataExhausted, Permutation, Sequences, Split, TrainLoader, ensure_prepared, model_vocab_size, resolve_steps, unigram_perplexity, validation_batches
 from tokenizer import load_tokenizer
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TOKENIZER = str(REPO / "tokenizer" / "sample")
 
 

@@ -25,7 +25,7 @@ from megatron_lax.models.llama import token_nll
 from megatron_lax.training.trainer import Trainer
 from megatron_lax.train import make_trainer
 
-RUNS_SCRIPT = Path(__file__).with_name("finetune_runs.py")
+RUNS_SCRIPT = Path(__file__).parents[1] / "finetune_runs.py"
 TOKENS = torch.randint(0, 8000, (2, 20), generator=torch.Generator().manual_seed(0))
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from megatron_lax.data.images import AugmentConfig, ImageTrainLoader, holdout_split, open_image_dataset, read_idx, soft_targets, subset, validation_batches
 
-SAMPLE = Path(__file__).resolve().parents[2] / "data" / "fashion_mnist_sample"
+SAMPLE = Path(__file__).resolve().parents[3] / "data" / "fashion_mnist_sample"
 FMNIST = dict(image_size=28, crop_scale=(0.35, 1.0))
 NO_BATCH_AUG = dict(erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0)
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, losses, run_command
 
-sys.path.insert(0, str(Path(__file__).parent / "parallel"))  # the multi-run launcher the engine tests use
+sys.path.insert(0, str(Path(__file__).parents[1] / "parallel"))  # the multi-run launcher the engine tests use
 from train_runs import launch, run_all  # noqa: E402
 
 SAMPLE = REPO / "data" / "fashion_mnist_sample"

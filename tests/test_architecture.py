@@ -1,0 +1,154 @@
+"""The structure the tree promises (docs/ARCHITECTURE.md), checked on the source: every import of the
+project, top-level and inside functions, goes down the declared layers or stays in its own; no module
+imports itself back through others; the training core names no task and no model family; and only
+the families' registry and the config compare `model.arch`."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("megatron_lax", "tokenizer", "data_prep")
+
+# Lowest first. A module belongs to the longest prefix listed; it may import its own layer or lower ones.
+LAYERS = [
+    ("config", ["megatron_lax.paper", "megatron_lax.config"]),
+    ("method", ["megatron_lax.method"]),
+    ("families and data", ["megatron_lax.models", "megatron_lax.data", "tokenizer", "data_prep"]),
+    ("engines and the training core", ["megatron_lax.parallel", "megatron_lax.training"]),
+    ("tasks and loading", ["megatron_lax.tasks", "megatron_lax.loading"]),
+    ("commands", ["megatron_lax"]),
+    ("experiments", ["megatron_lax.experiments", "megatron_lax.sweep", "megatron_lax.reproduce",
+                     "megatron_lax.compare", "megatron_lax.finetune_study"]),
+]
+CORE = ("megatron_lax.training", "megatron_lax.parallel")
+NOT_IN_CORE = ("megatron_lax.tasks", "megatron_lax.models", "megatron_lax.data", "megatron_lax.loading")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
+
+
+def imports_of(name: str, path: Path, known: set[str], with_packages: bool = True) -> set[str]:
+    """The project modules `name` imports, anywhere in its body; with_packages: and the packages
+    that run on the way (importing a.b.c runs a and a.b first)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            parts = target.split(".")
+            prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)} if with_packages else {target}
+            found |= prefixes & known
+    found.discard(name)
+    return found
+
+
+def graph(with_packages: bool = True) -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, set(modules), with_packages) for name, path in modules.items()}
+
+
+def layer_of(name: str) -> int:
+    matches = [(len(prefix), i) for i, (_, prefixes) in enumerate(LAYERS) for prefix in prefixes
+               if name == prefix or name.startswith(prefix + ".")]
+    assert matches, f"{name} is in no layer: add it to LAYERS (and docs/ARCHITECTURE.md)"
+    return max(matches)[1]
+
+
+def test_every_import_goes_down_the_layers_or_stays_in_its_own():
+    upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+              for m, targets in graph(with_packages=False).items() for t in targets if layer_of(t) > layer_of(m)]
+    assert not upward, "\n".join(sorted(upward))
+
+
+def test_no_import_cycles():
+    edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph().items()}
+    index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def test_the_training_core_knows_no_task_and_no_model_family():
+    offending = [f"{m} imports {t}" for m, targets in graph().items() if m.startswith(CORE)
+                 for t in targets if t.startswith(NOT_IN_CORE)]
+    assert not offending, offending
+
+
+def test_only_the_family_registry_and_the_config_compare_arch():
+    allowed = ("megatron_lax/models/", "megatron_lax/config.py")
+    found = []
+    for path in [*REPO.glob("megatron_lax/**/*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("run_scripts/*.py")]:
+        relative = str(path.relative_to(REPO))
+        if relative.startswith(allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(side, ast.Attribute) and side.attr == "arch"
+                                                     for side in [node.left, *node.comparators]):
+                found.append(f"{relative}:{node.lineno}")
+    assert not found, found
+
+
+def test_the_checker_sees_a_function_level_import_and_a_cycle(tmp_path, monkeypatch):
+    """The checks above can fail: a function-level import upwards, and two modules importing each other."""
+    assert "megatron_lax.tasks" in imports_of("x.core", _write(tmp_path, "def f():\n    from megatron_lax import tasks\n"),
+                                               {"megatron_lax", "megatron_lax.tasks"})
+    monkeypatch.setattr(__import__(__name__), "graph", lambda **_: {"a": {"b"}, "b": {"a"}})
+    try:
+        test_no_import_cycles()
+    except AssertionError:
+        return
+    raise AssertionError("a two-module cycle went unnoticed")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "core.py"
+    path.write_text(text)
+    return path
+
+
+def test_no_function_is_longer_than_80_lines():
+    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for package in PACKAGES for path in (REPO / package).rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80]
+    assert not long, long
