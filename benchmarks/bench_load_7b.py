@@ -6,7 +6,7 @@ CPU without weights, and the GPU memory per rank that follows from it:
 Each case runs in a fresh process and reports its peak resident set size (ru_maxrss):
 
 - `meta`: the adapted model (`LlamaLax` + `apply_lora`) built on the meta device, as
-  `model_io.finetune_recipe` builds it for FSDP2 (ZeRO-3 builds it inside zero.Init): structure only.
+  `loading.finetuned.finetune_recipe` builds it for FSDP2 (ZeRO-3 builds it inside zero.Init): structure only.
 - `fill rank 0 of N`: then, parameter by parameter, what `finetune_recipe`'s initialize and
   `assign_parameters` do on rank 0 of an N-rank FSDP2 run: one full tensor in the base's dtype (bf16,
   as a reader of a safetensors file returns it; here filled with a constant instead of read), rank 0's
