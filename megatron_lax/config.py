@@ -176,6 +176,8 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # last K complete checkpoints kept
     resume: str = "none"  # none | auto | a checkpoint directory
+    overwrite: bool = False  # start over in a run_dir that holds an earlier run: deletes its checkpoints and logs
+    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files) from anywhere, not only this run's directory
 
 
 @dataclass
@@ -442,6 +444,9 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.zero_stage not in (1, 2, 3):
         hint = "; stage 0 shards nothing: use parallel.engine ddp" if cfg.parallel.zero_stage == 0 else ""
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}{hint}")
+    if cfg.checkpoint.overwrite and cfg.checkpoint.resume == "auto":
+        raise ConfigError("checkpoint.overwrite true starts the run over, checkpoint.resume auto continues it: "
+                          "choose one")
     if cfg.train.global_batch <= 0 or cfg.train.micro_batch <= 0:
         raise ConfigError("train.global_batch and train.micro_batch must be positive")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

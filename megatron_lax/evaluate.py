@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, data
+from . import checkpoint, data, trust
 from .model_io import load_checkpoint_model as load_model  # noqa: F401 (also imported from here by callers)
 from .parallel.distributed import all_reduce_sum, init_distributed, is_distributed, shutdown
 
@@ -136,9 +136,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("run", "fp32"), default="run",
                         help="run: as the run validated during training (default); fp32: fp32 master weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch, args.precision)
+        with trust.trusting(everything=args.trust_checkpoint):
+            result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch, args.precision)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, trust
 from .config import ModelConfig, dump_yaml
 from .model_io import (HF_NAMES, LAX_LORA_FORMAT, OUR_FORMAT, base_kind, hf_state_dict, is_finetune_run,  # noqa: F401
                        load_checkpoint_model as load_model, load_finetuned, load_hf_llama, load_lax_lora,
@@ -136,14 +136,16 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--merge", action="store_true", help="fine-tuning runs: fold plain LoRA into the base weights")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
-        if is_finetune_run(args.checkpoint):
-            kind = export_finetuned(args.checkpoint, args.output, args.merge)
-        elif args.merge:
-            raise ValueError("--merge applies to fine-tuning runs only")
-        else:
-            kind = export(args.checkpoint, args.output)
+        with trust.trusting(everything=args.trust_checkpoint):
+            if is_finetune_run(args.checkpoint):
+                kind = export_finetuned(args.checkpoint, args.output, args.merge)
+            elif args.merge:
+                raise ValueError("--merge applies to fine-tuning runs only")
+            else:
+                kind = export(args.checkpoint, args.output)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

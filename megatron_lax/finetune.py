@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, instruct
+from . import checkpoint, instruct, trust
 from .config import Config
 from .lora import apply_lora, trainable_parameters
 from .model_io import (base_fingerprint, base_kind, base_tokenizer, finetune_recipe, is_finetune_run,  # noqa: F401
@@ -42,7 +42,8 @@ def build_finetune_model(cfg: Config, precision: str = "fp32"):
         cfg.model, recipe = finetune_recipe(cfg)
         return recipe
     frozen_bf16 = not f.full and engine in ("single", "ddp") and precision in ("bf16-mixed", "bf16-pure")
-    base = load_base(f.base, torch.bfloat16 if frozen_bf16 else torch.float32)
+    with trust.trusting(everything=cfg.checkpoint.trust):
+        base = load_base(f.base, torch.bfloat16 if frozen_bf16 else torch.float32)
     if frozen_bf16:
         for module in [base.embed, base.norm] + [m for b in base.layers for m in (b.attn_norm, b.mlp_norm)]:
             module.float()

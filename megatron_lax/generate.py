@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, trust
 from .models.llama import KVCache
 
 
@@ -152,10 +152,12 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     from tokenizer import load_tokenizer
     try:
-        model, tokenizer_spec = load_for_generation(args.checkpoint)
+        with trust.trusting(everything=args.trust_checkpoint):
+            model, tokenizer_spec = load_for_generation(args.checkpoint)
         tok = load_tokenizer(tokenizer_spec)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

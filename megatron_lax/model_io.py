@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint
+from . import checkpoint, trust
 from .config import Config, ModelConfig, load_config
 from .models.llama import LlamaLax
 
@@ -139,7 +139,7 @@ class HFWeights:
     def _bin(self, path: Path) -> dict:
         cache = self.__dict__.setdefault("_bins", {})
         if path not in cache:
-            cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            cache[path] = trust.load_tensors(path, mmap=True)
         return cache[path]
 
     def keys(self):
@@ -224,16 +224,24 @@ def load_checkpoint_model(path: Path, device: torch.device = torch.device("cpu")
     return model.to(device).eval(), cfg, ckpt
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (a format that holds nothing but tensors), or a one-line error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def load_pretrained(directory, device: str = "cpu") -> LlamaLax:
     """A model exported in our format (LaX / CoLA), ready for inference."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     if not (directory / OUR_FORMAT).is_file():
         raise ValueError(f"{directory} is not a megatron_lax export (a Hugging Face export loads with "
                          f"transformers.LlamaForCausalLM.from_pretrained)")
     model = LlamaLax(load_config(str(directory / "config.yaml")).model)
-    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    model.load_state_dict(read_safetensors(directory / "model.safetensors"))
     return model.to(device).eval()
 
 
@@ -354,8 +362,6 @@ def selected_checkpoint(path) -> Path:
 
 def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> LlamaLax:
     """A LaX-LoRA export on its base (the one the run used unless `base` names another copy)."""
-    from safetensors.torch import load_file
-
     from .lora import apply_lora
 
     directory = Path(directory)
@@ -365,7 +371,7 @@ def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> Ll
     base_model = load_base(base or cfg.finetune.base)
     check_base(cfg, base_model, directory)
     model = apply_lora(base_model, cfg.lora)
-    adapters = load_file(str(directory / "adapter_model.safetensors"))
+    adapters = read_safetensors(directory / "adapter_model.safetensors")
     missing, unexpected = model.load_state_dict(adapters, strict=False)
     missing = [k for k in missing if ".adapter." in k]
     if missing or unexpected:
