@@ -404,6 +404,17 @@ def checkpoint_config(directory: Path) -> config_lib.Config:
     return config_lib.load_config(str(directory / "config.yaml"))
 
 
+def intact_checkpoint_dir(path: Path) -> Path:
+    """As resolve_checkpoint_dir, and a checkpoint directory named directly is verified too (a run
+    directory's newest intact one already is): what loaders use before reading weights."""
+    found = resolve_checkpoint_dir(path)
+    if found == Path(path):
+        problem = verify(found)
+        if problem:
+            raise CheckpointError(f"checkpoint {found} is damaged: {problem}")
+    return found
+
+
 def resolve_checkpoint_dir(path: Path) -> Path:
     """Accepts a checkpoint directory, a run's checkpoints/ directory or a run directory."""
     path = Path(path)

@@ -87,15 +87,29 @@ def evaluation_precision(cfg, device: torch.device, requested: str = "run") -> t
     return f"{precision} (bf16 autocast)", torch.float32, True
 
 
+def load_for_evaluation(path: Path, device: torch.device):
+    """(model, config, what was loaded, step) of a checkpoint or run directory, or of one of our exports."""
+    from .config import load_config
+    from .model_io import OUR_FORMAT, load_pretrained
+    path = Path(path)
+    if (path / OUR_FORMAT).is_file():
+        step = json.loads((path / OUR_FORMAT).read_text()).get("step")
+        return load_pretrained(path, device), load_config(str(path / "config.yaml")), path, step
+    model, cfg, ckpt = load_model(path, device)
+    return model, cfg, ckpt, json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
 def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0,
                         precision: str = "run") -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = init_distributed("ddp" if world > 1 else "single", "auto")
-    model, cfg, ckpt = load_model(path, dist.device)
+    model, cfg, ckpt, step = load_for_evaluation(path, dist.device)
     name, dtype, autocast = evaluation_precision(cfg, dist.device, precision)
     model.to(dtype)
     if cfg.model.arch == "vit":
-        return evaluate_images(model, cfg, ckpt, dist, name, autocast, data_path, micro_batch)
+        return evaluate_images(model, cfg, ckpt, step, dist, name, autocast, data_path, micro_batch)
+    if data_path:  # shards of another tokenizer would give a number that means nothing
+        data.check_tokenizer(data.read_manifest(data_path), cfg.data.tokenizer, data_path)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
@@ -106,12 +120,11 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     data_dir = data_path or cfg.data.path
     unigram = data.unigram_perplexity(data_dir, cfg.data.seq_len, cfg.data.mode,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens)
-    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-            "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": name, "unigram_ppl": unigram,
-            **result}
+    return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "mode": cfg.data.mode,
+            "precision": name, "unigram_ppl": unigram, **result}
 
 
-def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, data_path: str | None,
+def evaluate_images(model, cfg, ckpt: Path, step, dist, precision_name: str, autocast: bool, data_path: str | None,
                     micro_batch: int) -> dict:
     """A ViT checkpoint's top-1 / top-5 accuracy and loss on its run's validation split (one process)."""
     from .vision import evaluate_model
@@ -122,14 +135,15 @@ def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast:
     context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
         result = evaluate_model(model, cfg, dist.device, cfg.data.eval_split, cfg.data.val_images, micro_batch)
-    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-            "engine": cfg.parallel.engine, "precision": precision_name, **result}
+    return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "precision": precision_name,
+            **result}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="checkpoint or run directory, or an export in our format")
     parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
     parser.add_argument("--micro-batch", type=int, default=0)

@@ -139,7 +139,11 @@ def load_for_generation(path: Path):
     """(model, tokenizer spec) from a checkpoint/run directory (pre-training or fine-tuning), a
     megatron_lax export or a Hugging Face LLaMA directory."""
     from .model_io import load_any
-    return load_any(path)
+    model, tokenizer = load_any(path)
+    if model.cfg.arch != "llama":
+        raise ValueError(f"{path} holds a {model.cfg.arch} image classifier, which generates no text "
+                         f"(python -m megatron_lax.evaluate scores it)")
+    return model, tokenizer
 
 
 def main(argv=None) -> int:

@@ -216,11 +216,10 @@ def load_checkpoint_model(path: Path, device: torch.device = torch.device("cpu")
     from .models import build_model
     from .parallel import consolidated_state_dict
 
-    ckpt = checkpoint.resolve_checkpoint_dir(path)
+    ckpt = checkpoint.intact_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
     model = build_model(cfg.model, init_seed=None)
-    state = consolidated_state_dict(ckpt, cfg.parallel.engine)
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    load_weights(model, consolidated_state_dict(ckpt, cfg.parallel.engine), ckpt)
     return model.to(device).eval(), cfg, ckpt
 
 
@@ -235,14 +234,26 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(directory, device: str = "cpu") -> LlamaLax:
-    """A model exported in our format (LaX / CoLA), ready for inference."""
+    """A model exported in our format (LaX / CoLA LLaMA, or any ViT), ready for inference."""
+    from .models import build_model
+
     directory = Path(directory)
     if not (directory / OUR_FORMAT).is_file():
         raise ValueError(f"{directory} is not a megatron_lax export (a Hugging Face export loads with "
                          f"transformers.LlamaForCausalLM.from_pretrained)")
-    model = LlamaLax(load_config(str(directory / "config.yaml")).model)
-    model.load_state_dict(read_safetensors(directory / "model.safetensors"))
+    model = build_model(load_config(str(directory / "config.yaml")).model, init_seed=None)
+    load_weights(model, read_safetensors(directory / "model.safetensors"), directory)
     return model.to(device).eval()
+
+
+def load_weights(model: torch.nn.Module, state: dict, where) -> None:
+    """load_state_dict (strict), with a checkpoint that does not fit its config as a one-line error."""
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as e:
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"{where}: the weights do not fit its config.yaml ({problems[0] if problems else e})") \
+            from None
 
 
 # --- bases and fine-tuned runs ----------------------------------------------------------------------------
@@ -323,7 +334,7 @@ def load_finetuned(path, device: torch.device = torch.device("cpu")):
     from .lora import apply_lora
     from .parallel import consolidated_state_dict
 
-    ckpt = checkpoint.resolve_checkpoint_dir(path)
+    ckpt = checkpoint.intact_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     adapt = (lambda m: m) if cfg.finetune.full else (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed))

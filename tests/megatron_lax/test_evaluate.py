@@ -50,3 +50,21 @@ def test_fsdp_bf16_runs_evaluate_as_they_validated(prepared_sample, tmp_path):
         result = evaluated(tmp_path / precision)
         assert result["precision"] == f"{precision} (bf16 weights)"
         assert result["val_loss"] == pytest.approx(final_val_loss(tmp_path / precision), rel=1e-3), precision
+
+
+def test_evaluate_refuses_data_of_another_tokenizer(prepared_sample, tmp_path, capsys):
+    from conftest import REPO
+    from data_prep.prepare import prepare
+    from megatron_lax.config import load_config
+    from megatron_lax.evaluate import main
+    from megatron_lax.train import Trainer
+    Trainer(load_config("llama_tiny", {**RUN, "train.steps": "1", "data.path": str(prepared_sample),
+                                       "logging.run_dir": str(tmp_path / "run")})).fit()
+    english = tmp_path / "english"
+    prepare([REPO / "data" / "sample" / "c4-validation.00000-of-00001.json.gz"], str(REPO / "tokenizer" / "english"),
+            english, progress=False)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--data", str(english)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {english} was prepared with tokenizer ") and \
+        "but data.tokenizer is tokenizer/sample" in err[0]

@@ -124,6 +124,20 @@ def test_evaluate_reports_the_checkpoint_accuracy(single):
     assert report["val_images"] == 48 and report["step"] == 4
 
 
+def test_a_vit_export_loads_back_in_evaluate_and_generate_refuses_it(single, tmp_path, capsys):
+    from megatron_lax import generate
+    from megatron_lax.evaluate import evaluate_checkpoint
+    from megatron_lax.export import export
+    assert export(single / "full", tmp_path / "vit") == "megatron_lax"
+    exported, checkpoint = evaluate_checkpoint(tmp_path / "vit"), evaluate_checkpoint(single / "full")
+    assert exported["step"] == checkpoint["step"] == 4
+    assert {k: exported[k] for k in ("val_acc1", "val_loss", "val_images")} == \
+        {k: checkpoint[k] for k in ("val_acc1", "val_loss", "val_images")}
+    assert generate.main(["--checkpoint", str(tmp_path / "vit"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'vit'} holds a vit image classifier, which "
+                                               f"generates no text (python -m megatron_lax.evaluate scores it)")
+
+
 def test_info_prints_the_vit_counts():
     result = run_command([sys.executable, "-m", "megatron_lax.info", "--config", "vit_b", "--model.method", "svd",
                           "--model.lax_gate", "tensor", "--json"])
