@@ -316,13 +316,33 @@ def _coerce(value: Any, annotation, where: str) -> Any:
     try:
         if isinstance(value, str):
             return _parse_value(value, annotation)
-        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if annotation is str and isinstance(value, (int, float)):
-            return str(value)
-        return value
+        return _check_type(value, annotation)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_type(value: Any, annotation) -> Any:
+    """A value YAML parsed as something other than a string, checked against (and converted to) the
+    field's type: a list where a number belongs is an error here, not deep inside a run."""
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and number and float(value).is_integer():
+        return int(value)
+    if annotation is float and number:
+        return float(value)
+    if annotation is str and (number or isinstance(value, bool)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if (annotation is list or typing.get_origin(annotation) is list) and isinstance(value, list) and \
+            all(isinstance(item, (str, int, float)) for item in value):
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, "a list")
+    shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+    raise ConfigError(f"expected {expected}, got {shown}")
 
 
 def apply_dict(cfg: Config, values: dict, source: str = "config") -> Config:

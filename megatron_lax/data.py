@@ -56,6 +56,11 @@ def ensure_prepared(data_cfg) -> Path:
         return path
     if not data_cfg.raw:
         raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
+    default = type(data_cfg)()
+    if data_cfg.raw == default.raw and path != Path(default.path):
+        raise FileNotFoundError(f"data.path {path} holds no prepared data; to prepare it, set data.raw to the raw "
+                                f"text (data.raw is the default {default.raw}, the shipped sample corpus, which is "
+                                f"prepared only into the default data.path {default.path})")
     from data_prep.prepare import expand_inputs, prepare
     inputs = expand_inputs(data_cfg.raw)
     if not inputs:
