@@ -19,7 +19,7 @@ import torch
 from . import vision_data
 from .config import Config, DataConfig
 from .models.vit import classification_loss, count_parameters, flops_per_image
-from .parallel.distributed import all_reduce_sum
+from .parallel.distributed import all_gather_object, all_reduce_sum
 from .train import Trainer
 
 HOLDOUT_SEED = 1234  # the held-out slice is the same whatever data.seed, so every run is scored on it
@@ -65,6 +65,13 @@ def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hits = top == labels[:, None]
     return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(),
                         torch.tensor(float(labels.numel()), device=logits.device)])
+
+
+def skipped_note(record: dict) -> str:
+    if not record["skipped_images"]:
+        return ""
+    return (f"; {record['skipped_images']} unreadable images skipped ({record['skipped_train_images']} training, "
+            f"{record['skipped_val_images']} validation)")
 
 
 def summary_of(sums: torch.Tensor) -> dict:
@@ -117,20 +124,32 @@ class VisionTrainer(Trainer):
         for images, labels in self.val_batches:
             sums += accuracy_sums(self.engine.predict(images), labels)
         self.engine.train(True)
-        record = {"step": self.step, "images": self.tokens, **summary_of(all_reduce_sum(sums)),
-                  "skipped_images": int(all_reduce_sum(torch.tensor(float(self.loader.skipped + self.val_skipped),
-                                                                    device=self.dist.device)))}
+        record = {"step": self.step, "images": self.tokens, **summary_of(all_reduce_sum(sums)), **self.unreadable()}
         self.last_val = record
         self.metrics.log(record, prefix="val")
         self.log(f"step {self.step}: val_loss {record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f}%  "
-                 f"top-5 {record['val_acc5']:.2f}%  ({record['val_images']} images)")
+                 f"top-5 {record['val_acc5']:.2f}%  ({record['val_images']} images){skipped_note(record)}")
         return record
 
+    def unreadable(self) -> dict:
+        """Unreadable images skipped (all ranks): training ones since this process started, and the
+        validation set's; and the epochs trained, counted in readable images (the training images
+        less those found unreadable: all of them once an epoch has been read). Collective."""
+        counts = all_reduce_sum(torch.tensor([float(self.loader.skipped), float(self.val_skipped)],
+                                             device=self.dist.device))
+        found = set().union(*all_gather_object(self.loader.unreadable))
+        readable = self.loader.samples_per_epoch * (1 - len(found) / len(self.train_set))
+        train, val = int(counts[0]), int(counts[1])
+        return {"skipped_images": train + val, "skipped_train_images": train, "skipped_val_images": val,
+                "epochs": self.tokens / max(readable, 1.0)}
+
     def summarize(self, final: dict) -> tuple[dict, str]:
-        fields = {k: final[k] for k in ("val_loss", "val_acc1", "val_acc5", "val_images", "skipped_images")}
+        fields = {k: final[k] for k in ("val_loss", "val_acc1", "val_acc5", "val_images", "skipped_images",
+                                        "skipped_train_images", "skipped_val_images", "epochs")}
         split = "held-out training images" if self.cfg.data.eval_split == "holdout" else "validation images"
         return fields, (f"top-1 accuracy {final['val_acc1']:.2f}% (top-5 {final['val_acc5']:.2f}%, loss "
-                        f"{final['val_loss']:.4f}) on {final['val_images']} {split}")
+                        f"{final['val_loss']:.4f}) on {final['val_images']} {split}; {final['epochs']:.2f} epochs "
+                        f"of the readable training images{skipped_note(final)}")
 
     def baselines(self) -> dict:
         return {"chance_acc1": 100.0 / self.cfg.model.num_classes}

@@ -109,12 +109,19 @@ def make_folder_dataset(root: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:40])
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path):
+def test_unreadable_images_are_skipped_counted_and_printed(tmp_path, capsys):
+    """36 training images, one unreadable, in steps of 12: two epochs read it twice and train on 70."""
     make_folder_dataset(tmp_path / "images")
     run_all([vit_run(tmp_path / "run", data__path=tmp_path / "images", data__train_images=0, data__val_images=0,
-                     model__image_size=28, model__patch_size=7, train__steps=4, checkpoint__every=0)])
+                     model__image_size=28, model__patch_size=7, train__steps=6, train__global_batch=12,
+                     train__eval_every=3, checkpoint__every=0)])
     record = final_record(tmp_path / "run")
-    assert record["skipped_images"] >= 1 and record["val_images"] == 12
+    assert (record["skipped_images"], record["skipped_train_images"], record["skipped_val_images"]) == (2, 2, 0)
+    assert record["val_images"] == 12 and record["images"] == 70 and record["epochs"] == 2.0
+    out = capsys.readouterr().out
+    assert "(12 images); 1 unreadable images skipped (1 training, 0 validation)" in out  # step 3
+    assert "(12 images); 2 unreadable images skipped (2 training, 0 validation)" in out  # step 6
+    assert "2.00 epochs of the readable training images; 2 unreadable images skipped (2 training, 0 validation)" in out
 
 
 def test_evaluate_reports_the_checkpoint_accuracy(single):
