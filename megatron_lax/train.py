@@ -27,7 +27,8 @@ from .models import build_model
 from .models.llama import count_parameters, flops_per_token, init_weights
 from .optim import lr_at
 from .parallel import ModelRecipe, build_engine
-from .parallel.distributed import DistInfo, all_reduce_sum, barrier, end_process, init_distributed, shutdown
+from .parallel.distributed import (DistInfo, all_reduce_sum, barrier, end_process, init_distributed, run_on_main,
+                                   shutdown)
 
 
 class TrainingError(RuntimeError):
@@ -70,10 +71,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
-    """Prepares the shards on rank 0 if needed, and sizes the vocabulary from the tokenizer."""
-    if dist.is_main:
-        data.ensure_prepared(cfg.data)
-    barrier()
+    """Prepares the shards on rank 0 if needed (the others wait as long as it takes), and sizes the
+    vocabulary from the tokenizer."""
+    run_on_main(lambda: data.ensure_prepared(cfg.data))
     manifest = data.read_manifest(cfg.data.path)
     cfg.model.vocab_size = data.model_vocab_size(manifest, cfg.model.vocab_size)
     return Path(cfg.data.path), manifest
