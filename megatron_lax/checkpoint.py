@@ -249,7 +249,7 @@ def _rewind(run_dir: Path, resumed: Path, overwrite: bool) -> None:
     """Resuming a checkpoint of this run directory: the intact checkpoints after it would be replaced."""
     root = run_dir / "checkpoints"
     later = [p for p in complete_checkpoints(root) if (p / MANIFEST).is_file() and p.name > resumed.name]
-    if not later:
+    if not later or not resumed.name.startswith("step_"):  # not a checkpoint: resolve_resume says why
         return
     if not overwrite:
         raise CheckpointError(f"resuming {resumed} would replace the later checkpoints "
