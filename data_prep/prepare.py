@@ -17,6 +17,9 @@ skips files already complete for the same input and tokenizer, whatever parts th
 Preparing more files, or another split, into an existing DIR adds them to its manifest (with the
 same tokenizer only).
 Bad records are skipped and counted; a shard is written under a temporary name and renamed when done.
+Nothing is written over an input: an output directory that contains an input is refused (except
+DIR/raw/, where a hub dataset is streamed to and no shard is ever written), and so are two inputs that
+would become the same shard (one stem in one split).
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ BATCH_DOCUMENTS = 512
 INPUT_SUFFIXES = (".json.gz", ".jsonl", ".jsonl.gz", ".json", ".txt", ".txt.gz")
 PART_SUFFIX = re.compile(r"\.part\d+-of-\d+$")
 OUTPUT_SUFFIXES = (".bin", ".bin.tmp", ".idx.npy", ".idx.tmp.npy", ".json", ".json.tmp")
+HUB_RAW = "raw"  # OUTPUT/raw: where a hub dataset is streamed to before it is prepared
 
 
 def token_dtype(vocab_size: int):
@@ -243,6 +247,7 @@ def prepare(inputs: list[Path], tokenizer_spec: str, output: Path, workers: int 
 
     if not inputs:
         raise FileNotFoundError("no input files matched")
+    check_inputs(inputs, output)
     tok = load_tokenizer(tokenizer_spec)
     output.mkdir(parents=True, exist_ok=True)
     earlier = earlier_shards(output, tok, inputs)
@@ -263,6 +268,23 @@ def prepare(inputs: list[Path], tokenizer_spec: str, output: Path, workers: int 
     print(f"prepared {output}: {totals}; {len(inputs) - len(todo)} of {len(inputs)} inputs already done; "
           f"skipped records: {skipped}", file=sys.stderr)
     return manifest
+
+
+def check_inputs(inputs: list[Path], output: Path) -> None:
+    """Refuses, before anything is written, what would write over an input: an output directory that
+    contains an input (outside OUTPUT/raw/), or two inputs that would be written as one shard."""
+    out = output.resolve()
+    for path in inputs:
+        if path.resolve().is_relative_to(out) and not path.resolve().is_relative_to(out / HUB_RAW):
+            raise ValueError(f"--output {output} contains the input {path}: preparing there could write over it; "
+                             f"choose an output directory that holds no input")
+    shards: dict[tuple[str, str], Path] = {}
+    for path in inputs:
+        key = (split_of(path), shard_name(path))
+        other = shards.setdefault(key, path)
+        if other.resolve() != path.resolve():
+            raise ValueError(f"the inputs {other} and {path} would both be written as the shard {'/'.join(key)}; "
+                             f"rename one of them")
 
 
 def earlier_shards(output: Path, tok, inputs: list[Path]) -> list[dict]:
@@ -394,7 +416,7 @@ def main(argv=None) -> int:
         inputs = expand_inputs(args.input)
         if not inputs and looks_like_hub_name(args.input):
             inputs = stream_hub_dataset(args.input, args.hub_config, args.hub_splits.split(","),
-                                        args.hub_max_documents, args.output / "raw")
+                                        args.hub_max_documents, args.output / HUB_RAW)
         prepare(inputs, args.tokenizer, args.output, args.workers, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -182,6 +182,8 @@ class CheckpointConfig:
     every: int = 0  # steps between checkpoints; 0: only at the end
     keep: int = 2  # last K complete checkpoints kept
     resume: str = "none"  # none | auto | a checkpoint directory
+    overwrite: bool = False  # start over in a run_dir that holds an earlier run: deletes its checkpoints and logs
+    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files) from anywhere, not only this run's directory
 
 
 @dataclass
@@ -315,13 +317,33 @@ def _coerce(value: Any, annotation, where: str) -> Any:
     try:
         if isinstance(value, str):
             return _parse_value(value, annotation)
-        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        if annotation is str and isinstance(value, (int, float)):
-            return str(value)
-        return value
+        return _check_type(value, annotation)
     except (ValueError, ConfigError) as e:
         raise ConfigError(f"{where}: {e}") from None
+
+
+def _check_type(value: Any, annotation) -> Any:
+    """A value YAML parsed as something other than a string, checked against (and converted to) the
+    field's type: a list where a number belongs is an error here, not deep inside a run."""
+    if typing.get_origin(annotation) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is int and number and float(value).is_integer():
+        return int(value)
+    if annotation is float and number:
+        return float(value)
+    if annotation is str and (number or isinstance(value, bool)):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    if (annotation is list or typing.get_origin(annotation) is list) and isinstance(value, list) and \
+            all(isinstance(item, (str, int, float)) for item in value):
+        return value
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(annotation, "a list")
+    shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+    raise ConfigError(f"expected {expected}, got {shown}")
 
 
 def apply_dict(cfg: Config, values: dict, source: str = "config") -> Config:
@@ -443,6 +465,9 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.zero_stage not in (1, 2, 3):
         hint = "; stage 0 shards nothing: use parallel.engine ddp" if cfg.parallel.zero_stage == 0 else ""
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}{hint}")
+    if cfg.checkpoint.overwrite and cfg.checkpoint.resume == "auto":
+        raise ConfigError("checkpoint.overwrite true starts the run over, checkpoint.resume auto continues it: "
+                          "choose one")
     if cfg.train.global_batch <= 0 or cfg.train.micro_batch <= 0:
         raise ConfigError("train.global_batch and train.micro_batch must be positive")
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:

@@ -27,7 +27,7 @@ from .data import tokens as data
 from .loading.ours import load_checkpoint_model as load_model
 from .models import family_of
 from .parallel.distributed import init_distributed, is_distributed, shutdown
-from .training import checkpoint
+from .training import checkpoint, trust
 
 
 @torch.no_grad()
@@ -76,15 +76,29 @@ def evaluation_precision(cfg, device: torch.device, requested: str = "run") -> t
     return f"{precision} (bf16 autocast)", torch.float32, True
 
 
+def load_for_evaluation(path: Path, device: torch.device):
+    """(model, config, what was loaded, step) of a checkpoint or run directory, or of one of our exports."""
+    from .config import load_config
+    from .loading.ours import OUR_FORMAT, load_pretrained
+    path = Path(path)
+    if (path / OUR_FORMAT).is_file():
+        step = json.loads((path / OUR_FORMAT).read_text()).get("step")
+        return load_pretrained(path, device), load_config(str(path / "config.yaml")), path, step
+    model, cfg, ckpt = load_model(path, device)
+    return model, cfg, ckpt, json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
 def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 0, micro_batch: int = 0,
                         precision: str = "run") -> dict:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = init_distributed("ddp" if world > 1 else "single", "auto")
-    model, cfg, ckpt = load_model(path, dist.device)
+    model, cfg, ckpt, step = load_for_evaluation(path, dist.device)
     name, dtype, autocast = evaluation_precision(cfg, dist.device, precision)
     model.to(dtype)
     if not family_of(cfg.model).uses_tokenizer:
-        return evaluate_images(model, cfg, ckpt, dist, name, autocast, data_path, micro_batch)
+        return evaluate_images(model, cfg, ckpt, step, dist, name, autocast, data_path, micro_batch)
+    if data_path:  # shards of another tokenizer would give a number that means nothing
+        data.check_tokenizer(data.read_manifest(data_path), cfg.data.tokenizer, data_path)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
@@ -95,12 +109,11 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     data_dir = data_path or cfg.data.path
     unigram = data.unigram_perplexity(data_dir, cfg.data.seq_len, cfg.data.mode,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens)
-    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-            "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": name, "unigram_ppl": unigram,
-            **result}
+    return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "mode": cfg.data.mode,
+            "precision": name, "unigram_ppl": unigram, **result}
 
 
-def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, data_path: str | None,
+def evaluate_images(model, cfg, ckpt: Path, step, dist, precision_name: str, autocast: bool, data_path: str | None,
                     micro_batch: int) -> dict:
     """A ViT checkpoint's top-1 / top-5 accuracy and loss on its run's validation split (one process)."""
     from .tasks.image_classification import evaluate_model
@@ -111,23 +124,26 @@ def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast:
     context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
         result = evaluate_model(model, cfg, dist.device, cfg.data.eval_split, cfg.data.val_images, micro_batch)
-    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
-            "engine": cfg.parallel.engine, "precision": precision_name, **result}
+    return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "precision": precision_name,
+            **result}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="checkpoint or run directory, or an export in our format")
     parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
     parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--precision", choices=("run", "fp32"), default="run",
                         help="run: as the run validated during training (default); fp32: fp32 master weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
-        result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch, args.precision)
+        with trust.trusting(everything=args.trust_checkpoint):
+            result = evaluate_checkpoint(args.checkpoint, args.data, args.tokens, args.micro_batch, args.precision)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

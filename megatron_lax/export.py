@@ -5,8 +5,12 @@
 Dense models, and SVD models without LaX (their factors merged, W = B A), become a Hugging Face
 `LlamaForCausalLM` directory (config.json + model.safetensors) that `transformers` loads with
 `from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they are written in our
-own format (config.yaml + model.safetensors) and loaded with `megatron_lax.load_pretrained(DIR)`.
-The tokenizer the run used is copied alongside when it is a local directory or file.
+own format (config.yaml + model.safetensors) and loaded with `megatron_lax.load_pretrained(DIR)`; so are ViTs, which `evaluate --checkpoint DIR` scores.
+The tokenizer the run used is copied alongside when it is a local directory or file: its own files
+only (tokenizer.model, the Hugging Face tokenizer files), never a symbolic link.
+
+The export is written under a temporary name beside DIR and renamed into place when complete. DIR
+must be new or empty; --force replaces what it holds.
 
 Fine-tuning runs (python -m megatron_lax.finetune): plain LoRA adapters are written in PEFT's format
 (adapter_config.json + adapter_model.safetensors, for `peft.PeftModel.from_pretrained` on the Hugging
@@ -20,19 +24,23 @@ format (adapters only, config.yaml naming the base and its weights' fingerprint)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+from tokenizer import HF_TOKENIZER_FILES
 
 from .config import ModelConfig, dump_yaml
 from .loading.bases import base_kind, is_finetune_run
 from .loading.finetuned import load_finetuned, selected_checkpoint
 from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
 from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
-from .training import checkpoint
+from .models import family_of
+from .training import checkpoint, trust
 from .models.llama import LlamaLax
 
 
@@ -45,31 +53,77 @@ def hf_config(cfg: ModelConfig) -> dict:
             "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
 
 
-# --- Hugging Face LLaMA -> our dense model (the inverse of hf_state_dict / hf_config) -----------------
+# --- where an export is written ------------------------------------------------------------------------
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuses, before anything is loaded, an output that holds something (unless forced)."""
+    if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
+        raise ValueError(f"--output {output} is not empty; choose a new directory, or pass --force to replace "
+                         f"what it holds")
+
+
+@contextlib.contextmanager
+def written_into(output: Path):
+    """Yields a staging directory beside `output`; once the block completes, it becomes `output` (what
+    output held before is removed only then). On a failure the staging directory is removed and
+    `output` is left as it was."""
+    staging = output.with_name(f".{output.name}.incomplete")
+    shutil.rmtree(staging, ignore_errors=True)  # an earlier export's, interrupted
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replaced = output.with_name(f".{output.name}.replaced")
+    if output.is_dir() and not output.is_symlink():
+        os.replace(output, replaced)
+    elif output.exists() or output.is_symlink():
+        output.unlink()
+    os.replace(staging, output)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+# The files a tokenizer consists of: ours (tokenizer.train writes tokenizer.model and training.json)
+# and Hugging Face's. Nothing else in the directory is copied.
+TOKENIZER_FILES = ("tokenizer.model", "training.json") + HF_TOKENIZER_FILES
+
 
 def copy_tokenizer(spec: str, output: Path) -> None:
+    """Copies the run's tokenizer into output/tokenizer when it is local: its own files, never a file
+    that is a symbolic link (a skipped one is printed)."""
     source = Path(spec)
-    if source.is_dir():
-        shutil.copytree(source, output / "tokenizer", dirs_exist_ok=True)
-    elif source.is_file():
+    if source.is_file():
+        files = [source]
+    elif source.is_dir():
+        files = [source / name for name in TOKENIZER_FILES if (source / name).is_file() or (source / name).is_symlink()]
+    else:
+        print(f"note: the tokenizer {spec} is not a local file or directory; the export has none", file=sys.stderr)
+        return
+    for path in files:
+        if path.is_symlink() and path != source:
+            print(f"note: not copying {path} into the export: a symbolic link", file=sys.stderr)
+            continue
         (output / "tokenizer").mkdir(exist_ok=True)
-        shutil.copy(source, output / "tokenizer" / source.name)
+        shutil.copyfile(path, output / "tokenizer" / path.name)
 
 
-def export(checkpoint_dir: Path, output: Path) -> str:
+def export(checkpoint_dir: Path, output: Path, force: bool = False) -> str:
     from safetensors.torch import save_file
 
-    model, cfg, _ = load_model(checkpoint_dir, torch.device("cpu"))
-    output.mkdir(parents=True, exist_ok=True)
-    if mergeable(cfg.model):
-        write_huggingface(model, cfg.model, output)
-        kind = "huggingface"
-    else:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(output / "model.safetensors"))
-        (output / "config.yaml").write_text(dump_yaml(cfg))
-        (output / OUR_FORMAT).write_text(json.dumps({"format": "megatron_lax", "version": 1}))
-        kind = "megatron_lax"
-    copy_tokenizer(cfg.data.tokenizer, output)
+    check_output(output, force)
+    model, cfg, ckpt = load_model(checkpoint_dir, torch.device("cpu"))
+    with written_into(output) as staging:
+        if family_of(cfg.model).uses_tokenizer and mergeable(cfg.model):
+            write_huggingface(model, cfg.model, staging)
+            kind = "huggingface"
+        else:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
+            (staging / "config.yaml").write_text(dump_yaml(cfg))
+            step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+            (staging / OUR_FORMAT).write_text(json.dumps({"format": "megatron_lax", "version": 1, "step": step}))
+            kind = "megatron_lax"
+        copy_tokenizer(cfg.data.tokenizer, staging)
     return kind
 
 
@@ -103,30 +157,39 @@ def write_huggingface(model: LlamaLax, cfg: ModelConfig, output: Path) -> None:
     (output / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
 
 
-def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False) -> str:
+def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False, force: bool = False) -> str:
     """Writes a fine-tuning run's adapters (see the module docstring); returns the format written."""
+    from .models.lora import merge_lora
+
+    check_output(output, force)
+    model, cfg, _ = load_finetuned(selected_checkpoint(checkpoint_dir))
+    if merge:
+        model = merge_lora(model)  # refuses LaX-LoRA before anything is written
+    with written_into(output) as staging:
+        copy_tokenizer(cfg.data.tokenizer, staging)
+        return write_adapters(model, cfg, staging, output, merge)
+
+
+def write_adapters(model, cfg, staging: Path, output: Path, merge: bool) -> str:
+    """Writes into `staging` what will be `output` (files that name a path name the final one)."""
     from safetensors.torch import save_file
 
-    from .models.lora import adapter_state_dict, merge_lora, strip_lora, uses_lax
-
-    model, cfg, _ = load_finetuned(selected_checkpoint(checkpoint_dir))
-    output.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(cfg.data.tokenizer, output)
+    from .models.lora import adapter_state_dict, strip_lora, uses_lax
     if merge:
-        write_huggingface(merge_lora(model), cfg.model, output)
+        write_huggingface(model, cfg.model, staging)
         return "huggingface (merged)"
     if uses_lax(model):
         save_file({k: v.contiguous() for k, v in adapter_state_dict(model.state_dict()).items()},
-                  str(output / "adapter_model.safetensors"))
-        (output / "config.yaml").write_text(dump_yaml(cfg))
-        (output / LAX_LORA_FORMAT).write_text(json.dumps({"format": "megatron_lax_lora", "version": 1}))
+                  str(staging / "adapter_model.safetensors"))
+        (staging / "config.yaml").write_text(dump_yaml(cfg))
+        (staging / LAX_LORA_FORMAT).write_text(json.dumps({"format": "megatron_lax_lora", "version": 1}))
         return "megatron_lax LaX-LoRA"
-    save_file(peft_state_dict(model), str(output / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(peft_state_dict(model), str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
     base_path = cfg.finetune.base
     if base_kind(base_path) != "huggingface":
         base_path = str(output / "base")
-        write_huggingface(strip_lora(model), cfg.model, Path(base_path))
-    (output / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_path), indent=1))
+        write_huggingface(strip_lora(model), cfg.model, staging / "base")
+    (staging / "adapter_config.json").write_text(json.dumps(peft_config(cfg, base_path), indent=1))
     return "peft"
 
 
@@ -136,14 +199,17 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--merge", action="store_true", help="fine-tuning runs: fold plain LoRA into the base weights")
+    parser.add_argument("--force", action="store_true", help="replace what --output holds")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
-        if is_finetune_run(args.checkpoint):
-            kind = export_finetuned(args.checkpoint, args.output, args.merge)
-        elif args.merge:
-            raise ValueError("--merge applies to fine-tuning runs only")
-        else:
-            kind = export(args.checkpoint, args.output)
+        with trust.trusting(everything=args.trust_checkpoint):
+            if is_finetune_run(args.checkpoint):
+                kind = export_finetuned(args.checkpoint, args.output, args.merge, args.force)
+            elif args.merge:
+                raise ValueError("--merge applies to fine-tuning runs only")
+            else:
+                kind = export(args.checkpoint, args.output, args.force)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

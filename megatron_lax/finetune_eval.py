@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .training import checkpoint
+from .training import checkpoint, trust
 from .data import instructions as instruct
 from .generate import decode_batch
 
@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     run.add_argument("--precision", default="", help="auto | fp32 | bf16 (default: the run's train.precision)")
     run.add_argument("--label", help="the method's name in tables (default: LoRA / LaX-LoRA (gate) / base)")
     run.add_argument("--output", type=Path, help="write the result as JSON")
+    run.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     summary = commands.add_parser("table", help="a Markdown table of several evaluate results")
     summary.add_argument("results", nargs="+")
     summary.add_argument("--output", type=Path)
@@ -323,8 +324,9 @@ def main(argv=None) -> int:
                 args.output.write_text(text + "\n")
             print(text)
             return 0
-        result = evaluate(args.checkpoint, args.base, args.test, args.max_new_tokens, args.batch_size, args.label,
-                          args.num_beams, args.precision)
+        with trust.trusting(everything=args.trust_checkpoint):
+            result = evaluate(args.checkpoint, args.base, args.test, args.max_new_tokens, args.batch_size, args.label,
+                              args.num_beams, args.precision)
     except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

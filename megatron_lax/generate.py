@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .training import checkpoint
+from .training import checkpoint, trust
+from .models import family_of
 from .models.llama import KVCache
 
 
@@ -139,7 +140,11 @@ def load_for_generation(path: Path):
     """(model, tokenizer spec) from a checkpoint/run directory (pre-training or fine-tuning), a
     megatron_lax export or a Hugging Face LLaMA directory."""
     from .loading.finetuned import load_any
-    return load_any(path)
+    model, tokenizer = load_any(path)
+    if not family_of(model.cfg).uses_tokenizer:
+        raise ValueError(f"{path} holds a {model.cfg.arch} image classifier, which generates no text "
+                         f"(python -m megatron_lax.evaluate scores it)")
+    return model, tokenizer
 
 
 def main(argv=None) -> int:
@@ -152,10 +157,12 @@ def main(argv=None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     from tokenizer import load_tokenizer
     try:
-        model, tokenizer_spec = load_for_generation(args.checkpoint)
+        with trust.trusting(everything=args.trust_checkpoint):
+            model, tokenizer_spec = load_for_generation(args.checkpoint)
         tok = load_tokenizer(tokenizer_spec)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

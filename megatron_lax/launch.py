@@ -8,7 +8,7 @@ Environment: METHOD (svd | cola | dense, and tt for the ViTs; default cola), GAT
 linear | dense | tensor; default identity, tensor for the ViTs), ENGINE (deepspeed | fsdp | ddp | single;
 default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; for the ViTs
 an ImageNet root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was
-prepared with, default t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
+prepared with, default hf:t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
 recipes, bf16-mixed for the ViTs), RUN_DIR.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ RECIPE_PRECISION = "bf16-pure"
 
 
 def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
-           tokenizer: str = "t5-base", precision: str = RECIPE_PRECISION) -> list[str]:
+           tokenizer: str = "hf:t5-base", precision: str = RECIPE_PRECISION) -> list[str]:
     """Table 14: the preset's steps (10k/20k/60k/100k) and warmup (2k/4k/12k/20k), the per-variant peak
     LR, 512 x 256 tokens a step (`token_budget paper` is exactly steps x 512 x 256), AdamW with weight
     decay 0.01, clipping 0.5, cosine to 10% of the peak, one document per sequence (`data.mode paper`,
@@ -114,7 +114,7 @@ def main(scale: str) -> None:
                           os.environ.get("PRECISION", VIT_PRECISION))
     else:
         args = recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/prepared/c4"), run_dir,
-                      os.environ.get("TOKENIZER", "t5-base"), os.environ.get("PRECISION", RECIPE_PRECISION))
+                      os.environ.get("TOKENIZER", "hf:t5-base"), os.environ.get("PRECISION", RECIPE_PRECISION))
     args += user_arguments(sys.argv[1:])
     from .parallel.distributed import end_process
     from .train import main as train_main

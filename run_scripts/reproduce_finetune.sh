@@ -34,7 +34,7 @@ step() {  # step DIR COMMAND...: runs once; the log stays in DIR/log
 base=${BASE:-$out/base}
 echo "base model ($base)"
 [ -n "${BASE:-}" ] || step "$base" "$py" -m megatron_lax.train --config configs/finetune_base_arithmetic.yaml \
-  --logging.run_dir "$base" --logging.progress false --logging.tensorboard false
+  --logging.run_dir "$base" --logging.progress false --logging.tensorboard false --checkpoint.resume auto
 results=()
 if [ -z "${BASE:-}" ]; then
   step "$out/base_accuracy" "$py" -m megatron_lax.finetune_eval evaluate --base "$base" --test "${tests[@]}" \
@@ -46,7 +46,7 @@ finetune_and_evaluate() {  # RUN GATE SEED [overrides...]
   local run=$1 gate=$2 seed=$3; shift 3
   step "$run" "$py" -m megatron_lax.finetune --config configs/finetune_arithmetic.yaml --finetune.base "$base" \
     --lora.lax_gate "$gate" --train.seed "$seed" --data.seed "$seed" --logging.run_dir "$run" \
-    --logging.progress false "$@"
+    --logging.progress false --checkpoint.resume auto "$@"
   step "$run/accuracy" "$py" -m megatron_lax.finetune_eval evaluate --checkpoint "$run" --test "${tests[@]}" \
     --output "$run/accuracy/accuracy.json"
 }

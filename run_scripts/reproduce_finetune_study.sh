@@ -16,7 +16,7 @@ SECONDS=0
   --split pairs
 echo "base model ($out/base)"
 [ -f "$out/base/finished.json" ] || "$py" -m megatron_lax.train --config configs/finetune_study_base.yaml \
-  --logging.run_dir "$out/base" > "$out.base.log" 2>&1 || { tail -5 "$out.base.log"; exit 1; }
+  --logging.run_dir "$out/base" --checkpoint.resume auto > "$out.base.log" 2>&1 || { tail -5 "$out.base.log"; exit 1; }
 echo "probe of the base"
 [ -f "$out/probe.json" ] || "$py" -m megatron_lax.finetune_study probe --base "$out/base" --output "$out/probe.json" \
   | grep -E '"(copy|fact|items)"'

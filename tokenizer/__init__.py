@@ -3,7 +3,10 @@
 - a directory written by `python -m tokenizer.train` (holds tokenizer.model),
 - any local SentencePiece `.model` file,
 - any local Hugging Face tokenizer directory (e.g. a copy of t5-base),
-- a hub name, when the hub is reachable.
+- a Hugging Face hub name, written hf:NAME (hf:t5-base), when the hub is reachable.
+
+A spec without the hf: prefix is a local path and nothing else: a mistyped path is an error, never a
+hub lookup that could fetch some other tokenizer. Remote code is never run (trust_remote_code off).
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
     except ImportError:
         raise ValueError(f"tokenizer {name}: loading Hugging Face tokenizers needs `pip install transformers`") from None
     try:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=local)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except (OSError, ValueError) as e:
         where = "the local directory" if local else "the Hugging Face hub (is it reachable?)"
         raise ValueError(f"tokenizer {name}: could not load it from {where}: {str(e).splitlines()[0]}") from None
@@ -85,7 +88,12 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
         return Tokenizer("huggingface", tok, files, name)
 
 
+HUB_PREFIX = "hf:"
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
+    if spec.startswith(HUB_PREFIX):
+        return _huggingface(spec[len(HUB_PREFIX):], spec, local=False)
     path = Path(spec)
     if path.is_file() and path.suffix == ".model":
         return _sentencepiece(path, spec)
@@ -97,9 +105,8 @@ def load_tokenizer(spec: str) -> Tokenizer:
         raise ValueError(f"tokenizer {spec}: directory holds neither tokenizer.model nor a Hugging Face tokenizer")
     if path.exists():
         raise ValueError(f"tokenizer {spec}: not a .model file or a tokenizer directory")
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".model"):
-        raise ValueError(f"tokenizer {spec}: no such file or directory")
-    return _huggingface(spec, spec, local=False)  # a hub name such as t5-base
+    raise ValueError(f"tokenizer {spec}: no such file or directory (a Hugging Face hub tokenizer is written "
+                     f"{HUB_PREFIX}NAME, e.g. {HUB_PREFIX}t5-base)")
 
 
-__all__ = ["Tokenizer", "load_tokenizer"]
+__all__ = ["HUB_PREFIX", "Tokenizer", "load_tokenizer"]

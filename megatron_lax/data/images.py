@@ -364,11 +364,12 @@ class _Decode(torch.utils.data.Dataset):
 
 
 def _collate(samples, shape):
-    """(images (b, *shape), int64 labels (b,), reasons of the dropped samples); b may be 0."""
+    """(images (b, *shape), int64 labels (b,), [(position in the batch, reason)] of the dropped samples);
+    b may be 0."""
     good = [(x, y) for x, y, _ in samples if x is not None]
     images = torch.stack([x for x, _ in good]) if good else torch.empty(0, *shape)
     labels = torch.tensor([y for _, y in good], dtype=torch.int64)
-    return images, labels, [why for x, _, why in samples if x is None]
+    return images, labels, [(k, why) for k, (x, _, why) in enumerate(samples) if x is None]
 
 
 def _decode_batches(decode: _Decode, batches: list[list[int]], workers: int):
@@ -399,8 +400,10 @@ class ImageTrainLoader:
         self.transform = SampleTransform(augment, dataset.channels)
         self.batch_augment = BatchAugment(augment, num_classes or dataset.num_classes)
         self.epoch = self.step = self.micro = 0
-        self.skipped, self.skipped_by_reason = 0, collections.Counter()
+        self.skipped, self.skipped_by_reason = 0, collections.Counter()  # since this process started
+        self.unreadable: set[int] = set()  # the dataset indices found unreadable (the same every epoch)
         self._batches = None  # iterator over this rank's rest of the epoch, built lazily
+        self._indices = collections.deque()  # the dataset indices of each micro-batch still to come
 
     @property
     def steps_per_epoch(self) -> int:
@@ -432,6 +435,7 @@ class ImageTrainLoader:
         else:
             decode = _Decode(self.dataset, self.transform, self.seed, self.epoch)
         self._batches = _decode_batches(decode, batches, self.workers)
+        self._indices = collections.deque(batches)
 
     def __iter__(self):
         return self
@@ -440,8 +444,10 @@ class ImageTrainLoader:
         if self._batches is None:
             self._start_epoch()
         images, labels, dropped = next(self._batches)
+        indices = self._indices.popleft()
         self.skipped += len(dropped)
-        self.skipped_by_reason.update(dropped)
+        self.skipped_by_reason.update(why for _, why in dropped)
+        self.unreadable.update(indices[k] for k, _ in dropped)
         position = (self.step * self.global_batch + self.rank * (self.global_batch // self.world_size)
                     + self.micro * self.micro_batch)  # of the micro-batch in the epoch: the same on any world size
         if self.dataset.fixed_shape is not None:

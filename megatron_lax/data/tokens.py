@@ -22,6 +22,7 @@ import json
 import math
 import re
 import resource
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,18 @@ def ensure_prepared(data_cfg) -> Path:
         return path
     if not data_cfg.raw:
         raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
+    default = type(data_cfg)()
+    if data_cfg.raw == default.raw and path != Path(default.path):
+        raise FileNotFoundError(f"data.path {path} holds no prepared data; to prepare it, set data.raw to the raw "
+                                f"text (data.raw is the default {default.raw}, the shipped sample corpus, which is "
+                                f"prepared only into the default data.path {default.path})")
     from data_prep.prepare import expand_inputs, prepare
+
+    from . import faults
     inputs = expand_inputs(data_cfg.raw)
     if not inputs:
         raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
+    time.sleep(faults.SLOW_PREPARE)
     prepare(inputs, data_cfg.tokenizer, path, data_cfg.workers, progress=False)
     return path
 

@@ -119,7 +119,8 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
     from ..models.lora import trainable_parameters
 
     values = {**overrides, "logging.run_dir": str(run_dir), "logging.progress": "false",
-              "logging.tensorboard": "false", "logging.lax_stats_every": "0"}
+              "logging.tensorboard": "false", "logging.lax_stats_every": "0",
+              "checkpoint.resume": "auto"}  # a cell cut short continues where it stopped
     if overrides.get("finetune.full") == "true":
         values["optim.lr"] = str(full_lr)
     cfg = load_config(config, values)

@@ -14,14 +14,14 @@ from ..parallel import ModelRecipe, consolidated_state_dict
 from ..training import checkpoint
 from .bases import base_fingerprint, base_kind, base_tokenizer, check_base, is_finetune_run, load_base
 from .huggingface import HFWeights, check_hf_names, hf_name_map, load_hf_llama, read_hf_config, tied_name
-from .ours import LAX_LORA_FORMAT, load_checkpoint_model, load_pretrained
+from .ours import LAX_LORA_FORMAT, load_checkpoint_model, load_pretrained, read_safetensors
 
 def load_finetuned(path, device: torch.device = torch.device("cpu")):
     """(model, config, checkpoint directory) of a fine-tuning run or checkpoint of any engine. A
     LoRA checkpoint holds the adapters only: the frozen weights come from the run's base, which
     must be the one it was trained on (fingerprint). Full fine-tuning checkpoints hold everything."""
 
-    ckpt = checkpoint.resolve_checkpoint_dir(path)
+    ckpt = checkpoint.intact_checkpoint_dir(path)
     cfg = checkpoint.checkpoint_config(ckpt)
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     adapt = (lambda m: m) if cfg.finetune.full else (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed))
@@ -56,9 +56,6 @@ def selected_checkpoint(path) -> Path:
 
 def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> LlamaLax:
     """A LaX-LoRA export on its base (the one the run used unless `base` names another copy)."""
-    from safetensors.torch import load_file
-
-
     directory = Path(directory)
     if not (directory / LAX_LORA_FORMAT).is_file():
         raise ValueError(f"{directory} is not a LaX-LoRA export")
@@ -66,7 +63,7 @@ def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> Ll
     base_model = load_base(base or cfg.finetune.base)
     check_base(cfg, base_model, directory)
     model = apply_lora(base_model, cfg.lora)
-    adapters = load_file(str(directory / "adapter_model.safetensors"))
+    adapters = read_safetensors(directory / "adapter_model.safetensors")
     missing, unexpected = model.load_state_dict(adapters, strict=False)
     missing = [k for k in missing if ".adapter." in k]
     if missing or unexpected:

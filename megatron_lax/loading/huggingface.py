@@ -9,6 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..models.llama import LlamaLax
+from ..training import trust
 
 HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
@@ -118,7 +119,7 @@ class HFWeights:
     def _bin(self, path: Path) -> dict:
         cache = self.__dict__.setdefault("_bins", {})
         if path not in cache:
-            cache[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            cache[path] = trust.load_tensors(path, mmap=True)
         return cache[path]
 
     def keys(self):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ..training import trust
 from ..config import Config
 from .distributed import DistInfo
 from .engine import Engine, LocalEngine, StepResult, resolve_precision
@@ -117,7 +118,7 @@ def consolidated_state_dict(checkpoint_dir: Path, cfg: Config | str | None = Non
     if engine == "deepspeed":
         from .deepspeed_engine import consolidate
         return consolidate(checkpoint_dir)
-    return torch.load(checkpoint_dir / "model.pt", map_location="cpu", weights_only=True)
+    return trust.load_tensors(checkpoint_dir / "model.pt")
 
 
 __all__ = ["Engine", "ModelRecipe", "StepResult", "build_engine", "materialize", "checkpoint_engine", "consolidated_state_dict", "apply_activation_checkpointing",

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..training import trust
 from ..training.optim import param_groups
 from .distributed import broadcast_object
 from .engine import Engine, StepResult
 
 TAG = "deepspeed"
+PICKLED = "is a DeepSpeed checkpoint, whose files are pickled Python objects"
 
 
 def bf16_section(precision: str) -> dict:
@@ -144,7 +146,9 @@ class DeepSpeedEngine(Engine):
     def load(self, directory):
         """Loads DeepSpeed's own files when they were written by as many ranks as this run has;
         otherwise converts them once into a universal checkpoint beside them (DeepSpeed's
-        ds_to_universal, on rank 0) and loads that, which reshards model and optimizer state."""
+        ds_to_universal, on rank 0) and loads that, which reshards model and optimizer state.
+        DeepSpeed unpickles its files: they are read from a trusted place only (megatron_lax.trust)."""
+        trust.require(Path(directory) / TAG, PICKLED)
         tag = TAG if saved_world_size(directory) == self.dist.world_size else universal_checkpoint(directory,
                                                                                                   self.dist)
         groups = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -209,5 +213,6 @@ def repair_universal_load(optimizer, groups: list[dict]) -> None:
 
 def consolidate(directory) -> dict:
     """The full fp32 model state dict of a DeepSpeed checkpoint of any ZeRO stage, on one process."""
+    trust.require(Path(directory) / TAG, PICKLED)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)

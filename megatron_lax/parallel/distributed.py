@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -43,7 +44,10 @@ def init_distributed(engine: str, requested_device: str, backend: str = "auto") 
     if engine != "single" and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # a test hook (see faults.py): a short timeout, to show that no wait depends on it
+        timeout = os.environ.get("MEGATRON_LAX_TEST_PG_TIMEOUT")
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                **({"timeout": timedelta(seconds=float(timeout))} if timeout else {}))
     elif engine == "single" and world_size > 1:
         raise RuntimeError("parallel.engine single cannot run with WORLD_SIZE > 1: choose ddp, fsdp or deepspeed")
     return DistInfo(rank, world_size, local_rank, device)
@@ -79,6 +83,33 @@ def all_gather_object(obj) -> list:
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+LONG_WAIT = timedelta(days=7)
+
+
+def run_on_main(action) -> None:
+    """action() on rank 0 while the other ranks wait for it as long as it takes: in a gloo group of
+    their own whose timeout is a week, not the process group's (10 minutes under NCCL), which
+    preparing a real corpus far exceeds. Rank 0's failure is raised on every rank."""
+    if not is_distributed():
+        return action()
+    group = dist.new_group(backend="gloo", timeout=LONG_WAIT)
+    outcome: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - handed to every rank, raised below
+            failure = e
+            outcome = [(type(e).__name__, str(e))]
+    dist.broadcast_object_list(outcome, src=0, group=group)
+    dist.destroy_process_group(group)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        kind, message = outcome[0]
+        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(f"rank 0: {message}")
 
 
 def shutdown() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..training import trust
 from ..config import Config
 from ..training.optim import build_optimizer
 from .distributed import DistInfo
@@ -151,6 +152,6 @@ class LocalEngine(Engine):
 
     def load(self, directory):
         device = self.dist.device
-        self.base_model.load_state_dict(torch.load(directory / "model.pt", map_location=device, weights_only=True),
+        self.base_model.load_state_dict(trust.load_tensors(directory / "model.pt", map_location=device),
                                         strict=not self.trainable_only)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+        self.optimizer.load_state_dict(trust.load_tensors(directory / "optimizer.pt", map_location=device))

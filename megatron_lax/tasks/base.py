@@ -81,8 +81,8 @@ class Task:
         all_reduce_sum(totals)
         return float(totals[0]), int(totals[1])
 
-    def evaluate(self, engine, batches) -> dict:
-        """The validation metrics ({"val_loss", ...}) over every rank's batches."""
+    def evaluate(self, engine, batches, seen: int = 0) -> dict:
+        """The validation metrics ({"val_loss", ...}) over every rank's batches, after `seen` units of training."""
         raise NotImplementedError
 
     def describe_validation(self, record: dict) -> str:

@@ -19,7 +19,7 @@ from ..data import images
 from ..method.init import init_weights
 from ..models.vit import ViTLax, classification_loss, count_parameters, flops_per_image
 from ..parallel import ModelRecipe
-from ..parallel.distributed import DistInfo, all_reduce_sum
+from ..parallel.distributed import DistInfo, all_gather_object, all_reduce_sum
 from .base import Task
 
 HOLDOUT_SEED = 1234  # the held-out slice is the same whatever data.seed, so every run is scored on it
@@ -56,6 +56,13 @@ def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     hits = top == labels[:, None]
     return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(),
                         torch.tensor(float(labels.numel()), device=logits.device)])
+
+
+def skipped_note(record: dict) -> str:
+    if not record["skipped_images"]:
+        return ""
+    return (f"; {record['skipped_images']} unreadable images skipped ({record['skipped_train_images']} training, "
+            f"{record['skipped_val_images']} validation)")
 
 
 def summary_of(sums: torch.Tensor) -> dict:
@@ -102,22 +109,36 @@ class ImageClassification(Task):
             self.dist.world_size, cfg.data.val_images, cfg.data.loader_workers)
         return batches
 
-    def evaluate(self, engine, batches) -> dict:
+    def evaluate(self, engine, batches, seen: int = 0) -> dict:
         sums = torch.zeros(4, device=self.dist.device)
         for pixels, labels in batches:
             sums += accuracy_sums(engine.predict(pixels), labels)
-        skipped = torch.tensor(float(self.loader.skipped + self.val_skipped), device=self.dist.device)
-        return {**summary_of(all_reduce_sum(sums)), "skipped_images": int(all_reduce_sum(skipped))}
+        return {**summary_of(all_reduce_sum(sums)), **self.unreadable(seen)}
+
+    def unreadable(self, seen: int) -> dict:
+        """Unreadable images skipped (all ranks): training ones since this process started, and the
+        validation set's; and the epochs trained (`seen` images), counted in readable images (the
+        training images less those found unreadable: all of them once an epoch has been read).
+        Collective."""
+        counts = all_reduce_sum(torch.tensor([float(self.loader.skipped), float(self.val_skipped)],
+                                             device=self.dist.device))
+        found = set().union(*all_gather_object(self.loader.unreadable))
+        readable = self.loader.samples_per_epoch * (1 - len(found) / len(self.train_set))
+        train, val = int(counts[0]), int(counts[1])
+        return {"skipped_images": train + val, "skipped_train_images": train, "skipped_val_images": val,
+                "epochs": seen / max(readable, 1.0)}
 
     def describe_validation(self, record: dict) -> str:
         return (f"val_loss {record['val_loss']:.4f}  top-1 {record['val_acc1']:.2f}%  top-5 {record['val_acc5']:.2f}%  "
-                f"({record['val_images']} images)")
+                f"({record['val_images']} images){skipped_note(record)}")
 
     def summarize(self, final: dict, best_val_loss: float) -> tuple[dict, str]:
-        fields = {k: final[k] for k in ("val_loss", "val_acc1", "val_acc5", "val_images", "skipped_images")}
+        fields = {k: final[k] for k in ("val_loss", "val_acc1", "val_acc5", "val_images", "skipped_images",
+                                        "skipped_train_images", "skipped_val_images", "epochs")}
         split = "held-out training images" if self.cfg.data.eval_split == "holdout" else "validation images"
         return fields, (f"top-1 accuracy {final['val_acc1']:.2f}% (top-5 {final['val_acc5']:.2f}%, loss "
-                        f"{final['val_loss']:.4f}) on {final['val_images']} {split}")
+                        f"{final['val_loss']:.4f}) on {final['val_images']} {split}; {final['epochs']:.2f} epochs "
+                        f"of the readable training images{skipped_note(final)}")
 
     def baselines(self) -> dict:
         return {"chance_acc1": 100.0 / self.cfg.model.num_classes}

@@ -25,7 +25,7 @@ from ..models.llama import flops_per_token
 from ..models.lora import apply_lora
 from ..parallel.distributed import DistInfo
 from ..parallel.engine import resolve_precision
-from ..training import checkpoint
+from ..training import checkpoint, trust
 from ..training.optim import warmup_steps
 from .language_modeling import TokenPrediction
 
@@ -45,7 +45,8 @@ def build_finetune_model(cfg: Config, precision: str = "fp32"):
         cfg.model, recipe = finetune_recipe(cfg)
         return recipe
     frozen_bf16 = not f.full and engine in ("single", "ddp") and precision in ("bf16-mixed", "bf16-pure")
-    base = load_base(f.base, torch.bfloat16 if frozen_bf16 else torch.float32)
+    with trust.trusting(everything=cfg.checkpoint.trust):
+        base = load_base(f.base, torch.bfloat16 if frozen_bf16 else torch.float32)
     if frozen_bf16:
         for module in [base.embed, base.norm] + [m for b in base.layers for m in (b.attn_norm, b.mlp_norm)]:
             module.float()

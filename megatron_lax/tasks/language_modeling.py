@@ -11,15 +11,14 @@ from ..data import tokens as data
 from ..method.init import init_weights
 from ..models.llama import LlamaLax, count_parameters, flops_per_token, token_nll
 from ..parallel import ModelRecipe
-from ..parallel.distributed import DistInfo, barrier
+from ..parallel.distributed import DistInfo, run_on_main
 from .base import Task
 
 
 def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
-    """Prepares the shards on rank 0 if needed; (their directory, their manifest)."""
-    if dist.is_main:
-        data.ensure_prepared(cfg.data)
-    barrier()
+    """Prepares the shards on rank 0 if needed (the others wait as long as it takes); (their
+    directory, their manifest)."""
+    run_on_main(lambda: data.ensure_prepared(cfg.data))
     return Path(cfg.data.path), data.read_manifest(cfg.data.path)
 
 
@@ -35,7 +34,7 @@ class TokenPrediction(Task):
     def scored(self, targets) -> int:
         return int((targets != data.IGNORE).sum())
 
-    def evaluate(self, engine, batches) -> dict:
+    def evaluate(self, engine, batches, seen: int = 0) -> dict:
         nll, count = self.evaluate_loss(engine, batches)
         val_loss = nll / max(count, 1)
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": count}

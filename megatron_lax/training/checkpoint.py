@@ -26,7 +26,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import config as config_lib
-from . import faults
+from . import faults, trust
 from ..parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -186,9 +186,82 @@ def _publish(root: Path, staging: Path, final: Path, step: int, files: dict, cfg
     _write_json_atomic(staging / MANIFEST, manifest)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
-    (root / (LATEST + ".tmp")).write_text(final.name)
+    _point_latest(root, final.name)
+    prune(root, keep, final)
+
+
+def _point_latest(root: Path, name: str) -> None:
+    (root / (LATEST + ".tmp")).write_text(name)
     os.replace(root / (LATEST + ".tmp"), root / LATEST)
-    prune(root, keep)
+
+
+# --- the run directory ------------------------------------------------------------------------------------
+
+# What a run leaves in its run directory: an earlier run is recognised by these, and
+# checkpoint.overwrite deletes exactly these (and nothing else a user may keep there).
+EARLIER_RUN = ("checkpoints", "best", "metrics.jsonl", "finished.json", "config.yaml")
+RUN_OUTPUTS = EARLIER_RUN + ("tensorboard", "deepspeed_config.json")
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """What an earlier run left in run_dir, in a few words each ([] when nothing)."""
+    found = []
+    for name in EARLIER_RUN:
+        path = run_dir / name
+        if path.is_dir() and name in ("checkpoints", "best"):
+            steps = [p.name for p in complete_checkpoints(path)]
+            if steps:
+                found.append(f"{name}/ up to {steps[-1]}")
+        elif path.is_file() and path.stat().st_size > 0:  # an empty metrics.jsonl: a start that failed at once
+            found.append(name)
+    return found
+
+
+def claim_run_dir(run_dir: Path, cfg, dist: Optional[DistInfo] = None) -> None:
+    """Before a run writes anything: a run never replaces or deletes another run's checkpoints, nor
+    appends to its metrics. In a run_dir that holds an earlier run, `checkpoint.resume auto`
+    continues it; a fresh start, or a resume from a checkpoint elsewhere, stops with one line unless
+    `checkpoint.overwrite` (which deletes the earlier run's outputs first). Resuming a checkpoint of
+    the run_dir with later intact checkpoints beside it stops the same way (overwrite deletes the
+    later ones). Collective: rank 0 decides and acts, every rank raises the same CheckpointError."""
+    _from_main(dist or LOCAL, lambda: _claim(Path(run_dir), cfg.checkpoint))
+
+
+def _claim(run_dir: Path, c) -> None:
+    found = earlier_run(run_dir)
+    if not found or c.resume == "auto":
+        return
+    if c.resume != "none" and Path(c.resume).resolve().is_relative_to(run_dir.resolve()):
+        return _rewind(run_dir, Path(c.resume), c.overwrite)
+    if not c.overwrite:
+        raise CheckpointError(f"logging.run_dir {run_dir} holds an earlier run ({', '.join(found)}); continue it "
+                              f"with --checkpoint.resume auto, start over with --checkpoint.overwrite true (deletes "
+                              f"its checkpoints and logs), or choose another logging.run_dir")
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+
+
+def _rewind(run_dir: Path, resumed: Path, overwrite: bool) -> None:
+    """Resuming a checkpoint of this run directory: the intact checkpoints after it would be replaced."""
+    root = run_dir / "checkpoints"
+    later = [p for p in complete_checkpoints(root) if (p / MANIFEST).is_file() and p.name > resumed.name]
+    if not later or not resumed.name.startswith("step_"):  # not a checkpoint: resolve_resume says why
+        return
+    if not overwrite:
+        raise CheckpointError(f"resuming {resumed} would replace the later checkpoints "
+                              f"{', '.join(p.name for p in later)} of {run_dir}; continue from the newest with "
+                              f"--checkpoint.resume auto, or delete the later ones with --checkpoint.overwrite true")
+    for path in later:
+        shutil.rmtree(path)
+    newest = [p for p in complete_checkpoints(root) if (p / MANIFEST).is_file()]
+    if newest:
+        _point_latest(root, newest[-1].name)
+    else:
+        (root / LATEST).unlink(missing_ok=True)
 
 
 # --- verify, find, resume ---------------------------------------------------------------------------------
@@ -244,9 +317,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
                   and not p.name.endswith(".incomplete"))
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keeps the newest `keep` intact checkpoints; never removes the only intact one."""
-    intact = [p for p in complete_checkpoints(root) if (p / MANIFEST).is_file()]
+def prune(root: Path, keep: int, newest: Optional[Path] = None) -> None:
+    """Keeps the newest `keep` intact checkpoints (by step; `newest`, the one just written, counts as
+    the newest whatever its step); never removes the only intact one, nor `newest`."""
+    intact = sorted((p for p in complete_checkpoints(root) if (p / MANIFEST).is_file()),
+                    key=lambda p: (p == newest, p.name))
     for old in intact[:-max(1, keep)]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -312,12 +387,14 @@ def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict, Optional[
 
     A checkpoint is written at a step boundary, where the loader state is the same on every rank
     (the data of a step does not depend on the number of ranks), so every rank restores rank 0's.
-    RNG states are per rank; a rank that did not exist when the checkpoint was written gets None."""
+    RNG states are per rank; a rank that did not exist when the checkpoint was written gets None.
+    Rank files hold plain data; one written before RNG states were (numpy objects) is unpickled
+    only from a trusted place (megatron_lax.trust: the run's own directory, or --checkpoint.trust)."""
     engine.load(directory)
     trainer_state = json.loads((directory / "trainer_state.json").read_text())
-    loader_state = torch.load(directory / rank_file(0), weights_only=False)["loader"]
+    loader_state = trust.load_tensors(directory / rank_file(0))["loader"]
     own = directory / rank_file(dist.rank)
-    rng_state = torch.load(own, weights_only=False)["rng"] if own.is_file() else None
+    rng_state = trust.load_tensors(own)["rng"] if own.is_file() else None
     return trainer_state, loader_state, rng_state
 
 
@@ -325,6 +402,17 @@ def checkpoint_config(directory: Path) -> config_lib.Config:
     """The resolved config a checkpoint was written with (a run directory means its latest checkpoint)."""
     directory = resolve_checkpoint_dir(directory)
     return config_lib.load_config(str(directory / "config.yaml"))
+
+
+def intact_checkpoint_dir(path: Path) -> Path:
+    """As resolve_checkpoint_dir, and a checkpoint directory named directly is verified too (a run
+    directory's newest intact one already is): what loaders use before reading weights."""
+    found = resolve_checkpoint_dir(path)
+    if found == Path(path):
+        problem = verify(found)
+        if problem:
+            raise CheckpointError(f"checkpoint {found} is damaged: {problem}")
+    return found
 
 
 def resolve_checkpoint_dir(path: Path) -> Path:

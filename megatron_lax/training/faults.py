@@ -45,10 +45,13 @@ def _steps_from_env(name: str) -> set[int]:
 
 # Test hooks: MEGATRON_LAX_TEST_NAN_STEPS=3,4 poisons the gradients of those steps;
 # MEGATRON_LAX_TEST_KILL_AT_STEP=5 SIGKILLs the process after step 5;
-# MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT=4 SIGKILLs it halfway through writing the step-4 checkpoint.
+# MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT=4 SIGKILLs it halfway through writing the step-4 checkpoint;
+# MEGATRON_LAX_TEST_SLOW_PREPARE=20 makes preparing data on the fly take 20 s longer, and
+# MEGATRON_LAX_TEST_PG_TIMEOUT=5 gives the process group a 5 s timeout (read in parallel/distributed.py).
 NAN_STEPS = _steps_from_env("MEGATRON_LAX_TEST_NAN_STEPS")
 KILL_AT_STEPS = _steps_from_env("MEGATRON_LAX_TEST_KILL_AT_STEP")
 KILL_IN_CHECKPOINT = _steps_from_env("MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT")
+SLOW_PREPARE = float(os.environ.get("MEGATRON_LAX_TEST_SLOW_PREPARE", "0"))
 
 
 def kill_self() -> None:

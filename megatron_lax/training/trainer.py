@@ -21,7 +21,7 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, dump_yaml
 from ..parallel import build_engine
 from ..parallel.distributed import all_reduce_sum, barrier, init_distributed, shutdown
-from . import checkpoint, faults, introspection
+from . import checkpoint, faults, introspection, trust
 from .metrics import MetricsLogger
 
 
@@ -41,15 +41,24 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain data, which load without unpickling (weights_only)."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Restores rng_state(), or the numpy tuple that checkpoints held before it."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        numpy = (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+                 numpy["gauss"])
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -67,6 +76,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, task_class):
         self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
+        checkpoint.claim_run_dir(Path(cfg.logging.run_dir), cfg, self.dist)  # never writes over another run
         seed_everything(cfg.train.seed)
         per_step = cfg.train.micro_batch * self.dist.world_size
         if cfg.train.global_batch % per_step:
@@ -185,7 +195,7 @@ class Trainer:
 
     def validate(self) -> dict:
         self.engine.train(False)
-        metrics = self.task.evaluate(self.engine, self.val_batches)
+        metrics = self.task.evaluate(self.engine, self.val_batches, self.seen)
         self.engine.train(True)
         record = {"step": self.step, self.task.unit: self.seen, **metrics}
         self.last_val = record
@@ -237,7 +247,8 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self.resume()
+        with trust.trusting(self.run_dir, everything=self.cfg.checkpoint.trust):  # what may be unpickled
+            self.resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / FINISHED).unlink(missing_ok=True)

@@ -171,3 +171,38 @@ def test_parts_cover_every_line_once_and_are_balanced(tmp_path):
     make_damaged_inputs(damaged)
     for path in damaged.iterdir():
         assert count_lines(path) == len(list(_raw_lines(path, Counter())))
+
+
+def test_an_output_that_contains_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
+    from data_prep.prepare import main
+    raw = tmp_path / "train"  # --output is the raw folder's parent; shards of the train split go to OUTPUT/train
+    raw.mkdir()
+    source = raw / "c4-train.json"  # uncompressed: its shard's metadata would be OUTPUT/train/c4-train.json
+    source.write_bytes(record("A document.") + record("Another one."))
+    assert main(["--input", str(raw), "--tokenizer", TOKENIZER, "--output", str(tmp_path), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {tmp_path} contains the input {source}: preparing there could write over it; choose an "
+        f"output directory that holds no input"]
+    assert source.read_bytes() == record("A document.") + record("Another one.")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["c4-train.json", "train"]
+
+
+def test_two_inputs_with_one_stem_are_refused_before_anything_is_written(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "notes-train.json").write_bytes(record("A document."))
+    (raw / "notes-train.jsonl").write_bytes(record("Another document."))
+    with pytest.raises(ValueError, match=r"notes-train.json and .*notes-train.jsonl would both be written as the "
+                                         r"shard train/notes-train; rename one of them"):
+        prepare(sorted(raw.iterdir()), TOKENIZER, tmp_path / "out", progress=False)
+    assert sorted(p.name for p in raw.iterdir()) == ["notes-train.json", "notes-train.jsonl"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_in_the_hub_download_folder_of_the_output_are_prepared(tmp_path):
+    raw = tmp_path / "out" / "raw"  # where --input NAME/ON/HUB streams to
+    raw.mkdir(parents=True)
+    (raw / "c4-train.json").write_bytes(record("A document about the hub."))
+    manifest = prepare([raw / "c4-train.json"], TOKENIZER, tmp_path / "out", progress=False)
+    assert manifest["splits"]["train"]["documents"] == 1 and (raw / "c4-train.json").read_bytes() == \
+        record("A document about the hub.")

@@ -68,3 +68,28 @@ def test_info_json_reports_table5_row():
     row = json.loads(out)
     assert round(row["params"] / 1e6) == 609 and round(row["memory_gb"], 2) == 4.54
     assert row["flops_per_token"] > 6 * row["params"] * 0.5
+
+
+@pytest.mark.parametrize("yaml_text,message", [
+    ("optim:\n  lr: [1, 2]\n", "optim.lr: expected a number, got list [1, 2]"),
+    ("train:\n  steps: 2.5\n", "train.steps: expected an integer, got float 2.5"),
+    ("train:\n  compile: 3\n", "train.compile: expected true or false, got int 3"),
+    ("data:\n  path: {a: 1}\n", "data.path: expected a string, got dict {'a': 1}"),
+    ("model:\n  lax_modules: {q: 1}\n", "model.lax_modules: expected a list, got dict {'q': 1}"),
+    ("checkpoint:\n  resume: null\n", "checkpoint.resume: expected a string, got null"),
+])
+def test_yaml_values_of_the_wrong_type_fail_at_load(tmp_path, yaml_text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as error:
+        load_config(str(path))
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_yaml_values_of_a_compatible_type_are_converted(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 1\ntrain:\n  steps: 100.0\n  token_budget: 1000000\nmodel:\n  attn_rank: null\n"
+                    "finetune:\n  add_bos: true\n")
+    cfg = load_config(str(path))
+    assert (cfg.optim.lr, cfg.train.steps, cfg.train.token_budget) == (1.0, 100, "1000000")
+    assert isinstance(cfg.optim.lr, float) and cfg.model.attn_rank is None and cfg.finetune.add_bos == "true"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY, free_port, run_command
-from megatron_lax.train import make_trainer
 
 RUN = {**TINY, "model.method": "cola", "model.lax_gate": "identity", "optim.lr": "1e-2", "train.steps": "4",
        "logging.lax_stats_every": "0"}
@@ -29,7 +28,7 @@ def evaluated(run_dir: Path, precision: str = "run") -> dict:
 
 def test_single_engine_bf16_mixed_evaluates_as_it_validated(prepared_sample, tmp_path):
     from megatron_lax.config import load_config
-    from megatron_lax.training.trainer import Trainer
+    from megatron_lax.train import make_trainer
     overrides = {**RUN, "data.path": str(prepared_sample), "logging.run_dir": str(tmp_path), "train.precision": "bf16-mixed"}
     make_trainer(load_config("llama_tiny", overrides)).fit()
     result = evaluated(tmp_path)
@@ -51,3 +50,21 @@ def test_fsdp_bf16_runs_evaluate_as_they_validated(prepared_sample, tmp_path):
         result = evaluated(tmp_path / precision)
         assert result["precision"] == f"{precision} (bf16 weights)"
         assert result["val_loss"] == pytest.approx(final_val_loss(tmp_path / precision), rel=1e-3), precision
+
+
+def test_evaluate_refuses_data_of_another_tokenizer(prepared_sample, tmp_path, capsys):
+    from conftest import REPO
+    from data_prep.prepare import prepare
+    from megatron_lax.config import load_config
+    from megatron_lax.evaluate import main
+    from megatron_lax.train import make_trainer
+    make_trainer(load_config("llama_tiny", {**RUN, "train.steps": "1", "data.path": str(prepared_sample),
+                                       "logging.run_dir": str(tmp_path / "run")})).fit()
+    english = tmp_path / "english"
+    prepare([REPO / "data" / "sample" / "c4-validation.00000-of-00001.json.gz"], str(REPO / "tokenizer" / "english"),
+            english, progress=False)
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp_path / "run"), "--data", str(english)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {english} was prepared with tokenizer ") and \
+        "but data.tokenizer is tokenizer/sample" in err[0]

@@ -72,3 +72,79 @@ def test_generation_greedy_and_top1_agree(prepared_sample, tmp_path):
     out = run_command([sys.executable, "-m", "megatron_lax.generate", "--checkpoint", str(run_dir), "--prompt",
                        "The weather", "--max-new-tokens", "5", "--greedy"]).stdout
     assert out.startswith("The weather")
+
+
+@pytest.fixture(scope="module")
+def dense_run(prepared_sample, tmp_path_factory):
+    return trained(prepared_sample, tmp_path_factory.mktemp("dense") / "run")
+
+
+def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(prepared_sample, dense_run, tmp_path, capsys):
+    from megatron_lax.export import main
+    out = tmp_path / "out"
+    assert main(["--checkpoint", str(dense_run), "--output", str(out)]) == 0  # Hugging Face: config.json
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    lax_run = trained(prepared_sample, tmp_path / "lax", **{"model.method": "svd", "model.lax_gate": "identity"})
+    assert main(["--checkpoint", str(lax_run), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {out} is not empty; choose a new directory, or pass --force to replace what it holds"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force"]) == 0
+    assert not (out / "config.json").exists()  # nothing of the earlier export is left beside the new one
+    assert load_pretrained(out).cfg.lax_gate == "identity"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lax", "out"]  # no staging folder left
+
+
+def test_an_export_that_fails_leaves_the_output_as_it_was(dense_run, tmp_path, monkeypatch):
+    from megatron_lax import export as export_module
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export_module, "write_huggingface", disk_full)
+    with pytest.raises(OSError):
+        export(dense_run, out)
+    assert list(tmp_path.iterdir()) == [out] and not any(out.iterdir())
+
+
+def test_export_copies_the_tokenizer_s_own_files_and_no_symlink(prepared_sample, tmp_path):
+    from conftest import REPO
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "id_rsa").write_text("PRIVATE KEY")
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer.model").write_bytes((REPO / "tokenizer" / "sample" / "tokenizer.model").read_bytes())
+    (tokenizer / "keys").symlink_to(secrets)
+    (tokenizer / "tokenizer.json").symlink_to(secrets / "id_rsa")
+    (tokenizer / "notes.txt").write_text("not part of the tokenizer")
+    run_dir = trained(prepared_sample, tmp_path / "run", **{"data.tokenizer": str(tokenizer)})
+    export(run_dir, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "tokenizer").iterdir()) == ["tokenizer.model"]
+    assert not any("PRIVATE KEY" in p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+
+def test_a_damaged_or_misfit_checkpoint_named_directly_is_one_line(dense_run, tmp_path, capsys):
+    import shutil
+
+    from megatron_lax import evaluate, export as export_module
+    from megatron_lax.training.checkpoint import MANIFEST, sha256
+    ckpt = tmp_path / "step_00000003"
+    shutil.copytree(dense_run / "checkpoints" / "step_00000003", ckpt)
+    model = ckpt / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    for tool, extra in ((evaluate.main, []), (export_module.main, ["--output", str(tmp_path / "out")])):
+        assert tool(["--checkpoint", str(ckpt), *extra]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: checkpoint {ckpt} is damaged: truncated file model.pt"]
+    state = torch.load(dense_run / "checkpoints" / "step_00000003" / "model.pt", weights_only=True)
+    state["embed.weight"] = state["embed.weight"][:, :32]  # another shape, with a manifest that agrees
+    torch.save(state, model)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    manifest["files"]["model.pt"] = {"bytes": model.stat().st_size, "sha256": sha256(model)}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    assert evaluate.main(["--checkpoint", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {ckpt}: the weights do not fit its config.yaml (size "
+                                               f"mismatch for embed.weight")

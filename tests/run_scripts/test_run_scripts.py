@@ -67,7 +67,7 @@ def test_each_script_resolves_to_table_14(scale):
         assert cfg["train"]["precision"] == "bf16-pure"  # pinned, as GaLore/CoLA train (PRECISION overrides)
         # CoLA's MLP as CoLA's config for the scale: 350M and 1B drop the SwiGLU's own SiLU (only_lr_act)
         assert cfg["model"]["only_latent_act"] == (method == "cola" and scale in ("350m", "1b"))
-        assert cfg["data"]["tokenizer"] == "t5-base"  # the tokenizer C4 is prepared with (TOKENIZER overrides)
+        assert cfg["data"]["tokenizer"] == "hf:t5-base"  # the tokenizer C4 is prepared with (TOKENIZER overrides)
 
 
 def test_two_nodes_rendezvous_on_localhost(prepared_sample, tmp_path):

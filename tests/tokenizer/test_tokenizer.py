@@ -62,11 +62,38 @@ def test_hub_name_without_a_hub_is_one_clear_line():
     """HF_HUB_OFFLINE makes the failure immediate; an unreachable hub gives the same line after retries."""
     pytest.importorskip("transformers")
     result = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(SAMPLE_TRAIN), "--tokenizer",
-                             "megatron-lax/not-cached", "--output", "unused"], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                             "hf:megatron-lax/not-cached", "--output", "unused"], capture_output=True, text=True,
+                            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 2
-    assert result.stderr.startswith("error: tokenizer megatron-lax/not-cached: could not load it from the Hugging Face hub")
+    assert result.stderr.startswith("error: tokenizer hf:megatron-lax/not-cached: could not load it from the Hugging "
+                                    "Face hub")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("spec", ["tokenizer/englsh", "englsh", "t5-base", "megatron-lax/not-cached"])
+def test_a_spec_without_hf_is_a_local_path_and_never_reaches_the_hub(spec, monkeypatch):
+    import tokenizer
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+    monkeypatch.setattr(tokenizer, "_huggingface", no_hub)
+    with pytest.raises(ValueError) as error:
+        load_tokenizer(spec)
+    assert str(error.value) == (f"tokenizer {spec}: no such file or directory (a Hugging Face hub tokenizer is "
+                                f"written hf:NAME, e.g. hf:t5-base)")
+
+
+def test_remote_code_is_never_run(tmp_path):
+    """A tokenizer directory whose config asks for its own Python class is refused, and the code not run."""
+    pytest.importorskip("transformers")
+    marker = tmp_path / "marker"
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
+    (tmp_path / "tok" / "evil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    with pytest.raises(ValueError, match="could not load it from the local directory"):
+        load_tokenizer(str(tmp_path / "tok"))
+    assert not marker.exists()
 
 
 def t5_layout_directory(path: Path) -> Path:

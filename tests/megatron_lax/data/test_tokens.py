@@ -290,3 +290,13 @@ def test_token_budgets():
     cfg.train.token_budget = "lots"
     with pytest.raises(ValueError, match="not paper, chinchilla or a number"):
         resolve_steps(cfg.train, cfg.model, 256, 1e9, 58e6)
+
+
+def test_a_mistyped_data_path_is_an_error_not_the_sample_corpus(tmp_path):
+    typo = tmp_path / "prepared" / "c4_typo"
+    with pytest.raises(FileNotFoundError) as error:
+        ensure_prepared(DataConfig(path=str(typo)))
+    assert str(error.value) == (f"data.path {typo} holds no prepared data; to prepare it, set data.raw to the raw text "
+                                f"(data.raw is the default data/sample, the shipped sample corpus, which is prepared "
+                                f"only into the default data.path data/prepared/sample)")
+    assert not typo.exists()

@@ -82,8 +82,8 @@ def eight_ranks(prepared_sample, three_ranks, tmp_path_factory) -> Path:
     """ZeRO-3 failing on rank 5; each 3-rank run resumed from its step-2 checkpoint; and a copy of
     the DDP run whose newest checkpoint is damaged in a file that rank 3 checksums, resumed `auto`."""
     out = tmp_path_factory.mktemp("eight")
-    resumed = [run(prepared_sample, out / f"{name}_from_3", 8, **engine,
-                   **{"checkpoint.resume": step_dir(three_ranks / name, 2)})
+    resumed = [run(prepared_sample, out / f"{name}_from_3", 8, **engine,  # trust: DeepSpeed's files are pickles
+                   **{"checkpoint.resume": step_dir(three_ranks / name, 2), "checkpoint.trust": "true"})
                for name, engine in (("fsdp", FSDP), ("ddp", DDP), ("zero3", ZERO3))]
     shutil.copytree(three_ranks / "ddp", out / "ddp_damaged")
     damage(step_dir(out / "ddp_damaged", STEPS), checked_by_rank=3, of_ranks=8)

@@ -5,8 +5,8 @@ RUNS.json is a list of {"overrides": {"section.key": value, ...}, "nan_steps": [
 "disk_full": {"step": S, "rank": R}, "preset": NAME}; a run starts from its preset (llama_tiny if none). nan_steps poisons
 the gradients of those steps; disk_full makes every torch.save of rank R fail with ENOSPC while it
 writes the step-S checkpoint (inside the engine's own save too: DCP, DeepSpeed, model.pt). A run
-that ends in a CheckpointError writes the message to RUN_DIR/error_rank_R.txt on every rank, and
-the next run starts in the same process group."""
+that ends in a CheckpointError (also one refused before it starts) writes the message to
+RUN_DIR/error_rank_R.txt on every rank, and the next run starts in the same process group."""
 from __future__ import annotations
 
 import contextlib
@@ -45,15 +45,15 @@ def failing_saves(trainer: Trainer, step: int):
 
 def run_one(run: dict) -> None:
     cfg = load_config(run.get("preset", "llama_tiny"), {k: str(v) for k, v in run["overrides"].items()})
-    trainer = make_trainer(cfg)
-    disk_full = run.get("disk_full")
-    patch = failing_saves(trainer, disk_full["step"]) if disk_full and disk_full["rank"] == trainer.dist.rank \
-        else contextlib.nullcontext()
     try:
+        trainer = make_trainer(cfg)
+        disk_full = run.get("disk_full")
+        patch = failing_saves(trainer, disk_full["step"]) if disk_full and disk_full["rank"] == trainer.dist.rank \
+            else contextlib.nullcontext()
         with patch:
             trainer.fit()
     except CheckpointError as e:
-        (trainer.run_dir / f"error_rank_{trainer.dist.rank}.txt").write_text(str(e))
+        Path(cfg.logging.run_dir, f"error_rank_{os.environ.get('RANK', '0')}.txt").write_text(str(e))
 
 
 def run_all(runs: list[dict]) -> None:

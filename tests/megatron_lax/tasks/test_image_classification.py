@@ -109,12 +109,19 @@ def make_folder_dataset(root: Path) -> None:
     bad.write_bytes(bad.read_bytes()[:40])
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path):
+def test_unreadable_images_are_skipped_counted_and_printed(tmp_path, capsys):
+    """36 training images, one unreadable, in steps of 12: two epochs read it twice and train on 70."""
     make_folder_dataset(tmp_path / "images")
     run_all([vit_run(tmp_path / "run", data__path=tmp_path / "images", data__train_images=0, data__val_images=0,
-                     model__image_size=28, model__patch_size=7, train__steps=4, checkpoint__every=0)])
+                     model__image_size=28, model__patch_size=7, train__steps=6, train__global_batch=12,
+                     train__eval_every=3, checkpoint__every=0)])
     record = final_record(tmp_path / "run")
-    assert record["skipped_images"] >= 1 and record["val_images"] == 12
+    assert (record["skipped_images"], record["skipped_train_images"], record["skipped_val_images"]) == (2, 2, 0)
+    assert record["val_images"] == 12 and record["images"] == 70 and record["epochs"] == 2.0
+    out = capsys.readouterr().out
+    assert "(12 images); 1 unreadable images skipped (1 training, 0 validation)" in out  # step 3
+    assert "(12 images); 2 unreadable images skipped (2 training, 0 validation)" in out  # step 6
+    assert "2.00 epochs of the readable training images; 2 unreadable images skipped (2 training, 0 validation)" in out
 
 
 def test_evaluate_reports_the_checkpoint_accuracy(single):
@@ -122,6 +129,20 @@ def test_evaluate_reports_the_checkpoint_accuracy(single):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["val_acc1"] == pytest.approx(final_record(single / "full")["val_acc1"])
     assert report["val_images"] == 48 and report["step"] == 4
+
+
+def test_a_vit_export_loads_back_in_evaluate_and_generate_refuses_it(single, tmp_path, capsys):
+    from megatron_lax import generate
+    from megatron_lax.evaluate import evaluate_checkpoint
+    from megatron_lax.export import export
+    assert export(single / "full", tmp_path / "vit") == "megatron_lax"
+    exported, checkpoint = evaluate_checkpoint(tmp_path / "vit"), evaluate_checkpoint(single / "full")
+    assert exported["step"] == checkpoint["step"] == 4
+    assert {k: exported[k] for k in ("val_acc1", "val_loss", "val_images")} == \
+        {k: checkpoint[k] for k in ("val_acc1", "val_loss", "val_images")}
+    assert generate.main(["--checkpoint", str(tmp_path / "vit"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'vit'} holds a vit image classifier, which "
+                                               f"generates no text (python -m megatron_lax.evaluate scores it)")
 
 
 def test_info_prints_the_vit_counts():

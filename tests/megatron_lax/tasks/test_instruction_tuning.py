@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY, free_port, losses, run_command
+from megatron_lax.training import trust
 from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
 from megatron_lax.export import export, export_finetuned
@@ -203,7 +204,9 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
     trainer(base, task, single, **lax).fit()
     runs = [settings(base, task, tmp_path / name, **engine, **lax, checkpoint__every=3) for name, engine in ENGINES.items()]
     runs += [settings(base, task, tmp_path / f"{name}_resumed", **ENGINES[name], **lax,  # from adapters-only checkpoints
-                      checkpoint__resume=tmp_path / name / "checkpoints" / "step_00000003") for name in ("fsdp", "zero2")]
+                      checkpoint__resume=tmp_path / name / "checkpoints" / "step_00000003",
+                      checkpoint__trust=name == "zero2")  # DeepSpeed's files are pickles: trusted explicitly
+             for name in ("fsdp", "zero2")]
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps(runs))
     path = str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"]  # DeepSpeed's ninja: see test_engines
@@ -215,14 +218,15 @@ def test_ddp_fsdp2_and_zero2_on_two_processes_match_one_process(base, task, tmp_
         assert sorted(got) == sorted(reference) == list(range(1, 7))
         assert all(got[s] == pytest.approx(reference[s], rel=1e-5) for s in got), (name, got, reference)
     one, _, _ = load_finetuned(single)
-    with torch.no_grad():
+    with torch.no_grad(), trust.trusting(tmp_path):  # our own DeepSpeed checkpoints
         expected = one(TOKENS)
         for name in ("fsdp", "zero2"):  # sharded checkpoints of the adapters only, consolidated, on their base
             torch.testing.assert_close(load_finetuned(tmp_path / name)[0](TOKENS), expected, rtol=1e-4, atol=1e-4)
     from megatron_lax.training.checkpoint import resolve_checkpoint_dir
     from megatron_lax.parallel import consolidated_state_dict
     for name in ("fsdp", "zero2"):
-        saved = consolidated_state_dict(resolve_checkpoint_dir(tmp_path / name))
+        with trust.trusting(tmp_path):
+            saved = consolidated_state_dict(resolve_checkpoint_dir(tmp_path / name))
         assert saved and all(".adapter." in k for k in saved), (name, [k for k in saved if ".adapter." not in k][:3])
         resumed, full = losses(tmp_path / f"{name}_resumed"), losses(tmp_path / name)
         assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == pytest.approx(full[s], rel=1e-6) for s in resumed)

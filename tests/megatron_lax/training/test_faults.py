@@ -151,3 +151,21 @@ def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_survives(prepare
     assert (tmp_path / "checkpoints" / "latest").read_text() == first.name
     assert checkpoint.verify(first) is None
     assert not list((tmp_path / "checkpoints").glob("*.incomplete"))
+
+
+def test_preparing_data_outlasts_the_process_group_timeout_on_three_ranks(prepared_sample, tmp_path, monkeypatch):
+    """Rank 0 tokenizes for 8 s longer than a 3 s process-group timeout allows while ranks 1-2 wait;
+    the run trains. A second run into the same directory is then refused on every rank alike."""
+    sys.path.insert(0, str(REPO / "tests" / "megatron_lax" / "parallel"))
+    from train_runs import launch
+    monkeypatch.setenv("MEGATRON_LAX_TEST_PG_TIMEOUT", "3")
+    monkeypatch.setenv("MEGATRON_LAX_TEST_SLOW_PREPARE", "8")
+    run = {**TINY, "model.method": "svd", "train.steps": 2, "train.global_batch": 12, "train.micro_batch": 4,
+           "data.path": tmp_path / "prepared", "data.raw": REPO / "data" / "sample", "parallel.engine": "ddp",
+           "data.tokenizer": REPO / "tokenizer" / "sample", "logging.run_dir": tmp_path / "run"}
+    start = time.time()
+    launch([{"overrides": run}, {"overrides": run}], tmp_path, nproc=3, timeout=300)
+    assert time.time() - start > 8
+    assert max(losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "finished.json").is_file()
+    errors = {(tmp_path / "run" / f"error_rank_{r}.txt").read_text() for r in range(3)}
+    assert len(errors) == 1 and "holds an earlier run" in errors.pop()

@@ -1,0 +1,112 @@
+"""A run never deletes or replaces a checkpoint it did not write, never leaves `latest` naming a
+missing folder and never mixes two runs' metrics: a second run in a directory that holds a run stops
+with one line naming --checkpoint.overwrite (or resumes it with --checkpoint.resume auto), and
+retention never deletes the checkpoint just written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from megatron_lax.training import checkpoint
+from megatron_lax.train import main
+
+CKPT = "step_{:08d}".format
+
+
+def train(prepared, run_dir, capsys, **extra) -> tuple[int, str, str]:
+    values = {**TINY, "train.steps": 4, "optim.lr": 1e-2, "data.path": prepared, "logging.run_dir": run_dir,
+              "logging.lax_stats_every": 0, "logging.log_every": 1, "checkpoint.every": 2, **extra}
+    values = {k.replace("__", "."): str(v) for k, v in values.items()}
+    code = main(["--config", "llama_tiny", *[a for k, v in values.items() for a in (f"--{k}", v)]])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(run_dir: Path) -> dict:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the training records in metrics.jsonl, in the order logged."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "loss" in r]
+
+
+def test_a_second_run_in_the_same_directory_stops_and_changes_nothing(prepared_sample, tmp_path, capsys):
+    assert train(prepared_sample, tmp_path, capsys)[0] == 0
+    before = snapshot(tmp_path)
+    code, _, err = train(prepared_sample, tmp_path, capsys, optim__lr=3e-3, train__steps=2)
+    assert code == 2
+    assert err.strip().splitlines() == [
+        f"error: logging.run_dir {tmp_path} holds an earlier run (checkpoints/ up to {CKPT(4)}, metrics.jsonl, "
+        f"finished.json, config.yaml); continue it with --checkpoint.resume auto, start over with "
+        f"--checkpoint.overwrite true (deletes its checkpoints and logs), or choose another logging.run_dir"]
+    assert snapshot(tmp_path) == before  # not a byte written
+
+
+def test_overwrite_starts_over_and_a_shorter_run_keeps_its_only_checkpoint(prepared_sample, tmp_path, capsys):
+    assert train(prepared_sample, tmp_path, capsys, train__steps=6)[0] == 0
+    (tmp_path / "notes.txt").write_text("mine")  # not a run's output: never deleted
+    code, out, _ = train(prepared_sample, tmp_path, capsys, optim__lr=3e-3, train__steps=2,
+                         checkpoint__overwrite="true", checkpoint__every=0, checkpoint__keep=1)
+    assert code == 0
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir() if p.is_dir()] == [CKPT(2)]
+    assert (root / "latest").read_text() == CKPT(2) and checkpoint.verify(root / CKPT(2)) is None
+    assert f"checkpoint {root / CKPT(2)}" in out
+    assert logged_steps(tmp_path) == [1, 2]  # the second run's only
+    assert json.loads((tmp_path / "finished.json").read_text())["steps"] == 2
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_auto_continues_the_directory_s_run(prepared_sample, tmp_path, capsys):
+    assert train(prepared_sample, tmp_path, capsys, train__steps=2)[0] == 0
+    code, out, _ = train(prepared_sample, tmp_path, capsys, checkpoint__resume="auto", train__steps=4)
+    assert code == 0 and f"resumed from {tmp_path / 'checkpoints' / CKPT(2)} at step 2" in out
+    assert logged_steps(tmp_path) == [1, 2, 3, 4]  # one run, continued
+
+
+def test_resuming_an_earlier_checkpoint_of_the_run_would_replace_later_ones(prepared_sample, tmp_path, capsys):
+    assert train(prepared_sample, tmp_path, capsys, train__steps=6, checkpoint__keep=3)[0] == 0
+    root = tmp_path / "checkpoints"
+    code, _, err = train(prepared_sample, tmp_path, capsys, train__steps=6, checkpoint__resume=root / CKPT(2))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: resuming {root / CKPT(2)} would replace the later checkpoints {CKPT(4)}, {CKPT(6)} of {tmp_path}; "
+        f"continue from the newest with --checkpoint.resume auto, or delete the later ones with "
+        f"--checkpoint.overwrite true"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", CKPT(2), CKPT(4), CKPT(6)]
+    code, out, _ = train(prepared_sample, tmp_path, capsys, train__steps=3, checkpoint__resume=root / CKPT(2),
+                         checkpoint__overwrite="true", checkpoint__every=0)
+    assert code == 0 and "resumed from" in out
+    assert sorted(p.name for p in root.iterdir()) == ["latest", CKPT(2), CKPT(3)]
+    assert (root / "latest").read_text() == CKPT(3)
+
+
+def test_resuming_another_run_s_checkpoint_into_a_used_directory_stops(prepared_sample, tmp_path, capsys):
+    assert train(prepared_sample, tmp_path / "a", capsys, train__steps=2)[0] == 0
+    assert train(prepared_sample, tmp_path / "b", capsys, train__steps=2)[0] == 0
+    code, _, err = train(prepared_sample, tmp_path / "b", capsys,
+                         checkpoint__resume=tmp_path / "a" / "checkpoints" / CKPT(2))
+    assert code == 2 and "holds an earlier run" in err and len(err.strip().splitlines()) == 1
+
+
+def make_checkpoints(root: Path, steps: list[int]) -> None:
+    for step in steps:
+        (root / CKPT(step)).mkdir(parents=True)
+        (root / CKPT(step) / checkpoint.MANIFEST).write_text("{}")
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_retention_never_deletes_the_checkpoint_just_written(tmp_path, keep):
+    make_checkpoints(tmp_path, [2, 6, 8])
+    checkpoint.prune(tmp_path, keep, newest=tmp_path / CKPT(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([CKPT(2)] if keep == 1 else [CKPT(2), CKPT(8)])
+
+
+def test_overwrite_and_resume_auto_are_refused_together():
+    from megatron_lax.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(None, {"checkpoint.overwrite": "true", "checkpoint.resume": "auto"})
