@@ -58,6 +58,36 @@ def imports_of(name: str, path: Path, known: set[str], with_packages: bool = Tru
     return found
 
 
+def top_level_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def unresolved_relative_imports(name: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """Relative imports that name neither a module of the project nor a name one defines at its top
+    (a broken import, and one the layering check would not see)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    broken = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+            base = ".".join(anchor + ([node.module] if node.module else []))
+            for alias in node.names:
+                if f"{base}.{alias.name}" in modules:
+                    continue
+                if base not in modules or alias.name not in top_level_names(modules[base]):
+                    broken.append(f"{name}: from {'.' * node.level}{node.module or ''} import {alias.name}")
+    return broken
+
+
 def graph(with_packages: bool = True) -> dict[str, set[str]]:
     modules = project_modules()
     return {name: imports_of(name, path, set(modules), with_packages) for name, path in modules.items()}
@@ -74,6 +104,12 @@ def test_every_import_goes_down_the_layers_or_stays_in_its_own():
     upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
               for m, targets in graph(with_packages=False).items() for t in targets if layer_of(t) > layer_of(m)]
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_every_relative_import_names_a_module_of_the_project():
+    modules = project_modules()
+    broken = [b for name, path in modules.items() for b in unresolved_relative_imports(name, path, modules)]
+    assert not broken, broken
 
 
 def test_no_import_cycles():

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import resource
-import time
 from pathlib import Path
 
 import numpy as np
@@ -61,12 +60,9 @@ def ensure_prepared(data_cfg) -> Path:
                                 f"text (data.raw is the default {default.raw}, the shipped sample corpus, which is "
                                 f"prepared only into the default data.path {default.path})")
     from data_prep.prepare import expand_inputs, prepare
-
-    from . import faults
     inputs = expand_inputs(data_cfg.raw)
     if not inputs:
         raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
-    time.sleep(faults.SLOW_PREPARE)
     prepare(inputs, data_cfg.tokenizer, path, data_cfg.workers, progress=False)
     return path
 

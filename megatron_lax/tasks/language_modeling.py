@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 from ..config import Config
@@ -12,13 +13,17 @@ from ..method.init import init_weights
 from ..models.llama import LlamaLax, count_parameters, flops_per_token, token_nll
 from ..parallel import ModelRecipe
 from ..parallel.distributed import DistInfo, run_on_main
+from ..training import faults
 from .base import Task
 
 
 def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
     """Prepares the shards on rank 0 if needed (the others wait as long as it takes); (their
     directory, their manifest)."""
-    run_on_main(lambda: data.ensure_prepared(cfg.data))
+    def prepare():
+        time.sleep(faults.SLOW_PREPARE)  # the tests' stand-in for a long preparation
+        data.ensure_prepared(cfg.data)
+    run_on_main(prepare)
     return Path(cfg.data.path), data.read_manifest(cfg.data.path)
 
 
