@@ -77,6 +77,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = init_distributed(cfg.parallel.engine, cfg.train.device, cfg.parallel.backend)
         seed_everything(cfg.train.seed)
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         t = cfg.train
         per_step = t.micro_batch * self.dist.world_size
         if t.global_batch % per_step:
@@ -230,8 +231,7 @@ class Trainer:
         total_nll = torch.zeros((), device=device)
         loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
         for i, (x, y) in enumerate(micro_batches):
-            nll, _ = self.engine.forward_backward(x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                                  loss_weight, sync=i == len(micro_batches) - 1)
+            nll, _ = self.engine.forward_backward(*self.to_device(x, y), loss_weight, sync=i == len(micro_batches) - 1)
             total_nll += nll.float()
         lr = self.learning_rate(self.step)
         result = self.engine.step(lr)
@@ -249,6 +249,11 @@ class Trainer:
             self.nonfinite_in_a_row = 0
         return {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "grad_norm": result.grad_norm,
                 "skipped": int(result.skipped)}
+
+    def to_device(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch on the training device (VisionTrainer also normalises and mixes images there)."""
+        device = self.dist.device
+        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
     def validate(self) -> dict:
         self.engine.train(False)

@@ -52,8 +52,16 @@ def augment_config(cfg: Config, train: bool) -> vision_data.AugmentConfig:
     a = cfg.augment
     return vision_data.AugmentConfig(
         image_size=cfg.model.image_size, train=train, crop_scale=(a.crop_scale_min, 1.0), hflip=a.hflip,
-        randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m, erase_prob=a.random_erasing,
-        mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing)
+        auto_augment="" if a.auto_augment == "none" else a.auto_augment, randaugment_n=a.randaugment_n,
+        randaugment_m=a.randaugment_m, crop_pct=a.crop_pct, erase_prob=a.random_erasing, mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing)
+
+
+def validation_loader(cfg: Config, dataset: vision_data.ImageDataset, rank: int = 0, world_size: int = 1,
+                      micro_batch: int = 0, limit: int | None = None, pin_memory: bool = False):
+    return vision_data.ValidationLoader(dataset, augment_config(cfg, train=False), micro_batch or cfg.train.micro_batch,
+                                        rank, world_size, cfg.data.val_images if limit is None else limit,
+                                        cfg.data.loader_workers, pin_memory)
 
 
 def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,9 +89,12 @@ class VisionTrainer(Trainer):
         self.train_set, self.eval_set = open_splits(cfg.data)
         cfg.model.num_classes = cfg.model.num_classes or self.train_set.num_classes
         cfg.model.in_channels = cfg.model.in_channels or self.train_set.channels
+        pin = d.device.type == "cuda"
         self.loader = vision_data.ImageTrainLoader(self.train_set, augment_config(cfg, train=True), t.global_batch,
                                                    t.micro_batch, d.rank, d.world_size, cfg.data.seed,
-                                                   cfg.data.loader_workers, cfg.model.num_classes)
+                                                   cfg.data.loader_workers, cfg.model.num_classes, pin)
+        self.val_loader = validation_loader(cfg, self.eval_set, d.rank, d.world_size, pin_memory=pin)
+        self.val_skipped = 0
         if self.loader.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images do not fill one step of {t.global_batch}")
         self.n_params = count_parameters(cfg.model)
@@ -94,11 +105,14 @@ class VisionTrainer(Trainer):
             cfg.optim.warmup_steps = round(cfg.optim.warmup_epochs * self.loader.steps_per_epoch)
 
     def validation_batches(self) -> list:
-        cfg = self.cfg
-        batches, self.val_skipped = vision_data.validation_batches(
-            self.eval_set, augment_config(cfg, train=False), cfg.train.micro_batch, self.dist.rank,
-            self.dist.world_size, cfg.data.val_images, cfg.data.loader_workers)
-        return batches
+        """The one validation batch kept on the device: the first, normalised, for the LaX statistics'
+        forward (log_latent_stats). Validation itself streams the split (validate)."""
+        images, labels = self.val_loader.first()
+        return [(self.loader.batch_augment.normalize(images), labels)]
+
+    def to_device(self, images: torch.Tensor, plan: vision_data.MixPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels to the device, then normalisation, erasing and mixing there."""
+        return self.loader.batch_augment(images.to(self.dist.device, non_blocking=True), plan)
 
     def selection_batches(self) -> list:
         """None in the run itself: a ViT's choices are made by runs that score the held-out training
@@ -108,14 +122,17 @@ class VisionTrainer(Trainer):
     def selection_baseline(self) -> dict:
         return {}
 
-    def scored(self, targets: torch.Tensor) -> int:
-        return int(targets.shape[0])
+    def scored(self, targets) -> int:
+        return len(targets)
 
     def validate(self) -> dict:
         self.engine.train(False)
-        sums = torch.zeros(4, device=self.dist.device)
-        for images, labels in self.val_batches:
-            sums += accuracy_sums(self.engine.predict(images), labels)
+        device, normalize = self.dist.device, self.loader.batch_augment.normalize
+        sums = torch.zeros(4, device=device)
+        for images, labels in self.val_loader:
+            sums += accuracy_sums(self.engine.predict(normalize(images.to(device, non_blocking=True))),
+                                  labels.to(device, non_blocking=True))
+        self.val_skipped = self.val_loader.skipped
         self.engine.train(True)
         record = {"step": self.step, "images": self.tokens, **summary_of(all_reduce_sum(sums)),
                   "skipped_images": int(all_reduce_sum(torch.tensor(float(self.loader.skipped + self.val_skipped),
@@ -153,9 +170,10 @@ def evaluate_model(model, cfg: Config, device: torch.device, split: str = "val",
                    micro_batch: int = 0) -> dict:
     """Accuracy of a built ViT on one split of the run's data, on one process."""
     _, dataset = open_splits(dataclasses.replace(cfg.data, eval_split=split))
-    batches, skipped = vision_data.validation_batches(dataset, augment_config(cfg, train=False),
-                                                      micro_batch or cfg.train.micro_batch, limit=limit)
+    loader = validation_loader(cfg, dataset, micro_batch=micro_batch, limit=limit, pin_memory=device.type == "cuda")
+    normalize = vision_data.BatchAugment(augment_config(cfg, train=False), cfg.model.num_classes,
+                                         dataset.channels).normalize
     sums = torch.zeros(4, device=device)
-    for images, labels in batches:
-        sums += accuracy_sums(model(images.to(device)), labels.to(device))
-    return {**summary_of(sums), "skipped_images": skipped, "split": split}
+    for images, labels in loader:
+        sums += accuracy_sums(model(normalize(images.to(device))), labels.to(device))
+    return {**summary_of(sums), "skipped_images": loader.skipped, "split": split}

@@ -238,9 +238,11 @@ def name_seed(seed: int, name: str) -> int:
 
 
 def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.Tensor:
-    """The full fp32 CPU value of one parameter, the same on every process."""
+    """The full fp32 CPU value of one parameter, the same on every process (`uniform`: on [-std, std])."""
     if kind == "normal":
         return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(std)
+    if kind == "uniform":
+        return torch.rand(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(2 * std).sub_(std)
     if kind == "eye":
         return torch.eye(shape[0], shape[-1])  # rectangular for shape-changing tensor gates
     return torch.ones(shape) if kind == "ones" else torch.zeros(shape)
