@@ -179,7 +179,10 @@ def center_crop_box(width: int, height: int, size: int, crop_pct: float) -> tupl
     """(left, top, w, h) in the image of the centre size x size crop after resizing the short side to
     floor(size / crop_pct): the evaluation view, as one box to resample."""
     short = math.floor(size / crop_pct)
-    resized_w, resized_h = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
+    if width <= height:
+        resized_w, resized_h = short, int(short * height / width)
+    else:
+        resized_w, resized_h = int(short * width / height), short
     sx, sy = resized_w / width, resized_h / height
     left, top = round((resized_w - size) / 2), round((resized_h - size) / 2)
     return left / sx, top / sy, size / sx, size / sy

@@ -68,14 +68,14 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 # warmup epochs and a cosine to 0. What differs (docs/VISION.md, "The recipes"):
 VIT_RECIPES = {
     # The authors' published command (the LaX repository's README, timm's train.py on 8 GPUs), which
-    # produced the paper's numbers: 128 images x 8 GPUs, fp32 (with TF32 matmuls, as timm's train.py), no clipping, AutoAugment's ImageNet policy,
-    # mixup 0.2 (no cutmix, no erasing), label smoothing 0.1, dropout 0.1 in the low-rank MLPs only (their
-    # model configs; the dense ViT, timm's, has none) and none before the head, and the official code's
-    # Kaiming initialisation of factors, cores and tensor gates.
+    # produced the paper's numbers: 128 images x 8 GPUs, fp32 (TF32 matmuls, as timm's train.py runs it),
+    # no clipping, AutoAugment's ImageNet policy, mixup 0.2 (no cutmix, no erasing), label smoothing 0.1,
+    # dropout 0.1 in the low-rank MLPs only (their model configs; the dense ViT, timm's, has none) and none
+    # before the head, and the official code's Kaiming initialisation of factors, cores and tensor gates.
     "official": {"train.global_batch": "1024", "train.micro_batch": "128", "train.precision": "fp32",
-                 "train.tf32": "true", "optim.grad_clip": "0", "model.head_dropout": "0", "model.lowrank_init": "kaiming",
-                 "augment.auto_augment": "original", "augment.randaugment_n": "0", "augment.mixup": "0.2",
-                 "augment.cutmix": "0", "augment.random_erasing": "0"},
+                 "train.tf32": "true", "optim.grad_clip": "0", "model.head_dropout": "0",
+                 "model.lowrank_init": "kaiming", "augment.auto_augment": "original", "augment.randaugment_n": "0",
+                 "augment.mixup": "0.2", "augment.cutmix": "0", "augment.random_erasing": "0"},
     # The ViT paper's ImageNet settings (batch 4,096, clipping 1.0; Table 9's LR, weight decay and dropout
     # are theirs) with DeiT's augmentation (the `augment` defaults: RandAugment 2 x 9, mixup 0.8, cutmix
     # 1.0, erasing 0.25), dropout 0.1 before the head too, bf16 autocast, identity gates and each method's
@@ -122,11 +122,11 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
             settings["model.lax_gate_init"] = OFFICIAL_GATE_INIT[gate]
     if precision:
         settings["train.precision"] = precision
-    epoch_steps = IMAGENET_TRAIN_IMAGES // int(settings["train.global_batch"])  # checkpoint and validate once an epoch
-    settings.update({"data.path": data, "data.loader_workers": "10", "parallel.engine": engine,
-                     "parallel.zero_stage": zero_stage, "logging.run_dir": run_dir, "checkpoint.every": str(epoch_steps),
-                     "checkpoint.resume": "auto", "train.eval_every": str(epoch_steps),
-                     **vit_variant(scale, method, gate)})
+    epoch_steps = IMAGENET_TRAIN_IMAGES // int(settings["train.global_batch"])  # checkpoint, validate each epoch
+    settings.update({"data.path": data, "data.loader_workers": "10",  # per GPU: docs/BENCHMARKS.md section 7
+                     "parallel.engine": engine, "parallel.zero_stage": zero_stage, "logging.run_dir": run_dir,
+                     "checkpoint.every": str(epoch_steps), "checkpoint.resume": "auto",
+                     "train.eval_every": str(epoch_steps), **vit_variant(scale, method, gate)})
     return ["--config", VIT_SCALES[scale][0]] + [arg for key, value in settings.items() for arg in (f"--{key}", value)]
 
 
