@@ -28,7 +28,9 @@ ARCHS = tuple(ARCH_PROJECTIONS)
 TT_ARCHS = ("vit",)  # families whose presets carry tensor-train modes (Table 13)
 METHODS = ("dense", "svd", "cola", "tt")  # the formats registered in megatron_lax.method.formats
 GATES = ("none", "identity", "linear", "dense", "tensor")
-LOWRANK_INITS = ("auto", "cola", "matched")
+LOWRANK_INITS = ("auto", "cola", "matched", "kaiming")
+GATE_INITS = ("identity", "small", "kaiming")
+AUTO_AUGMENTS = ("none", "original")
 # model.lowrank_init auto: each method's default, from the widest width measured in docs/RESULTS.md
 # ("Initialisation"): SVD's better init flips from matched at width 128 to cola at 256; CoLA's is
 # matched at both.
@@ -53,17 +55,18 @@ class ModelConfig:
     max_seq_len: int = 2048
     init_std: float = 0.02  # embeddings, LM head, dense projections; low-rank factors see lowrank_init
     method: str = "dense"  # dense | svd (B A x) | cola (B act(A x)) | tt (tensor train; ViT)
-    lowrank_init: str = "auto"  # auto | cola (factor std (r (d_in+d_out))^-1/4) | matched (B A std init_std)
+    lowrank_init: str = "auto"  # auto | cola (factor std (r (d_in+d_out))^-1/4) | matched (B A std init_std) | kaiming (the official LaX ViT code's)
     rank: int = 0  # rank of every low-rank projection unless attn_rank / mlp_rank say otherwise
     attn_rank: Optional[int] = None  # q, k, v, o
-    mlp_rank: Optional[int] = None  # gate, up, down
+    mlp_rank: Optional[int] = None  # gate, up, down (ViT: fc1, fc2)
+    mlp_out_rank: Optional[int] = None  # the MLP's output projection (ViT fc2, LLaMA down); None: mlp_rank
     lax_gate: str = "none"  # none | identity | linear | dense | tensor
     lax_modules: list = field(default_factory=lambda: ["all"])  # projections that cross (all, or names)
     lax_norm: bool = True  # the LayerNorm on each crossing (the paper's Table 22 switches it off)
     lax_intra_modules: list = field(default_factory=list)  # tt: projections with intra-layer LaX
     lax_intra_gate: str = "identity"  # tt intra-layer: identity (tensor where shapes differ) | tensor
     lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
-    lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias)
+    lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias) | kaiming (tensor gate only: Kaiming-uniform cores, the official ViT code's)
     flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
     only_latent_act: bool = False  # cola: the MLP drops its own activation; the latent one is the only one (CoLA's only_lr_act)
     residual_scale: bool = False  # init std of the residual branches' last layer (o, down; low-rank: B) / sqrt(2 n_layers), as GPT-2
@@ -73,6 +76,7 @@ class ModelConfig:
     in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
     num_classes: int = 0  # 0: follow the data
     dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
+    head_dropout: Optional[float] = None  # before the head; None: model.dropout
     mlp_norm: str = "auto"  # LayerNorm on the MLP's hidden layer: auto (low-rank only, official code) | on | off
     tt_attn_dims: list = field(default_factory=list)  # tt: input then output modes of q, k, v, o (Table 13)
     tt_fc1_dims: list = field(default_factory=list)
@@ -87,6 +91,8 @@ class ModelConfig:
         return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
 
     def rank_of(self, projection: str) -> int:
+        if projection in ("fc2", "down") and self.mlp_out_rank is not None:
+            return self.mlp_out_rank
         specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
         return specific if specific is not None else self.rank
 
@@ -135,15 +141,17 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Image augmentation (model.arch vit), DeiT's recipe by default (kornia implementations)."""
+    """Image augmentation (model.arch vit), DeiT's recipe by default (megatron_lax/data/image_augment.py)."""
     crop_scale_min: float = 0.08  # random-resized crop's smallest area fraction
     hflip: float = 0.5
+    auto_augment: str = "none"  # none | original (AutoAugment's ImageNet policy; the official LaX command's)
     randaugment_n: int = 2  # RandAugment ops per image (0: off)
     randaugment_m: int = 9  # magnitude on timm's 0-10 scale (DeiT's rand-m9)
     mixup: float = 0.8  # Beta alpha (0: off)
     cutmix: float = 1.0  # Beta alpha (0: off)
     label_smoothing: float = 0.1
     random_erasing: float = 0.25  # probability per image (0: off)
+    crop_pct: float = 0.875  # evaluation: resize the short side to image_size / crop_pct, then centre-crop
 
 
 @dataclass
@@ -161,6 +169,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     activation_checkpointing: bool = False
     compile: bool = False
+    tf32: bool = False  # fp32 matmuls on TF32 tensor cores (Ampere and later), as timm's train.py runs "fp32"
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
     stop_if_diverged: bool = False  # stop once the loss is non-finite or spikes (train.divergence_spike; LR sweeps)
     divergence_spike: float = 1.0  # nats the smoothed training loss may rise above its running best before a run counts as diverged
@@ -400,7 +409,12 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[dict] = 
 
 
 def validate(cfg: Config) -> None:
-    m = cfg.model
+    validate_model(cfg.model)
+    validate_augment(cfg.augment)
+    validate_run(cfg)
+
+
+def validate_model(m: ModelConfig) -> None:
     if m.arch not in ARCHS:
         raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
     if m.method not in METHODS:
@@ -411,10 +425,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.lowrank_init {m.lowrank_init!r} is unknown (choose from {', '.join(LOWRANK_INITS)})")
     if m.lax_latent not in ("output", "projection"):
         raise ConfigError(f"model.lax_latent {m.lax_latent!r} is unknown (output or projection)")
-    if m.lax_gate_init not in ("identity", "small"):
-        raise ConfigError(f"model.lax_gate_init {m.lax_gate_init!r} is unknown (identity or small)")
+    if m.lax_gate_init not in GATE_INITS:
+        raise ConfigError(f"model.lax_gate_init {m.lax_gate_init!r} is unknown (choose from {', '.join(GATE_INITS)})")
     if m.lax_gate_init == "small" and m.lax_gate != "dense":
         raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
+    if m.lax_gate_init == "kaiming" and m.lax_gate != "tensor":
+        raise ConfigError(f"model.lax_gate_init kaiming applies to the tensor gate only, not {m.lax_gate!r}")
+    if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
+        raise ConfigError(f"model.head_dropout must lie in [0, 1), got {m.head_dropout}")
     if m.only_latent_act and m.method != "cola":
         raise ConfigError(f"model.only_latent_act drops the MLP's activation in favour of CoLA's latent one; it needs "
                           f"model.method cola, not {m.method!r}")
@@ -444,14 +462,28 @@ def validate(cfg: Config) -> None:
     if m.n_kv_heads and m.n_kv_heads != m.n_heads and m.method != "dense":
         raise ConfigError("model.n_kv_heads (grouped-query attention) is supported for dense models only")
     if m.method in ("svd", "cola"):
-        shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim)}
+        shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim), "down": (m.ffn_dim, m.dim)}
         for projection, (d_in, d_out) in shapes.items():
             r = m.rank_of(projection)
-            kind = "attention" if projection == "q" else "MLP"
+            kind = {"q": "attention", "gate": "MLP", "down": "MLP output"}[projection]
             if r <= 0:
                 raise ConfigError(f"model.method {m.method} needs a positive {kind} rank (model.rank), got {r}")
             if r > min(d_in, d_out):
                 raise ConfigError(f"{kind} rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)}")
+
+
+def validate_augment(a: AugmentConfig) -> None:
+    if a.auto_augment not in AUTO_AUGMENTS:
+        raise ConfigError(f"augment.auto_augment {a.auto_augment!r} is unknown (choose from {', '.join(AUTO_AUGMENTS)})")
+    if a.auto_augment != "none" and a.randaugment_n > 0:
+        raise ConfigError("augment.auto_augment and RandAugment (augment.randaugment_n > 0) are alternatives; "
+                          "set augment.randaugment_n 0 to use AutoAugment")
+    if not 0.0 < a.crop_pct <= 1.0:
+        raise ConfigError(f"augment.crop_pct must lie in (0, 1], got {a.crop_pct}")
+
+
+def validate_run(cfg: Config) -> None:
+    """The data, training, parallel and checkpoint sections, and fine-tuning's."""
     if cfg.data.eval_split not in ("val", "holdout"):
         raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is unknown (val or holdout)")
     if cfg.data.eval_split == "holdout" and cfg.data.holdout <= 0:
@@ -494,7 +526,7 @@ def validate_tt(m: ModelConfig) -> None:
         half = len(dims) // 2
         if math.prod(dims[:half]) != d_in or math.prod(dims[half:]) != d_out:
             raise ConfigError(f"model.{key} {dims}: input modes must multiply to {d_in} and output modes to {d_out}")
-    for kind, projection in (("attention", "q"), ("MLP", "fc1")):
+    for kind, projection in (("attention", "q"), ("MLP", "fc1"), ("MLP output", "fc2")):
         if m.rank_of(projection) <= 0:
             raise ConfigError(f"model.method tt needs a positive {kind} TT rank (model.rank), got {m.rank_of(projection)}")
 

@@ -32,7 +32,7 @@ def describe_vit(cfg) -> dict:
     variant = VARIANTS[m.method] + (f" + LaX ({m.lax_gate})" if m.uses_lax else "")
     if m.lax_intra_modules:
         variant += f" + intra-layer LaX on {','.join(m.lax_intra_modules)}"
-    ranks = sorted({m.rank_of(p) for p in ("q", "fc1")}) if m.method != "dense" else []
+    ranks = sorted({m.rank_of(p) for p in ("q", "fc1", "fc2")}) if m.method != "dense" else []
     return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
             "memory_gb": memory_gb(params), "flops_per_image": flops["train"], "forward_flops_per_image": flops["forward"],
             "image_size": m.image_size, "patch_size": m.patch_size, "num_classes": m.num_classes,

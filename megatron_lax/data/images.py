@@ -1,19 +1,25 @@
 """Image classification data for the ViT runs: ImageNet-style class folders or Fashion-MNIST idx files,
-DeiT's augmentation (from kornia), and a train loader whose resume is exact.
+DeiT's or the official LaX command's augmentation, and a train loader whose resume is exact.
 
 Layouts (open_image_dataset picks one from what the directory holds):
 - class folders: root/{train,val}/<class>/<image>; the classes are train's sorted folder names.
 - idx files: root/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz] (Fashion-MNIST); val/test = t10k.
 
+The work is split where it is cheapest. Loader workers decode each image and crop, flip and
+AutoAugment/RandAugment it on uint8 pixels (image_augment.py; JPEGs decoded at reduced scale where the
+crop loses nothing), and hand over uint8 (b, S, S, C) micro-batches, pinned when the GPU is the
+destination. One DataLoader serves the whole run: its sampler walks the epochs on from the resume
+position, so workers stay up and prefetch across epoch boundaries. The training process only draws
+each micro-batch's mixing parameters (a few numbers; MixPlan) and, on the training device, BatchAugment
+normalises the pixels, erases and mixes (mixup or cutmix) them and builds the soft targets.
+
 As in data.py, the order of an epoch is a permutation seeded by (seed, epoch); optimizer step s uses
 positions [s*G, (s+1)*G) of it and rank r takes the r-th contiguous slice of G / world_size, in
-micro-batches, so a step's samples do not depend on the number of ranks. The random crop, flip and
-RandAugment of sample i are seeded by (seed, epoch, i) in whichever process decodes it, and erasing
-and mixup/cutmix of a micro-batch by (seed, epoch, step, its position in the epoch). Images of one
-fixed shape (Fashion-MNIST) are cropped and flipped a micro-batch at a time, seeded by its position,
-which is some 20x faster on 28 x 28 images than image by image. The loader's state is therefore just
-(epoch, step, micro) and resume is bitwise exact, also onto another number of ranks at a step boundary
-(for fixed-shape images: with the same micro_batch).
+micro-batches, so a step's samples do not depend on the number of ranks. The per-image augmentation of
+sample i is seeded by (seed, epoch, i) in whichever process decodes it, and erasing and mixing of a
+micro-batch by (seed, epoch, step, its position in the epoch). The loader's state is therefore just
+(epoch, step, micro) and resume is bitwise exact on the same kind of device, also onto another number of
+ranks at a step boundary (with the same micro_batch, since mixing pairs images within a micro-batch).
 
 Training targets come back as soft (B, num_classes) distributions (label smoothing and mixup/cutmix
 applied), so the loss is -(targets * log_softmax(logits)).sum(-1).mean(); validation labels are int64.
@@ -22,22 +28,21 @@ An image that is missing or does not decode is dropped from its batch and counte
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import gzip
 import math
-import random
+import os
 import struct
 import zlib
 from pathlib import Path
 
-import kornia.augmentation as K
 import numpy as np
 import torch
-from kornia.augmentation.auto.rand_augment.rand_augment import RandAugment, default_policy
-from kornia.enhance import normalize
 from PIL import Image
+
+from . import image_augment
+from .cursor import GlobalBatchCursor, permutation_order
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -51,20 +56,36 @@ _SAMPLE, _BATCH, _HOLDOUT = 0, 1, 2  # seed-stream tags
 # --- datasets --------------------------------------------------------------------------------------
 
 class ImageDataset:
-    """Labelled images read one at a time; subclasses set class_names and channels and define read().
-    `fixed_shape` (C, H, W) when every image has that shape: the train loader then crops and flips
-    whole micro-batches at once instead of image by image (the same augmentation, far less overhead)."""
+    """Labelled images; subclasses set class_names and channels and define __len__, label() and open()."""
     class_names: list[str]
     channels: int
-    fixed_shape: tuple[int, int, int] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def mode(self) -> str:
+        return "RGB" if self.channels == 3 else "L"
+
+    def label(self, i: int) -> int:
+        raise NotImplementedError
+
+    def open(self, i: int) -> Image.Image:
+        """Image i, opened but not yet decoded (a context manager); raises for a missing or unreadable file."""
+        raise NotImplementedError
+
     def read(self, i: int) -> tuple[torch.Tensor | None, int, str]:
         """(uint8 C x H x W image, label, "") or (None, label, why: "missing" or "corrupt")."""
-        raise NotImplementedError
+        label = self.label(i)
+        try:
+            with self.open(i) as image:
+                pixels = np.array(image.convert(self.mode))
+        except FileNotFoundError:
+            return None, label, "missing"
+        except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error...) on damaged files
+            return None, label, "corrupt"
+        return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous(), label, ""
 
     def load(self, i: int) -> tuple[torch.Tensor | None, int]:
         image, label, _ = self.read(i)
@@ -72,34 +93,39 @@ class ImageDataset:
 
 
 class FolderDataset(ImageDataset):
+    """The file list is held as one fixed-width bytes array of class/file paths and one int32 array of
+    labels (ImageNet's 1.28M files: about 50 MB, no Python object per file), which forked loader
+    workers share without copying."""
     channels = 3
 
     def __init__(self, root: Path, split: str):
         self.class_names = _class_folders(root / "train")
-        split_dir = root / split
-        unknown = sorted(set(_class_folders(split_dir)) - set(self.class_names))
+        self.root = root / split
+        unknown = sorted(set(_class_folders(self.root)) - set(self.class_names))
         if unknown:
-            raise ValueError(f"{split_dir}: class folder(s) {', '.join(unknown[:5])} not in {root / 'train'}")
-        self.files, self.labels = [], []
+            raise ValueError(f"{self.root}: class folder(s) {', '.join(unknown[:5])} not in {root / 'train'}")
+        paths, labels = [], []
         for label, name in enumerate(self.class_names):
-            if (split_dir / name).is_dir():
-                files = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-                self.files += files
-                self.labels += [label] * len(files)
+            if (self.root / name).is_dir():
+                with os.scandir(self.root / name) as entries:
+                    files = sorted(e.name for e in entries
+                                   if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file())
+                paths += [os.fsencode(f"{name}/{f}") for f in files]
+                labels += [label] * len(files)
+        self.paths = np.array(paths, dtype=np.bytes_)
+        self.labels = np.array(labels, dtype=np.int32)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)
 
-    def read(self, i):
-        label = self.labels[i]
-        try:
-            with Image.open(self.files[i]) as im:
-                rgb = np.array(im.convert("RGB"))
-        except FileNotFoundError:
-            return None, label, "missing"
-        except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error...) on damaged files
-            return None, label, "corrupt"
-        return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), label, ""
+    def path(self, i: int) -> Path:
+        return self.root / os.fsdecode(self.paths[i])
+
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def open(self, i: int) -> Image.Image:
+        return Image.open(self.path(i))
 
 
 def _class_folders(path: Path) -> list[str]:
@@ -109,6 +135,7 @@ def _class_folders(path: Path) -> list[str]:
     if not names:
         raise ValueError(f"{path}: no class folders")
     return names
+
 
 
 class IdxDataset(ImageDataset):
@@ -124,13 +151,15 @@ class IdxDataset(ImageDataset):
             raise ValueError(f"{root}: {len(self.images)} {prefix} images but {len(self.labels)} labels")
         if len(self.labels) and self.labels.max() >= len(self.class_names):
             raise ValueError(f"{root}: {prefix} label {self.labels.max()} is not a Fashion-MNIST class (0..9)")
-        self.fixed_shape = (1, *self.images.shape[1:])
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def read(self, i):
-        return torch.from_numpy(self.images[i][None].copy()), int(self.labels[i]), ""
+    def label(self, i: int) -> int:
+        return int(self.labels[i])
+
+    def open(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
 
 
 def find_idx_file(root, name: str) -> Path:
@@ -165,13 +194,16 @@ class Subset(ImageDataset):
         self.base, self.indices = base, np.asarray(indices, dtype=np.int64).reshape(-1)
         if len(self.indices) and not (0 <= self.indices.min() and self.indices.max() < len(base)):
             raise ValueError(f"subset indices must lie in [0, {len(base)})")
-        self.class_names, self.channels, self.fixed_shape = base.class_names, base.channels, base.fixed_shape
+        self.class_names, self.channels = base.class_names, base.channels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def read(self, i):
-        return self.base.read(int(self.indices[i]))
+    def label(self, i: int) -> int:
+        return self.base.label(int(self.indices[i]))
+
+    def open(self, i: int) -> Image.Image:
+        return self.base.open(int(self.indices[i]))
 
 
 def subset(dataset: ImageDataset, indices) -> ImageDataset:
@@ -208,15 +240,16 @@ def open_image_dataset(source: str, split: str) -> ImageDataset:
 class AugmentConfig:
     """DeiT's recipe by default. For Fashion-MNIST use e.g. image_size=28, crop_scale=(0.35, 1.0).
 
-    Per image (loader workers): random-resized-crop to image_size (scale crop_scale, ratio 3/4..4/3,
-    bicubic), horizontal flip with prob hflip, RandAugment of randaugment_n ops (0: off) at magnitude
-    randaugment_m on timm's 0..10 scale (DeiT's rand-m9; kornia's scale is 0..30, so it gets 3*m), with
-    kornia's ops and timm's shear/translate ranges (see _TIMM_RANGES).
-    Eval: resize the shorter side to image_size / crop_pct, center crop image_size (skipped for images
+    Per image (loader workers, uint8): random-resized crop to image_size (area fraction crop_scale,
+    aspect ratio 3/4..4/3, bicubic), horizontal flip with prob hflip, then AutoAugment's ImageNet policy
+    (auto_augment "original") or RandAugment of randaugment_n ops (0: off) at magnitude randaugment_m on
+    the 0-10 scale, jittered by N(0, randaugment_mstd^2) (DeiT's rand-m9-mstd0.5-inc1).
+    Eval: resize the shorter side to image_size / crop_pct, centre crop image_size (skipped for images
     already image_size square). mean/std None: ImageNet's for RGB, Fashion-MNIST's for one channel.
-    Per micro-batch (main process, train only): random erasing with prob erase_prob (value 0, i.e. the
-    mean colour after normalisation), then cutmix (Beta(cutmix_alpha)) with prob mix_switch_prob or else
-    mixup (lambda ~ Beta(mixup_alpha), one per batch); alpha 0 turns either off. Targets are smoothed by
+    Per micro-batch (training device, train only): normalise, random erasing of a box of each image with
+    prob erase_prob (filled with N(0, 1) noise, as DeiT), then cutmix (lambda ~ Beta(cutmix_alpha)) with
+    prob mix_switch_prob or else mixup (lambda ~ Beta(mixup_alpha)), one lambda per micro-batch, each image
+    mixed with the one mirrored across the batch; alpha 0 turns either off. Targets are smoothed by
     label_smoothing (the usual 0.1 of DeiT's loss, applied here so the loss is plain soft cross-entropy).
     """
     image_size: int = 224
@@ -224,9 +257,12 @@ class AugmentConfig:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: float = 0.5
+    auto_augment: str = ""
     randaugment_n: int = 2
-    randaugment_m: int = 9
+    randaugment_m: float = 9
+    randaugment_mstd: float = 0.5
     crop_pct: float = 0.875
     erase_prob: float = 0.25
     mixup_alpha: float = 0.8
@@ -235,263 +271,340 @@ class AugmentConfig:
     label_smoothing: float = 0.1
 
 
+def normalization(cfg: AugmentConfig, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    if cfg.mean is not None:
+        return cfg.mean, cfg.std
+    return (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+
+
 class SampleTransform:
-    """uint8 C x H x W -> normalised float32 C x S x S: random (train) or resize + center crop (eval).
-    Randomness comes from torch's global RNG; seed it around the call (see _seeded)."""
+    """One image, opened lazily, -> uint8 (S, S, C) pixels: a random view (train) or the centre view
+    (eval). Every random choice comes from the numpy Generator passed to sample()."""
 
     def __init__(self, cfg: AugmentConfig, channels: int):
-        self.cfg, size = cfg, cfg.image_size
-        mean, std = (cfg.mean, cfg.std) if cfg.mean is not None else \
-            ((IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else (FASHION_MNIST_MEAN, FASHION_MNIST_STD))
-        self.mean, self.std = torch.tensor(mean), torch.tensor(std)
-        if cfg.train:
-            self.crop_flip = K.AugmentationSequential(
-                K.RandomResizedCrop((size, size), scale=cfg.crop_scale, resample="bicubic"),
-                K.RandomHorizontalFlip(p=cfg.hflip))
-            self.randaugment = _randaugment(cfg, channels) if cfg.randaugment_n > 0 else None
-        else:
-            self.resize_crop = K.AugmentationSequential(
-                K.Resize(int(size / cfg.crop_pct), side="short", resample="bicubic", antialias=True),
-                K.CenterCrop(size))
+        if cfg.auto_augment not in ("", "none", "original"):
+            raise ValueError(f"auto_augment {cfg.auto_augment!r} is unknown (original, or empty for none)")
+        if cfg.randaugment_n and not 0 <= cfg.randaugment_m <= 10:
+            raise ValueError(f"randaugment_m is on a 0..10 scale; got {cfg.randaugment_m}")
+        self.cfg, self.size, self.channels = cfg, cfg.image_size, channels
+        self.mode = "RGB" if channels == 3 else "L"
+        mean = normalization(cfg, channels)[0]
+        fill = tuple(round(255 * m) for m in mean)  # the colour normalisation turns into 0
+        self.fill = fill if channels == 3 else fill[0]
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.batch(image.unsqueeze(0))[0]
+    def sample(self, dataset: ImageDataset, i: int, rng: np.random.Generator) -> tuple[np.ndarray | None, int, str]:
+        """(pixels, label, "") or (None, label, why) for an image that is missing or does not decode."""
+        label = dataset.label(i)
+        try:
+            with dataset.open(i) as lazy:
+                box = self.box(*lazy.size, rng)
+                image, box = image_augment.decode(lazy, box, self.size, self.mode, draft=self.cfg.train)
+        except FileNotFoundError:
+            return None, label, "missing"
+        except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error...) on damaged files
+            return None, label, "corrupt"
+        return self.finish(image, box, rng), label, ""
 
-    def batch(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (b, C, H, W) of one shape -> (b, C, S, S); crop and flip draw per-image parameters."""
-        x = images.float() / 255
-        if len(x) == 0:
-            return x.new_empty(0, x.shape[1], self.cfg.image_size, self.cfg.image_size)
+    def box(self, width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
         if self.cfg.train:
-            x = self.crop_flip(x).clamp(0, 1)  # bicubic overshoots; RandAugment's ops expect [0, 1]
-            if self.randaugment is not None:  # its ops are drawn per call: one call per image
-                x = torch.cat([self.randaugment(image[None]) for image in x])
-        elif x.shape[-2:] != (self.cfg.image_size, self.cfg.image_size):
-            x = self.resize_crop(x).clamp(0, 1)
-        return normalize(x, self.mean, self.std)
+            return image_augment.random_resized_crop_box(width, height, self.cfg.crop_scale, self.cfg.crop_ratio, rng)
+        if (width, height) == (self.size, self.size):
+            return 0, 0, width, height
+        return image_augment.center_crop_box(width, height, self.size, self.cfg.crop_pct)
 
-
-# timm's (DeiT's) ranges where kornia's default policy differs in kind: kornia reads a shear magnitude
-# as degrees / 180 (0.3 -> 54 degrees) where timm means the shear factor (0.3 -> 16.7 degrees), and
-# kornia translates by at most 10% of the side where timm goes to 45%.
-_TIMM_RANGES = {"shear_x": math.degrees(math.atan(0.3)) / 180, "shear_y": math.degrees(math.atan(0.3)) / 180,
-                "translate_x": 0.45, "translate_y": 0.45}
-
-
-def _randaugment(cfg: AugmentConfig, channels: int) -> RandAugment:
-    if not 0 < cfg.randaugment_m < 10:
-        raise ValueError(f"randaugment_m is on timm's scale, 1..9; got {cfg.randaugment_m}")
-    policy = [[(name, -_TIMM_RANGES[name], _TIMM_RANGES[name]) if name in _TIMM_RANGES else (name, low, high)]
-              for [(name, low, high)] in default_policy
-              if channels == 3 or name != "color"]  # saturation needs RGB, and would not change grey anyway
-    return RandAugment(n=cfg.randaugment_n, m=3 * cfg.randaugment_m, policy=policy)
+    def finish(self, image: Image.Image, box, rng: np.random.Generator) -> np.ndarray:
+        if tuple(box) != (0, 0, self.size, self.size) or image.size != (self.size, self.size):
+            image = image_augment.resize_box(image, box, self.size)
+        cfg = self.cfg
+        if cfg.train:
+            if rng.random() < cfg.hflip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            if cfg.auto_augment == "original":
+                image = image_augment.auto_augment(image, rng, self.fill)
+            elif cfg.randaugment_n > 0:
+                image = image_augment.rand_augment(image, rng, self.fill, cfg.randaugment_n, cfg.randaugment_m,
+                                                   cfg.randaugment_mstd)
+        return np.asarray(image).reshape(self.size, self.size, self.channels)
 
 
 def soft_targets(labels: torch.Tensor, num_classes: int, smoothing: float = 0.0) -> torch.Tensor:
     """(B,) int labels -> (B, num_classes) float32 rows summing to 1, smoothed as timm does."""
     off = smoothing / num_classes
-    targets = torch.full((len(labels), num_classes), off, dtype=torch.float32)
+    targets = torch.full((len(labels), num_classes), off, dtype=torch.float32, device=labels.device)
     return targets.scatter_(1, labels.long().view(-1, 1), 1.0 - smoothing + off)
 
 
+@dataclasses.dataclass
+class MixPlan:
+    """A training micro-batch's labels and the random choices of its erasing and mixing, drawn in the
+    training process (BatchAugment.plan) and applied on the training device (BatchAugment.__call__)."""
+    labels: torch.Tensor  # int64 (b,)
+    erase: torch.Tensor  # int64 (b, 4): top, left, height, width of each image's erased box (height 0: none)
+    noise_seed: int  # of the erased boxes' N(0, 1) fill
+    mix: str = ""  # "", "mixup" or "cutmix"
+    lam: float = 1.0  # each image's own share of the mix (cutmix: 1 - the pasted box's area fraction)
+    box: tuple[int, int, int, int] = (0, 0, 0, 0)  # cutmix: top, left, height, width
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 class BatchAugment:
-    """Random erasing then cutmix or mixup on a collated micro-batch; returns (images, soft targets)."""
+    """On the training device: uint8 (b, S, S, C) -> normalised float32 (b, C, S, S), then random erasing
+    and mixup or cutmix as the micro-batch's MixPlan says; returns (images, soft targets)."""
 
-    def __init__(self, cfg: AugmentConfig, num_classes: int):
+    def __init__(self, cfg: AugmentConfig, num_classes: int, channels: int):
         self.cfg, self.num_classes = cfg, num_classes
-        on = cfg.train
-        self.erase = K.RandomErasing(p=cfg.erase_prob, value=0.0) if on and cfg.erase_prob > 0 else None
-        self.cutmix = K.RandomCutMixV2(beta=cfg.cutmix_alpha, data_keys=["input", "class"],
-                                       use_correct_lambda=True) if on and cfg.cutmix_alpha > 0 else None
-        self.mixup_alpha = cfg.mixup_alpha if on else 0.0
+        mean, std = normalization(cfg, channels)
+        self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
 
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, labels: torch.Tensor, keys: tuple[int, ...]) -> MixPlan:
+        """Draws a micro-batch's erasing and mixing from its seed keys (numpy, in this process)."""
+        cfg, rng, size, b = self.cfg, np.random.default_rng([*keys, _BATCH]), self.cfg.image_size, len(labels)
+        erase = torch.zeros(b, 4, dtype=torch.int64)
+        if cfg.train and cfg.erase_prob > 0:
+            erase = torch.from_numpy(erase_boxes(rng, b, size, cfg.erase_prob))
+        plan = MixPlan(labels, erase, int(rng.integers(2 ** 62)))
+        if not cfg.train or b == 0:
+            return plan
+        if cfg.cutmix_alpha > 0 and (cfg.mixup_alpha <= 0 or rng.random() < cfg.mix_switch_prob):
+            plan.mix, plan.box = "cutmix", cutmix_box(rng, size, rng.beta(cfg.cutmix_alpha, cfg.cutmix_alpha))
+            plan.lam = 1.0 - plan.box[2] * plan.box[3] / size ** 2
+        elif cfg.mixup_alpha > 0:
+            plan.mix, plan.lam = "mixup", float(rng.beta(cfg.mixup_alpha, cfg.mixup_alpha))
+        return plan
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (b, S, S, C) -> float32 (b, C, S, S), normalised, on the images' device."""
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return ((images.permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous()
+
+    def __call__(self, images: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.normalize(images)
+        labels = plan.labels.to(x.device, non_blocking=True)
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)
-        if len(images) == 0:
-            return images, targets
-        if self.erase is not None:
-            images = self.erase(images)
-        if self.cutmix is not None and (self.mixup_alpha == 0 or torch.rand(()) < self.cfg.mix_switch_prob):
-            images, (mix,) = self.cutmix(images, labels)
-            keep = mix[:, 2]  # kornia's cutmix lambda is the weight of the original label...
-        elif self.mixup_alpha > 0:
-            lam = float(torch.distributions.Beta(self.mixup_alpha, self.mixup_alpha).sample())
-            images, mix = K.RandomMixUpV2(lambda_val=(lam, lam), data_keys=["input", "class"])(images, labels)
-            keep = 1 - mix[:, 2]  # ...its mixup lambda that of the partner's
-        else:
-            return images, targets
-        partner = soft_targets(mix[:, 1].long(), self.num_classes, self.cfg.label_smoothing)
-        return images, keep[:, None] * targets + (1 - keep[:, None]) * partner
+        if len(plan) == 0:
+            return x, targets
+        if plan.erase[:, 2].any():
+            x = erase(x, plan.erase.to(x.device), plan.noise_seed)
+        if plan.mix == "mixup":
+            x = plan.lam * x + (1 - plan.lam) * x.flip(0)
+        elif plan.mix == "cutmix":
+            top, left, h, w = plan.box
+            x = x.clone()
+            x[:, :, top:top + h, left:left + w] = x.flip(0)[:, :, top:top + h, left:left + w]
+        if plan.mix:
+            targets = plan.lam * targets + (1 - plan.lam) * targets.flip(0)
+        return x, targets
 
 
-@contextlib.contextmanager
-def _seeded(*keys: int):
-    """Seeds torch's CPU generator, random and numpy from keys for the block, then restores all three:
-    kornia draws from torch's global RNG, and the training process's own streams must not move."""
-    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0])
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def erase_boxes(rng: np.random.Generator, b: int, size: int, prob: float, attempts: int = 10) -> np.ndarray:
+    """(b, 4) boxes (top, left, height, width) for random erasing as DeiT's: with probability prob an
+    image gets one box of area fraction ~ U(0.02, 1/3) and log aspect ratio ~ U(log 0.3, log 1/0.3),
+    the first of `attempts` draws that fits; height 0 marks an image left alone."""
+    area = rng.uniform(0.02, 1 / 3, (b, attempts)) * size * size
+    aspect = np.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3), (b, attempts)))
+    h, w = np.round(np.sqrt(area * aspect)).astype(np.int64), np.round(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (h < size) & (w < size)
+    first = fits.argmax(axis=1)
+    rows = np.arange(b)
+    h, w = h[rows, first], w[rows, first]
+    chosen = (rng.random(b) < prob) & fits.any(axis=1)
+    top = (rng.random(b) * np.maximum(size - h + 1, 1)).astype(np.int64)
+    left = (rng.random(b) * np.maximum(size - w + 1, 1)).astype(np.int64)
+    return np.stack([top, left, np.where(chosen, h, 0), np.where(chosen, w, 0)], axis=1)
+
+
+def erase(x: torch.Tensor, boxes: torch.Tensor, seed: int) -> torch.Tensor:
+    """x with each image's box (top, left, height, width) filled with N(0, 1) noise drawn from a
+    generator on x's device seeded by `seed` (so the same on any number of ranks)."""
+    b, _, height, width = x.shape
+    rows = torch.arange(height, device=x.device).view(1, 1, -1, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, 1, -1)
+    top, left, h, w = (boxes[:, k].view(b, 1, 1, 1) for k in range(4))
+    inside = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+    noise = torch.randn(x.shape, generator=torch.Generator(x.device).manual_seed(seed), device=x.device, dtype=x.dtype)
+    return torch.where(inside, noise, x)
+
+
+def cutmix_box(rng: np.random.Generator, size: int, lam: float) -> tuple[int, int, int, int]:
+    """(top, left, height, width): a box of side sqrt(1 - lam) * size around a uniform centre, clipped to the image."""
+    side = int(size * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(size)), int(rng.integers(size))
+    top, bottom = max(cy - side // 2, 0), min(cy + side // 2, size)
+    left, right = max(cx - side // 2, 0), min(cx + side // 2, size)
+    return top, left, bottom - top, right - left
 
 
 # --- decoding --------------------------------------------------------------------------------------
 
-class _Decode(torch.utils.data.Dataset):
-    """Reads and transforms one sample, the transform seeded by (seed, epoch, index); with no
-    transform, returns the decoded uint8 image (the loader transforms the whole batch)."""
+class _Samples(torch.utils.data.Dataset):
+    """Sample keys (epoch, dataset index) -> (uint8 pixels or None, label, why dropped); the transform's
+    random choices are seeded by (seed, epoch, index), whichever process runs it."""
 
-    def __init__(self, dataset: ImageDataset, transform: SampleTransform | None, seed: int = 0, epoch: int = 0,
-                 shape: tuple[int, int, int] | None = None):
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, epoch
-        size = transform.cfg.image_size if transform is not None else 0
-        self.shape = shape or (dataset.channels, size, size)
+    def __init__(self, dataset: ImageDataset, transform: SampleTransform, seed: int = 0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
 
-    def __getitem__(self, i: int):
-        image, label, why = self.dataset.read(i)
-        if image is None:
-            return None, label, why
-        if self.transform is None:
-            return image, label, ""
-        with _seeded(self.seed, self.epoch, i, _SAMPLE):
-            return self.transform(image), label, ""
+    def __getitem__(self, key):
+        epoch, i = key
+        return self.transform.sample(self.dataset, i, np.random.default_rng([self.seed, epoch, i, _SAMPLE]))
 
 
-def _collate(samples, shape):
-    """(images (b, *shape), int64 labels (b,), [(position in the batch, reason)] of the dropped samples);
-    b may be 0."""
+def _collate(samples, shape) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """(uint8 images (b, *shape), int64 labels (b,), [(position in the batch, reason)] of the dropped
+    samples); b may be 0."""
     good = [(x, y) for x, y, _ in samples if x is not None]
-    images = torch.stack([x for x, _ in good]) if good else torch.empty(0, *shape)
+    images = torch.empty((len(good), *shape), dtype=torch.uint8)
+    pixels = images.numpy()
+    for k, (x, _) in enumerate(good):
+        pixels[k] = x
     labels = torch.tensor([y for _, y in good], dtype=torch.int64)
     return images, labels, [(k, why) for k, (x, _, why) in enumerate(samples) if x is None]
 
 
-def _decode_batches(decode: _Decode, batches: list[list[int]], workers: int):
-    if not batches:
-        return iter(())
-    collate = functools.partial(_collate, shape=decode.shape)
-    # its own generator: a DataLoader draws worker seeds (unused here) from the global RNG otherwise
-    return iter(torch.utils.data.DataLoader(decode, batch_sampler=batches, num_workers=workers, collate_fn=collate,
-                                            generator=torch.Generator()))
+def _dataloader(samples: _Samples, batches, workers: int, pin_memory: bool, prefetch: int = 2):
+    """A DataLoader over key lists; its own generator, since a DataLoader otherwise draws worker seeds
+    (unused here) from the global RNG."""
+    shape = (samples.transform.size, samples.transform.size, samples.transform.channels)
+    return torch.utils.data.DataLoader(samples, batch_sampler=batches, num_workers=workers,
+                                       collate_fn=functools.partial(_collate, shape=shape), pin_memory=pin_memory,
+                                       prefetch_factor=prefetch if workers else None, generator=torch.Generator())
 
 
 # --- loaders ---------------------------------------------------------------------------------------
 
+ORDER = "numpy-permutation"  # saved with the loader state (data/cursor.py)
+
+
+def cursor_at(n: int, global_batch: int, micro_batch: int, rank: int, world_size: int, seed: int,
+              start: tuple[int, int, int] = (0, 0, 0)) -> GlobalBatchCursor:
+    cursor = GlobalBatchCursor(n, global_batch, micro_batch, rank, world_size, seed, permutation_order(n, seed),
+                               ORDER, unit="image")
+    cursor.epoch, cursor.step, cursor.micro = start
+    return cursor
+
+
+class _StepKeys:
+    """The sample keys (epoch, index) of one rank's micro-batches from (epoch, step, micro) on, forever:
+    the loader's cursor walked ahead, for the DataLoader's workers. It holds the layout, not the loader,
+    so that the DataLoader it feeds is freed with the loader."""
+
+    def __init__(self, seed: int, n: int, global_batch: int, micro_batch: int, rank: int, world_size: int,
+                 start: tuple[int, int, int]):
+        self.layout, self.start = (n, global_batch, micro_batch, rank, world_size, seed), start
+
+    def __iter__(self):
+        cursor = cursor_at(*self.layout, self.start)
+        while True:
+            cursor.start_epoch_if_due()
+            epoch = cursor.epoch
+            yield [(epoch, int(i)) for i in cursor.next_ids()]
+
+
 class ImageTrainLoader:
-    """This rank's training micro-batches, forever: next(loader) -> (images (b, C, S, S) float32,
-    soft targets (b, num_classes) float32). b < micro_batch when images were dropped (see skipped)."""
+    """This rank's training micro-batches, forever: next(loader) -> (uint8 images (b, S, S, C), MixPlan);
+    loader.batch_augment(images on the training device, plan) -> (float32 images (b, C, S, S), soft
+    targets (b, num_classes)). b < micro_batch when images were dropped (see skipped). `workers` decoding
+    processes run ahead by `prefetch` micro-batches each; `pin_memory` for a CUDA destination."""
 
     def __init__(self, dataset: ImageDataset, augment: AugmentConfig, global_batch: int, micro_batch: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 0, num_classes: int | None = None):
-        if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global_batch {global_batch} is not a multiple of micro_batch {micro_batch} "
-                             f"x world_size {world_size}")
-        if len(dataset) < global_batch:
-            raise ValueError(f"{len(dataset)} images are fewer than one global batch of {global_batch}")
-        self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
-        self.rank, self.world_size, self.seed, self.workers = rank, world_size, seed, workers
-        self.micro_per_step = global_batch // (micro_batch * world_size)
-        self.transform = SampleTransform(augment, dataset.channels)
-        self.batch_augment = BatchAugment(augment, num_classes or dataset.num_classes)
-        self.epoch = self.step = self.micro = 0
+                 rank: int = 0, world_size: int = 1, seed: int = 0, workers: int = 0, num_classes: int | None = None,
+                 pin_memory: bool = False, prefetch: int = 2):
+        self.cursor = cursor_at(len(dataset), global_batch, micro_batch, rank, world_size, seed)
+        self.dataset, self.global_batch, self.seed, self.workers = dataset, global_batch, seed, workers
+        self.pin_memory, self.prefetch = pin_memory, prefetch
+        self.samples = _Samples(dataset, SampleTransform(augment, dataset.channels), seed)
+        self.batch_augment = BatchAugment(augment, num_classes or dataset.num_classes, dataset.channels)
         self.skipped, self.skipped_by_reason = 0, collections.Counter()  # since this process started
         self.unreadable: set[int] = set()  # the dataset indices found unreadable (the same every epoch)
-        self._batches = None  # iterator over this rank's rest of the epoch, built lazily
-        self._indices = collections.deque()  # the dataset indices of each micro-batch still to come
+        self._batches = None  # the run's one DataLoader iterator, started at the first batch
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch
+        return self.cursor.steps_per_epoch
 
     @property
     def samples_per_epoch(self) -> int:
-        return self.steps_per_epoch * self.global_batch
+        return self.cursor.samples_per_epoch
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-
-    def step_indices(self, step: int, epoch: int | None = None, order: np.ndarray | None = None) -> np.ndarray:
+    def step_indices(self, step: int, epoch: int | None = None) -> np.ndarray:
         """This rank's dataset indices at an optimizer step (default: of the current epoch), in micro-batch order."""
-        order = self.epoch_order(self.epoch if epoch is None else epoch) if order is None else order
-        per_rank = self.global_batch // self.world_size
-        start = step * self.global_batch + self.rank * per_rank
-        return order[start:start + per_rank]
-
-    def _start_epoch(self) -> None:
-        order, mb = self.epoch_order(self.epoch), self.micro_batch
-        batches = []
-        for step in range(self.step, self.steps_per_epoch):
-            indices = self.step_indices(step, order=order).tolist()
-            first = self.micro if step == self.step else 0
-            batches += [indices[m * mb:(m + 1) * mb] for m in range(first, self.micro_per_step)]
-        if self.dataset.fixed_shape is not None:  # decode only; crop and flip the batch in __next__
-            decode = _Decode(self.dataset, None, self.seed, self.epoch, shape=self.dataset.fixed_shape)
-        else:
-            decode = _Decode(self.dataset, self.transform, self.seed, self.epoch)
-        self._batches = _decode_batches(decode, batches, self.workers)
-        self._indices = collections.deque(batches)
+        return self.cursor.step_ids(step, epoch)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def __next__(self) -> tuple[torch.Tensor, MixPlan]:
+        c = self.cursor
+        c.start_epoch_if_due()
         if self._batches is None:
-            self._start_epoch()
+            keys = _StepKeys(self.seed, len(self.dataset), self.global_batch, c.micro_batch, c.rank, c.world_size,
+                             (c.epoch, c.step, c.micro))
+            self._batches = iter(_dataloader(self.samples, keys, self.workers, self.pin_memory, self.prefetch))
         images, labels, dropped = next(self._batches)
-        indices = self._indices.popleft()
+        epoch, step = c.epoch, c.step
+        position = step * self.global_batch + c.rank * c.per_rank + c.micro * c.micro_batch  # the same on any world size
+        indices = c.next_ids()
         self.skipped += len(dropped)
         self.skipped_by_reason.update(why for _, why in dropped)
-        self.unreadable.update(indices[k] for k, _ in dropped)
-        position = (self.step * self.global_batch + self.rank * (self.global_batch // self.world_size)
-                    + self.micro * self.micro_batch)  # of the micro-batch in the epoch: the same on any world size
-        if self.dataset.fixed_shape is not None:
-            with _seeded(self.seed, self.epoch, self.step, position, _SAMPLE):
-                images = self.transform.batch(images)
-        with _seeded(self.seed, self.epoch, self.step, position, _BATCH):
-            images, targets = self.batch_augment(images, labels)
-        self._advance()
-        return images, targets
-
-    def _advance(self) -> None:
-        self.micro += 1
-        if self.micro == self.micro_per_step:
-            self.step, self.micro = self.step + 1, 0
-        if self.step == self.steps_per_epoch:
-            self.epoch, self.step, self._batches = self.epoch + 1, 0, None
+        self.unreadable.update(int(indices[k]) for k, _ in dropped)
+        return images, self.batch_augment.plan(labels, (self.seed, epoch, step, position))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "micro": self.micro}
+        return self.cursor.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         """A state saved mid-step needs the same world_size and micro_batch; one at a step boundary does not."""
-        epoch, step, micro = int(state["epoch"]), int(state["step"]), int(state["micro"])
-        if not (epoch >= 0 and 0 <= step < self.steps_per_epoch and 0 <= micro < self.micro_per_step):
-            raise ValueError(f"loader state {state} does not fit {self.steps_per_epoch} steps of "
-                             f"{self.micro_per_step} micro-batches")
-        self.epoch, self.step, self.micro, self._batches = epoch, step, micro, None
+        self.cursor.load_state_dict(state)
+        self._batches = None
+
+
+class ValidationLoader:
+    """This rank's share of the first `limit` images of a split (0: all) with the eval transform,
+    streamed: iter -> (uint8 images (b, S, S, C), int64 labels (b,)). Each rank takes a contiguous
+    share; every rank yields the same number of batches (the short ones end with empty batches), so
+    sharded engines' collectives line up. `skipped`: the images of the last pass that did not decode."""
+
+    def __init__(self, dataset: ImageDataset, augment: AugmentConfig, micro_batch: int, rank: int = 0,
+                 world_size: int = 1, limit: int = 0, workers: int = 0, pin_memory: bool = False):
+        n = min(limit, len(dataset)) if limit else len(dataset)
+        share = -(-n // world_size)
+        lo, hi = min(rank * share, n), min((rank + 1) * share, n)
+        self.batches = [[(0, i) for i in range(s, min(s + micro_batch, hi))] for s in range(lo, hi, micro_batch)]
+        self.length = -(-share // micro_batch)
+        self.samples = _Samples(dataset, SampleTransform(dataclasses.replace(augment, train=False), dataset.channels))
+        self.workers, self.pin_memory, self.skipped = workers, pin_memory, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        self.skipped = 0
+        loader = _dataloader(self.samples, self.batches, min(self.workers, len(self.batches)), self.pin_memory)
+        for images, labels, dropped in (loader if self.batches else ()):
+            self.skipped += len(dropped)
+            yield images, labels
+        for _ in range(self.length - len(self.batches)):
+            yield self.empty()
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        size, channels = self.samples.transform.size, self.samples.transform.channels
+        return torch.empty(0, size, size, channels, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+
+    def first(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first batch, decoded in this process (an empty one on a rank without images)."""
+        if not self.batches:
+            return self.empty()
+        images, labels, _ = _collate([self.samples[key] for key in self.batches[0]],
+                                     (self.samples.transform.size, self.samples.transform.size,
+                                      self.samples.transform.channels))
+        return images, labels
 
 
 def validation_batches(dataset: ImageDataset, augment: AugmentConfig, micro_batch: int, rank: int = 0,
                        world_size: int = 1, limit: int = 0, workers: int = 0):
-    """-> (batches, skipped): this rank's [(images (b, C, S, S), labels int64 (b,))] of the first `limit`
-    images (0: all) with the eval transform, and how many of its images were dropped as unreadable.
-    Each rank takes a contiguous share; all ranks return the same number of batches (the short ones end
-    with empty batches), so sharded engines' collectives line up. The batches are held in memory."""
-    n = min(limit, len(dataset)) if limit else len(dataset)
-    share = -(-n // world_size)
-    lo, hi = min(rank * share, n), min((rank + 1) * share, n)
-    decode = _Decode(dataset, SampleTransform(dataclasses.replace(augment, train=False), dataset.channels))
-    batches, skipped = [], 0
-    for images, labels, dropped in _decode_batches(decode, [list(range(s, min(s + micro_batch, hi)))
-                                                            for s in range(lo, hi, micro_batch)], workers):
-        batches.append((images, labels))
-        skipped += len(dropped)
-    size = augment.image_size
-    empty = (torch.empty(0, dataset.channels, size, size), torch.empty(0, dtype=torch.int64))
-    return batches + [empty] * (-(-share // micro_batch) - len(batches)), skipped
+    """-> (batches, skipped): ValidationLoader's batches as a list, and how many of its images were
+    dropped as unreadable."""
+    loader = ValidationLoader(dataset, augment, micro_batch, rank, world_size, limit, workers)
+    batches = list(loader)
+    return batches, loader.skipped

@@ -1,7 +1,7 @@
 """Initial values that do not depend on how a model is built or sharded.
 
 A model states its initialisation as rules, {parameter name: (kind, std)} with kinds `normal` (that
-std), `ones`, `zeros` and `eye` (a rectangular identity): a family model's `weight_init_rules()` covers its own
+std), `uniform` (on [-std, std]), `ones`, `zeros` and `eye` (a rectangular identity): a family model's `weight_init_rules()` covers its own
 layers and asks each low-rank module for its rules through `module_init_rules`. `init_weights` then
 draws every parameter from its own generator, seeded by (seed, parameter name), so a model has the
 same weights whether it is built whole, on the meta device and sharded by FSDP2, or partitioned by
@@ -30,9 +30,11 @@ def name_seed(seed: int, name: str) -> int:
 
 
 def initial_value(kind: str, std: float, shape, seed: int, name: str) -> torch.Tensor:
-    """The full fp32 CPU value of one parameter, the same on every process."""
+    """The full fp32 CPU value of one parameter, the same on every process (`uniform`: on [-std, std])."""
     if kind == "normal":
         return torch.randn(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(std)
+    if kind == "uniform":
+        return torch.rand(shape, generator=torch.Generator().manual_seed(name_seed(seed, name))).mul_(2 * std).sub_(std)
     if kind == "eye":
         return torch.eye(shape[0], shape[-1])  # rectangular for shape-changing tensor gates
     return torch.ones(shape) if kind == "ones" else torch.zeros(shape)

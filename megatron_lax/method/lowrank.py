@@ -89,11 +89,13 @@ class TensorGate(nn.Module):
     returns C0 Z C1^T, i.e. (C0 kron C1) z, with cores C0 (r0' x r0) and C1 (r1' x r1). Equal shapes
     (inter-layer LaX) give a Kronecker-factored r x r map with r0^2 + r1^2 parameters; different
     shapes (r0 x r1 -> r0' x r1') carry a latent into a space of another shape (intra-layer LaX of a
-    tensor train). Both cores start as (rectangular) identities."""
+    tensor train). Both cores start as (rectangular) identities, or with `init kaiming` as the official
+    LaX ViT code starts them: Kaiming-uniform (ReLU gain), a random map of gain about 2, far from the identity."""
 
     def __init__(self, rank: int = 0, init: str = "identity", in_shape: Optional[tuple[int, int]] = None,
                  out_shape: Optional[tuple[int, int]] = None):
         super().__init__()
+        self.init = init
         self.in_shape = tuple(in_shape) if in_shape else balanced_factors(rank)
         self.out_shape = tuple(out_shape) if out_shape else self.in_shape
         self.core0 = nn.Parameter(torch.empty(self.out_shape[0], self.in_shape[0]))
@@ -105,6 +107,8 @@ class TensorGate(nn.Module):
         return out.flatten(-2)
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
+        if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in)
+            return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / getattr(self, f"core{j}").shape[1])) for j in (0, 1)}
         return {f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)}
 
 
@@ -159,10 +163,23 @@ def lowrank_factor_std(d_in: int, d_out: int, rank: int, init: str, init_std: fl
     """The std of each factor A, B. Var((B A)_jk) = r Var(A) Var(B), so with equal factor stds s the
     product has std s^2 sqrt(r).
     - cola: the CoLA reference, s = (r (d_in + d_out))^(-1/4): product std (d_in + d_out)^(-1/2).
-    - matched: the product has the std of a dense layer's weights, init_std (0.02)."""
+    - matched: the product has the std of a dense layer's weights, init_std (0.02).
+    (`kaiming` gives A and B different stds: kaiming_factor_stds.)"""
     if init == "cola":
         return (rank * (d_in + d_out)) ** -0.25
     return math.sqrt(init_std / math.sqrt(rank))
+
+
+def kaiming_std(fan_in: int) -> float:
+    """Kaiming-normal with the ReLU gain: sqrt(2 / fan_in)."""
+    return math.sqrt(2.0 / fan_in)
+
+
+def kaiming_factor_stds(d_out: int, rank: int) -> tuple[float, float]:
+    """(std of A, std of B) under `lowrank_init kaiming`, the official LaX ViT code's: it stores A as a
+    (d_in, r) and B as an (r, d_out) tensor and Kaiming-initialises each over PyTorch's fan-in of that
+    layout, its second dimension: r for A, d_out for B."""
+    return kaiming_std(rank), kaiming_std(d_out)
 
 
 class LatentLinear(nn.Module):
@@ -208,11 +225,27 @@ class LowRankLinear(LatentLinear):
         return self.B(z)
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
-        std = lowrank_factor_std(self.d_in, self.d_out, self.rank, init, init_std)
-        rules = {f"{at}A.weight": ("normal", std), f"{at}B.weight": ("normal", std)}
+        if init == "kaiming":
+            std_a, std_b = kaiming_factor_stds(self.d_out, self.rank)
+        else:
+            std_a = std_b = lowrank_factor_std(self.d_in, self.d_out, self.rank, init, init_std)
+        rules = {f"{at}A.weight": ("normal", std_a), f"{at}B.weight": ("normal", std_b)}
         if self.B.bias is not None:
-            rules[f"{at}B.bias"] = ("zeros", 0.0)
+            rules[f"{at}B.bias"] = bias_init_rule(init)
         return rules
+
+
+def bias_init_rule(init: str) -> tuple[str, float]:
+    """A low-rank projection's bias: zero, or N(0, 1) under `kaiming`, as the official LaX ViT code
+    leaves it (torch.randn, which its timm initialisation does not revisit)."""
+    return ("normal", 1.0) if init == "kaiming" else ("zeros", 0.0)
+
+
+def gate_parameter_names(model: nn.Module) -> set[str]:
+    """The names of every LaX gate's parameters in a model."""
+    return {f"{prefix}.{name}" if prefix else name
+            for prefix, module in model.named_modules() if isinstance(module, tuple(GATES.values()))
+            for name, _ in module.named_parameters()}
 
 
 # --- the formats' entries in the registry (formats.py) -------------------------------------------------

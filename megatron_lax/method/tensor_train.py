@@ -23,13 +23,28 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .lowrank import IdentityGate, LatentLinear, TensorGate
+from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std
 
 
 def tt_ranks(dims: list[int], rank: int) -> list[int]:
     """[1, r_1, ..., r_{n-1}, 1]: every inner rank is `rank` clipped to the largest rank a TT can
     have there, min(prod(dims[:j]), prod(dims[j:])). The middle rank r_k is the latent width."""
     return [1] + [min(rank, math.prod(dims[:j]), math.prod(dims[j:])) for j in range(1, len(dims))] + [1]
+
+
+def official_rank(dims: list[int]) -> int:
+    """The TT rank the official LaX code gives a layer whose rank its config leaves unset (its ViT MLPs):
+    TensorLy's `same` rule, written out here. Every inner rank is proportional to the mean of the two
+    modes it joins, r_j = f (d_{j-1} + d_j) / 2, with f the positive root of the quadratic that gives
+    the unclipped train as many parameters as the dense matrix; each is rounded and then clipped to the
+    largest a TT can have there. At four cores the clipping leaves only the middle rank free, so this
+    returns it (ViT-B fc1 32,24|48,64: 158; fc2 48,64|32,24: 159, or 156 at Table 13's 48,64|24,32)."""
+    means = [(a + b) / 2 for a, b in zip(dims, dims[1:])]
+    quadratic = sum(means[j - 1] * dims[j] * means[j] for j in range(1, len(dims) - 1))
+    linear = dims[0] * means[0] + dims[-1] * means[-1]
+    f = (-linear + math.sqrt(linear ** 2 + 4 * quadratic * math.prod(dims))) / (2 * quadratic)
+    k = len(dims) // 2
+    return tt_ranks(dims, max(round(f * means[k - 1]), 1))[k]
 
 
 def intra_shapes(in_dims: list[int], out_dims: list[int], ranks: list[int]) -> list[tuple[tuple, tuple]]:
@@ -137,13 +152,21 @@ class TTLinear(LatentLinear):
     def init_rules(self, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
         """Each core N(0, s^2) with s chosen so that W's entries have std sigma: Var(W) =
         s^(2n) prod(r_1..r_{n-1}), so s = (sigma^2 / prod r)^(1 / 2n). sigma is a dense layer's
-        init_std (`matched`) or (d_in + d_out)^(-1/2) (`cola`, as the CoLA factors' product)."""
-        sigma = (self.d_in + self.d_out) ** -0.5 if init == "cola" else init_std
+        init_std (`matched`) or (d_in + d_out)^(-1/2) (`cola`, as the CoLA factors' product).
+        `kaiming`: the official LaX ViT code's, each core Kaiming-normal (ReLU gain) over PyTorch's
+        fan-in of the core as that code stores it, without the boundary ranks of 1 (d_0 x r_1 first,
+        r_{n-1} x d_{n-1} last): the product of its dimensions after the first."""
         n = len(self.cores)
-        s = (sigma ** 2 / math.prod(self.ranks[1:-1])) ** (1 / (2 * n))
-        rules = {f"{at}cores.{j}": ("normal", s) for j in range(n)}
+        if init == "kaiming":
+            shapes = [[size for size in core.shape] for core in self.cores]
+            shapes[0], shapes[-1] = shapes[0][1:], shapes[-1][:-1]
+            rules = {f"{at}cores.{j}": ("normal", kaiming_std(math.prod(shape[1:]))) for j, shape in enumerate(shapes)}
+        else:
+            sigma = (self.d_in + self.d_out) ** -0.5 if init == "cola" else init_std
+            s = (sigma ** 2 / math.prod(self.ranks[1:-1])) ** (1 / (2 * n))
+            rules = {f"{at}cores.{j}": ("normal", s) for j in range(n)}
         if self.bias is not None:
-            rules[f"{at}bias"] = ("zeros", 0.0)
+            rules[f"{at}bias"] = bias_init_rule(init)
         return rules
 
 

@@ -100,7 +100,7 @@ class ViTLax(nn.Module):
         self.pos_embed = nn.Parameter(torch.empty(1, n_patches + 1, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.head_dropout = nn.Dropout(cfg.dropout)
+        self.head_dropout = nn.Dropout(cfg.dropout if cfg.head_dropout is None else cfg.head_dropout)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         if init_seed is not None and not self.pos_embed.is_meta:
             init_weights(self, init_seed)
@@ -113,6 +113,12 @@ class ViTLax(nn.Module):
         for block in self.layers:
             x, latents = block(x, latents)
         return self.head(self.head_dropout(self.norm(x[:, 0])))
+
+    def no_weight_decay(self) -> set[str]:
+        """The tensors of two or more dimensions that take no weight decay (optim.param_groups): the
+        position embeddings and the CLS token, as timm's ViT and the official LaX code; the gates'
+        matrices decay there, as every other matrix."""
+        return {"pos_embed", "cls_token"}
 
     def weight_init_rules(self) -> dict[str, tuple[str, float]]:
         """The ViT's: weights N(0, init_std^2) (timm uses a truncated normal of the same std), biases

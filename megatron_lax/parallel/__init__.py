@@ -78,6 +78,7 @@ def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: 
     """The engine cfg.parallel names, running `source` with `loss(outputs, targets)` -> (summed loss,
     scored targets), the task's."""
     precision = resolve_precision(cfg.train.precision, dist_info.device)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     model, initialize = construct(source, cfg, precision, dist_info.world_size)
     if cfg.train.compile:
         apply_compile(model)

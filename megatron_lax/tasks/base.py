@@ -57,13 +57,15 @@ class Task:
         """A slice held out for choices (LR sweeps), never reported; [] when the task has none."""
         return []
 
-    def scored(self, targets: torch.Tensor) -> int:
-        """How many targets of a micro-batch the loss scores."""
-        return int(targets.shape[0])
+    def scored(self, targets) -> int:
+        """How many targets of a micro-batch (as the loader gave it) the loss scores."""
+        return len(targets)
 
-    def on_device(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A training micro-batch once on the device, before the forward (device-side augmentation)."""
-        return inputs, targets
+    def to_device(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training micro-batch as the loader gave it -> (inputs, targets) on the training device, where
+        a task may also transform it (image classification: normalisation and mixing)."""
+        device = self.dist.device
+        return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
     def learning_rate(self, step: int) -> float:
         return lr_at(step, self.total_steps, self.cfg.optim)

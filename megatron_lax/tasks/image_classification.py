@@ -43,8 +43,16 @@ def augment_config(cfg: Config, train: bool) -> images.AugmentConfig:
     a = cfg.augment
     return images.AugmentConfig(
         image_size=cfg.model.image_size, train=train, crop_scale=(a.crop_scale_min, 1.0), hflip=a.hflip,
-        randaugment_n=a.randaugment_n, randaugment_m=a.randaugment_m, erase_prob=a.random_erasing,
-        mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing)
+        auto_augment="" if a.auto_augment == "none" else a.auto_augment, randaugment_n=a.randaugment_n,
+        randaugment_m=a.randaugment_m, crop_pct=a.crop_pct, erase_prob=a.random_erasing, mixup_alpha=a.mixup,
+        cutmix_alpha=a.cutmix, label_smoothing=a.label_smoothing)
+
+
+def validation_loader(cfg: Config, dataset: images.ImageDataset, rank: int = 0, world_size: int = 1,
+                      micro_batch: int = 0, limit: int | None = None, pin_memory: bool = False):
+    return images.ValidationLoader(dataset, augment_config(cfg, train=False), micro_batch or cfg.train.micro_batch,
+                                   rank, world_size, cfg.data.val_images if limit is None else limit,
+                                   cfg.data.loader_workers, pin_memory)
 
 
 def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -81,9 +89,11 @@ class ImageClassification(Task):
         self.train_set, self.eval_set = open_splits(cfg.data)
         cfg.model.num_classes = cfg.model.num_classes or self.train_set.num_classes
         cfg.model.in_channels = cfg.model.in_channels or self.train_set.channels
+        pin = dist.device.type == "cuda"
         self.loader = images.ImageTrainLoader(self.train_set, augment_config(cfg, train=True), t.global_batch,
                                               t.micro_batch, dist.rank, dist.world_size, cfg.data.seed,
-                                              cfg.data.loader_workers, cfg.model.num_classes)
+                                              cfg.data.loader_workers, cfg.model.num_classes, pin)
+        self.val_loader = validation_loader(cfg, self.eval_set, dist.rank, dist.world_size, pin_memory=pin)
         if self.loader.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images do not fill one step of {t.global_batch}")
         self.n_params = count_parameters(cfg.model)
@@ -103,16 +113,22 @@ class ImageClassification(Task):
         return classification_loss(outputs, targets)
 
     def validation_batches(self) -> list:
-        cfg = self.cfg
-        batches, self.val_skipped = images.validation_batches(
-            self.eval_set, augment_config(cfg, train=False), cfg.train.micro_batch, self.dist.rank,
-            self.dist.world_size, cfg.data.val_images, cfg.data.loader_workers)
-        return batches
+        """The one validation batch the trainer keeps: the first, normalised, for the LaX statistics'
+        forward. Validation itself streams the split (evaluate)."""
+        pixels, labels = self.val_loader.first()
+        return [(self.loader.batch_augment.normalize(pixels), labels)]
+
+    def to_device(self, pixels: torch.Tensor, plan: images.MixPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 pixels to the device, then normalisation, erasing and mixing there."""
+        return self.loader.batch_augment(pixels.to(self.dist.device, non_blocking=True), plan)
 
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
-        sums = torch.zeros(4, device=self.dist.device)
-        for pixels, labels in batches:
-            sums += accuracy_sums(engine.predict(pixels), labels)
+        device, normalize = self.dist.device, self.loader.batch_augment.normalize
+        sums = torch.zeros(4, device=device)
+        for pixels, labels in self.val_loader:  # streamed: `batches` holds only the first
+            sums += accuracy_sums(engine.predict(normalize(pixels.to(device, non_blocking=True))),
+                                  labels.to(device, non_blocking=True))
+        self.val_skipped = self.val_loader.skipped
         return {**summary_of(all_reduce_sum(sums)), **self.unreadable(seen)}
 
     def unreadable(self, seen: int) -> dict:
@@ -170,9 +186,9 @@ def evaluate_model(model, cfg: Config, device: torch.device, split: str = "val",
                    micro_batch: int = 0) -> dict:
     """Accuracy of a built ViT on one split of the run's data, on one process."""
     _, dataset = open_splits(dataclasses.replace(cfg.data, eval_split=split))
-    batches, skipped = images.validation_batches(dataset, augment_config(cfg, train=False),
-                                                 micro_batch or cfg.train.micro_batch, limit=limit)
+    loader = validation_loader(cfg, dataset, micro_batch=micro_batch, limit=limit, pin_memory=device.type == "cuda")
+    normalize = images.BatchAugment(augment_config(cfg, train=False), cfg.model.num_classes, dataset.channels).normalize
     sums = torch.zeros(4, device=device)
-    for pixels, labels in batches:
-        sums += accuracy_sums(model(pixels.to(device)), labels.to(device))
-    return {**summary_of(sums), "skipped_images": skipped, "split": split}
+    for pixels, labels in loader:
+        sums += accuracy_sums(model(normalize(pixels.to(device))), labels.to(device))
+    return {**summary_of(sums), "skipped_images": loader.skipped, "split": split}

@@ -353,7 +353,7 @@ def resolve_resume(spec: str, run_dir: Path, dist: DistInfo, log=print) -> Optio
 
 # Fields that change the model's parameters or the meaning of the saved data position.
 SHAPE_FIELDS = {"model": ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "method", "rank", "attn_rank",
-                          "mlp_rank", "lax_gate", "lax_modules", "arch", "lax_norm", "lax_intra_modules",
+                          "mlp_rank", "mlp_out_rank", "lax_gate", "lax_modules", "arch", "lax_norm", "lax_intra_modules",
                           "lax_intra_gate", "image_size", "patch_size", "num_classes", "tt_attn_dims",
                           "tt_fc1_dims", "tt_fc2_dims"),
                 "data": ("seq_len", "mode", "seed"), "train": ("global_batch",)}

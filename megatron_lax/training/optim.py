@@ -9,17 +9,18 @@ from ..config import OptimConfig
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Matrices (projections, embeddings) decay; norms, biases and every LaX gate do not. A gate is a
-    mixing weight that starts at the identity (or near zero): decaying it would pull a dense or
-    tensor gate toward switching the crossing off rather than toward its starting point, and the
-    gates hold a negligible share of the parameters, so they need no regularising."""
-    from ..method.lowrank import GATES
-    gate_params = {id(p) for m in model.modules() if isinstance(m, tuple(GATES.values())) for p in m.parameters()}
+    """timm's rule: tensors of two or more dimensions (projections, embeddings, TT cores, gate
+    matrices) decay; one-dimensional ones (norms, biases, a scalar gate) do not, nor the parameters
+    the model names in its no_weight_decay() (the ViT: position embeddings and CLS token). A model
+    without that list exempts every LaX gate (the LLaMA: a gate starts at the identity, and decay
+    would pull it toward switching the crossing off rather than toward its start)."""
+    from ..method.lowrank import gate_parameter_names
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else gate_parameter_names(model)
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
             ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # a ZeRO-3 partition is flat
-            (decay if ndim >= 2 and id(p) not in gate_params else no_decay).append(p)
+            (decay if ndim >= 2 and name not in exempt else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -168,7 +168,7 @@ class Trainer:
         total_loss = torch.zeros((), device=device)
         loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
         for i, (x, y) in enumerate(micro_batches):
-            x, y = self.task.on_device(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            x, y = self.task.to_device(x, y)
             loss, _ = self.engine.forward_backward(x, y, loss_weight, sync=i == len(micro_batches) - 1)
             total_loss += loss.float()
         lr = self.task.learning_rate(self.step)

@@ -142,40 +142,68 @@ def test_rendezvous_that_never_completes_ends_in_one_line_within_its_timeout(tmp
     assert not (tmp_path / "run").exists()  # no worker started, nothing written
 
 
-TABLE_9 = {  # script: (preset, LR full rank, LR low rank, TT ranks (attention, MLP))
-    "vit_b": ("vit_b", 3e-3, 1e-3, (336, 158)), "vit_l": ("vit_l", 3e-3, 1e-3, (256, 198)),
+TABLE_9 = {  # script: (preset, LR full rank, LR low rank, TT ranks (attention, fc1, fc2), TT fc2 modes)
+    "vit_b": ("vit_b", 3e-3, 1e-3, (336, 158, 159), [48, 64, 32, 24]),
+    "vit_l": ("vit_l", 3e-3, 1e-3, (256, 198, 198), [64, 64, 32, 32]),
+}
+RECIPES = {  # what each named recipe sets where the paper is silent (megatron_lax/launch.py VIT_RECIPES)
+    "official": {"train": {"global_batch": 1024, "micro_batch": 128, "precision": "fp32", "tf32": True},
+                 "optim": {"grad_clip": 0.0},
+                 "augment": {"auto_augment": "original", "randaugment_n": 0, "mixup": 0.2, "cutmix": 0.0,
+                             "random_erasing": 0.0, "label_smoothing": 0.1},
+                 "model": {"head_dropout": 0.0, "lowrank_init": "kaiming"}},
+    "deit": {"train": {"global_batch": 4096, "micro_batch": 128, "precision": "bf16-mixed", "tf32": False},
+             "optim": {"grad_clip": 1.0},
+             "augment": {"auto_augment": "none", "randaugment_n": 2, "randaugment_m": 9, "mixup": 0.8, "cutmix": 1.0,
+                         "random_erasing": 0.25, "label_smoothing": 0.1},
+             "model": {"head_dropout": None, "lowrank_init": "auto", "dropout": 0.1, "lax_gate_init": "identity"}},
 }
 
 
 @pytest.mark.parametrize("scale", TABLE_9)
 def test_each_vit_script_resolves_to_table_9(scale, capsys):
-    """The config each ViT script trains with: Tables 9-10 (and 11-12 for where LaX goes). One variant
-    through the script itself, every variant through the recipe it runs (in this process)."""
+    """The config each ViT script trains with: Tables 9-10 (and 11-12 for where LaX goes) and the named
+    recipe's settings. The default recipe through the script itself, every variant of both recipes
+    through the recipe function it runs (in this process)."""
     import yaml
     from megatron_lax.launch import vit_recipe
     from megatron_lax.train import main
-    preset, dense_lr, lowrank_lr, (tt_attn, tt_mlp) = TABLE_9[scale]
-    script = run_command([sys.executable, f"run_scripts/pretrain_{scale}.sh", "--print-config"],
-                         env={"METHOD": "tt", "GATE": "tensor"}).stdout
-    for method, gate in [("dense", "none"), ("svd", "none"), ("svd", "tensor"), ("cola", "tensor"), ("tt", "none"),
-                         ("tt", "tensor")]:
-        assert main(vit_recipe(scale, method, gate, "deepspeed", "1", "data/imagenet", "runs/x") + ["--print-config"]) == 0
-        printed = capsys.readouterr().out
-        cfg = yaml.safe_load(printed)
-        m, o, t = cfg["model"], cfg["optim"], cfg["train"]
-        assert (m["arch"], m["method"], m["lax_gate"], m["dropout"]) == ("vit", method, gate, 0.1)
-        assert (m["image_size"], m["patch_size"]) == (224, 16)
-        assert o["lr"] == (dense_lr if method == "dense" else lowrank_lr)
-        assert (o["weight_decay"], o["warmup_epochs"], t["epochs"]) == (0.3, 10, 300)
-        if method in ("svd", "cola"):
-            assert m["rank"] == 256
-        if method == "tt":
-            assert (m["attn_rank"], m["mlp_rank"]) == (tt_attn, tt_mlp)
-            assert m["lax_intra_modules"] == (["q", "k", "v", "o"] if gate != "none" else [])
-        assert m["lax_modules"] == ["all"]
-        if (method, gate) == ("tt", "tensor"):
-            assert yaml.safe_load(script)["model"] == {**m, "lax_intra_modules": m["lax_intra_modules"]}
-            assert yaml.safe_load(script)["optim"] == o
+    preset, dense_lr, lowrank_lr, tt_ranks, fc2_modes = TABLE_9[scale]
+    script = yaml.safe_load(run_command([sys.executable, f"run_scripts/pretrain_{scale}.sh", "--print-config"],
+                                        env={"METHOD": "tt", "GATE": "tensor"}).stdout)
+    deit_script = yaml.safe_load(run_command([sys.executable, f"run_scripts/pretrain_{scale}.sh", "--print-config"],
+                                             env={"METHOD": "svd", "RECIPE": "deit"}).stdout)
+    for recipe, expected in RECIPES.items():
+        for method, gate in [("dense", "none"), ("svd", "none"), ("svd", "tensor"), ("cola", "tensor"),
+                             ("tt", "none"), ("tt", "tensor")]:
+            args = vit_recipe(scale, method, gate, "deepspeed", "1", "data/imagenet", "runs/x", recipe=recipe)
+            assert main(args + ["--print-config"]) == 0
+            cfg = yaml.safe_load(capsys.readouterr().out)
+            m, o, t = cfg["model"], cfg["optim"], cfg["train"]
+            for section, values in expected.items():
+                assert {k: cfg[section][k] for k in values} == values, (recipe, section)
+            official_dense = recipe == "official" and method == "dense"
+            assert (m["arch"], m["method"], m["lax_gate"], m["dropout"]) == ("vit", method, gate,
+                                                                            0.0 if official_dense else 0.1)
+            assert cfg["augment"]["crop_pct"] == (0.9 if official_dense else 0.875)
+            if recipe == "official":
+                assert m["lax_gate_init"] == ("kaiming" if gate == "tensor" else "identity")
+            assert (m["image_size"], m["patch_size"]) == (224, 16)
+            assert o["lr"] == (dense_lr if method == "dense" else lowrank_lr)
+            assert (o["weight_decay"], o["warmup_epochs"], o["min_lr_ratio"], t["epochs"]) == (0.3, 10, 0.0, 300)
+            assert (o["beta1"], o["beta2"]) == (0.9, 0.999)
+            if method in ("svd", "cola"):
+                assert m["rank"] == 256
+            if method == "tt":
+                assert (m["attn_rank"], m["mlp_rank"], m["mlp_out_rank"]) == tt_ranks
+                assert [int(d) for d in m["tt_fc2_dims"]] == fc2_modes
+                assert m["lax_intra_modules"] == (["q", "k", "v", "o"] if gate != "none" else [])
+            assert m["lax_modules"] == ["all"]
+            assert cfg["checkpoint"]["every"] == cfg["train"]["eval_every"] == 1_281_167 // t["global_batch"]
+            if (recipe, method, gate) == ("official", "tt", "tensor"):  # RUN_DIR's default names the variant
+                assert script == {**cfg, "logging": {**cfg["logging"], "run_dir": f"runs/{scale}_tt_tensor"}}
+            if (recipe, method, gate) == ("deit", "svd", "tensor"):
+                assert deit_script == {**cfg, "logging": {**cfg["logging"], "run_dir": f"runs/{scale}_svd_tensor"}}
     source = (REPO / f"run_scripts/pretrain_{scale}.sh").read_text()
     compile(source, scale, "exec")
     assert f'main("{scale}")' in source

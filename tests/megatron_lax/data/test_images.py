@@ -1,4 +1,5 @@
-"""vision_data: idx and class-folder datasets, the DeiT transforms, exact resume, rank independence."""
+"""vision_data: idx and class-folder datasets, the per-image (worker) and per-batch (device) transforms,
+exact resume with workers and device-side mixing, rank independence."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from megatron_lax.data.images import AugmentConfig, ImageTrainLoader, holdout_split, open_image_dataset, read_idx, soft_targets, subset, validation_batches
+from megatron_lax.data.images import (AugmentConfig, ImageTrainLoader, ValidationLoader, holdout_split,
+                                      open_image_dataset, read_idx, soft_targets, subset, validation_batches)
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "fashion_mnist_sample"
 FMNIST = dict(image_size=28, crop_scale=(0.35, 1.0))
@@ -44,7 +46,8 @@ def folders(tmp_path) -> Path:
 
 
 def collect(loader, n):
-    return [next(loader) for _ in range(n)]
+    """n micro-batches as the trainer sees them on its device: (float images, soft targets)."""
+    return [loader.batch_augment(*next(loader)) for _ in range(n)]
 
 
 def assert_same(batches_a, batches_b):
@@ -91,13 +94,14 @@ def test_class_folders_load_rgb_and_bad_files_read_as_none(folders):
     assert train.class_names == ["cat", "dog", "eel"] and train.channels == 3
     assert len(train) == 3 * 4 + 2  # notes.txt is not listed; the two bad .jpg files are
     results = [train.read(i) for i in range(len(train))]
-    bad = [(train.files[i].name, why) for i, (image, _, why) in enumerate(results) if image is None]
+    bad = [(train.path(i).name, why) for i, (image, _, why) in enumerate(results) if image is None]
     assert sorted(bad) == [("empty.jpg", "corrupt"), ("truncated.jpg", "corrupt")]
     for image, label, _ in results:
         if image is not None:
             assert image.dtype == torch.uint8 and image.shape[0] == 3 and label in (0, 1, 2)
-    train.files[0].unlink()
-    assert train.load(0) == (None, 0)
+    assert train.paths.dtype.kind == "S" and train.labels.dtype == np.int32  # one array each, no object per file
+    train.path(0).unlink()
+    assert train.load(0) == (None, 0) and train.read(0)[2] == "missing"
 
 
 def test_val_class_folder_not_in_train_is_an_error(folders):
@@ -118,14 +122,14 @@ def test_bad_images_are_dropped_and_counted(folders):
     val = open_image_dataset(str(folders), "val")
     val_batches, skipped = validation_batches(val, AugmentConfig(image_size=32), micro_batch=4)
     assert skipped == 2 and sum(len(y) for _, y in val_batches) == 6
-    assert all(x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64 for x, y in val_batches)
+    assert all(x.shape[1:] == (32, 32, 3) and x.dtype == torch.uint8 and y.dtype == torch.int64 for x, y in val_batches)
 
 
 def test_all_bad_micro_batch_is_empty(folders):
     train = open_image_dataset(str(folders), "train")
     bad = [i for i in range(len(train)) if train.load(i)[0] is None]
     loader = ImageTrainLoader(subset(train, bad), AugmentConfig(image_size=16), global_batch=2, micro_batch=2)
-    images, targets = next(loader)
+    images, targets = collect(loader, 1)[0]
     assert images.shape == (0, 3, 16, 16) and targets.shape == (0, 3) and loader.skipped == 2
 
 
@@ -167,19 +171,52 @@ def test_step_samples_do_not_depend_on_world_size(fmnist):
             assert np.array_equal(step_union(world_size, step, epoch), one)
 
 
-def test_step_boundary_state_loads_on_another_world_size(fmnist):
-    """Same micro_batch, 1 rank accumulating 4 micro-batches -> 2 ranks of 2: the same images (a
-    fixed-shape dataset's crop and flip are drawn per micro-batch, seeded by its position)."""
-    single = small_loader(fmnist, micro_batch=8, **NO_BATCH_AUG)
-    collect(single, 4)  # one step
+@pytest.mark.parametrize("workers", [0, 2])
+def test_step_boundary_state_loads_on_another_world_size(fmnist, workers):
+    """1 rank accumulating 4 micro-batches of 8 -> 2 ranks of 2 micro-batches with loader workers,
+    mid-epoch: the same images and targets after the device-side erasing and mixing (all on), bitwise,
+    on into the next epoch."""
+    single = small_loader(fmnist, micro_batch=8)
+    collect(single, 4)  # step 0
     state = single.state_dict()
-    expected = torch.cat([x for x, _ in collect(single, 4)])
-    images = []
+    expected = collect(single, 12)  # steps 1 and 2 of epoch 0, step 0 of epoch 1
+    ranks = []
     for rank in range(2):
-        loader = small_loader(fmnist, world_size=2, rank=rank, micro_batch=8, **NO_BATCH_AUG)
+        loader = small_loader(fmnist, workers, world_size=2, rank=rank, micro_batch=8)
         loader.load_state_dict(state)
-        images += [x for x, _ in collect(loader, 2)]
-    assert torch.equal(torch.cat(images), expected)
+        ranks.append(collect(loader, 6))
+    for step in range(3):  # each rank holds a contiguous half of every step
+        assert_same(ranks[0][2 * step:2 * step + 2] + ranks[1][2 * step:2 * step + 2], expected[4 * step:4 * step + 4])
+    assert any(int((t > 0.05).sum()) > len(t) for _, t in expected)  # some targets are mixed, not one class each
+
+
+def test_device_side_mixing_is_as_planned(fmnist):
+    """Mixup blends each image with its mirror in the micro-batch by the plan's lambda, in pixels and targets;
+    cutmix pastes the mirror's box; erasing fills a box with noise; normalisation uses the dataset's stats."""
+    loader = small_loader(fmnist, erase_prob=0.0, cutmix_alpha=0.0, label_smoothing=0.0)
+    images, plan = next(loader)
+    x, targets = loader.batch_augment(images, plan)
+    plain = (images.permute(0, 3, 1, 2).float() / 255 - 0.2860) / 0.3530
+    assert plan.mix == "mixup" and 0 <= plan.lam <= 1
+    torch.testing.assert_close(x, plan.lam * plain + (1 - plan.lam) * plain.flip(0))
+    one_hot = torch.nn.functional.one_hot(plan.labels, 10).float()
+    torch.testing.assert_close(targets, plan.lam * one_hot + (1 - plan.lam) * one_hot.flip(0))
+    loader = small_loader(fmnist, erase_prob=0.0, mixup_alpha=0.0)
+    images, plan = next(loader)
+    x, _ = loader.batch_augment(images, plan)
+    top, left, h, w = plan.box
+    plain = (images.permute(0, 3, 1, 2).float() / 255 - 0.2860) / 0.3530
+    assert plan.mix == "cutmix" and plan.lam == pytest.approx(1 - h * w / 28 ** 2)
+    torch.testing.assert_close(x[:, :, top:top + h, left:left + w], plain.flip(0)[:, :, top:top + h, left:left + w])
+    loader = small_loader(fmnist, erase_prob=1.0, mixup_alpha=0.0, cutmix_alpha=0.0)
+    images, plan = next(loader)
+    x, _ = loader.batch_augment(images, plan)
+    plain = (images.permute(0, 3, 1, 2).float() / 255 - 0.2860) / 0.3530
+    top, left, h, w = plan.erase[0].tolist()
+    assert h > 0 and not torch.equal(x[0, :, top:top + h, left:left + w], plain[0, :, top:top + h, left:left + w])
+    outside = torch.ones(28, 28, dtype=torch.bool)
+    outside[top:top + h, left:left + w] = False
+    assert torch.equal(x[0, 0][outside], plain[0, 0][outside])
 
 
 def test_soft_targets_from_mixup_and_cutmix(fmnist):
@@ -188,7 +225,7 @@ def test_soft_targets_from_mixup_and_cutmix(fmnist):
             assert targets.shape == (8, 10) and targets.dtype == torch.float32
             assert (targets >= 0).all() and torch.allclose(targets.sum(1), torch.ones(8))
     loader = small_loader(fmnist, label_smoothing=0.0, **NO_BATCH_AUG)
-    _, targets = next(loader)
+    _, targets = collect(loader, 1)[0]
     labels = torch.tensor([loader.dataset.load(int(i))[1] for i in loader.step_indices(0)[:8]])
     assert torch.equal(targets, torch.nn.functional.one_hot(labels, 10).float())
     smooth = soft_targets(labels, 10, smoothing=0.1)
@@ -199,7 +236,7 @@ def test_loader_leaves_global_rng_alone(fmnist):
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    next(small_loader(fmnist))
+    collect(small_loader(fmnist, workers=2), 2)
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -208,7 +245,11 @@ def test_validation_shares_cover_each_image_once(fmnist):
     augment = AugmentConfig(**FMNIST)
     whole, _ = validation_batches(test, augment, micro_batch=16, limit=100)
     whole_images = torch.cat([x for x, _ in whole])
-    assert whole_images.shape == (100, 1, 28, 28) and whole[0][1].dtype == torch.int64
+    assert whole_images.shape == (100, 28, 28, 1) and whole[0][1].dtype == torch.int64
+    assert torch.equal(whole_images[5, :, :, 0], test.load(5)[0][0])  # 28 x 28 images are not resampled
+    streamed = ValidationLoader(test, augment, 16, rank=1, world_size=3, limit=100, workers=2)
+    assert len(streamed) == 3 and [len(y) for _, y in streamed] == [16, 16, 2]  # images 34-67
+    assert torch.equal(streamed.first()[0], next(iter(streamed))[0])
     for world_size in (2, 3):
         shares = [validation_batches(test, augment, 16, rank, world_size, limit=100)[0] for rank in range(world_size)]
         assert len({len(batches) for batches in shares}) == 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_lax.method.lowrank import TensorGate
-from megatron_lax.method.tensor_train import TTLinear, intra_parameters, tt_flops, tt_parameters, tt_ranks
+from megatron_lax.method.tensor_train import (TTLinear, intra_parameters, official_rank, tt_flops, tt_parameters,
+                                              tt_ranks)
 
 
 def dense_from_cores(cores, in_dims, out_dims) -> torch.Tensor:
@@ -126,3 +127,34 @@ def test_initialisation_gives_the_stated_product_std(init, sigma):
                 core.copy_(initial_value(*rules[f"cores.{j}"], tuple(core.shape), seed, f"cores.{j}"))
         stds.append(float(layer.full_weight().detach().std()))
     assert sum(stds) / len(stds) == pytest.approx(sigma, rel=0.1)
+
+
+@pytest.mark.parametrize("modes,rank", [([32, 24, 48, 64], 158), ([48, 64, 32, 24], 159), ([48, 64, 24, 32], 156),
+                                        ([32, 32, 64, 64], 198), ([64, 64, 32, 32], 198)])
+def test_official_rank_rule(modes, rank):
+    """The rule's middle rank: ViT-B fc1, fc2 at the official and at Table 13's modes, ViT-L fc1, fc2
+    (the values the official models are built with; their counts are checked in test_vit.py)."""
+    assert official_rank(modes) == rank
+
+
+def test_kaiming_init_follows_the_official_layout():
+    """Cores Kaiming-normal over the fan-in of the official code's tensors (d_0 x r_1 first, r x d x r'
+    inner, r x d last: r_1, d r', d), the bias N(0, 1)."""
+    layer = TTLinear([4, 6], [8, 3], 7, activation=None, gate=None, bias=True)
+    rules = layer.init_rules("", "kaiming", 0.02)
+    r = layer.ranks  # [1, 4, 7, 3, 1]
+    expected = [r[1], 6 * r[2], 8 * r[3], 3]
+    assert [rules[f"cores.{j}"] for j in range(4)] == [("normal", math.sqrt(2 / fan)) for fan in expected]
+    assert rules["bias"] == ("normal", 1.0)
+
+
+def test_kaiming_tensor_gate_and_factors():
+    from megatron_lax.models.lowrank import LowRankLinear, lowrank_init_rules
+    gate = TensorGate(rank=336, init="kaiming")
+    rules = lowrank_init_rules(gate, "g.", "cola", 0.02)
+    assert gate.in_shape == (16, 21)
+    assert rules == {"g.core0": ("uniform", math.sqrt(6 / 16)), "g.core1": ("uniform", math.sqrt(6 / 21))}
+    layer = LowRankLinear(768, 3072, 256, activation=None, gate="tensor", gate_init="kaiming", bias=True)
+    rules = lowrank_init_rules(layer, "", "kaiming", 0.02)
+    assert rules["A.weight"] == ("normal", math.sqrt(2 / 256)) and rules["B.weight"] == ("normal", math.sqrt(2 / 3072))
+    assert rules["B.bias"] == ("normal", 1.0)

@@ -17,21 +17,47 @@ def vit_config(preset: str, method: str, gate: str = "none", **extra):
     return load_config(preset, overrides).model
 
 
-# Table 1 (millions; the paper truncates to two decimals). TT ViT-B is the one the paper's rank and
-# modes do not give: 41.24 here against 41.18 printed, while TT + LaX (41.44) and every ViT-L count match.
-TABLE_1 = {
+# Table 1: the official models' parameter counts, sum(p.numel()) of the LaX repository's
+# create_model(name, num_classes=1000) (vits_pretraining: vit_base_patch16_224, Plain_CoLA_base_16_224_Ablation_SVD,
+# Plain_CoLA_vit_base_16_224, Plain_TT_4cores_vit_base and their Lax_ / _large counterparts), and the
+# paper's printed millions. Every count agrees with the official model's
+# and so with the paper, except plain TT ViT-B, which the paper prints as 41.18 (docs/VISION.md).
+OFFICIAL = {
+    "vit_b": {("dense", "none"): 86_567_656, ("svd", "none"): 44_174_056, ("svd", "tensor"): 44_241_640,
+              ("cola", "none"): 44_174_056, ("cola", "tensor"): 44_241_640, ("tt", "none"): 41_281_000,
+              ("tt", "tensor"): 41_447_903},
+    "vit_l": {("dense", "none"): 304_326_632, ("svd", "none"): 115_779_560, ("svd", "tensor"): 115_920_872,
+              ("cola", "none"): 115_779_560, ("cola", "tensor"): 115_920_872, ("tt", "none"): 101_967_848,
+              ("tt", "tensor"): 102_100_742},
+}
+PAPER = {  # printed truncated or rounded to two decimals
     "vit_b": {("dense", "none"): 86.56, ("svd", "none"): 44.17, ("svd", "tensor"): 44.24, ("cola", "none"): 44.17,
-              ("cola", "tensor"): 44.24, ("tt", "none"): 41.24, ("tt", "tensor"): 41.44},
-    "vit_l": {("dense", "none"): 304.32, ("svd", "none"): 115.78, ("svd", "tensor"): 115.92,
-              ("cola", "none"): 115.78, ("cola", "tensor"): 115.92, ("tt", "none"): 101.96, ("tt", "tensor"): 102.10},
+              ("cola", "tensor"): 44.24, ("tt", "none"): 41.18, ("tt", "tensor"): 41.44},
+    "vit_l": {("dense", "none"): 304.33, ("svd", "none"): 115.77, ("svd", "tensor"): 115.92,
+              ("cola", "none"): 115.77, ("cola", "tensor"): 115.92, ("tt", "none"): 101.97, ("tt", "tensor"): 102.10},
 }
 
 
-@pytest.mark.parametrize("preset", TABLE_1)
-def test_parameter_counts_match_table_1(preset):
-    for (method, gate), millions in TABLE_1[preset].items():
-        n = count_parameters(vit_config(preset, method, gate))
-        assert int(n / 1e4) / 100 == pytest.approx(millions, abs=0.011), (method, gate, n)
+@pytest.mark.parametrize("preset", OFFICIAL)
+def test_parameter_counts_are_the_official_models(preset):
+    for (method, gate), count in OFFICIAL[preset].items():
+        assert count_parameters(vit_config(preset, method, gate)) == count, (method, gate)
+
+
+@pytest.mark.parametrize("preset", PAPER)
+def test_parameter_counts_match_table_1_but_plain_tt_vit_b(preset):
+    for (method, gate), millions in PAPER[preset].items():
+        printed = int(count_parameters(vit_config(preset, method, gate)) / 1e4) / 100
+        if (preset, method, gate) == ("vit_b", "tt", "none"):
+            assert printed == 41.28  # the official model; two fewer MLP rank units would print 41.18
+        else:
+            assert printed == pytest.approx(millions, abs=0.011), (method, gate)
+
+
+def test_plain_tt_vit_b_at_table_13_modes():
+    """Table 13's fc2 modes (48,64 | 24,32) take rank 156 under the official rule: 41.148M, not 41.18M either."""
+    cfg = vit_config("vit_b", "tt", model__tt_fc2_dims="48,64,24,32", model__mlp_out_rank=156)
+    assert count_parameters(cfg) == 41_148_136
 
 
 @pytest.mark.parametrize("method,gate,intra", [("dense", "none", ""), ("svd", "tensor", ""), ("cola", "dense", ""),
@@ -44,8 +70,8 @@ def test_analytic_count_equals_the_built_model(method, gate, intra):
 
 
 def test_lax_adds_at_most_0_2_percent():
-    """For SVD and CoLA; TT + LaX adds 0.5% here, as in Table 1 itself (41.18 -> 41.44 is 0.6%)."""
-    for preset in TABLE_1:
+    """For SVD and CoLA; TT + LaX adds 0.4% to ViT-B (the official models; Table 1 prints 41.18 -> 41.44)."""
+    for preset in OFFICIAL:
         for method in ("svd", "cola"):
             base, lax = (count_parameters(vit_config(preset, method, g)) for g in ("none", "tensor"))
             assert 0 < lax - base <= 0.002 * base
@@ -118,3 +144,27 @@ def test_bf16_model_takes_fp32_images():
 def test_dense_vit_b_flops():
     """ViT-B/16 at 224: 17.56 GMACs per image (the usual figure), i.e. 35.1 GFLOPs forward."""
     assert flops_per_image(vit_config("vit_b", "dense"))["forward"] == pytest.approx(35.13e9, rel=0.005)
+
+
+def test_weight_decay_follows_timm_and_the_official_code():
+    """Decayed: every tensor of 2+ dims (patch embedding, head, TT cores, tensor-gate cores); not: norms,
+    biases, the position embeddings and the CLS token."""
+    from megatron_lax.optim import param_groups
+    cfg = vit_config("vit_micro", "tt", "tensor", model__num_classes=10, model__in_channels=1,
+                     model__lax_intra_modules="fc1", model__attn_rank=24, model__mlp_rank=24)
+    model = ViTLax(cfg)
+    decay, no_decay = param_groups(model, 0.3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.3 and no_decay["weight_decay"] == 0.0
+    assert {"patch_embed.weight", "head.weight", "layers.1.attn.q.cores.1", "layers.1.attn.q.lax_gate.core0",
+            "layers.1.mlp.fc1.intra_gates.0.core1"} <= decayed
+    assert not decayed & {"pos_embed", "cls_token", "head.bias", "norm.weight", "layers.1.attn.q.lax_norm.weight",
+                          "layers.1.mlp.norm.weight", "layers.0.attn.q.bias"}
+    assert len(decayed) + len(no_decay["params"]) == len(names)
+
+
+def test_head_dropout_is_its_own():
+    model, _ = micro("svd", "tensor", model__dropout=0.1, model__head_dropout=0.0)
+    assert model.head_dropout.p == 0.0 and model.layers[0].mlp.dropout.p == 0.1
+    assert micro("svd", "tensor", model__dropout=0.1)[0].head_dropout.p == 0.1

@@ -162,3 +162,17 @@ def test_three_ranks_with_uneven_validation_match_one_process(tmp_path):
     got, expected = final_record(tmp_path / "ddp"), final_record(tmp_path / "single")
     assert got["val_images"] == expected["val_images"] == 50
     assert got["val_acc1"] == pytest.approx(expected["val_acc1"]) and got["val_loss"] == pytest.approx(expected["val_loss"])
+
+
+def test_resume_with_loader_workers_on_three_ranks_matches_one_process(tmp_path):
+    """Two loader workers per rank and the device-side erasing, mixup and cutmix (all on): a run
+    checkpointed at step 2 on one process and resumed on 3 ranks (DDP) takes the steps the
+    uninterrupted run took."""
+    settings = dict(model__dropout=0.0, train__global_batch=24, data__loader_workers=2)
+    run_all([vit_run(tmp_path / "single", **settings)])
+    launch([vit_run(tmp_path / "ddp", parallel__engine="ddp", **settings,
+                    checkpoint__resume=tmp_path / "single" / "checkpoints" / "step_00000002")], tmp_path, nproc=3)
+    single, resumed = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(resumed) == [3, 4]
+    assert_close_losses(resumed, {s: single[s] for s in (3, 4)}, rel=1e-5)
+    assert final_record(tmp_path / "ddp")["val_acc1"] == pytest.approx(final_record(tmp_path / "single")["val_acc1"])
