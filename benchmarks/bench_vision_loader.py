@@ -40,7 +40,7 @@ from megatron_lax.data import images as vision_data  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.launch import VIT_RECIPES  # noqa: E402
 from megatron_lax.models.vit import flops_per_image  # noqa: E402
-from megatron_lax.vision import augment_config  # noqa: E402
+from megatron_lax.tasks.image_classification import augment_config  # noqa: E402
 
 SHAPES = [(500, 375), (500, 333), (375, 500), (500, 400), (500, 500), (333, 500)]  # ImageNet's commonest
 A100_PEAK = {"bf16": 312e12, "tf32": 156e12}  # dense tensor-core FLOP/s

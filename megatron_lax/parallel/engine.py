@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..training import trust
 from ..config import Config
-from ..training.optim import build_optimizer
+from ..training.optim import build_optimizer, load_optimizer_state
 from .distributed import DistInfo
 
 
@@ -154,4 +154,5 @@ class LocalEngine(Engine):
         device = self.dist.device
         self.base_model.load_state_dict(trust.load_tensors(directory / "model.pt", map_location=device),
                                         strict=not self.trainable_only)
-        self.optimizer.load_state_dict(trust.load_tensors(directory / "optimizer.pt", map_location=device))
+        load_optimizer_state(self.optimizer, self.base_model,
+                             trust.load_tensors(directory / "optimizer.pt", map_location=device))

@@ -8,7 +8,17 @@ import torch
 from ..config import OptimConfig
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_split(model: torch.nn.Module, exempt: set[str]) -> tuple[list[str], list[str]]:
+    """(names that decay, names that do not) of the trainable parameters, in the model's order."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # a ZeRO-3 partition is flat
+            (decay if ndim >= 2 and name not in exempt else no_decay).append(name)
+    return decay, no_decay
+
+
+def group_names(model: torch.nn.Module) -> tuple[list[str], list[str]]:
     """timm's rule: tensors of two or more dimensions (projections, embeddings, TT cores, gate
     matrices) decay; one-dimensional ones (norms, biases, a scalar gate) do not, nor the parameters
     the model names in its no_weight_decay() (the ViT: position embeddings and CLS token). A model
@@ -16,12 +26,39 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     would pull it toward switching the crossing off rather than toward its start)."""
     from ..method.lowrank import gate_parameter_names
     exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else gate_parameter_names(model)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.dim()  # a ZeRO-3 partition is flat
-            (decay if ndim >= 2 and name not in exempt else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return decay_split(model, exempt)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = dict(model.named_parameters())
+    decay, no_decay = group_names(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, state: dict) -> None:
+    """optimizer.load_state_dict, also for a state saved when every LaX gate was exempt from decay
+    whatever the model (before models named their own exemptions): its parameters are regrouped by name."""
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    if saved != [len(g["params"]) for g in optimizer.param_groups]:
+        from ..method.lowrank import gate_parameter_names
+        before = decay_split(model, gate_parameter_names(model))
+        if [len(g) for g in before] != saved:
+            raise ValueError(f"the optimizer state holds parameter groups of {saved} tensors, which fit neither this "
+                             f"model's weight-decay groups nor those of earlier versions")
+        state = regrouped(state, before, group_names(model), optimizer.state_dict()["param_groups"])
+    optimizer.load_state_dict(state)
+
+
+def regrouped(state: dict, before: tuple[list[str], ...], now: tuple[list[str], ...], groups: list[dict]) -> dict:
+    index_of = {name: i for group, saved in zip(before, state["param_groups"]) for name, i in zip(group, saved["params"])}
+    order = [name for group in now for name in group]
+    new_index = {name: k for k, name in enumerate(order)}
+    per_param = {new_index[name]: state["state"][index_of[name]] for name in order if index_of[name] in state["state"]}
+    firsts = [sum(len(g) for g in now[:j]) for j in range(len(now))]
+    param_groups = [{**group, "params": list(range(first, first + len(names)))}
+                    for group, first, names in zip(groups, firsts, now)]
+    return {"state": per_param, "param_groups": param_groups}
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

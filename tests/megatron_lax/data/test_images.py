@@ -153,7 +153,8 @@ def test_exact_resume_mid_step_and_across_epochs(fmnist, workers):
         resumed = small_loader(fmnist, workers)
         resumed.load_state_dict(state)
         assert_same(collect(resumed, 16 - k), reference[k:])
-    assert resumed.state_dict() == {"epoch": 1, "step": 1, "micro": 0}
+    position = {k: resumed.state_dict()[k] for k in ("epoch", "step", "micro")}  # the cursor's layout (data/cursor.py)
+    assert position == {"epoch": 1, "step": 1, "micro": 0}
 
 
 def test_augmentation_does_not_depend_on_worker_count(fmnist):

@@ -149,7 +149,8 @@ def test_kaiming_init_follows_the_official_layout():
 
 
 def test_kaiming_tensor_gate_and_factors():
-    from megatron_lax.models.lowrank import LowRankLinear, lowrank_init_rules
+    from megatron_lax.method.init import module_init_rules as lowrank_init_rules
+    from megatron_lax.method.lowrank import LowRankLinear
     gate = TensorGate(rank=336, init="kaiming")
     rules = lowrank_init_rules(gate, "g.", "cola", 0.02)
     assert gate.in_shape == (16, 21)

@@ -18,18 +18,19 @@ from megatron_lax.train import make_trainer
 
 BEFORE = REPO / "tests" / "data" / "before_tasks"
 COMMON = {"train.steps": "4", "train.global_batch": "8", "train.micro_batch": "4", "logging.progress": "false",
-          "logging.tensorboard": "false", "logging.log_every": "1", "checkpoint.keep": "2"}
+          "logging.tensorboard": "false", "logging.log_every": "1", "checkpoint.keep": "2",
+          "checkpoint.trust": "true"}  # their RNG states are pickled numpy objects (docs/SAFETY.md)
 
 
 def old_losses(run: str) -> dict[int, float]:
     return {int(step): loss for step, loss in json.loads((BEFORE / run / "losses.json").read_text())["losses"].items()}
 
 
-def resume_and_compare(cfg, run: str) -> None:
+def resume_and_compare(cfg, run: str, rel: float = 1e-6) -> None:
     make_trainer(cfg).fit()
     resumed = losses(Path(cfg.logging.run_dir))
     assert sorted(resumed) == [3, 4]
-    assert resumed == pytest.approx({s: old_losses(run)[s] for s in (3, 4)}, rel=1e-6, abs=1e-7)
+    assert resumed == pytest.approx({s: old_losses(run)[s] for s in (3, 4)}, rel=rel, abs=1e-7)
 
 
 def test_a_language_model_checkpoint_from_before_resumes_to_the_old_losses(tmp_path):
@@ -44,9 +45,11 @@ def test_a_language_model_checkpoint_from_before_resumes_to_the_old_losses(tmp_p
     resume_and_compare(load_config("llama_tiny", overrides), "lm")
 
 
-def test_a_vit_checkpoint_from_before_resumes_to_the_old_losses(tmp_path):
+def test_a_vit_checkpoint_from_before_resumes_near_the_old_losses(tmp_path):
+    """The same weights and the same images at steps 3-4, but the augmentation is no longer kornia's
+    (issue 22: uint8 crops in the workers, mixing on the device), so the losses agree to 2%, not bitwise."""
     overrides = {**COMMON, "model.dim": "16", "model.n_layers": "2", "model.n_heads": "2", "model.ffn_dim": "32",
                  "model.rank": "4", "data.path": str(REPO / "data" / "fashion_mnist_sample"), "data.val_images": "64",
                  "augment.mixup": "0.8", "augment.random_erasing": "0.25", "logging.run_dir": str(tmp_path / "run"),
                  "checkpoint.resume": str(BEFORE / "vit" / "step_00000002")}
-    resume_and_compare(load_config(str(REPO / "configs" / "vit_fashion_mnist.yaml"), overrides), "vit")
+    resume_and_compare(load_config(str(REPO / "configs" / "vit_fashion_mnist.yaml"), overrides), "vit", rel=0.02)
