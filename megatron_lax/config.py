@@ -113,7 +113,10 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     path: str = "data/prepared/sample"  # prepared shards (data_prep.prepare output)
-    raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing
+    raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing, or streamed
+    source: str = "prepared"  # prepared (shards in `path`) | stream (tokenise `raw` while training: a local folder or glob, or hf:OWNER/NAME[/CONFIG]; megatron_lax/streaming.py)
+    stream_cache: str = "data/stream_cache"  # stream: the validation tokens and unigram counts, cached after the first read
+    hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: the train and validation splits
     tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
     seq_len: int = 256
     mode: str = "packed"  # packed | paper (one document per sequence, padded)
@@ -125,7 +128,7 @@ class DataConfig:
     holdout: int = 0  # training images held out (seeded) for choosing hyperparameters; never trained on
     eval_split: str = "val"  # what validation scores: val (the reported split) | holdout
     val_images: int = 0  # validation images (0: the whole split)
-    loader_workers: int = 0  # decoding/augmentation processes per rank (0: in the training process)
+    loader_workers: int = 0  # decoding/augmentation (ViT) or tokenising (data.source stream) processes per rank (0: in the training process)
 
 
 @dataclass
@@ -433,6 +436,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is unknown (val or holdout)")
     if cfg.data.eval_split == "holdout" and cfg.data.holdout <= 0:
         raise ConfigError("data.eval_split holdout needs data.holdout > 0 training images held out")
+    if cfg.data.source not in ("prepared", "stream"):
+        raise ConfigError(f"data.source {cfg.data.source!r} is unknown (prepared or stream)")
+    if cfg.data.source == "stream" and len(cfg.data.hub_splits) != 2:
+        raise ConfigError(f"data.hub_splits must name two splits (train, validation), got {cfg.data.hub_splits}")
     if cfg.data.mode not in ("packed", "paper"):
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):

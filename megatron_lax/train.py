@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, data, faults, introspection
+from . import checkpoint, data, faults, introspection, streaming
 from .config import Config, ConfigError, add_config_arguments, config_from_args, dump_yaml
 from .evaluate import evaluate_nll
 from .metrics import MetricsLogger
@@ -72,6 +72,7 @@ def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
 
 class Trainer:
     unit = "tokens"  # what train_step counts in self.tokens
+    stream = None  # a streaming.Stream when data.source is stream
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -100,6 +101,13 @@ class Trainer:
     def build_data(self) -> None:
         """Sets self.loader (this rank's micro-batches), self.n_params and self.total_steps."""
         cfg, t = self.cfg, self.cfg.train
+        if cfg.data.source == "stream":
+            self.stream = streaming.Stream(cfg.data, self.dist.rank, self.dist.world_size)
+            cfg.model.vocab_size = self.stream.model_vocab_size(cfg.model.vocab_size)
+            self.loader = self.stream.train_loader(t.global_batch, t.micro_batch, t.allow_repetition)
+            self.n_params = count_parameters(cfg.model)
+            self.total_steps = data.planned_steps(t, cfg.model, cfg.data.seq_len, self.n_params)  # no size to check
+            return
         self.data_path, _ = prepare_data(cfg, self.dist)
         self.loader = data.TrainLoader(self.data_path, cfg.data.seq_len, cfg.data.mode, t.global_batch,
                                        t.micro_batch, self.dist.rank, self.dist.world_size, cfg.data.seed,
@@ -120,6 +128,8 @@ class Trainer:
 
     def validation_batches(self) -> list:
         cfg, t = self.cfg, self.cfg.train
+        if self.stream:
+            return self.stream.validation_batches(t.micro_batch, t.eval_tokens or cfg.data.val_tokens)
         return data.validation_batches(self.data_path, cfg.data.seq_len, t.micro_batch,
                                        t.eval_tokens or cfg.data.val_tokens, cfg.data.mode, self.dist.rank,
                                        self.dist.world_size)
@@ -130,6 +140,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         if not t.select_tokens:
             return []
+        if self.stream:
+            return self.stream.validation_batches(t.micro_batch, t.select_tokens, t.eval_tokens or cfg.data.val_tokens)
         return data.validation_batches(self.data_path, cfg.data.seq_len, t.micro_batch, t.select_tokens,
                                        cfg.data.mode, self.dist.rank, self.dist.world_size,
                                        after_tokens=t.eval_tokens or cfg.data.val_tokens)
@@ -139,6 +151,9 @@ class Trainer:
         a run that does no better has learned nothing usable (the sweep's plateau rule). A subclass
         without such a baseline returns {} and the rule is off."""
         cfg, t = self.cfg, self.cfg.train
+        if self.stream:
+            return {"select_chance_loss": math.log(self.stream.unigram_perplexity(
+                t.select_tokens, t.eval_tokens or cfg.data.val_tokens))}
         ppl = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode, t.select_tokens,
                                       after_tokens=t.eval_tokens or cfg.data.val_tokens)
         return {"select_chance_loss": math.log(ppl)}
@@ -161,6 +176,8 @@ class Trainer:
     def baselines(self) -> dict:
         """Reference numbers logged beside the final validation (main rank only)."""
         cfg = self.cfg
+        if self.stream:
+            return {"unigram_ppl": self.stream.unigram_perplexity(cfg.train.eval_tokens or cfg.data.val_tokens)}
         return {"unigram_ppl": data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
                                                        cfg.train.eval_tokens or cfg.data.val_tokens)}
 
