@@ -96,6 +96,8 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     model.to(dtype)
     if cfg.model.arch == "vit":
         return evaluate_images(model, cfg, ckpt, dist, name, autocast, data_path, micro_batch)
+    if cfg.data.source == "stream" and not data_path:  # a streamed run: the stream's (cached) validation set
+        return evaluate_streamed(model, cfg, ckpt, dist, name, autocast, tokens, micro_batch)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
                                       micro_batch or cfg.train.micro_batch,
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens, cfg.data.mode,
@@ -109,6 +111,19 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
             "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": name, "unigram_ppl": unigram,
             **result}
+
+
+def evaluate_streamed(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, tokens: int,
+                      micro_batch: int) -> dict:
+    from .streaming import Stream
+    stream, n_tokens = Stream(cfg.data, dist.rank, dist.world_size), tokens or cfg.train.eval_tokens or cfg.data.val_tokens
+    batches = stream.validation_batches(micro_batch or cfg.train.micro_batch, n_tokens)
+    context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+    return {"checkpoint": str(ckpt), "step": json.loads((ckpt / "trainer_state.json").read_text())["step"],
+            "engine": cfg.parallel.engine, "mode": cfg.data.mode, "precision": precision_name,
+            "unigram_ppl": stream.unigram_perplexity(n_tokens), **result}
 
 
 def evaluate_images(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, data_path: str | None,
@@ -130,7 +145,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or run directory")
-    parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
+    parser.add_argument("--data", help="prepared data directory (default: the one the run used, or its stream)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
     parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--precision", choices=("run", "fp32"), default="run",

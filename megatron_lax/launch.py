@@ -6,9 +6,11 @@ with the recipe's settings followed by the user's own arguments, so anything can
 The ViT scripts (pretrain_vit_b.sh, pretrain_vit_l.sh) follow Tables 9-10 the same way.
 Environment: METHOD (svd | cola | dense, and tt for the ViTs; default cola), GATE (identity | none |
 linear | dense | tensor; default identity, tensor for the ViTs), ENGINE (deepspeed | fsdp | ddp | single;
-default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; for the ViTs
-an ImageNet root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was
-prepared with, default t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
+default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; or a stream,
+tokenised while training with no preparation pass: hf:allenai/c4 (config en; hf:OWNER/NAME/CONFIG for
+another) from the hub, stream:DIR or stream:GLOB for local C4-layout shards; for the ViTs an ImageNet
+root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was prepared
+with, or the stream is tokenised with; default t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
 recipes, bf16-mixed for the ViTs), RUN_DIR.
 """
 from __future__ import annotations
@@ -31,6 +33,19 @@ COLA_ONLY_LATENT_ACT = {"60m": False, "130m": False, "350m": True, "1b": True}
 RECIPE_PRECISION = "bf16-pure"
 
 
+# Loader workers per GPU that tokenise a streamed DATA: twice what the slowest measured worker needs to
+# feed a 1B low-rank model on an H100 at MFU 50% (docs/BENCHMARKS.md, "Streaming").
+STREAM_WORKERS = 4
+
+
+def data_arguments(data: str) -> list[str]:
+    """The data fields of DATA: prepared shards (a directory), or a stream (hf:..., stream:...)."""
+    if data.startswith(("hf:", "stream:")):
+        return ["--data.source", "stream", "--data.raw", data.removeprefix("stream:"), "--data.loader_workers",
+                str(STREAM_WORKERS)]
+    return ["--data.path", data]
+
+
 def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
            tokenizer: str = "t5-base", precision: str = RECIPE_PRECISION) -> list[str]:
     """Table 14: the preset's steps (10k/20k/60k/100k) and warmup (2k/4k/12k/20k), the per-variant peak
@@ -46,7 +61,7 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
             "--model.only_latent_act", str(only_latent_act).lower(), "--train.precision", precision,
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
-            "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer,
+            "--data.seq_len", "256", "--data.mode", "paper", *data_arguments(data), "--data.tokenizer", tokenizer,
             "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
             "--checkpoint.every", "1000", "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
 

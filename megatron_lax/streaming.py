@@ -49,6 +49,14 @@ from .parallel.distributed import all_gather_object, broadcast_object, is_distri
 HUB_PREFIX = "hf:"
 HUB_DEFAULT_CONFIG = {"allenai/c4": "en"}
 ENCODE_BATCH = 32  # documents a lane tokenises per call
+# Paper mode keeps a document's first seq_len + 1 tokens: a long text is tokenised from a prefix of
+# CHARS_PER_TOKEN characters per token kept, cut at a space or newline, when that prefix still gives
+# PREFIX_MARGIN tokens more than are kept (else the whole text is). C4 documents average ~480 T5
+# tokens, so this halves the tokenising at seq_len 256.
+CHARS_PER_TOKEN, PREFIX_MARGIN = 6, 16
+# Train tokens the unigram baseline counts: data.unigram_perplexity counts 50M of prepared shards, but
+# tokenising that many would hold rank 0 for minutes at the end of a run (t5-base: ~0.2M tokens/s).
+UNIGRAM_TOKENS = 5_000_000
 STATE_FORMAT = 1
 
 
@@ -91,7 +99,7 @@ class HubSplit:
         except Exception as e:  # offline, unknown name or split, network: many types
             raise StreamError(f"{spec}: cannot open split {split!r} on the Hugging Face hub ({type(e).__name__}: "
                               f"{_first_line(e)})") from None
-        self.n_shards = self.dataset.num_shards
+        self.n_shards = getattr(self.dataset, "num_shards", None) or self.dataset.n_shards
         self.fingerprint = [name, config, split, self.n_shards]
 
     def documents(self, shard: int, skipped: Counter, part: tuple[int, int] = (0, 1)) -> Iterator[str]:
@@ -183,12 +191,33 @@ class LaneExhausted(Exception):
     pass
 
 
-def encode_documents(tok, texts: list[str], skipped: Counter) -> list[np.ndarray | None]:
-    """Each text's tokens followed by EOS (int32), None for one that tokenises to nothing (counted)."""
+def _prefix(text: str, limit: int) -> str:
+    """The text up to the last space or newline before `limit` characters (all of it if shorter)."""
+    if len(text) <= limit:
+        return text
+    cut = max(text.rfind(" ", 0, limit), text.rfind("\n", 0, limit))
+    return text[:cut] if cut > 0 else text
+
+
+def encode_documents(tok, texts: list[str], skipped: Counter, max_tokens: int = 0) -> list[np.ndarray | None]:
+    """Each text's tokens followed by EOS (int32), None for one that tokenises to nothing (counted).
+    With max_tokens, only the first max_tokens of each are returned, tokenised from a prefix of a
+    long text: exactly the same tokens for tokenizers whose pieces never cross whitespace
+    (SentencePiece's default, T5's, byte-level BPE's pre-tokenizer), and the prefix is only used
+    when it reaches PREFIX_MARGIN tokens past the ones kept."""
+    if not max_tokens:
+        encoded = tok.encode_batch(texts)
+    else:
+        prefixes = [_prefix(t, max_tokens * CHARS_PER_TOKEN) for t in texts]
+        encoded = tok.encode_batch(prefixes)
+        short = [i for i, (p, t, ids) in enumerate(zip(prefixes, texts, encoded))
+                 if len(p) < len(t) and len(ids) < max_tokens + PREFIX_MARGIN]
+        for i, ids in zip(short, tok.encode_batch([texts[i] for i in short]) if short else []):
+            encoded[i] = ids
     out = []
-    for ids in tok.encode_batch(texts):
+    for ids in encoded:
         if ids:
-            out.append(np.asarray(ids + [tok.eos_id], dtype=np.int32))
+            out.append(np.asarray((ids + [tok.eos_id])[: max_tokens or None], dtype=np.int32))
         else:
             skipped["no_tokens"] += 1
             out.append(None)
@@ -201,6 +230,7 @@ class Lane:
 
     def __init__(self, lane: int, plan: Plan, tok, seq_len: int, mode: str, cursor, skipped: Counter):
         self.lane, self.plan, self.tok, self.seq_len, self.mode = lane, plan, tok, seq_len, mode
+        self.max_tokens = seq_len + 1 if mode == "paper" else 0
         self.skipped = skipped
         self.pending: collections.deque = collections.deque()  # ((pass, unit, doc), tokens) not yet used up
         self.offset = cursor[3]  # tokens of pending[0] already used
@@ -214,7 +244,7 @@ class Lane:
             for u in range(unit, len(units)):
                 texts = itertools.islice(self.plan.unit_documents(units[u], self.skipped), doc, None)
                 while batch := list(itertools.islice(texts, ENCODE_BATCH)):
-                    for tokens in encode_documents(self.tok, batch, self.skipped):
+                    for tokens in encode_documents(self.tok, batch, self.skipped, self.max_tokens):
                         if tokens is not None:
                             found = True
                             yield (pass_, u, doc), tokens
@@ -431,7 +461,7 @@ def validation_windows_from(split, tok, seq_len: int, mode: str) -> Iterator[tup
     documents = (text for shard in range(split.n_shards) for text in split.documents(shard, skipped))
     buffer = np.empty(0, dtype=np.int32)
     while batch := list(itertools.islice(documents, ENCODE_BATCH)):
-        encoded = [t for t in encode_documents(tok, batch, skipped) if t is not None]
+        encoded = [t for t in encode_documents(tok, batch, skipped, T + 1 if mode == "paper" else 0) if t is not None]
         if mode == "paper":
             for tokens in encoded:
                 window = np.full(T + 1, -1, dtype=np.int32)
@@ -563,9 +593,10 @@ class Stream:
 
         return _cached_array(self.cache_path("unigram", key), count)
 
-    def unigram_perplexity(self, n_tokens: int, after_tokens: int = 0, max_train_tokens: int = 50_000_000) -> float:
+    def unigram_perplexity(self, n_tokens: int, after_tokens: int = 0, max_train_tokens: int = UNIGRAM_TOKENS) -> float:
         """data.unigram_perplexity on the stream: the perplexity on the validation windows of a
-        context-free model (add-one smoothed token frequencies of the train split)."""
+        context-free model (add-one smoothed token frequencies of the train split's first
+        max_train_tokens tokens)."""
         counts = self.unigram_counts(max_train_tokens).astype(np.float64)
         log_prob = np.log((counts + 1.0) / (counts.sum() + len(counts)))
         targets = self.validation_windows(n_tokens, after_tokens)[:, 1:]

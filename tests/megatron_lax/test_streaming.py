@@ -238,6 +238,12 @@ def test_a_killed_streamed_run_resumes_with_the_losses_of_an_uninterrupted_one(s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # bitwise: the same sequences, same order
+    from megatron_lax.evaluate import evaluate_checkpoint  # a streamed run's checkpoint evaluates on its stream
+    final = json.loads((tmp_path / "full" / "finished.json").read_text())
+    evaluated = evaluate_checkpoint(tmp_path / "full")
+    assert evaluated["tokens"] == final["val_tokens"] == 960 and evaluated["step"] == STEPS
+    assert evaluated["val_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+    assert evaluated["unigram_ppl"] == pytest.approx(final["unigram_ppl"], rel=1e-9)
     refused = run(train_command(shards, tmp_path / "killed", **{"checkpoint.resume": "auto", "data.source": "prepared",
                                                                "data.path": prepared_sample}))
     assert refused.returncode == 2 and "data.source: 'stream' -> 'prepared'" in refused.stderr
@@ -275,3 +281,19 @@ def test_a_hub_source_without_a_network_fails_in_one_line(tmp_path):
         streaming.parse_hub_spec("hf:allenai")
     assert streaming.parse_hub_spec("hf:allenai/c4") == ("allenai/c4", "en")
 
+
+
+def test_the_recipes_stream_a_hub_dataset_or_local_shards_when_data_says_so():
+    from megatron_lax.config import add_config_arguments, config_from_args
+    from megatron_lax.launch import STREAM_WORKERS, recipe
+
+    def data_of(data_spec: str):
+        import argparse
+        parser = argparse.ArgumentParser()
+        add_config_arguments(parser)
+        return config_from_args(parser.parse_args(recipe("1b", "cola", "identity", "ddp", "1", data_spec, "runs/x"))).data
+
+    hub, local, prepared = data_of("hf:allenai/c4"), data_of("stream:/data/c4/en"), data_of("data/prepared/c4")
+    assert (hub.source, hub.raw, hub.loader_workers, hub.mode) == ("stream", "hf:allenai/c4", STREAM_WORKERS, "paper")
+    assert (local.source, local.raw) == ("stream", "/data/c4/en")
+    assert (prepared.source, prepared.path) == ("prepared", "data/prepared/c4")
