@@ -71,8 +71,20 @@ def write_shards(directory: Path, count: int) -> Path:
     return directory
 
 
+def workers_private_mb() -> float:
+    """Memory private to this process's children (the loader workers: not the pages they share with
+    the training process they were forked from), from /proc."""
+    pid, total = os.getpid(), 0
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+            if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 def stream_rate(raw: Path, tokenizer: str, mode: str, workers: int, seconds: float, cache: Path) -> dict:
-    """Slots and scored tokens per second that rank 0 of 8 gets from its stream loader."""
+    """Slots and scored tokens per second that rank 0 of 8 gets from its stream loader, and the
+    private memory of its workers at the end."""
     cfg = DataConfig(raw=str(raw), tokenizer=tokenizer, source="stream", stream_cache=str(cache), mode=mode,
                      seq_len=SEQ_LEN, loader_workers=workers)
     loader = streaming.Stream(cfg, rank=0, world_size=RANKS).train_loader(GLOBAL_BATCH, MICRO_BATCH, True)
@@ -88,9 +100,10 @@ def stream_rate(raw: Path, tokenizer: str, mode: str, workers: int, seconds: flo
         scored += step()
         steps += 1
     elapsed = time.perf_counter() - start
+    rss = workers_private_mb() if workers else None
     loader.close()
     slots = steps * loader.per_rank * SEQ_LEN
-    return {"slots": slots / elapsed, "scored": scored / elapsed}
+    return {"slots": slots / elapsed, "scored": scored / elapsed, "rss": rss}
 
 
 def prepared_rate(raw: Path, tokenizer: str, mode: str, seconds: float, directory: Path) -> float:
@@ -161,19 +174,19 @@ def main() -> None:
             before = encode_limit(tokenizer, args.seconds / 2)
             for mode in args.modes.split(","):
                 prepared = prepared_rate(raw, tokenizer, mode, args.seconds / 4, tmp / name.split()[0])
-                rows.append([name, mode, "prepared shards (memory-mapped)", "-", f"{prepared:,.0f}", "-", "-"])
+                rows.append([name, mode, "prepared shards (memory-mapped)", "-", f"{prepared:,.0f}", "-", "-", "-"])
                 for workers in (int(w) for w in args.workers.split(",")):
                     rate = stream_rate(raw, tokenizer, mode, workers, args.seconds, tmp / "cache")
                     per = rate["slots"] / max(workers, 1)
                     if workers == 1:  # one worker: a core of its own on this 2-core machine
                         slowest[name] = min(per, slowest.get(name, math.inf))
                     rows.append([name, mode, "stream", workers, f"{rate['slots']:,.0f}", f"{rate['scored']:,.0f}",
-                                 f"{per:,.0f}"])
+                                 f"{per:,.0f}", f"{rate['rss']:,.0f} MB" if workers else "-"])
             limits = (before, encode_limit(tokenizer, args.seconds / 2))
             rows.append([name, "-", "raw batch-encode limit (1 process, texts in memory; better of before / "
-                         f"after: {limits[0]:,.0f} / {limits[1]:,.0f})", "-", f"{max(limits):,.0f}", "-", "-"])
+                         f"after: {limits[0]:,.0f} / {limits[1]:,.0f})", "-", f"{max(limits):,.0f}", "-", "-", "-"])
         print(markdown_table(["tokenizer", "mode", "loader", "workers", "tokens/s (slots)", "scored tokens/s",
-                              "per worker (0: in-process)"], rows))
+                              "per worker (0: in-process)", "workers' private memory"], rows))
         print(f"\nWhat a 1B model consumes per GPU at MFU {MFU:.0%} (training FLOPs per token from "
               f"megatron_lax.models.llama.flops_per_token at seq {SEQ_LEN}, vocab 32,128), and the loader workers "
               f"per GPU (on 8 GPUs) that supply it at each tokenizer's 1-worker rate above (the slower mode's):\n")

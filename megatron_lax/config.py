@@ -114,9 +114,11 @@ class OptimConfig:
 class DataConfig:
     path: str = "data/prepared/sample"  # prepared shards (data_prep.prepare output)
     raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing, or streamed
-    source: str = "prepared"  # prepared (shards in `path`) | stream (tokenise `raw` while training: a local folder or glob, or hf:OWNER/NAME[/CONFIG]; megatron_lax/streaming.py)
-    stream_cache: str = "data/stream_cache"  # stream: the validation tokens and unigram counts, cached after the first read
-    hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: the train and validation splits
+    # prepared (shards in `path`) | stream (`raw` tokenised while training: a local folder or glob of C4-layout
+    # shards, or hf:OWNER/NAME[/CONFIG] on the hub; megatron_lax/streaming.py)
+    source: str = "prepared"
+    stream_cache: str = "data/stream_cache"  # stream: validation tokens and unigram counts, cached after a first read
+    hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: its splits
     tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
     seq_len: int = 256
     mode: str = "packed"  # packed | paper (one document per sequence, padded)
@@ -128,7 +130,7 @@ class DataConfig:
     holdout: int = 0  # training images held out (seeded) for choosing hyperparameters; never trained on
     eval_split: str = "val"  # what validation scores: val (the reported split) | holdout
     val_images: int = 0  # validation images (0: the whole split)
-    loader_workers: int = 0  # decoding/augmentation (ViT) or tokenising (data.source stream) processes per rank (0: in the training process)
+    loader_workers: int = 0  # decoding/augmenting (ViT) or tokenising (stream) processes per rank (0: in the training one)
 
 
 @dataclass

@@ -116,7 +116,8 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
 def evaluate_streamed(model, cfg, ckpt: Path, dist, precision_name: str, autocast: bool, tokens: int,
                       micro_batch: int) -> dict:
     from .streaming import Stream
-    stream, n_tokens = Stream(cfg.data, dist.rank, dist.world_size), tokens or cfg.train.eval_tokens or cfg.data.val_tokens
+    stream = Stream(cfg.data, dist.rank, dist.world_size)
+    n_tokens = tokens or cfg.train.eval_tokens or cfg.data.val_tokens
     batches = stream.validation_batches(micro_batch or cfg.train.micro_batch, n_tokens)
     context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:

@@ -49,6 +49,7 @@ from .parallel.distributed import all_gather_object, broadcast_object, is_distri
 HUB_PREFIX = "hf:"
 HUB_DEFAULT_CONFIG = {"allenai/c4": "en"}
 ENCODE_BATCH = 32  # documents a lane tokenises per call
+READ_CHUNK = 64 << 10  # bytes a lane reads from its file at a time (it holds a few times that, decompressed)
 # Paper mode keeps a document's first seq_len + 1 tokens: a long text is tokenised from a prefix of
 # CHARS_PER_TOKEN characters per token kept, cut at a space or newline, when that prefix still gives
 # PREFIX_MARGIN tokens more than are kept (else the whole text is). C4 documents average ~480 T5
@@ -79,8 +80,8 @@ class LocalSplit:
         lines: only decompressed, not parsed, up to the range) or every n-th document (plain text)."""
         path = self.paths[shard]
         if is_text_file(path) and part != (0, 1):
-            return itertools.islice(iter_documents(path, skipped), part[0], None, part[1])
-        return iter_documents(path, skipped, part=part)
+            return itertools.islice(iter_documents(path, skipped, chunk_size=READ_CHUNK), part[0], None, part[1])
+        return iter_documents(path, skipped, part=part, chunk_size=READ_CHUNK)
 
 
 class HubSplit:

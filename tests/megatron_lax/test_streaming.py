@@ -168,7 +168,8 @@ def test_validation_is_the_prepared_validation_set_on_any_rank_count_and_is_cach
                                                                                    monkeypatch):
     for world in (1, 3):
         for rank in range(world):
-            got = stream_of(REPO / "data" / "sample", tmp_path, mode, rank=rank, world=world).validation_batches(4, 3000)
+            stream = stream_of(REPO / "data" / "sample", tmp_path, mode, rank=rank, world=world)
+            got = stream.validation_batches(4, 3000)
             expected = data.validation_batches(prepared_sample, 32, 4, 3000, mode, rank, world)
             assert len(got) == len(expected)
             assert all(torch.equal(a, b) for g, e in zip(got, expected) for a, b in zip(g, e)), (world, rank)
@@ -264,9 +265,45 @@ def test_three_ranks_on_five_shards_resume_on_two_with_the_same_losses_and_valid
     for name in ("three", "two"):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         validations[name] = {r["step"]: (r["val_loss"], r["val_tokens"]) for r in records if "val_loss" in r}
-    assert validations["two"] and all(validations["two"][s][1] == validations["three"][s][1] == 960
-                                      and validations["two"][s][0] == pytest.approx(validations["three"][s][0], rel=1e-5)
-                                      for s in validations["two"])
+    two, three = validations["two"], validations["three"]
+    assert two and all(two[s][1] == three[s][1] == 960 and two[s][0] == pytest.approx(three[s][0], rel=1e-5)
+                       for s in two)
+
+
+def test_the_hub_route_reads_what_the_local_route_reads(shards, tmp_path):
+    """HubSplit (datasets' streaming, its own shards) on a local folder: the same lanes' windows as
+    the local reader when every lane reads whole shards, and every document once per pass when the
+    shards are dealt in parts (every n-th document on the hub route, a range of lines locally)."""
+    clean = tmp_path / "clean"  # datasets' JSON reader stops at a bad line; the local reader skips it
+    clean.mkdir()
+    for path in sorted(shards.glob("c4-*.json.gz")):
+        if "00001-of" not in path.name:
+            (clean / path.name).write_bytes(path.read_bytes())
+    hub = streaming.HubSplit("hf:test/local", str(clean), None, "train")
+    local = streaming.open_split(str(clean), "train", "train")
+    assert hub.n_shards == local.n_shards == 4
+    tok = load_tokenizer(TOKENIZER)
+    for lanes, mode in ((4, "packed"), (4, "paper")):
+        plans = [streaming.Plan(split, lanes, seed=2, repeat=True) for split in (hub, local)]
+        readers = [[streaming.Lane(j, plan, tok, 32, mode, [0, 0, 0, 0], Counter()) for j in range(lanes)]
+                   for plan in plans]
+        for _ in range(30):
+            assert all(np.array_equal(a.next_window(), b.next_window()) for a, b in zip(*readers))
+    known, seen = documents_by_tokens(32), Counter()
+    plan = streaming.Plan(hub, 6, seed=0, repeat=False)
+    assert plan.parts == 2
+    for lane in range(6):
+        reader = streaming.Lane(lane, plan, tok, 32, "paper", [0, 0, 0, 0], Counter())
+        with pytest.raises(streaming.LaneExhausted):
+            while True:
+                window = reader.next_window()
+                seen[known[tuple(window[window >= 0].tolist())]] += 1
+    skipped = set(range(SHARD_DOCUMENTS[0], sum(SHARD_DOCUMENTS[:2])))  # shard 1's documents
+    assert seen == Counter(set(range(sum(SHARD_DOCUMENTS))) - skipped)
+    validation = [streaming.HubSplit("hf:test/local", str(clean), None, "validation"),
+                  streaming.open_split(str(clean), "validation", "validation")]
+    windows = [streaming.validation_windows_from(split, tok, 32, "packed") for split in validation]
+    assert all(np.array_equal(next(windows[0])[0], next(windows[1])[0]) for _ in range(50))
 
 
 def test_a_hub_source_without_a_network_fails_in_one_line(tmp_path):
@@ -291,7 +328,8 @@ def test_the_recipes_stream_a_hub_dataset_or_local_shards_when_data_says_so():
         import argparse
         parser = argparse.ArgumentParser()
         add_config_arguments(parser)
-        return config_from_args(parser.parse_args(recipe("1b", "cola", "identity", "ddp", "1", data_spec, "runs/x"))).data
+        args = recipe("1b", "cola", "identity", "ddp", "1", data_spec, "runs/x")
+        return config_from_args(parser.parse_args(args)).data
 
     hub, local, prepared = data_of("hf:allenai/c4"), data_of("stream:/data/c4/en"), data_of("data/prepared/c4")
     assert (hub.source, hub.raw, hub.loader_workers, hub.mode) == ("stream", "hf:allenai/c4", STREAM_WORKERS, "paper")
