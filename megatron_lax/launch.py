@@ -33,8 +33,8 @@ COLA_ONLY_LATENT_ACT = {"60m": False, "130m": False, "350m": True, "1b": True}
 RECIPE_PRECISION = "bf16-pure"
 
 
-# Loader workers per GPU that tokenise a streamed DATA: twice what the slowest measured worker needs to
-# feed a 1B low-rank model on an H100 at MFU 50% (docs/BENCHMARKS.md, "Streaming").
+# Loader workers per GPU that tokenise a streamed DATA: about twice what a 1B low-rank model eats on an
+# H100 at MFU 50%, at one worker's measured rate with t5-base's kind of tokenizer (docs/BENCHMARKS.md 1.4).
 STREAM_WORKERS = 4
 
 

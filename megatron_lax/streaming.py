@@ -289,7 +289,7 @@ class Lane:
         """(pass, unit, document, token offset) of the next window's first token."""
         if self.pending:
             return [*self.pending[0][0], self.offset]
-        return [*self.next_position, 0]
+        return [*self.next_position, self.offset]  # nothing read since the lane started from its cursor
 
 
 class RankStream(torch.utils.data.IterableDataset):
