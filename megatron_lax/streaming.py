@@ -11,7 +11,10 @@ pass after another. A lane tokenises its documents and cuts them as data.Sequenc
 packed (documents joined by EOS, a window of seq_len + 1 tokens every seq_len tokens) or paper (one
 document per sequence, truncated, padding not scored). Rank r owns lanes [r G/W, (r+1) G/W) and
 splits them among its loader workers; no document is in two lanes, so no two ranks or workers read
-the same document, and the data of a step does not depend on how many ranks share it.
+the same document, and the data of a step does not depend on how many ranks share it. A stream has
+no size to check a token budget against: the budget gives the steps, as with prepared shards, and a
+lane that has read all its units ends the run (data.DataExhausted) unless train.allow_repetition,
+when it starts another pass, in another seeded order.
 
 Resume. A lane's cursor is (pass, unit, document, token offset) of its next sequence. At a checkpoint
 every rank saves every lane's cursor (gathered from all ranks), so any number of ranks dividing G
