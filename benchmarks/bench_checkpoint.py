@@ -62,7 +62,7 @@ def worker(out_dir: Path, repeats: int, config_args: list[str]) -> None:
         times["verify_one_rank"].append(timed(lambda: checkpoint.verify(final) if dist.is_main else None))
     if dist.is_main:
         files = json.loads((final / checkpoint.MANIFEST).read_text())["files"]
-        result = {"ranks": dist.world_size, "params": trainer.n_params, "files": len(files),
+        result = {"ranks": dist.world_size, "params": trainer.task.n_params, "files": len(files),
                   "bytes": sum(meta["bytes"] for meta in files.values()),
                   **{name: statistics.median(values) for name, values in times.items()}}
         (out_dir / "result.json").write_text(json.dumps(result))

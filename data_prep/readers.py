@@ -42,13 +42,15 @@ def _plain_chunks(path: Path, chunk_size: int = 1 << 20) -> Iterator[bytes]:
             yield chunk
 
 
-def _byte_chunks(path: Path, skipped: Counter) -> Iterator[bytes]:
-    return _gzip_chunks(path, skipped) if path.name.endswith(".gz") else _plain_chunks(path)
+def _byte_chunks(path: Path, skipped: Counter, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+    if path.name.endswith(".gz"):
+        return _gzip_chunks(path, skipped, chunk_size)
+    return _plain_chunks(path, chunk_size)
 
 
-def _raw_lines(path: Path, skipped: Counter) -> Iterator[bytes]:
+def _raw_lines(path: Path, skipped: Counter, chunk_size: int = 1 << 20) -> Iterator[bytes]:
     truncated_before, pending = skipped["truncated_file"], b""
-    for data in _byte_chunks(path, skipped):
+    for data in _byte_chunks(path, skipped, chunk_size):
         pending += data
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -66,9 +68,10 @@ def count_lines(path: Path) -> int:
     return newlines + (last != b"\n" and not skipped["truncated_file"])
 
 
-def _json_documents(path: Path, skipped: Counter, text_field: str, part: tuple[int, int]) -> Iterator[str]:
+def _json_documents(path: Path, skipped: Counter, text_field: str, part: tuple[int, int],
+                    chunk_size: int) -> Iterator[str]:
     k, n = part
-    lines = _raw_lines(path, skipped)
+    lines = _raw_lines(path, skipped, chunk_size)
     if n > 1:  # the k-th of n contiguous line ranges; the last reads on to the end, and to any damage
         total = count_lines(path)
         lines = itertools.islice(lines, k * total // n, (k + 1) * total // n if k < n - 1 else None)
@@ -94,9 +97,9 @@ def _json_documents(path: Path, skipped: Counter, text_field: str, part: tuple[i
             yield text
 
 
-def _text_documents(path: Path, skipped: Counter) -> Iterator[str]:
+def _text_documents(path: Path, skipped: Counter, chunk_size: int) -> Iterator[str]:
     paragraph: list[str] = []
-    for raw in _raw_lines(path, skipped):
+    for raw in _raw_lines(path, skipped, chunk_size):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -116,15 +119,15 @@ def is_text_file(path: Path) -> bool:
 
 
 def iter_documents(path: Path, skipped: Counter, text_field: str = "text",
-                   part: tuple[int, int] = (0, 1)) -> Iterator[str]:
+                   part: tuple[int, int] = (0, 1), chunk_size: int = 1 << 20) -> Iterator[str]:
     """Yields the documents of one file, or of its part k of n (JSON lines only); `skipped` counts
-    what was dropped, by reason."""
+    what was dropped, by reason. chunk_size: bytes read at a time (a reader holds a few times that)."""
     path = Path(path)
     if is_text_file(path):
         if part != (0, 1):
             raise ValueError(f"{path}: plain-text files are read whole, not in parts")
-        return _text_documents(path, skipped)
-    return _json_documents(path, skipped, text_field, part)
+        return _text_documents(path, skipped, chunk_size)
+    return _json_documents(path, skipped, text_field, part, chunk_size)
 
 
 def split_of(path: Path) -> str:

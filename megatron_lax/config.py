@@ -124,7 +124,12 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     path: str = "data/prepared/sample"  # prepared shards (data_prep.prepare output)
-    raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing
+    raw: str = "data/sample"  # raw C4-format shards; prepared into `path` when it is missing, or streamed
+    # prepared (shards in `path`) | stream (`raw` tokenised while training: a local folder or glob of C4-layout
+    # shards, or hf:OWNER/NAME[/CONFIG] on the hub; megatron_lax/data/streaming.py)
+    source: str = "prepared"
+    stream_cache: str = "data/stream_cache"  # stream: validation tokens and unigram counts, cached after a first read
+    hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: its splits
     tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
     seq_len: int = 256
     mode: str = "packed"  # packed | paper (one document per sequence, padded)
@@ -136,7 +141,7 @@ class DataConfig:
     holdout: int = 0  # training images held out (seeded) for choosing hyperparameters; never trained on
     eval_split: str = "val"  # what validation scores: val (the reported split) | holdout
     val_images: int = 0  # validation images (0: the whole split)
-    loader_workers: int = 0  # decoding/augmentation processes per rank (0: in the training process)
+    loader_workers: int = 0  # decoding/augmenting (ViT) or tokenising (stream) processes per rank (0: in the training one)
 
 
 @dataclass
@@ -488,6 +493,10 @@ def validate_run(cfg: Config) -> None:
         raise ConfigError(f"data.eval_split {cfg.data.eval_split!r} is unknown (val or holdout)")
     if cfg.data.eval_split == "holdout" and cfg.data.holdout <= 0:
         raise ConfigError("data.eval_split holdout needs data.holdout > 0 training images held out")
+    if cfg.data.source not in ("prepared", "stream"):
+        raise ConfigError(f"data.source {cfg.data.source!r} is unknown (prepared or stream)")
+    if cfg.data.source == "stream" and len(cfg.data.hub_splits) != 2:
+        raise ConfigError(f"data.hub_splits must name two splits (train, validation), got {cfg.data.hub_splits}")
     if cfg.data.mode not in ("packed", "paper"):
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):

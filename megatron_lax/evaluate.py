@@ -97,6 +97,8 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
     model.to(dtype)
     if not family_of(cfg.model).uses_tokenizer:
         return evaluate_images(model, cfg, ckpt, step, dist, name, autocast, data_path, micro_batch)
+    if cfg.data.source == "stream" and not data_path:  # a streamed run: the stream's (cached) validation set
+        return evaluate_streamed(model, cfg, ckpt, step, dist, name, autocast, tokens, micro_batch)
     if data_path:  # shards of another tokenizer would give a number that means nothing
         data.check_tokenizer(data.read_manifest(data_path), cfg.data.tokenizer, data_path)
     batches = data.validation_batches(data_path or cfg.data.path, cfg.data.seq_len,
@@ -111,6 +113,19 @@ def evaluate_checkpoint(path: Path, data_path: str | None = None, tokens: int = 
                                       tokens or cfg.train.eval_tokens or cfg.data.val_tokens)
     return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "mode": cfg.data.mode,
             "precision": name, "unigram_ppl": unigram, **result}
+
+
+def evaluate_streamed(model, cfg, ckpt: Path, step, dist, precision_name: str, autocast: bool, tokens: int,
+                      micro_batch: int) -> dict:
+    from .data.streaming import Stream
+    stream = Stream(cfg.data, dist.rank, dist.world_size)
+    n_tokens = tokens or cfg.train.eval_tokens or cfg.data.val_tokens
+    batches = stream.validation_batches(micro_batch or cfg.train.micro_batch, n_tokens)
+    context = torch.autocast(dist.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context:
+        result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+    return {"checkpoint": str(ckpt), "step": step, "engine": cfg.parallel.engine, "mode": cfg.data.mode,
+            "precision": precision_name, "unigram_ppl": stream.unigram_perplexity(n_tokens), **result}
 
 
 def evaluate_images(model, cfg, ckpt: Path, step, dist, precision_name: str, autocast: bool, data_path: str | None,
@@ -133,7 +148,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="checkpoint or run directory, or an export in our format")
-    parser.add_argument("--data", help="prepared data directory (default: the one the run used)")
+    parser.add_argument("--data", help="prepared data directory (default: the one the run used, or its stream)")
     parser.add_argument("--tokens", type=int, default=0, help="validation tokens (default: the run's)")
     parser.add_argument("--micro-batch", type=int, default=0)
     parser.add_argument("--precision", choices=("run", "fp32"), default="run",

@@ -9,10 +9,13 @@ settings the paper leaves out from one of two named recipes (VIT_RECIPES, enviro
 (the ViT paper's and DeiT's settings).
 Environment: METHOD (svd | cola | dense, and tt for the ViTs; default cola), GATE (identity | none |
 linear | dense | tensor; default identity, tensor for the ViTs), ENGINE (deepspeed | fsdp | ddp | single;
-default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; for the ViTs
-an ImageNet root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was
-prepared with, default hf:t5-base: a hub name or a local copy), PRECISION (default bf16-pure for the LLaMA
-recipes, the recipe's for the ViTs: fp32 official, bf16-mixed deit), RECIPE (ViTs: official | deit), RUN_DIR.
+default deepspeed), ZERO_STAGE (default 1), DATA (prepared shards, default data/prepared/c4; or a stream,
+tokenised while training with no preparation pass: hf:allenai/c4 (config en; hf:OWNER/NAME/CONFIG for
+another) from the hub, stream:DIR or stream:GLOB for local C4-layout shards; for the ViTs an ImageNet
+root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was prepared
+with, or the stream is tokenised with; default hf:t5-base: a hub name or a local copy), PRECISION
+(default bf16-pure for the LLaMA recipes, the recipe's for the ViTs: fp32 official, bf16-mixed deit),
+RECIPE (ViTs: official | deit), RUN_DIR.
 """
 from __future__ import annotations
 
@@ -24,6 +27,19 @@ from . import paper
 # Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
 # trains; PRECISION=bf16-mixed keeps fp32 master weights and optimizer states instead (docs/METHOD.md).
 RECIPE_PRECISION = "bf16-pure"
+
+
+# Loader workers per GPU that tokenise a streamed DATA: about twice what a 1B low-rank model eats on an
+# H100 at MFU 50%, at one worker's measured rate with t5-base's kind of tokenizer (docs/BENCHMARKS.md 1.4).
+STREAM_WORKERS = 4
+
+
+def data_arguments(data: str) -> list[str]:
+    """The data fields of DATA: prepared shards (a directory), or a stream (hf:..., stream:...)."""
+    if data.startswith(("hf:", "stream:")):
+        return ["--data.source", "stream", "--data.raw", data.removeprefix("stream:"), "--data.loader_workers",
+                str(STREAM_WORKERS)]
+    return ["--data.path", data]
 
 
 def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, data: str, run_dir: str,
@@ -42,7 +58,7 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
             "--model.only_latent_act", str(only_latent_act).lower(), "--train.precision", precision,
             "--optim.lr", str(lr), "--optim.weight_decay", "0.01", "--optim.grad_clip", "0.5",
             "--optim.min_lr_ratio", "0.1", "--train.token_budget", "paper", "--train.global_batch", "512",
-            "--data.seq_len", "256", "--data.mode", "paper", "--data.path", data, "--data.tokenizer", tokenizer,
+            "--data.seq_len", "256", "--data.mode", "paper", *data_arguments(data), "--data.tokenizer", tokenizer,
             "--parallel.engine", engine, "--parallel.zero_stage", zero_stage, "--logging.run_dir", run_dir,
             "--checkpoint.every", "1000", "--checkpoint.resume", "auto", "--train.eval_every", "1000"]
 

@@ -1,5 +1,6 @@
-"""Language modelling (the LLaMA family): next-token prediction on prepared C4-format shards,
-scored by perplexity over a fixed validation slice."""
+"""Language modelling (the LLaMA family): next-token prediction on C4-format text, prepared shards
+(data.source prepared) or streamed (data.source stream), scored by perplexity over a fixed
+validation slice."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..data import tokens as data
+from ..data.streaming import Stream
 from ..method.init import init_weights
 from ..models.llama import LlamaLax, count_parameters, flops_per_token, token_nll
 from ..parallel import ModelRecipe
@@ -17,14 +19,50 @@ from ..training import faults
 from .base import Task
 
 
-def prepare_data(cfg: Config, dist: DistInfo) -> tuple[Path, dict]:
-    """Prepares the shards on rank 0 if needed (the others wait as long as it takes); (their
-    directory, their manifest)."""
-    def prepare():
-        time.sleep(faults.SLOW_PREPARE)  # the tests' stand-in for a long preparation
-        data.ensure_prepared(cfg.data)
-    run_on_main(prepare)
-    return Path(cfg.data.path), data.read_manifest(cfg.data.path)
+class PreparedTokens:
+    """Prepared shards (data/tokens.py), prepared on rank 0 first if needed (the others wait as long as
+    it takes), behind the interface a streamed source (data/streaming.py Stream) has too."""
+
+    def __init__(self, data_cfg, rank: int, world_size: int):
+        def prepare():
+            time.sleep(faults.SLOW_PREPARE)  # the tests' stand-in for a long preparation
+            data.ensure_prepared(data_cfg)
+        run_on_main(prepare)
+        self.cfg, self.rank, self.world_size = data_cfg, rank, world_size
+        self.path, self.manifest = Path(data_cfg.path), data.read_manifest(data_cfg.path)
+
+    def model_vocab_size(self, configured: int) -> int:
+        return data.model_vocab_size(self.manifest, configured)
+
+    def train_loader(self, global_batch: int, micro_batch: int, allow_repetition: bool) -> data.TrainLoader:
+        return data.TrainLoader(self.path, self.cfg.seq_len, self.cfg.mode, global_batch, micro_batch, self.rank,
+                                self.world_size, self.cfg.seed, allow_repetition)
+
+    def total_steps(self, train_cfg, model_cfg, n_params: int, loader: data.TrainLoader) -> int:
+        """The budget's steps, refused when the prepared data cannot supply them."""
+        steps = data.resolve_steps(train_cfg, model_cfg, self.cfg.seq_len, loader.total_tokens, n_params)
+        if steps > loader.steps_per_epoch and not train_cfg.allow_repetition:
+            raise ValueError(f"{steps} steps need {steps * train_cfg.global_batch:,} sequences but the prepared data "
+                             f"({self.cfg.mode} mode) offers {loader.sequences_per_epoch:,} per epoch; add data or "
+                             f"set train.allow_repetition true")
+        return steps
+
+    def validation_batches(self, micro_batch: int, n_tokens: int, after_tokens: int = 0) -> list:
+        return data.validation_batches(self.path, self.cfg.seq_len, micro_batch, n_tokens, self.cfg.mode, self.rank,
+                                       self.world_size, after_tokens=after_tokens)
+
+    def unigram_perplexity(self, n_tokens: int, after_tokens: int = 0) -> float:
+        return data.unigram_perplexity(self.path, self.cfg.seq_len, self.cfg.mode, n_tokens, after_tokens=after_tokens)
+
+
+class StreamedTokens(Stream):
+    """C4-layout shards or a hub dataset tokenised as they are read (data.source stream)."""
+
+    def total_steps(self, train_cfg, model_cfg, n_params: int, loader) -> int:
+        return data.planned_steps(train_cfg, model_cfg, self.cfg.seq_len, n_params)  # a stream has no size to check
+
+
+SOURCES = {"prepared": PreparedTokens, "stream": StreamedTokens}
 
 
 class TokenPrediction(Task):
@@ -58,16 +96,11 @@ class LanguageModeling(TokenPrediction):
     def __init__(self, cfg: Config, dist: DistInfo):
         super().__init__(cfg, dist)
         cfg, t = self.cfg, self.cfg.train
-        self.data_path, manifest = prepare_data(cfg, dist)
-        cfg.model.vocab_size = data.model_vocab_size(manifest, cfg.model.vocab_size)
-        self.loader = data.TrainLoader(self.data_path, cfg.data.seq_len, cfg.data.mode, t.global_batch,
-                                       t.micro_batch, dist.rank, dist.world_size, cfg.data.seed, t.allow_repetition)
+        self.source = SOURCES[cfg.data.source](cfg.data, dist.rank, dist.world_size)
+        cfg.model.vocab_size = self.source.model_vocab_size(cfg.model.vocab_size)
+        self.loader = self.source.train_loader(t.global_batch, t.micro_batch, t.allow_repetition)
         self.n_params = count_parameters(cfg.model)
-        self.total_steps = data.resolve_steps(t, cfg.model, cfg.data.seq_len, self.loader.total_tokens, self.n_params)
-        if self.total_steps > self.loader.steps_per_epoch and not t.allow_repetition:
-            raise ValueError(f"{self.total_steps} steps need {self.total_steps * t.global_batch:,} sequences but the "
-                             f"prepared data ({cfg.data.mode} mode) offers {self.loader.sequences_per_epoch:,} per "
-                             f"epoch; add data or set train.allow_repetition true")
+        self.total_steps = self.source.total_steps(t, cfg.model, self.n_params, self.loader)
 
     def model(self) -> ModelRecipe:
         cfg = self.cfg
@@ -79,32 +112,24 @@ class LanguageModeling(TokenPrediction):
         return self.cfg.train.eval_tokens or self.cfg.data.val_tokens
 
     def validation_batches(self) -> list:
-        cfg = self.cfg
-        return data.validation_batches(self.data_path, cfg.data.seq_len, cfg.train.micro_batch, self.eval_tokens,
-                                       cfg.data.mode, self.dist.rank, self.dist.world_size)
+        return self.source.validation_batches(self.cfg.train.micro_batch, self.eval_tokens)
 
     def selection_batches(self) -> list:
         """The selection slice (train.select_tokens; none when 0): validation sequences after the reported
         ones, which LR sweeps choose on so that the reported tokens take no part in any choice."""
-        cfg = self.cfg
-        if not cfg.train.select_tokens:
+        t = self.cfg.train
+        if not t.select_tokens:
             return []
-        return data.validation_batches(self.data_path, cfg.data.seq_len, cfg.train.micro_batch,
-                                       cfg.train.select_tokens, cfg.data.mode, self.dist.rank, self.dist.world_size,
-                                       after_tokens=self.eval_tokens)
+        return self.source.validation_batches(t.micro_batch, t.select_tokens, self.eval_tokens)
 
     def selection_baseline(self) -> dict:
         """A run that does no better than a context-free model has learned nothing usable (the sweep's
         plateau rule)."""
-        cfg = self.cfg
-        ppl = data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode, cfg.train.select_tokens,
-                                      after_tokens=self.eval_tokens)
+        ppl = self.source.unigram_perplexity(self.cfg.train.select_tokens, self.eval_tokens)
         return {"select_chance_loss": math.log(ppl)}
 
     def baselines(self) -> dict:
-        cfg = self.cfg
-        return {"unigram_ppl": data.unigram_perplexity(self.data_path, cfg.data.seq_len, cfg.data.mode,
-                                                       self.eval_tokens)}
+        return {"unigram_ppl": self.source.unigram_perplexity(self.eval_tokens)}
 
     def describe(self, engine) -> str:
         cfg, t = self.cfg, self.cfg.train

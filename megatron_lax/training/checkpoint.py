@@ -356,7 +356,7 @@ SHAPE_FIELDS = {"model": ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size",
                           "mlp_rank", "mlp_out_rank", "lax_gate", "lax_modules", "arch", "lax_norm", "lax_intra_modules",
                           "lax_intra_gate", "image_size", "patch_size", "num_classes", "tt_attn_dims",
                           "tt_fc1_dims", "tt_fc2_dims"),
-                "data": ("seq_len", "mode", "seed"), "train": ("global_batch",)}
+                "data": ("seq_len", "mode", "seed", "source"), "train": ("global_batch",)}
 
 
 def check_compatible(directory: Path, cfg) -> None:
