@@ -23,7 +23,7 @@ setup(
         "hf": ["transformers>=4.45", "datasets"],
         "stream": ["datasets>=3.0", "transformers>=4.45"],  # data.source stream: the hub's datasets, t5-base
         "finetune": ["peft"],
-        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "matplotlib", "peft"],
+        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "datasets>=3.0", "matplotlib", "peft"],
     },
     entry_points={
         "console_scripts": [
