@@ -89,12 +89,19 @@ def _json_documents(path: Path, skipped: Counter, text_field: str, part: tuple[i
             skipped["bad_json"] += 1
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            skipped["no_text"] += 1
-        elif not text.strip():
-            skipped["empty"] += 1
-        else:
+        if usable_text(text, skipped):
             yield text
+
+
+def usable_text(text, skipped: Counter) -> bool:
+    """Whether a record's text is a document; a missing or blank one is counted in `skipped`."""
+    if not isinstance(text, str):
+        skipped["no_text"] += 1
+        return False
+    if not text.strip():
+        skipped["empty"] += 1
+        return False
+    return True
 
 
 def _text_documents(path: Path, skipped: Counter, chunk_size: int) -> Iterator[str]:

@@ -17,10 +17,10 @@ def finetune(cfg: Config) -> dict:
     return train(cfg, task_named("instruction_tuning"))
 
 
-def main(argv=None) -> int:
+def main(argv=None, exiting: bool = False) -> int:
     return train_main(argv, prog="python -m megatron_lax.finetune", doc=__doc__, task="instruction_tuning",
-                      print_summary=True)
+                      print_summary=True, exiting=exiting)
 
 
 if __name__ == "__main__":
-    end_process(main())
+    end_process(main(exiting=True))

@@ -163,4 +163,4 @@ def main(scale: str) -> None:
     args += user_arguments(sys.argv[1:])
     from .parallel.distributed import end_process
     from .train import main as train_main
-    end_process(train_main(args))
+    end_process(train_main(args, exiting=True))

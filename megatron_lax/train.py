@@ -25,9 +25,10 @@ def make_trainer(cfg: Config, task: str | None = None) -> Trainer:
 
 
 def main(argv=None, prog: str = "python -m megatron_lax.train", doc: str = __doc__, task: str | None = None,
-         print_summary: bool = False) -> int:
+         print_summary: bool = False, exiting: bool = False) -> int:
     """The command line of a training run: pre-training, or with `task` another task (fine-tuning:
-    megatron_lax.finetune) and a JSON summary line at the end."""
+    megatron_lax.finetune) and a JSON summary line at the end. `exiting`: the process ends with it
+    (see training.trainer.train)."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--print-config", action="store_true",
@@ -41,7 +42,7 @@ def main(argv=None, prog: str = "python -m megatron_lax.train", doc: str = __doc
         if args.print_config:
             print(dump_yaml(chosen.display_config(cfg)), end="")
             return 0
-        summary = train(cfg, chosen)
+        summary = train(cfg, chosen, exiting)
     except (ConfigError, ValueError, FileNotFoundError, checkpoint.CheckpointError, TrainingError,
             DataExhausted) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -53,4 +54,4 @@ def main(argv=None, prog: str = "python -m megatron_lax.train", doc: str = __doc
 
 
 if __name__ == "__main__":
-    end_process(main())
+    end_process(main(exiting=True))

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from data_prep.prepare import expand_inputs
-from data_prep.readers import is_text_file, iter_documents, split_of
+from data_prep.readers import is_text_file, iter_documents, split_of, usable_text
 
 from . import tokens as data
 from ..parallel.distributed import all_gather_object, broadcast_object, is_distributed
@@ -111,11 +111,7 @@ class HubSplit:
         try:
             for row in itertools.islice(self.dataset.shard(self.n_shards, shard), part[0], None, part[1]):
                 text = row.get("text")
-                if not isinstance(text, str):
-                    skipped["no_text"] += 1
-                elif not text.strip():
-                    skipped["empty"] += 1
-                else:
+                if usable_text(text, skipped):
                     yield text
         except Exception as e:
             raise StreamError(f"{self.spec}: reading shard {shard} of split {self.split!r} failed "

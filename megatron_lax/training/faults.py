@@ -34,9 +34,20 @@ class StopFlag:
 
 def ignore_preemption_signals() -> None:
     """Once a run is over: a late copy of the signal must not kill the process as it exits (Python
-    restores the default action, termination, for its handlers when it shuts down)."""
+    restores the default action, termination, for its handlers when it shuts down). A process that
+    goes on restores its own handlers afterwards (restore_signals): an ignored signal stays ignored
+    in every program the process starts later, which could then not be preempted."""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def preemption_handlers() -> dict:
+    return {sig: signal.getsignal(sig) for sig in PREEMPTION_SIGNALS}
+
+
+def restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _steps_from_env(name: str) -> set[int]:

@@ -361,8 +361,11 @@ class Throughput:
         self.window_start, self.window = time.time(), 0
 
 
-def train(cfg: Config, task_class) -> dict:
-    """Runs one training and tears the process group down once every rank is done with it."""
+def train(cfg: Config, task_class, exiting: bool = False) -> dict:
+    """Runs one training and tears the process group down once every rank is done with it. `exiting`:
+    the process ends with the run (a command), so preemption signals stay ignored until it has;
+    otherwise the caller's signal handlers are back once the run is over."""
+    previous = faults.preemption_handlers()  # the run installs its own (faults.StopFlag)
     try:
         summary = Trainer(cfg, task_class).fit()
         faults.ignore_preemption_signals()
@@ -370,3 +373,5 @@ def train(cfg: Config, task_class) -> dict:
         return summary
     finally:
         shutdown()
+        if not exiting:
+            faults.restore_signals(previous)

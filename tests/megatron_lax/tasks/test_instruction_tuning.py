@@ -127,9 +127,9 @@ def test_full_finetuning_trains_every_weight_and_keep_best_keeps_the_lowest_vali
     scripted = iter([5.0, 3.0, 4.0, 3.5, 6.0, 7.0])  # validation losses of steps 1-6: the best is step 2's
     original = InstructionTuning.evaluate
 
-    def evaluate(self, engine, batches):
+    def evaluate(self, engine, batches, seen=0):
         loss = next(scripted)
-        return {**original(self, engine, batches), "val_loss": loss, "val_ppl": math.exp(loss)}
+        return {**original(self, engine, batches, seen), "val_loss": loss, "val_ppl": math.exp(loss)}
     monkeypatch.setattr(InstructionTuning, "evaluate", evaluate)
     run = trainer(base, task, tmp_path, finetune__full="true", train__eval_every=1, train__steps=6)
     run.fit()

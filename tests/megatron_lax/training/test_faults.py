@@ -169,3 +169,15 @@ def test_preparing_data_outlasts_the_process_group_timeout_on_three_ranks(prepar
     assert max(losses(tmp_path / "run")) == 2 and (tmp_path / "run" / "finished.json").is_file()
     errors = {(tmp_path / "run" / f"error_rank_{r}.txt").read_text() for r in range(3)}
     assert len(errors) == 1 and "holds an earlier run" in errors.pop()
+
+
+def test_a_run_in_a_process_that_goes_on_leaves_its_signal_handlers_as_they_were(tiny_overrides, tmp_path):
+    """train() ignores preemption signals while the run ends; a caller that goes on (a notebook, a sweep,
+    these tests) gets its handlers back: an ignored signal would stay ignored in every program it starts
+    later (bash cannot trap a signal ignored on entry), which could then never be preempted."""
+    import signal
+
+    from megatron_lax.train import main
+    before = signal.getsignal(signal.SIGUSR1)
+    assert main(["--config", "llama_tiny", *as_cli(tiny_overrides(tmp_path, train__steps=1))]) == 0
+    assert signal.getsignal(signal.SIGUSR1) == before != signal.SIG_IGN
