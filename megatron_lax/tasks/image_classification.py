@@ -73,6 +73,15 @@ def skipped_note(record: dict) -> str:
             f"{record['skipped_val_images']} validation)")
 
 
+def accuracy_over(batches, forward, normalize, device: torch.device) -> torch.Tensor:
+    """accuracy_sums over uint8 batches, each normalised on the device and passed through `forward`."""
+    sums = torch.zeros(4, device=device)
+    for pixels, labels in batches:
+        sums += accuracy_sums(forward(normalize(pixels.to(device, non_blocking=True))),
+                              labels.to(device, non_blocking=True))
+    return sums
+
+
 def summary_of(sums: torch.Tensor) -> dict:
     loss, top1, top5, n = (float(v) for v in sums)
     n = max(n, 1.0)
@@ -123,11 +132,8 @@ class ImageClassification(Task):
         return self.loader.batch_augment(pixels.to(self.dist.device, non_blocking=True), plan)
 
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
-        device, normalize = self.dist.device, self.loader.batch_augment.normalize
-        sums = torch.zeros(4, device=device)
-        for pixels, labels in self.val_loader:  # streamed: `batches` holds only the first
-            sums += accuracy_sums(engine.predict(normalize(pixels.to(device, non_blocking=True))),
-                                  labels.to(device, non_blocking=True))
+        sums = accuracy_over(self.val_loader, engine.predict, self.loader.batch_augment.normalize,
+                             self.dist.device)  # streamed: `batches` holds only the first
         self.val_skipped = self.val_loader.skipped
         return {**summary_of(all_reduce_sum(sums)), **self.unreadable(seen)}
 
@@ -188,7 +194,5 @@ def evaluate_model(model, cfg: Config, device: torch.device, split: str = "val",
     _, dataset = open_splits(dataclasses.replace(cfg.data, eval_split=split))
     loader = validation_loader(cfg, dataset, micro_batch=micro_batch, limit=limit, pin_memory=device.type == "cuda")
     normalize = images.BatchAugment(augment_config(cfg, train=False), cfg.model.num_classes, dataset.channels).normalize
-    sums = torch.zeros(4, device=device)
-    for pixels, labels in loader:
-        sums += accuracy_sums(model(normalize(pixels.to(device))), labels.to(device))
+    sums = accuracy_over(loader, model, normalize, device)
     return {**summary_of(sums), "skipped_images": loader.skipped, "split": split}
