@@ -199,3 +199,26 @@ def test_the_shipped_plan_chooses_on_a_selection_slice_and_its_quick_protocol_tr
     assert quick["rungs"] == 1 and quick["out"] != plan["out"]
     for name in quick["default_variants"]:
         assert len(grid(quick, name)) >= 2  # both trained to the end: rungs 1
+
+
+def test_the_vision_plan_chooses_on_held_out_images_and_trains_the_readme_vit():
+    """Every variant of the ViT study resolves, its rates are chosen on held-out training images
+    between at least two finalists, the reported seeds score the test images, and its CoLA + LaX
+    model under `matched` is the README's ViT (configs/vit_fashion_mnist.yaml)."""
+    from conftest import REPO
+    from megatron_lax.experiments.reproduce import load_plan, variant_config
+    plan = load_plan(REPO / "configs/reproduce_vit_fmnist.yaml")
+    for name in plan["variants"]:
+        cfg = variant_config(plan, name)
+        assert cfg.data.holdout > 0 and cfg.data.eval_split == "val" and cfg.data.train_images == 0
+        assert (cfg.model.lowrank_init == "matched") == name.endswith(".matched") or cfg.model.method == "dense"
+    assert plan["select"] == {"data": {"eval_split": "holdout"}}
+    assert plan["finalists"] >= 2 and plan["report"] == "fresh" and len(plan["seeds"]) >= 4
+    readme = load_config(str(REPO / "configs/vit_fashion_mnist.yaml"), {}).to_dict()
+    study = variant_config(plan, "cola_lax.matched").to_dict()
+    assert readme["model"] == study["model"] and readme["augment"] == study["augment"]
+    assert readme["optim"] == {**study["optim"], "lr": readme["optim"]["lr"]}
+    quick = load_plan(REPO / "configs/reproduce_vit_fmnist.yaml", quick=True)
+    assert quick["out"] != plan["out"] and quick["rungs"] == 1
+    for name in quick["default_variants"]:
+        assert variant_config(quick, name).data.train_images == 10000
