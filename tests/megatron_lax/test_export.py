@@ -13,7 +13,6 @@ from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
 from megatron_lax.export import export
 from megatron_lax.generate import generate
-from megatron_lax.training.trainer import Trainer
 from megatron_lax.train import make_trainer
 
 

@@ -113,7 +113,6 @@ def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
     from megatron_lax.config import PRESETS, load_config
     from megatron_lax.data.tokens import model_vocab_size
     from megatron_lax.info import describe
-    from megatron_lax.training.trainer import Trainer
 
     tok = load_tokenizer(str(t5_layout_directory(tmp_path / "t5")))
     assert tok.vocab_size == 8192 + 100 and tok.eos_id == 1

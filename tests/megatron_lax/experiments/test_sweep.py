@@ -45,7 +45,6 @@ def test_sweep_trains_two_finalists_to_the_end_and_chooses_on_the_selection_slic
     reported = result["reported_val_loss"]
     assert all(reported[lr]["8"] != pytest.approx(finals[lr], abs=1e-6) for lr in finals)  # other tokens
     # paused at step 4 and resumed: the same losses as one uninterrupted run at that rate
-    from megatron_lax.training.trainer import Trainer
     plain = tiny(prepared_sample, optim__lr=result["best_lr"], logging__run_dir=tmp_path / "plain",
                  train__select_tokens=2048)
     summary = make_trainer(plain).fit()

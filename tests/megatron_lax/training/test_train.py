@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from megatron_lax.config import load_config
-from megatron_lax.training.trainer import Trainer
 from megatron_lax.train import make_trainer
 
 VARIANTS = [("dense", "none", 3e-3), ("svd", "none", 3e-3), ("svd", "identity", 1e-2),
