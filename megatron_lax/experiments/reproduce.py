@@ -9,7 +9,8 @@ grid every variant is swept over: a list, or a mapping of variant names, and `de
 `rungs`/`eta`/`finalists`/`plateau` (see megatron_lax.sweep), `seeds`, `report`, `metric`, `variants`
 ({name: {section: {key: value}}, each with an optional `base:` naming the variant it is compared
 with}), `default_variants` (what runs without --variants) and `quick` (a mapping of the same keys that
---quick puts over the plan: a cheaper protocol, written to OUT_quick unless --out says otherwise).
+--quick puts over the plan, its `config` section by section: a cheaper protocol, written to OUT_quick
+unless --out says otherwise).
 
 For each variant: a sweep on the first seed (megatron_lax.sweep: successive halving, at least two
 rates trained to the end, the choice made on the selection slice `train.select_tokens`, never on the
@@ -68,8 +69,19 @@ def load_plan(path: Path, quick: bool = False) -> dict:
         overrides = dict(plan["quick"])
         if "variants" in overrides:
             overrides["default_variants"] = overrides.pop("variants")
+        if "config" in overrides:
+            overrides["config"] = over_sections(plan["config"], overrides["config"])
         plan = {**plan, **overrides, "out": overrides.get("out", str(plan.get("out", "runs/reproduce")) + "_quick")}
     return plan
+
+
+def over_sections(config: dict, changes: dict) -> dict:
+    """`config` with `changes` put over it section by section: a section's other keys stay."""
+    merged = dict(config)
+    for key, value in changes.items():
+        both = isinstance(value, dict) and isinstance(config.get(key), dict)
+        merged[key] = {**config[key], **value} if both else value
+    return merged
 
 
 def grid(plan: dict, name: str) -> list[float]:

@@ -219,5 +219,8 @@ def test_the_vision_plan_chooses_on_held_out_images_and_trains_the_readme_vit():
     assert readme["optim"] == {**study["optim"], "lr": readme["optim"]["lr"]}
     quick = load_plan(REPO / "configs/reproduce_vit_fmnist.yaml", quick=True)
     assert quick["out"] != plan["out"] and quick["rungs"] == 1
-    for name in quick["default_variants"]:
-        assert variant_config(quick, name).data.train_images == 10000
+    for name in quick["default_variants"]:  # the earlier short protocol: quick's config over the plan's
+        cfg = variant_config(quick, name)
+        assert (cfg.data.train_images, cfg.data.holdout, cfg.model.n_layers, cfg.train.epochs) == (10000, 2000, 6, 2)
+        assert (cfg.augment.hflip, cfg.augment.label_smoothing, cfg.model.patch_size) == (0.5, 0.1, 7)
+        assert cfg.model.lowrank_init == "matched" and cfg.model.lax_gate_init == "identity"
