@@ -6,6 +6,7 @@ arithmetic text in the allenai/c4 layout for pre-training a base model that can 
 writes
     DIR/train.json, DIR/test.json      [{"instruction", "input": "", "output", "answer"}, ...]
     DIR/test_seen_operands.json        a diagnostic: new problems over the training operands
+    (--split templates: DIR/train.json and DIR/test_{templates,pairs,both}.json, see `template_split`)
     DIR/pretrain/arith-{train,validation}.00000-of-00001.json.gz     narrative text, C4 layout
 
 Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
@@ -54,40 +55,63 @@ def _people(rng):
     return first, second
 
 
-def add(rng, pick):
+# One-step problems in four wordings each. Wording 0 is the original task's; the template split holds the
+# last one out of training (HELD_OUT_WORDING). Every wording tells the operation with a word the
+# narrative pre-training text uses for it ("more", "added", "took", "lost", "each"), as a base model's
+# general knowledge would; the held-out one is the closest to that text, so that a model can read it
+# without having been fine-tuned on it, and the question is whether the fine-tune carries over.
+WORDINGS = {
+    "add": ["{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?",
+            "{n} found {a} {t} in the morning, and {b} more turned up later. How many {t} did {n} end up with?",
+            "In the shed there were {a} {t}, and then {n} added another {b}. What is the number of {t} in the shed?",
+            "{n} put {a} {t} on the table and {m} added {b}. How many {t} are on the table?"],
+    "take_away": ["{n} has {a} {t}. {n} gives {b} {t} to {m}. How many {t} does {n} have left?",
+                  "Of the {a} {t} in the drawer, {m} took {b}. How many {t} stayed behind?",
+                  "There were {a} {t} in a jar until {m} took {b} away. How many {t} are still in the jar?",
+                  "{n} had {a} {t} but lost {b} of them on the way home. How many {t} were left?"],
+    "compare": ["{n} has {a} {t} and {m} has {b} {t}. How many more {t} does {n} have than {m}?",
+                "{m} collected {b} {t}, while {n} collected {a}. How many more {t} did {n} collect?",
+                "Compare the {a} {t} of {n} with the {b} {t} of {m}: how many more does {n} have?",
+                "{n} owns {a} {t} and {m} owns {b}. How many more {t} does {n} own than {m}?"],
+    "multiply": ["There are {a} {plural} with {b} {t} in each {single}. How many {t} are there in total?",
+                 "{n} fills {a} {plural} with {b} {t} each. How many {t} does {n} use?",
+                 "Each of the {a} {plural} holds {b} {t}. How many {t} are there altogether?",
+                 "{n} kept {a} {plural} of {b} {t} each in the shed. How many {t} are in the shed?"],
+}
+HELD_OUT_WORDING = 3
+
+
+def add(rng, pick, wording=0):
     a, b = pick(), pick()
-    n, _ = _people(rng)
+    n, m = _people(rng)
     t = rng.choice(THINGS)
-    question = f"{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?"
-    steps = f"{a} + {b} = {a + b}."
-    return question, steps, a + b
+    question = WORDINGS["add"][wording].format(n=n, m=m, a=a, b=b, t=t)
+    return question, f"{a} + {b} = {a + b}.", a + b
 
 
-def take_away(rng, pick):
+def take_away(rng, pick, wording=0):
     a, b = sorted((pick(), pick()), reverse=True)
     n, m = _people(rng)
     t = rng.choice(THINGS)
-    question = f"{n} has {a} {t}. {n} gives {b} {t} to {m}. How many {t} does {n} have left?"
-    steps = f"{a} - {b} = {a - b}."
-    return question, steps, a - b
+    question = WORDINGS["take_away"][wording].format(n=n, m=m, a=a, b=b, t=t)
+    return question, f"{a} - {b} = {a - b}.", a - b
 
 
-def compare(rng, pick):
+def compare(rng, pick, wording=0):
     a, b = sorted((pick(), pick()), reverse=True)
     n, m = _people(rng)
     t = rng.choice(THINGS)
-    question = f"{n} has {a} {t} and {m} has {b} {t}. How many more {t} does {n} have than {m}?"
-    steps = f"{a} - {b} = {a - b}."
-    return question, steps, a - b
+    question = WORDINGS["compare"][wording].format(n=n, m=m, a=a, b=b, t=t)
+    return question, f"{a} - {b} = {a - b}.", a - b
 
 
-def multiply(rng, pick_factor):
+def multiply(rng, pick_factor, wording=0):
     a, b = pick_factor(), pick_factor()
     plural, single = rng.choice(CONTAINERS)
     t = rng.choice(THINGS)
-    question = f"There are {a} {plural} with {b} {t} in each {single}. How many {t} are there in total?"
-    steps = f"{a} x {b} = {a * b}."
-    return question, steps, a * b
+    n = NAMES[(a * 7 + b) % len(NAMES)]  # no draw from rng: wording 0 keeps the original task's bytes
+    question = WORDINGS["multiply"][wording].format(n=n, a=a, b=b, t=t, plural=plural, single=single)
+    return question, f"{a} x {b} = {a * b}.", a * b
 
 
 def add_then_take_away(rng, pick):
@@ -127,15 +151,20 @@ KINDS = ("add", "take_away", "compare", "multiply", "add_then_take_away", "multi
 ONE_STEP = KINDS[:4]
 
 
-def problem(rng: random.Random, numbers: list[int], kinds=KINDS, max_factor: int = MAX_FACTOR) -> dict:
+def problem(rng: random.Random, numbers: list[int], kinds=KINDS, max_factor: int = MAX_FACTOR,
+            wordings: dict[str, list[int]] | None = None) -> dict:
+    """One problem of a random kind; `wordings` (kind -> allowed wording indices) draws the wording too,
+    without it every one-step problem has wording 0."""
     factors = [n for n in numbers if n <= max_factor]
     pick, pick_factor = (lambda: rng.choice(numbers)), (lambda: rng.choice(factors))
-    make_one = {"add": lambda: add(rng, pick), "take_away": lambda: take_away(rng, pick),
-                "compare": lambda: compare(rng, pick), "multiply": lambda: multiply(rng, pick_factor),
+    kind = rng.choice(list(kinds))
+    w = rng.choice(wordings[kind]) if wordings else 0
+    make_one = {"add": lambda: add(rng, pick, w), "take_away": lambda: take_away(rng, pick, w),
+                "compare": lambda: compare(rng, pick, w), "multiply": lambda: multiply(rng, pick_factor, w),
                 "add_then_take_away": lambda: add_then_take_away(rng, pick),
                 "multiply_then_add": lambda: multiply_then_add(rng, pick, pick_factor),
                 "add_three": lambda: add_three(rng, pick)}
-    question, steps, answer = make_one[rng.choice(list(kinds))]()
+    question, steps, answer = make_one[kind]()
     return {"instruction": question, "input": "", "output": f"{steps} The answer is {answer}.", "answer": str(answer)}
 
 
@@ -147,23 +176,46 @@ def problems(n: int, numbers: list[int], seed: str, kinds=KINDS, max_factor: int
 def pair_side(record: dict, seed: int, test_share: float) -> str:
     """`test` or `train` for a one-step problem, by its unordered operand pair (seeded): the pairs
     split, where every number is an operand on both sides but no test pair is a training pair."""
-    a, op, b = EQUATION.match(record["output"]).groups()
-    pair = (op, *sorted((int(a), int(b))))
+    pair = operand_pair(record)
     return "test" if random.Random(f"pair-{seed}-{pair}").random() < test_share else "train"
+
+
+def operand_pair(record: dict) -> tuple:
+    """(operation, smaller operand, larger operand) of a one-step problem."""
+    a, op, b = EQUATION.match(record["output"]).groups()
+    return (op, *sorted((int(a), int(b))))
 
 
 EQUATION = re.compile(r"(\d+) ([+x-]) (\d+) = ")
 
 
 def pair_problems(n: int, numbers: list[int], seed: int, side: str, kinds, max_factor: int,
-                  test_share: float) -> list[dict]:
-    """n one-step problems over `numbers` whose operand pair lies on `side` (rejection sampling)."""
-    rng, out = random.Random(f"{side}-pairs-{seed}"), []
+                  test_share: float, wordings: dict[str, list[int]] | None = None, name: str = "",
+                  among: set | None = None) -> list[dict]:
+    """n one-step problems over `numbers` whose operand pair lies on `side` (and is one of `among`,
+    when given), by rejection sampling."""
+    rng, out = random.Random(f"{name}{side}-pairs-{seed}"), []
     while len(out) < n:
-        record = problem(rng, numbers, kinds, max_factor)
-        if pair_side(record, seed, test_share) == side:
+        record = problem(rng, numbers, kinds, max_factor, wordings)
+        if pair_side(record, seed, test_share) == side and (among is None or operand_pair(record) in among):
             out.append(record)
     return out
+
+
+def template_split(n_train: int, n_test: int, numbers: list[int], seed: int, kinds, max_factor: int,
+                   test_share: float) -> dict[str, list[dict]]:
+    """Training problems in three wordings of each kind over the training operand pairs, and three test
+    sets that change one thing or both: the held-out wording over pairs that training shows
+    (`test_templates`), held-out pairs in the training wordings (`test_pairs`), or both (`test_both`)."""
+    seen = {k: [w for w in range(len(WORDINGS[k])) if w != HELD_OUT_WORDING] for k in kinds}
+    unseen = {k: [HELD_OUT_WORDING] for k in kinds}
+    split = lambda n, side, wordings, name, among=None: pair_problems(n, numbers, seed, side, kinds, max_factor,
+                                                                      test_share, wordings, name, among)
+    train = split(n_train, "train", seen, "seen-wording-")
+    return {"train": train,
+            "test_templates": split(n_test, "train", unseen, "unseen-wording-", {operand_pair(r) for r in train}),
+            "test_pairs": split(n_test, "test", seen, "seen-wording-"),
+            "test_both": split(n_test, "test", unseen, "unseen-wording-")}
 
 
 # --- narrative text for pre-training ----------------------------------------------------------------
@@ -212,11 +264,17 @@ def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int, m
     """split `operands`: test problems use only numbers that no training problem uses (plus the
     test_seen_operands.json diagnostic); `pairs` (one-step kinds only): every number appears on both
     sides but no test operand pair is a training pair, so a test answer is a fact the base saw in
-    pre-training and the fine-tune never showed."""
+    pre-training and the fine-tune never showed; `templates` (one-step kinds): the pairs split, and
+    one of the four wordings of each kind held out of training as well (`template_split`)."""
     output.mkdir(parents=True, exist_ok=True)
-    if split == "pairs":
-        if set(kinds) - set(ONE_STEP):
-            raise ValueError(f"the pairs split needs one-step kinds ({', '.join(ONE_STEP)})")
+    if split in ("pairs", "templates") and set(kinds) - set(ONE_STEP):
+        raise ValueError(f"the {split} split needs one-step kinds ({', '.join(ONE_STEP)})")
+    if split == "templates":
+        numbers = list(range(2, max_number + 1))
+        for name, records in template_split(n_train, n_test, numbers, seed, kinds, max_factor, test_share).items():
+            write_json(output / f"{name}.json", records)
+        pools = {"train": numbers, "test": numbers}
+    elif split == "pairs":
         numbers = list(range(2, max_number + 1))
         train = pair_problems(n_train, numbers, seed, "train", kinds, max_factor, test_share)
         write_json(output / "train.json", train)
@@ -251,7 +309,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-number", type=int, default=MAX_NUMBER, help="operands are 2..this")
     parser.add_argument("--max-factor", type=int, default=MAX_FACTOR, help="multiplication operands are 2..this")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {','.join(KINDS)}")
-    parser.add_argument("--split", choices=("operands", "pairs"), default="operands")
+    parser.add_argument("--split", choices=("operands", "pairs", "templates"), default="operands")
     parser.add_argument("--test-share", type=float, default=TEST_SHARE)
     args = parser.parse_args(argv)
     kinds = tuple(args.kinds.split(","))

@@ -108,7 +108,10 @@ def cells(ranks: list[int], methods: list[str], full: bool) -> list[tuple[str, d
     return [cell(f"{method}_r{rank}") for rank in ranks for method in methods] + ([cell(FULL)] if full else [])
 
 
-def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict:
+def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float, evaluate: bool = True) -> dict:
+    """Fine-tune one cell; with `evaluate`, score every test file (exact match per problem, greedy) and
+    its teacher-forced losses. Tuning runs pass evaluate=False: they are chosen on the held-out loss of
+    training examples alone, and the test files are never looked at."""
     from tokenizer import load_tokenizer
 
     from ..config import load_config
@@ -121,7 +124,7 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
     values = {**overrides, "logging.run_dir": str(run_dir), "logging.progress": "false",
               "logging.tensorboard": "false", "logging.lax_stats_every": "0",
               "checkpoint.resume": "auto"}  # a cell cut short continues where it stopped
-    if overrides.get("finetune.full") == "true":
+    if overrides.get("finetune.full") == "true" and "optim.lr" not in overrides:
         values["optim.lr"] = str(full_lr)
     cfg = load_config(config, values)
     start = time.time()
@@ -131,34 +134,88 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict
     f = cfg.finetune
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     bos = uses_bos(f.add_bos, f.base, tokenizer)
-    result = {"overrides": overrides, "seed": cfg.train.seed, "trainable": trainable_parameters(model),
-              "val_loss": summary["val_loss"], "train_seconds": train_seconds, "files": []}
-    for path in f.test_json:
+    result = {"overrides": overrides, "seed": cfg.train.seed, "lr": cfg.optim.lr,
+              "trainable": trainable_parameters(model), "val_loss": summary["val_loss"],
+              "train_seconds": train_seconds, "files": []}
+    for path in f.test_json if evaluate else []:
         acc = accuracy(model, tokenizer, path, f.max_new_tokens, 64, f.num_beams, bos)
         losses = teacher_forced(model, tokenizer, read_test_file(path)[0], 64, bos)
         result["files"].append({**{k: acc[k] for k in ("file", "n", "correct", "accuracy")}, **losses,
-                                "examples": acc["examples"][:8]})
+                                "hits": [int(e["correct"]) for e in acc["examples"]],
+                                "examples": acc["examples"]})
     result["seconds"] = time.time() - start
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the result is what the study keeps
     return result
 
 
+def run_cell(config: str, target: Path, name: str, overrides: dict, seed: int, full_lr: float, base: str,
+             extra: dict | None, evaluate: bool = True) -> dict:
+    """One cell and seed, written to `target` (read back when it is there already: a study resumes)."""
+    if target.is_file():
+        return json.loads(target.read_text())
+    overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed),
+                 **({"finetune.base": base} if base else {}), **(extra or {})}
+    result = run_one(config, overrides, target.parent / "run", full_lr, evaluate)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(result, indent=1))
+    scores = f"held-out loss {result['val_loss']:.4f}"
+    for f in result["files"]:
+        scores += (f"; {Path(f['file']).stem}: exact match {100 * f['accuracy']:.1f}%, answer loss "
+                   f"{f['answer_loss']:.3f}, response loss {f['response_loss']:.4f}")
+    print(f"{name} lr {result['lr']:g} seed {seed}: {scores} ({result['seconds']:.0f}s)", flush=True)
+    return result
+
+
 def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], full_lr: float, base: str = "",
-        extra: dict | None = None) -> None:
-    """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds."""
+        extra: dict | None = None, lrs: dict[str, float] | None = None) -> None:
+    """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds.
+    `lrs` (cell -> rate, as `tune` writes) sets each cell's own learning rate."""
     for seed in seeds:
         for name, overrides in plan:
-            target = out / name / f"seed{seed}" / "result.json"
-            if target.is_file():
-                continue
-            overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed),
-                         **({"finetune.base": base} if base else {}), **(extra or {})}
-            result = run_one(config, overrides, target.parent / "run", full_lr)
-            target.write_text(json.dumps(result, indent=1))
-            f = result["files"][0]
-            print(f"{name} seed {seed}: exact match {100 * f['accuracy']:.1f}% ({f['correct']}/{f['n']}), answer "
-                  f"loss {f['answer_loss']:.3f}, response loss {f['response_loss']:.4f} ({result['seconds']:.0f}s)",
-                  flush=True)
+            if lrs:
+                overrides = {**overrides, "optim.lr": repr(lrs[name])}
+            run_cell(config, out / name / f"seed{seed}" / "result.json", name, overrides, seed, full_lr, base, extra)
+
+
+# --- choosing each cell's learning rate -----------------------------------------------------------------
+
+def tune(config: str, out: Path, plan: list[tuple[str, dict]], rates: list[float], full_rates: list[float],
+         seeds: list[int], finalists: int, base: str = "", extra: dict | None = None) -> dict[str, float]:
+    """Each cell's learning rate, chosen at full length on the held-out loss of training examples: every
+    rate of the grid on the first seed (plus one rate past an edge of the grid that wins), the best
+    `finalists` on the other seeds too, and the lowest mean held-out loss over the seeds wins. The test
+    files are not evaluated. Writes OUT/CELL/lrLR/seedS/result.json and OUT/chosen.json."""
+    chosen = {}
+    for name, overrides in plan:
+        grid = sorted(full_rates if name == FULL else rates)
+
+        def loss(lr: float, seed: int) -> float:
+            target = out / name / f"lr{lr:g}" / f"seed{seed}" / "result.json"
+            return run_cell(config, target, name, {**overrides, "optim.lr": repr(lr)}, seed, 0.0, base, extra,
+                            evaluate=False)["val_loss"]
+
+        first = {lr: loss(lr, seeds[0]) for lr in grid}
+        best = min(first, key=first.get)
+        if len(grid) > 1 and best in (grid[0], grid[-1]):  # the grid's edge won: look one step past it
+            step = grid[1] / grid[0] if best == grid[0] else grid[-1] / grid[-2]
+            past = float(f"{best / step if best == grid[0] else best * step:.0e}")  # one significant digit
+            first[past] = loss(past, seeds[0])
+        ranked = sorted(first, key=first.get)[:finalists]
+        mean = {lr: statistics.fmean([first[lr]] + [loss(lr, s) for s in seeds[1:]]) for lr in ranked}
+        chosen[name] = min(mean, key=mean.get)
+        print(f"{name}: held-out loss on seed {seeds[0]} " + ", ".join(f"{lr:g} {v:.4f}" for lr, v in
+              sorted(first.items())) + f"; finalists over seeds {seeds}: " +
+              ", ".join(f"{lr:g} {v:.4f}" for lr, v in mean.items()) + f"; chosen {chosen[name]:g}", flush=True)
+        (out / name / "chosen.json").write_text(json.dumps({"lr": chosen[name], "held_out_loss": mean}) + "\n")
+    return chosen
+
+
+def chosen_rates(tuned: Path) -> dict[str, float]:
+    """cell -> the rate `tune` chose, from TUNED/CELL/chosen.json."""
+    rates = {path.parent.name: json.loads(path.read_text())["lr"] for path in sorted(tuned.glob("*/chosen.json"))}
+    if not rates:
+        raise SystemExit(f"no chosen rates under {tuned}: run `finetune_study tune` first")
+    return rates
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -219,6 +276,76 @@ def table(out: Path) -> str:
     return "\n".join(lines)
 
 
+# --- intervals ----------------------------------------------------------------------------------------
+
+def paired_bootstrap(ours, theirs, reps: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean exact-match difference of two cells over (seed, problem), with a 95% percentile interval
+    from resampling seeds and test problems together (the same draws for both cells: paired)."""
+    import numpy as np
+    d = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)  # seeds x problems
+    rng = np.random.default_rng(seed)
+    n_seeds, n_items = d.shape
+    means = [d[np.ix_(rng.integers(0, n_seeds, n_seeds), rng.integers(0, n_items, n_items))].mean()
+             for _ in range(reps)]
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(d.mean()), float(low), float(high)
+
+
+def sign_test(differences: list[float]) -> tuple[int, int, float]:
+    """(ahead, behind, two-sided p) over seeds, ties dropped."""
+    from math import comb
+    ahead, behind = sum(d > 0 for d in differences), sum(d < 0 for d in differences)
+    n = ahead + behind
+    p = min(1.0, 2 * sum(comb(n, k) for k in range(min(ahead, behind) + 1)) / 2 ** n) if n else 1.0
+    return ahead, behind, p
+
+
+def comparisons(cells: list[str]) -> list[tuple[str, str]]:
+    """(cell, reference): each LaX-LoRA cell against LoRA of its rank, and full fine-tuning against each LoRA."""
+    pairs = [(c, "lora_r" + c.rsplit("_r", 1)[1]) for c in cells if c.startswith("lax")]
+    pairs += [(FULL, c) for c in cells if c.startswith("lora_r") and FULL in cells]
+    return [(c, ref) for c, ref in pairs if ref in cells]
+
+
+def effects_table(results: dict[str, dict[int, dict]]) -> str:
+    """Per test file: each cell's exact match, answer and response loss, and each comparison's paired
+    exact-match difference with its bootstrap interval and sign test (an effect only where the
+    interval excludes zero), and the per-seed differences of the two losses with their sign tests."""
+    order = sorted(results, key=lambda c: (c == FULL, int(c.rsplit("_r", 1)[1]) if "_r" in c else 0,
+                                           list(METHODS).index(c.rsplit("_r", 1)[0]) if "_r" in c else 0))
+    lines = []
+    some = next(iter(next(iter(results.values())).values()))
+    for k, file in enumerate(some["files"]):
+        lines += [f"{Path(file['file']).name} ({file['n']} problems)", "",
+                  "| cell | LR | seeds | exact match % | answer loss | response loss |", "|---" * 6 + "|"]
+        for cell in order:
+            runs = results[cell]
+            seeds = sorted(runs)
+            get = lambda key: [runs[s]["files"][k][key] for s in seeds]
+            lines.append(f"| {cell} | {runs[seeds[0]].get('lr', 0):g} | {len(seeds)} | {spread(get('accuracy'), 100)} | "
+                         f"{spread(get('answer_loss'), 1, 3)} | {spread(get('response_loss'), 1, 3)} |")
+        lines += ["", "| comparison | paired seeds | Δ exact match (pp) | 95% interval | seeds ahead / behind "
+                  "(sign test p) | effect | Δ answer loss (seeds lower, p) | Δ response loss (seeds lower, p) |",
+                  "|---" * 8 + "|"]
+        for cell, ref in comparisons(order):
+            seeds = sorted(set(results[cell]) & set(results[ref]))
+            hits = lambda c: [results[c][s]["files"][k]["hits"] for s in seeds]
+            mean, low, high = paired_bootstrap(hits(cell), hits(ref))
+            per_seed = [results[cell][s]["files"][k]["accuracy"] - results[ref][s]["files"][k]["accuracy"]
+                        for s in seeds]
+            ahead, behind, p = sign_test(per_seed)
+            effect = "yes" if low > 0 or high < 0 else "no"
+            losses = []
+            for key in ("answer_loss", "response_loss"):
+                d = [results[cell][s]["files"][k][key] - results[ref][s]["files"][k][key] for s in seeds]
+                lower, higher, p_loss = sign_test([-x for x in d])
+                losses.append(f"{spread(d, 1, 3)} ({lower}/{len(seeds)}, p {p_loss:.3f})")
+            lines.append(f"| {cell} − {ref} | {len(seeds)} | {100 * mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
+                         f"{ahead} / {behind} (p {p:.3f}) | {effect} | {losses[0]} | {losses[1]} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -240,6 +367,17 @@ def main(argv=None) -> int:
     r.add_argument("--cells", nargs="+", help="explicit cells (e.g. lora_r1 lax_linear_projection_r1 full) instead "
                                               "of ranks x methods (+ full)")
     r.add_argument("--full-lr", type=float, default=1e-3)
+    r.add_argument("--lrs", type=Path, help="a `tune` directory: each cell at the rate chosen there")
+    u = commands.add_parser("tune", help="choose each cell's learning rate on held-out training examples")
+    u.add_argument("--config", required=True)
+    u.add_argument("--out", type=Path, required=True)
+    u.add_argument("--base", default="")
+    u.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    u.add_argument("--cells", nargs="+", required=True)
+    u.add_argument("--rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
+    u.add_argument("--full-rates", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    u.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="selection seeds, none of them reported")
+    u.add_argument("--finalists", type=int, default=2)
     t = commands.add_parser("table", help="the Markdown table of a study directory")
     t.add_argument("out", type=Path)
     t.add_argument("--output", type=Path)
@@ -260,9 +398,16 @@ def main(argv=None) -> int:
     if args.command == "run":
         extra = dict(item.split("=", 1) for item in args.set)
         plan = [cell(name) for name in args.cells] if args.cells else cells(args.ranks, args.methods, not args.no_full)
-        run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra)
+        run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra,
+            chosen_rates(args.lrs) if args.lrs else None)
         return 0
-    text = table(args.out)
+    if args.command == "tune":
+        tune(args.config, args.out, [cell(name) for name in args.cells], args.rates, args.full_rates, args.seeds,
+             args.finalists, args.base, dict(item.split("=", 1) for item in args.set))
+        return 0
+    results = read_results(args.out)
+    with_hits = all("hits" in f for runs in results.values() for r in runs.values() for f in r["files"])
+    text = effects_table(results) if results and with_hits else table(args.out)
     if args.output:
         args.output.write_text(text + "\n")
     print(text)

@@ -59,3 +59,72 @@ def test_answer_loss_scores_the_tokens_where_the_answer_is_computed():
         losses = finetune_eval.teacher_forced(model.eval(), tok, records)
     assert losses["answer_tokens"] == 3  # "3", then "2" "0": the tokenizer splits digits, its "▁" is not scored
     assert 0 < losses["answer_loss"] and 0 < losses["response_loss"]
+
+
+def test_tune_chooses_on_held_out_loss_never_scores_the_tests_and_looks_past_a_winning_edge(tmp_path, monkeypatch):
+    """Rates 1e-3/3e-3/1e-2 on the first seed, 3e-2 added because the edge 1e-2 won there; the two best
+    go on to the second seed, and the lower mean wins (3e-2 is best on seed 100 alone, 1e-2 over both)."""
+    losses = {(1e-3, 100): 0.9, (3e-3, 100): 0.7, (1e-2, 100): 0.5, (3e-2, 100): 0.45,
+              (1e-2, 101): 0.5, (3e-2, 101): 0.65}
+    calls = []
+
+    def fake_run_one(config, overrides, run_dir, full_lr, evaluate=True):
+        lr, seed = float(overrides["optim.lr"]), int(overrides["train.seed"])
+        calls.append((lr, seed, evaluate))
+        return {"lr": lr, "seed": seed, "val_loss": losses[(lr, seed)], "files": [], "seconds": 0}
+
+    monkeypatch.setattr(finetune_study, "run_one", fake_run_one)
+    chosen = finetune_study.tune("c.yaml", tmp_path, [finetune_study.cell("lora_r4")], [1e-3, 3e-3, 1e-2], [],
+                                 [100, 101], finalists=2)
+    assert chosen == {"lora_r4": 1e-2} and finetune_study.chosen_rates(tmp_path) == {"lora_r4": 1e-2}
+    assert sorted(calls) == sorted([(1e-3, 100, False), (3e-3, 100, False), (1e-2, 100, False),
+                                    (3e-2, 100, False), (1e-2, 101, False), (3e-2, 101, False)])
+    calls.clear()  # a second call reads the finished runs back instead of running them again
+    assert finetune_study.tune("c.yaml", tmp_path, [finetune_study.cell("lora_r4")], [1e-3, 3e-3, 1e-2], [],
+                               [100, 101], finalists=2) == chosen and calls == []
+
+
+def test_the_paired_bootstrap_separates_a_real_difference_from_noise():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    theirs = rng.random((6, 300)) < 0.4
+    better = theirs | (rng.random((6, 300)) < 0.3)  # about +18 points on every seed
+    mean, low, high = finetune_study.paired_bootstrap(better, theirs)
+    assert 0.1 < low < mean < high
+    noise = rng.random((6, 300)) < 0.4  # the same rate, drawn independently
+    mean, low, high = finetune_study.paired_bootstrap(noise, theirs)
+    assert low < 0 < high
+    assert finetune_study.sign_test([0.1] * 8) == (8, 0, 2 / 2 ** 8)
+    assert finetune_study.sign_test([0.1, -0.1, 0.0]) == (1, 1, 1.0)
+
+
+def test_the_effects_table_calls_an_effect_only_where_the_interval_excludes_zero(tmp_path):
+    def put(name, seed, hits, lr, response_loss=0.5):
+        path = tmp_path / name / f"seed{seed}" / "result.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"seed": seed, "lr": lr, "trainable": 1, "files": [
+            {"file": "data/x/test_templates.json", "n": len(hits), "accuracy": sum(hits) / len(hits),
+             "answer_loss": 1.0, "response_loss": response_loss, "hits": hits}]}))
+
+    for seed in range(4):
+        put("lora_r4", seed, [1] * 20 + [0] * 80, 0.01, response_loss=0.5 + 0.1 * seed)
+        put("lax_identity_r4", seed, [1] * 20 + [0] * 80, 0.03)  # the same problems right: no effect
+        put("full", seed, [1] * 90 + [0] * 10, 0.001)  # +70 points on every seed
+    text = finetune_study.effects_table(finetune_study.read_results(tmp_path))
+    assert "test_templates.json (100 problems)" in text
+    assert "| lax_identity_r4 | 0.03 | 4 | 20.0 ± 0.0 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text
+    # LoRA's response loss is 0.5, 0.6, 0.7, 0.8 over the seeds: LaX's (0.5) is 0.15 lower on average, on 3 of 4
+    assert "| no | 0.000 ± 0.000 (0/4, p 1.000) | -0.150 ± 0.129 (3/4, p 0.250) |" in text
+    assert "| lax_identity_r4 − lora_r4 | 4 | +0.0 | [+0.0, +0.0] | 0 / 0 (p 1.000) | no |" in text
+    assert "| full − lora_r4 | 4 | +70.0 |" in text and "4 / 0 (p 0.125) | yes |" in text
+
+
+def test_the_template_study_config_names_the_shipped_task():
+    from pathlib import Path
+
+    from megatron_lax.config import load_config
+    cfg = load_config(str(REPO / "configs" / "finetune_templates.yaml"), {})
+    f = cfg.finetune
+    assert all((REPO / p).is_file() for p in [f.train_json, *f.test_json])
+    assert [Path(p).stem for p in f.test_json] == ["test_templates", "test_pairs", "test_both"]
+    assert not f.keep_best and f.num_beams == 1 and not f.train_on_inputs
