@@ -291,6 +291,21 @@ def paired_bootstrap(ours, theirs, reps: int = 4000, seed: int = 0) -> tuple[flo
     return float(d.mean()), float(low), float(high)
 
 
+# the 97.5% quantile of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t_interval(values: list[float]) -> tuple[float, float]:
+    """95% interval of the mean of per-seed differences (Student's t): with few seeds it is wider than the
+    bootstrap's, which treats the seeds it has as the whole spread of seeds."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return float("-inf"), float("inf")
+    half = (T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return mean - half, mean + half
+
+
 def sign_test(differences: list[float]) -> tuple[int, int, float]:
     """(ahead, behind, two-sided p) over seeds, ties dropped."""
     from math import comb
@@ -309,8 +324,9 @@ def comparisons(cells: list[str]) -> list[tuple[str, str]]:
 
 def effects_table(results: dict[str, dict[int, dict]]) -> str:
     """Per test file: each cell's exact match, answer and response loss, and each comparison's paired
-    exact-match difference with its bootstrap interval and sign test (an effect only where the
-    interval excludes zero), and the per-seed differences of the two losses with their sign tests."""
+    exact-match difference with two 95% intervals, the bootstrap's over seeds and problems and Student's
+    t over the per-seed differences (an effect only where both exclude zero), its sign test, and the
+    per-seed differences of the two losses with their sign tests."""
     order = sorted(results, key=lambda c: (c == FULL, int(c.rsplit("_r", 1)[1]) if "_r" in c else 0,
                                            list(METHODS).index(c.rsplit("_r", 1)[0]) if "_r" in c else 0))
     lines = []
@@ -324,9 +340,9 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
             get = lambda key: [runs[s]["files"][k][key] for s in seeds]
             lines.append(f"| {cell} | {runs[seeds[0]].get('lr', 0):g} | {len(seeds)} | {spread(get('accuracy'), 100)} | "
                          f"{spread(get('answer_loss'), 1, 3)} | {spread(get('response_loss'), 1, 3)} |")
-        lines += ["", "| comparison | paired seeds | Δ exact match (pp) | 95% interval | seeds ahead / behind "
-                  "(sign test p) | effect | Δ answer loss (seeds lower, p) | Δ response loss (seeds lower, p) |",
-                  "|---" * 8 + "|"]
+        lines += ["", "| comparison | paired seeds | Δ exact match (pp) | 95% bootstrap interval | 95% t interval "
+                  "over seeds | seeds ahead / behind (sign test p) | effect | Δ answer loss (seeds lower, p) | "
+                  "Δ response loss (seeds lower, p) |", "|---" * 9 + "|"]
         for cell, ref in comparisons(order):
             seeds = sorted(set(results[cell]) & set(results[ref]))
             hits = lambda c: [results[c][s]["files"][k]["hits"] for s in seeds]
@@ -334,14 +350,16 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
             per_seed = [results[cell][s]["files"][k]["accuracy"] - results[ref][s]["files"][k]["accuracy"]
                         for s in seeds]
             ahead, behind, p = sign_test(per_seed)
-            effect = "yes" if low > 0 or high < 0 else "no"
+            t_low, t_high = t_interval(per_seed)
+            effect = "yes" if (low > 0 and t_low > 0) or (high < 0 and t_high < 0) else "no"
             losses = []
             for key in ("answer_loss", "response_loss"):
                 d = [results[cell][s]["files"][k][key] - results[ref][s]["files"][k][key] for s in seeds]
                 lower, higher, p_loss = sign_test([-x for x in d])
                 losses.append(f"{spread(d, 1, 3)} ({lower}/{len(seeds)}, p {p_loss:.3f})")
             lines.append(f"| {cell} − {ref} | {len(seeds)} | {100 * mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
-                         f"{ahead} / {behind} (p {p:.3f}) | {effect} | {losses[0]} | {losses[1]} |")
+                         f"[{100 * t_low:+.1f}, {100 * t_high:+.1f}] | {ahead} / {behind} (p {p:.3f}) | {effect} | "
+                         f"{losses[0]} | {losses[1]} |")
         lines.append("")
     return "\n".join(lines)
 

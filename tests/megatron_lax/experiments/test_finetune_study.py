@@ -115,8 +115,16 @@ def test_the_effects_table_calls_an_effect_only_where_the_interval_excludes_zero
     assert "| lax_identity_r4 | 0.03 | 4 | 20.0 ± 0.0 | 1.000 ± 0.000 | 0.500 ± 0.000 |" in text
     # LoRA's response loss is 0.5, 0.6, 0.7, 0.8 over the seeds: LaX's (0.5) is 0.15 lower on average, on 3 of 4
     assert "| no | 0.000 ± 0.000 (0/4, p 1.000) | -0.150 ± 0.129 (3/4, p 0.250) |" in text
-    assert "| lax_identity_r4 − lora_r4 | 4 | +0.0 | [+0.0, +0.0] | 0 / 0 (p 1.000) | no |" in text
+    assert "| lax_identity_r4 − lora_r4 | 4 | +0.0 | [+0.0, +0.0] | [+0.0, +0.0] | 0 / 0 (p 1.000) | no |" in text
     assert "| full − lora_r4 | 4 | +70.0 |" in text and "4 / 0 (p 0.125) | yes |" in text
+
+
+def test_an_effect_needs_the_t_interval_over_seeds_to_exclude_zero_as_well():
+    """Per-seed differences +19, -5, +18, -1, -5: the t interval over 5 seeds is wide and holds zero."""
+    low, high = finetune_study.t_interval([19, -5, 18, -1, -5])
+    assert low < 0 < high and high - low == pytest.approx(2 * 2.776 * 12.2556 / 5 ** 0.5, rel=1e-4)
+    assert finetune_study.t_interval([1.0, 1.2, 0.8]) == pytest.approx((1 - 4.303 * 0.2 / 3 ** 0.5,
+                                                                          1 + 4.303 * 0.2 / 3 ** 0.5))
 
 
 def test_the_template_study_config_names_the_shipped_task():
