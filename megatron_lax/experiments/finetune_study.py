@@ -2,6 +2,8 @@
 
     python -m megatron_lax.finetune_study probe --base RUN [--output probe.json]
     python -m megatron_lax.finetune_study run --config configs/finetune_study.yaml --out DIR [--seeds 0 1 2 3 4]
+    python -m megatron_lax.finetune_study tune --config C --out TUNED --cells lora_r4 ... [--rates ...]
+    python -m megatron_lax.finetune_study run --config C --out DIR --cells ... --lrs TUNED --seeds 1 2 ...
     python -m megatron_lax.finetune_study table DIR [--output table.md]
 
 `probe` asks the base, before any fine-tuning, whether it can do what the task needs, on sentences
@@ -14,9 +16,14 @@ resumes): exact match on the whole test file (greedy decoding) and the teacher-f
 gold response and of its answer tokens. LoRA and LaX-LoRA of one seed share A's initialisation
 (seeded by parameter name), the held-out split and the example order (data.seed = train.seed).
 
+`tune` chooses each cell's learning rate at full length on the held-out loss of training examples,
+on selection seeds that the report does not use (`tune`'s docstring); `run --lrs` then runs each cell at
+its own rate.
+
 `table` reports each cell's mean ± sample standard deviation over seeds, and each LaX-LoRA cell's
 per-seed difference from LoRA at the same rank and seed (mean ± standard deviation, and on how many
-seeds LaX-LoRA was better).
+seeds LaX-LoRA was better). Results that keep per-problem hits (every run since the template study) get
+`effects_table` instead: per test file, paired intervals and sign tests.
 """
 from __future__ import annotations
 
@@ -170,6 +177,9 @@ def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], 
         extra: dict | None = None, lrs: dict[str, float] | None = None) -> None:
     """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds.
     `lrs` (cell -> rate, as `tune` writes) sets each cell's own learning rate."""
+    missing = [name for name, _ in plan if lrs and name not in lrs]
+    if missing:
+        raise SystemExit(f"no chosen rate for {', '.join(missing)}: run `finetune_study tune` for them first")
     for seed in seeds:
         for name, overrides in plan:
             if lrs:
@@ -184,7 +194,7 @@ def tune(config: str, out: Path, plan: list[tuple[str, dict]], rates: list[float
     """Each cell's learning rate, chosen at full length on the held-out loss of training examples: every
     rate of the grid on the first seed (plus one rate past an edge of the grid that wins), the best
     `finalists` on the other seeds too, and the lowest mean held-out loss over the seeds wins. The test
-    files are not evaluated. Writes OUT/CELL/lrLR/seedS/result.json and OUT/chosen.json."""
+    files are not evaluated. Writes OUT/CELL/lrLR/seedS/result.json and OUT/CELL/chosen.json."""
     chosen = {}
     for name, overrides in plan:
         grid = sorted(full_rates if name == FULL else rates)

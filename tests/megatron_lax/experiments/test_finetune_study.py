@@ -79,6 +79,9 @@ def test_tune_chooses_on_held_out_loss_never_scores_the_tests_and_looks_past_a_w
     assert chosen == {"lora_r4": 1e-2} and finetune_study.chosen_rates(tmp_path) == {"lora_r4": 1e-2}
     assert sorted(calls) == sorted([(1e-3, 100, False), (3e-3, 100, False), (1e-2, 100, False),
                                     (3e-2, 100, False), (1e-2, 101, False), (3e-2, 101, False)])
+    with pytest.raises(SystemExit, match="no chosen rate for lax_linear_r4"):
+        finetune_study.run("c.yaml", tmp_path / "cells", [1], [finetune_study.cell("lax_linear_r4")], 1e-3,
+                           lrs=finetune_study.chosen_rates(tmp_path))
     calls.clear()  # a second call reads the finished runs back instead of running them again
     assert finetune_study.tune("c.yaml", tmp_path, [finetune_study.cell("lora_r4")], [1e-3, 3e-3, 1e-2], [],
                                [100, 101], finalists=2) == chosen and calls == []
