@@ -245,14 +245,28 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def cell_order(names) -> list[str]:
+    """By rank, then in METHODS' order, full fine-tuning last."""
+    def key(name):
+        if name == FULL:
+            return (1, 0, 0)
+        method, rank = name.rsplit("_r", 1)
+        return (0, int(rank), list(METHODS).index(method))
+    return sorted(names, key=key)
+
+
+def lora_of(name: str) -> str | None:
+    """The LoRA cell a LaX-LoRA cell is compared with (the same rank); None for any other cell."""
+    return "lora_r" + name.rsplit("_r", 1)[1] if name.startswith("lax") else None
+
+
 def table(out: Path) -> str:
     """Markdown: one row per cell; LaX-LoRA rows add the paired per-seed differences from LoRA."""
     results = read_results(out)
     metric = lambda r, key: r["files"][0][key]
     lines = ["| cell | seeds | trainable | exact match % | Δ EM vs LoRA (pp) | LaX better (EM) | answer loss | "
              "Δ answer loss vs LoRA | LaX lower (loss) |", "|---" * 9 + "|"]
-    order = sorted(results, key=lambda c: (c == FULL, int(c.rsplit("_r", 1)[1]) if "_r" in c else 0,
-                                           list(METHODS).index(c.rsplit("_r", 1)[0]) if "_r" in c else 0))
+    order = cell_order(results)
     for cell in order:
         runs = results[cell]
         seeds = sorted(runs)
@@ -260,7 +274,7 @@ def table(out: Path) -> str:
         loss = [metric(runs[s], "answer_loss") for s in seeds]
         row = [cell, str(len(seeds)), f"{runs[seeds[0]]['trainable']:,}", spread(em, 100), "", "", spread(loss, 1, 3),
                "", ""]
-        baseline = results.get("lora_r" + cell.rsplit("_r", 1)[1]) if cell.startswith("lax") else None
+        baseline = results.get(lora_of(cell))
         if baseline:
             paired = [s for s in seeds if s in baseline]
             d_em = [metric(runs[s], "accuracy") - metric(baseline[s], "accuracy") for s in paired]
@@ -275,7 +289,7 @@ def table(out: Path) -> str:
               "|---" * (1 + len({s for r in results.values() for s in r})) + "|"]
     all_seeds = sorted({s for r in results.values() for s in r})
     for cell in order:
-        baseline = results.get("lora_r" + cell.rsplit("_r", 1)[1]) if cell.startswith("lax") else None
+        baseline = results.get(lora_of(cell))
         if not baseline:
             continue
         runs = results[cell]
@@ -312,7 +326,8 @@ def t_interval(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return float("-inf"), float("inf")
-    half = (T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    quantile = T975[len(values) - 2] if len(values) - 1 <= len(T975) else 1.96
+    half = quantile * statistics.stdev(values) / len(values) ** 0.5
     return mean - half, mean + half
 
 
@@ -327,7 +342,7 @@ def sign_test(differences: list[float]) -> tuple[int, int, float]:
 
 def comparisons(cells: list[str]) -> list[tuple[str, str]]:
     """(cell, reference): each LaX-LoRA cell against LoRA of its rank, and full fine-tuning against each LoRA."""
-    pairs = [(c, "lora_r" + c.rsplit("_r", 1)[1]) for c in cells if c.startswith("lax")]
+    pairs = [(c, lora_of(c)) for c in cells if lora_of(c)]
     pairs += [(FULL, c) for c in cells if c.startswith("lora_r") and FULL in cells]
     return [(c, ref) for c, ref in pairs if ref in cells]
 
@@ -337,8 +352,7 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
     exact-match difference with two 95% intervals, the bootstrap's over seeds and problems and Student's
     t over the per-seed differences (an effect only where both exclude zero), its sign test, and the
     per-seed differences of the two losses with their sign tests."""
-    order = sorted(results, key=lambda c: (c == FULL, int(c.rsplit("_r", 1)[1]) if "_r" in c else 0,
-                                           list(METHODS).index(c.rsplit("_r", 1)[0]) if "_r" in c else 0))
+    order = cell_order(results)
     lines = []
     some = next(iter(next(iter(results.values())).values()))
     for k, file in enumerate(some["files"]):
@@ -348,8 +362,9 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
             runs = results[cell]
             seeds = sorted(runs)
             get = lambda key: [runs[s]["files"][k][key] for s in seeds]
-            lines.append(f"| {cell} | {runs[seeds[0]].get('lr', 0):g} | {len(seeds)} | {spread(get('accuracy'), 100)} | "
-                         f"{spread(get('answer_loss'), 1, 3)} | {spread(get('response_loss'), 1, 3)} |")
+            lines.append(f"| {cell} | {runs[seeds[0]].get('lr', 0):g} | {len(seeds)} | "
+                         f"{spread(get('accuracy'), 100)} | {spread(get('answer_loss'), 1, 3)} | "
+                         f"{spread(get('response_loss'), 1, 3)} |")
         lines += ["", "| comparison | paired seeds | Δ exact match (pp) | 95% bootstrap interval | 95% t interval "
                   "over seeds | seeds ahead / behind (sign test p) | effect | Δ answer loss (seeds lower, p) | "
                   "Δ response loss (seeds lower, p) |", "|---" * 9 + "|"]
@@ -367,9 +382,9 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
                 d = [results[cell][s]["files"][k][key] - results[ref][s]["files"][k][key] for s in seeds]
                 lower, higher, p_loss = sign_test([-x for x in d])
                 losses.append(f"{spread(d, 1, 3)} ({lower}/{len(seeds)}, p {p_loss:.3f})")
-            lines.append(f"| {cell} − {ref} | {len(seeds)} | {100 * mean:+.1f} | [{100 * low:+.1f}, {100 * high:+.1f}] | "
-                         f"[{100 * t_low:+.1f}, {100 * t_high:+.1f}] | {ahead} / {behind} (p {p:.3f}) | {effect} | "
-                         f"{losses[0]} | {losses[1]} |")
+            lines.append(f"| {cell} − {ref} | {len(seeds)} | {100 * mean:+.1f} | "
+                         f"[{100 * low:+.1f}, {100 * high:+.1f}] | [{100 * t_low:+.1f}, {100 * t_high:+.1f}] | "
+                         f"{ahead} / {behind} (p {p:.3f}) | {effect} | {losses[0]} | {losses[1]} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -423,15 +438,15 @@ def main(argv=None) -> int:
             args.output.write_text(text)
         print(text)
         return 0
+    extra = dict(item.split("=", 1) for item in getattr(args, "set", []))  # run and tune: --set KEY=VALUE
     if args.command == "run":
-        extra = dict(item.split("=", 1) for item in args.set)
         plan = [cell(name) for name in args.cells] if args.cells else cells(args.ranks, args.methods, not args.no_full)
         run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra,
             chosen_rates(args.lrs) if args.lrs else None)
         return 0
     if args.command == "tune":
         tune(args.config, args.out, [cell(name) for name in args.cells], args.rates, args.full_rates, args.seeds,
-             args.finalists, args.base, dict(item.split("=", 1) for item in args.set))
+             args.finalists, args.base, extra)
         return 0
     results = read_results(args.out)
     with_hits = all("hits" in f for runs in results.values() for r in runs.values() for f in r["files"])
