@@ -207,3 +207,16 @@ def test_each_vit_script_resolves_to_table_9(scale, capsys):
     source = (REPO / f"run_scripts/pretrain_{scale}.sh").read_text()
     compile(source, scale, "exec")
     assert f'main("{scale}")' in source
+
+
+def test_finetune_templates_script_refuses_a_base_of_another_length(tmp_path):
+    """A rerun whose OUT already holds a base trained for other steps stops before training anything,
+    rather than mixing that base into the study's runs."""
+    base = tmp_path / "out" / "base"
+    base.mkdir(parents=True)
+    (base / "finished.json").write_text('{"steps": 1000}')
+    result = subprocess.run(["bash", "run_scripts/reproduce_finetune_templates.sh"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, **launcher_env(OUT=str(tmp_path / "out"))}, timeout=60)
+    assert result.returncode != 0
+    assert "the base was trained 1000 steps, not BASE_STEPS=3000" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base"]  # no tuning or reported run began
