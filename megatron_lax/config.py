@@ -197,7 +197,7 @@ class CheckpointConfig:
     keep: int = 2  # last K complete checkpoints kept
     resume: str = "none"  # none | auto | a checkpoint directory
     overwrite: bool = False  # start over in a run_dir that holds an earlier run: deletes its checkpoints and logs
-    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files) from anywhere, not only this run's directory
+    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files): only for checkpoints you trust
 
 
 @dataclass

@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -173,8 +174,9 @@ def _write_state(staging: Path, engine, trainer_state: dict, rank_state: dict, c
     try:
         engine.save(staging)
         torch.save(rank_state, staging / rank_file(dist.rank))
-    except RuntimeError as e:  # torch.save's writer reports a full disk as "unexpected pos ..."
-        raise CheckpointError(f"write failed in {staging} ({str(e).strip().splitlines()[0]})") from None
+    except RuntimeError as e:  # torch.save's writer reports a full disk as "[enforce fail at ...] . unexpected pos"
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(e).strip().splitlines()[0])
+        raise CheckpointError(f"writing into {staging.name} failed ({reason}: a full disk or an I/O error)") from None
     if dist.is_main:
         (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
         _write_json_atomic(staging / "trainer_state.json", trainer_state)

@@ -150,7 +150,9 @@ def test_cli_plain_text_and_missing_input(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(tmp_path / "nothing*.gz"),
                               "--tokenizer", TOKENIZER, "--output", str(tmp_path / "o2")],
                              capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 2 and missing.stderr.strip() == "error: no input files matched"
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        f"error: --input {tmp_path / 'nothing*.gz'}: no such file, and no file matches it (a hub dataset is written "
+        f"hf:OWNER/NAME)")
 
 
 def test_parts_cover_every_line_once_and_are_balanced(tmp_path):

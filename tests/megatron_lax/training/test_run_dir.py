@@ -121,8 +121,8 @@ def test_overwrite_and_resume_auto_are_refused_together():
 # --- one live run per directory (D1), the user's own files (D3), symbolic links (D6) ------------------------
 
 def train_process(prepared, run_dir, **extra) -> subprocess.Popen:
-    values = {**TINY, "train.steps": 10_000, "optim.lr": 1e-2, "data.path": prepared, "logging.run_dir": run_dir,
-              "logging.lax_stats_every": 0, "checkpoint.every": 2, **extra}
+    values = {**TINY, "train.steps": 10_000, "train.allow_repetition": "true", "optim.lr": 1e-2, "data.path": prepared,
+              "logging.run_dir": run_dir, "logging.lax_stats_every": 0, "checkpoint.every": 2, **extra}
     return subprocess.Popen([sys.executable, "-m", "megatron_lax.train", "--config", "llama_tiny",
                              *[a for k, v in values.items() for a in (f"--{k}", str(v))]], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -182,3 +182,57 @@ def test_overwrite_removes_a_later_checkpoint_that_is_a_symbolic_link_not_its_ta
     assert code == 0, err
     assert sorted(p.name for p in root.iterdir()) == ["latest", CKPT(2), CKPT(3)]
     assert checkpoint.verify(elsewhere) is None
+
+
+# --- a resume into a different model, or from files that cannot be read: one line -----------------------------
+
+@pytest.fixture(scope="module")
+def cola_run(prepared_sample, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cola") / "run"
+    values = {**TINY, "train.steps": 2, "data.path": prepared_sample, "logging.run_dir": run_dir,
+              "logging.lax_stats_every": 0, "model.method": "cola", "model.lax_gate": "identity"}
+    assert main(["--config", "llama_tiny", *[a for k, v in values.items() for a in (f"--{k}", str(v))]]) == 0
+    return run_dir
+
+
+def reseal(directory: Path) -> None:
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        meta.update(bytes=(directory / name).stat().st_size, sha256=checkpoint.sha256(directory / name))
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+DAMAGE = {  # how the checkpoint is changed (manifest resealed), what the one line says
+    "lax_latent": (None, "with a different model or data layout: model.lax_latent: 'output' -> 'projection'"),
+    "only_latent_act": (None, "with a different model or data layout: model.only_latent_act: False -> True"),
+    "weights_of_another_shape": ("model.pt", "the weights do not fit its config.yaml (size mismatch for embed.weight"),
+    "empty_trainer_state": ("trainer_state.json", "trainer_state.json: cannot be read (not valid JSON: empty)"),
+    "garbage_trainer_state": ("trainer_state.json", "trainer_state.json: cannot be read (not valid JSON)"),
+    "empty_config": ("config.yaml", "config.yaml: empty; not the config a run wrote"),
+    "garbage_config": ("config.yaml", "config.yaml: cannot be read (not UTF-8 text)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_resume_into_another_model_or_from_unreadable_files_is_one_line(prepared_sample, cola_run, tmp_path,
+                                                                          capsys, damage):
+    import torch
+    run_dir = tmp_path / "run"
+    shutil.copytree(cola_run, run_dir, ignore=shutil.ignore_patterns(checkpoint.LOCK))
+    ckpt = run_dir / "checkpoints" / CKPT(2)
+    changed, message = DAMAGE[damage]
+    extra = {"model.method": "cola", "model.lax_gate": "identity"}
+    if changed is None:
+        extra[f"model.{damage}"] = "projection" if damage == "lax_latent" else "true"
+    elif changed == "model.pt":
+        state = torch.load(ckpt / "model.pt", weights_only=True)
+        state["embed.weight"] = torch.zeros(3, 3)
+        torch.save(state, ckpt / "model.pt")
+    else:
+        (ckpt / changed).write_bytes(b"" if damage.startswith("empty") else b"\xff\xfe{garbage")
+    reseal(ckpt)
+    code, out, err = train(prepared_sample, run_dir, capsys, train__steps=3, checkpoint__resume="auto",
+                           **{k.replace(".", "__"): v for k, v in extra.items()})
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and message in lines[0] and (changed is None or str(ckpt) in lines[0])
