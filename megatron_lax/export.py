@@ -68,6 +68,8 @@ def check_apart(output: Path, source: Path) -> None:
     source = Path(source)
     if (source / checkpoint.MANIFEST).is_file() and source.parent.name in ("checkpoints", "best"):
         source = source.parent.parent  # a checkpoint directory: its run
+    elif source.name in ("checkpoints", "best") and not (source / checkpoint.MANIFEST).is_file():
+        source = source.parent  # a run's checkpoints/ folder
     theirs, ours = source.resolve(), Path(output).resolve()
     if ours == theirs or ours.is_relative_to(theirs) or theirs.is_relative_to(ours):
         raise ValueError(f"--output {output} overlaps {source}, the run being exported (it is, is inside or "
