@@ -12,8 +12,9 @@ PACKAGES = ("megatron_lax", "tokenizer", "data_prep")
 
 # Lowest first. A module belongs to the longest prefix listed; it may import its own layer or lower ones.
 LAYERS = [
-    ("foundations", ["megatron_lax.paper", "megatron_lax.config", "megatron_lax.parallel.distributed"]),
+    ("foundations", ["megatron_lax.paper", "megatron_lax.parallel.distributed"]),
     ("method", ["megatron_lax.method"]),
+    ("configuration", ["megatron_lax.config"]),
     ("families and data", ["megatron_lax.models", "megatron_lax.data", "tokenizer", "data_prep"]),
     ("engines and the training core", ["megatron_lax.parallel", "megatron_lax.training"]),
     ("tasks and loading", ["megatron_lax.tasks", "megatron_lax.loading"]),

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..config import Config, ConfigError, ModelConfig, load_config
+from ..method.formats import format_of
 from ..models import count_parameters, family_of
 from ..tasks import task_class
 from ..models.llama import memory_gb
-
-METHOD_NAMES = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}
 
 
 class RunError(ValueError):
@@ -155,11 +154,11 @@ def _make_labels_unique(runs: list[Run]) -> None:
 
 def variant_label(m: ModelConfig) -> str:
     """E.g. "Full-rank", "SVD, r=128", "CoLA + LaX (dense), r=256/384 (attn/mlp)"."""
-    label = METHOD_NAMES[m.method]
-    if m.method == "dense":
+    fmt = format_of(m)
+    label = fmt.describe(m)
+    if not fmt.lowrank:
         return label
     if m.uses_lax:
-        label += f" + LaX ({m.lax_gate})"
         if "all" not in m.lax_modules and set(m.lax_modules) != set(m.projections):
             label += f" on {','.join(m.lax_modules)}"
     attn, mlp = m.rank_of("q"), m.rank_of("gate")

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..method.formats import format_of
 from ..models.llama import LlamaLax
 from ..training import trust
 
@@ -17,7 +18,8 @@ HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v"
 
 
 def mergeable(cfg: ModelConfig) -> bool:
-    return cfg.method == "dense" or (cfg.method == "svd" and not cfg.uses_lax)
+    """Whether every projection is one weight matrix (the format says: dense W, or SVD's B A)."""
+    return format_of(cfg).mergeable(cfg)
 
 
 def hf_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:

@@ -17,14 +17,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, tt_dims
-from ..method.formats import make_linear, projection_counts
+from ..config import ModelConfig
+from ..method.formats import format_of, make_linear, projection_counts
 from ..method.init import init_weights, module_init_rules
 from ..method.lowrank import LatentLinear, Latents
 
 
 def uses_mlp_norm(cfg: ModelConfig) -> bool:
-    return cfg.mlp_norm == "on" or (cfg.mlp_norm == "auto" and cfg.method != "dense")
+    return cfg.mlp_norm == "on" or (cfg.mlp_norm == "auto" and format_of(cfg).lowrank)
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -34,8 +34,7 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def vit_linear(cfg: ModelConfig, name: str, layer: int) -> nn.Module:
     d_in, d_out = projection_shapes(cfg)[name]
-    modes = tt_dims(cfg)[name] if cfg.method == "tt" else None
-    return make_linear(cfg, name, d_in, d_out, layer, bias=True, activation="gelu", tt_dims=modes)
+    return make_linear(cfg, name, d_in, d_out, layer, bias=True, activation="gelu")
 
 
 class Attention(nn.Module):
@@ -157,8 +156,7 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor):
 
 def _counts(cfg: ModelConfig, name: str, layer: int) -> tuple[int, int]:
     d_in, d_out = projection_shapes(cfg)[name]
-    modes = tt_dims(cfg)[name] if cfg.method == "tt" else None
-    return projection_counts(cfg, name, d_in, d_out, layer, bias=True, tt_dims=modes)
+    return projection_counts(cfg, name, d_in, d_out, layer, bias=True)
 
 
 def count_parameters(cfg: ModelConfig) -> int:
