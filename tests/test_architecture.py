@@ -165,6 +165,37 @@ def test_only_the_family_registry_and_the_config_compare_arch():
     assert not found, found
 
 
+def format_name_comparisons(path: Path) -> list[int]:
+    """Lines that compare `method` (model.method, or a variable of that name) with a literal name."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            names_method = any((isinstance(s, ast.Attribute) and s.attr == "method") or
+                               (isinstance(s, ast.Name) and s.id == "method") for s in sides)
+            literal = any(isinstance(s, ast.Constant) and isinstance(s.value, str) or
+                          isinstance(s, (ast.Tuple, ast.List, ast.Set)) for s in sides)
+            if names_method and literal:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_code_outside_the_formats_compares_the_method_with_a_name():
+    """A format's knowledge lives in its own file (megatron_lax/method/): nothing else may branch on
+    model.method == "svd" (the plug-in test, tests/megatron_lax/test_plugins.py, runs a format that
+    no such branch knows)."""
+    found = [f"{path.relative_to(REPO)}:{line}"
+             for path in [*REPO.glob("megatron_lax/**/*.py"), *REPO.glob("run_scripts/*.py")]
+             if not str(path.relative_to(REPO)).startswith("megatron_lax/method/")
+             for line in format_name_comparisons(path)]
+    assert not found, found
+
+
+def test_the_method_check_sees_a_comparison(tmp_path):
+    assert format_name_comparisons(_write(tmp_path, "if cfg.method == 'cola':\n    pass\n")) == [1]
+    assert format_name_comparisons(_write(tmp_path, "x = method in ('svd', 'cola')\n")) == [1]
+
+
 def test_the_checker_sees_a_function_level_import_and_a_cycle(tmp_path, monkeypatch):
     """The checks above can fail: a function-level import upwards, and two modules importing each other."""
     assert "megatron_lax.tasks" in imports_of("x.core", _write(tmp_path, "def f():\n    from megatron_lax import tasks\n"),

@@ -48,7 +48,9 @@ def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: b
     with a latent activation (CoLA) puts on its latent."""
     crossing = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
                     latent=cfg.lax_latent, norm=cfg.lax_norm)
-    return format_of(cfg).build(cfg, projection, d_in, d_out, bias, activation, crossing)
+    module = format_of(cfg).build(cfg, projection, d_in, d_out, bias, activation, crossing)
+    module.projection = projection
+    return module
 
 
 def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False) -> tuple[int, int]:

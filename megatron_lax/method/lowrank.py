@@ -181,7 +181,9 @@ def kaiming_factor_stds(d_out: int, rank: int) -> tuple[float, float]:
 
 class LatentLinear(nn.Module):
     """What every latent format shares: the crossing z = act(LN(h + G(prev))). Subclasses define
-    encode(x) -> h (width `rank`) and decode(z) -> y."""
+    encode(x) -> h (width `rank`) and decode(z) -> y. `projection` is the name of the projection it is
+    (set by whoever builds it: make_linear, apply_lora), for per-projection statistics."""
+    projection: str = ""
 
     def __init__(self, d_in: int, d_out: int, rank: int, activation: Optional[str], gate: Optional[str],
                  gate_init: str = "identity", latent: str = "output", norm: bool = True):

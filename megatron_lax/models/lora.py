@@ -65,7 +65,9 @@ def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0, init: bool = Tru
             raise ValueError(f"lora.rank {cfg.rank} is larger than the {name} projection allows "
                              f"({base.in_features} -> {base.out_features})")
         gate = cfg.lax_gate if cfg.lax_gate != "none" and i > 0 else None
-        setattr(parent, name, LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gate, cfg.lax_norm, cfg.lax_latent))
+        wrapped = LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gate, cfg.lax_norm, cfg.lax_latent)
+        wrapped.adapter.projection = name
+        setattr(parent, name, wrapped)
     if init:
         init_adapters(model, seed)
     return model
