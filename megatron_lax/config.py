@@ -24,12 +24,9 @@ import yaml
 
 from . import paper
 from .method.formats import FORMATS, format_of
+from .models import FAMILIES, family_of
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's
-VIT_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
-# model.arch -> the projection names of that family (megatron_lax.models.FAMILIES has the rest)
-ARCH_PROJECTIONS = {"llama": PROJECTIONS, "vit": VIT_PROJECTIONS}
-ARCHS = tuple(ARCH_PROJECTIONS)
+PROJECTIONS = FAMILIES["llama"].projections  # what LoRA adapts (lora.targets): a LLaMA's
 GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched", "kaiming")
 GATE_INITS = ("identity", "small", "kaiming")
@@ -41,8 +38,9 @@ class ConfigError(ValueError):
 
 
 def plugin_field_classes() -> list[type]:
-    """The dataclasses of model.* fields that the registered formats declare."""
-    return [fmt.fields for fmt in FORMATS.values() if fmt.fields is not None]
+    """The dataclasses of model.* fields that the registered formats and families declare."""
+    plugins = [*FORMATS.values(), *FAMILIES.values()]
+    return [plugin.fields for plugin in plugins if plugin.fields is not None]
 
 
 def merge_plugin_fields() -> None:
@@ -69,11 +67,9 @@ class ModelConfig:
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
     ffn_dim: int = 688
     vocab_size: int = 0  # 0: follow the tokenizer, rounded up to a multiple of 64
     norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     max_seq_len: int = 2048
     init_std: float = 0.02  # embeddings, LM head, dense projections; low-rank factors see lowrank_init
     method: str = "dense"  # dense | svd (B A x) | cola (B act(A x)) | tt (tensor train; ViT)
@@ -87,16 +83,6 @@ class ModelConfig:
     lax_norm: bool = True  # the LayerNorm on each crossing (the paper's Table 22 switches it off)
     lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
     lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias) | kaiming (tensor gate only: Kaiming-uniform cores, the official ViT code's)
-    flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
-    residual_scale: bool = False  # init std of the residual branches' last layer (o, down; low-rank: B) / sqrt(2 n_layers), as GPT-2
-    # --- vit only ---
-    image_size: int = 224
-    patch_size: int = 16
-    in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
-    num_classes: int = 0  # 0: follow the data
-    dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
-    head_dropout: Optional[float] = None  # before the head; None: model.dropout
-    mlp_norm: str = "auto"  # LayerNorm on the MLP's hidden layer: auto (low-rank only, official code) | on | off
 
     def __init__(self, **values):
         merge_plugin_fields()
@@ -113,7 +99,7 @@ class ModelConfig:
 
     @property
     def projections(self) -> tuple:
-        return ARCH_PROJECTIONS[self.arch]
+        return family_of(self).projections
 
     def role_of(self, projection: str) -> str:
         """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
@@ -460,8 +446,8 @@ def validate(cfg: Config) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    if m.arch not in ARCHS:
-        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
+    if m.arch not in FAMILIES:
+        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(FAMILIES)})")
     if m.method not in FORMATS:
         raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(FORMATS)})")
     if m.lax_gate not in GATES:
@@ -476,31 +462,17 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
     if m.lax_gate_init == "kaiming" and m.lax_gate != "tensor":
         raise ConfigError(f"model.lax_gate_init kaiming applies to the tensor gate only, not {m.lax_gate!r}")
-    if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
-        raise ConfigError(f"model.head_dropout must lie in [0, 1), got {m.head_dropout}")
     unknown = [p for p in m.lax_modules if p not in m.projections + ("all",)]
     if unknown:
         raise ConfigError(f"model.lax_modules has unknown projections {unknown} (known for {m.arch}: all, "
                           f"{', '.join(m.projections)})")
-    if m.mlp_norm not in ("auto", "on", "off"):
-        raise ConfigError(f"model.mlp_norm {m.mlp_norm!r} is unknown (auto, on or off)")
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
     if m.dim % m.n_heads != 0:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
-    if (m.dim // m.n_heads) % 2 != 0:
-        raise ConfigError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
-    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
-        raise ConfigError(f"model.n_kv_heads {m.n_kv_heads} must divide model.n_heads {m.n_heads} (0: n_heads)")
-    if m.n_kv_heads and m.n_kv_heads != m.n_heads and format_of(m).lowrank:
-        raise ConfigError("model.n_kv_heads (grouped-query attention) is supported for dense models only")
+    try:
+        family_of(m).validate(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     validate_formats(m)
-
-
-def projection_shapes(m: ModelConfig) -> dict[str, tuple[int, int]]:
-    """{projection: (d_in, d_out)} of the family's projections, by their role."""
-    by_role = {"attn": (m.dim, m.dim), "mlp": (m.dim, m.ffn_dim), "mlp_out": (m.ffn_dim, m.dim)}
-    return {p: by_role[m.role_of(p)] for p in m.projections}
 
 
 def validate_formats(m: ModelConfig) -> None:
@@ -508,7 +480,7 @@ def validate_formats(m: ModelConfig) -> None:
     try:
         for name, fmt in FORMATS.items():
             if name == m.method:
-                fmt.validate(m, projection_shapes(m))
+                fmt.validate(m, family_of(m).projection_shapes(m))
             else:
                 fmt.validate_unused(m)
     except ValueError as e:

@@ -114,7 +114,7 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False) -> str:
     check_output(output, force)
     model, cfg, ckpt = load_model(checkpoint_dir, torch.device("cpu"))
     with written_into(output) as staging:
-        if family_of(cfg.model).uses_tokenizer and mergeable(cfg.model):
+        if family_of(cfg.model).exports_to_huggingface and mergeable(cfg.model):
             write_huggingface(model, cfg.model, staging)
             kind = "huggingface"
         else:

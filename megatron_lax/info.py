@@ -12,8 +12,7 @@ import json
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
-from .models import family_of
-from .models.llama import count_parameters, flops_per_token, memory_gb
+from .models import family_of, memory_gb
 from .method.formats import format_of
 from .method.lowrank import lowrank_factor_std
 
@@ -23,10 +22,10 @@ PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without
 def describe_vit(cfg) -> dict:
     """The Table 1 row; a config whose classes and channels follow the data is counted at ImageNet's
     1,000 classes of RGB images."""
-    from .models.vit import count_parameters as vit_parameters, flops_per_image
     m = cfg.model
     m.num_classes, m.in_channels = m.num_classes or 1000, m.in_channels or 3
-    params, flops = vit_parameters(m), flops_per_image(m)
+    family = family_of(m)
+    params, flops = family.count_parameters(m), family.flops(m)
     variant = format_of(m).describe(m)
     ranks = sorted({m.rank_of(p) for p in m.projections}) if format_of(m).lowrank else []
     return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
@@ -43,8 +42,8 @@ def describe(cfg) -> dict:
     vocab_source = "model.vocab_size"
     if m.vocab_size <= 0:
         m.vocab_size, vocab_source = PAPER_VOCAB, "the paper's 32,000 (model.vocab_size follows the tokenizer)"
-    params = count_parameters(m)
-    flops = flops_per_token(m, cfg.data.seq_len)
+    family = family_of(m)
+    params, flops = family.count_parameters(m), family.flops(m, cfg.data.seq_len)
     variant = format_of(m).describe(m)
     ranks = sorted({m.rank_of(p) for p in m.projections}) if format_of(m).lowrank else []
     return {"variant": variant, "rank": ranks, "params": params, "init": init_scales(m), "params_m": params / 1e6,

@@ -14,8 +14,9 @@ PACKAGES = ("megatron_lax", "tokenizer", "data_prep")
 LAYERS = [
     ("foundations", ["megatron_lax.paper", "megatron_lax.parallel.distributed"]),
     ("method", ["megatron_lax.method"]),
+    ("families", ["megatron_lax.models"]),
     ("configuration", ["megatron_lax.config"]),
-    ("families and data", ["megatron_lax.models", "megatron_lax.data", "tokenizer", "data_prep"]),
+    ("data", ["megatron_lax.data", "tokenizer", "data_prep"]),
     ("engines and the training core", ["megatron_lax.parallel", "megatron_lax.training"]),
     ("tasks and loading", ["megatron_lax.tasks", "megatron_lax.loading"]),
     ("commands", ["megatron_lax"]),

@@ -18,9 +18,8 @@ from typing import Optional, Sequence, Union
 
 from ..config import Config, ConfigError, ModelConfig, load_config
 from ..method.formats import format_of
-from ..models import count_parameters, family_of
+from ..models import count_parameters, family_of, memory_gb
 from ..tasks import task_class
-from ..models.llama import memory_gb
 
 
 class RunError(ValueError):
