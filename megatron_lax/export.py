@@ -40,7 +40,8 @@ from .loading.finetuned import load_finetuned, selected_checkpoint
 from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
 from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
 from .models import family_of
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 from .models.llama import LlamaLax
 
 

@@ -115,7 +115,7 @@ def test_every_relative_import_names_a_module_of_the_project():
 
 
 def test_no_import_cycles():
-    edges = {m: {t for t in ts if not m.startswith(t + ".")} for m, ts in graph().items()}
+    edges = graph(with_packages=False)  # what each module names; a child naming its package counts too
     index, low, stack, on_stack, cycles, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):  # Tarjan's strongly connected components
@@ -144,6 +144,25 @@ def test_no_import_cycles():
         if v not in index:
             visit(v)
     assert not cycles, cycles
+
+
+def folder_of(name: str) -> str:
+    """The folder a module lives in: megatron_lax.training.trainer -> megatron_lax.training."""
+    parts = name.split(".")
+    for depth in range(len(parts), 0, -1):
+        candidate = REPO.joinpath(*parts[:depth])
+        if candidate.is_dir():
+            return ".".join(parts[:depth])
+    return parts[0]
+
+
+def test_no_two_folders_import_each_other():
+    edges = {(folder_of(m), folder_of(t)) for m, targets in graph(with_packages=False).items() for t in targets}
+    edges = {(a, b) for a, b in edges if "megatron_lax" not in (a, b)}  # the root holds layers 0 to 7
+    mutual = {f"{a} <-> {b}" for a, b in edges if a < b and (b, a) in edges}
+    # Left (issue 30): tokenizer/train.py reads documents with data_prep.readers while data_prep.prepare
+    # loads the tokenizer; it goes once both become packages under megatron_lax (setup.py's generic names).
+    assert mutual <= {"data_prep <-> tokenizer"}, sorted(mutual)
 
 
 def test_the_training_core_knows_no_task_and_no_model_family():

@@ -37,10 +37,6 @@ class Run:
     latent: list[dict] = field(default_factory=list)  # {"step", "lax_rms/<proj>/<block>/<kind>": rms, ...}
 
     @property
-    def final_val_ppl(self) -> Optional[float]:
-        return self.val[-1]["val_ppl"] if self.val else None
-
-    @property
     def metric(self) -> tuple[str, str, bool]:
         """(record key, name, higher is better) of the run's headline validation number: perplexity
         for a language model, top-1 accuracy for a ViT."""

@@ -10,7 +10,7 @@ import torch
 from ..config import ModelConfig
 from ..method.formats import format_of
 from ..models.llama import LlamaLax
-from ..training import trust
+from ..parallel import trust
 
 HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
@@ -137,12 +137,6 @@ class HFWeights:
             with safe_open(str(path), "pt") as f:
                 return f.get_tensor(name)
         return self._bin(path)[name]
-
-
-def read_hf_weights(directory: Path) -> dict:
-    """Every tensor of model.safetensors / pytorch_model.bin, or of their sharded index."""
-    weights = HFWeights(directory)
-    return {name: weights.get(name) for name in weights.keys()}
 
 
 def read_hf_config(directory) -> tuple[dict, ModelConfig]:

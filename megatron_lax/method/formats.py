@@ -9,7 +9,6 @@ one dense weight. A new format is its file plus one line in FORMATS below; nothi
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch.nn as nn
 

@@ -142,15 +142,6 @@ class TTLinear(LatentLinear):
         z = self.cross(h, prev_latent)
         return self.decode(z, partials), (z if self.latent == "output" else h)
 
-    def full_weight(self) -> torch.Tensor:
-        """The dense (d_out, d_in) matrix the cores represent (for tests and export; never used in
-        training)."""
-        w = self.cores[0]
-        for core in self.cores[1:]:
-            w = torch.tensordot(w, core, dims=([-1], [0]))
-        w = w.reshape(self.in_dims + self.out_dims)
-        return w.reshape(self.d_in, self.d_out).transpose(0, 1)
-
     def init_rules(self, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
         """Each core N(0, s^2) with s chosen so that W's entries have std sigma: Var(W) =
         s^(2n) prod(r_1..r_{n-1}), so s = (sigma^2 / prod r)^(1 / 2n). sigma is a dense layer's

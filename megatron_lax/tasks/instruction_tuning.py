@@ -25,8 +25,9 @@ from ..models import family_of
 from ..models.lora import apply_lora
 from ..parallel.distributed import DistInfo
 from ..parallel.engine import resolve_precision
-from ..training import checkpoint, trust
-from ..training.optim import warmup_steps
+from ..parallel import trust
+from ..training import checkpoint
+from ..parallel.optim import warmup_steps
 from .language_modeling import TokenPrediction
 
 

@@ -26,7 +26,8 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import config as config_lib
-from . import faults, trust
+from ..parallel import trust
+from . import faults
 from ..parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from ..config import Config, ConfigError, dump_yaml
 from ..parallel import build_engine
 from ..parallel.distributed import all_reduce_sum, barrier, init_distributed, shutdown
-from . import checkpoint, faults, introspection, trust
+from ..parallel import trust
+from . import checkpoint, faults, introspection
 from .metrics import MetricsLogger
 
 

@@ -286,7 +286,7 @@ def test_rotary_tables_stay_fp32_in_a_bf16_model():
 
 
 def test_gates_take_no_weight_decay():
-    from megatron_lax.training.optim import param_groups
+    from megatron_lax.parallel.optim import param_groups
     model, _ = build("svd", "dense")
     decay, no_decay = param_groups(model, 0.01)
     gate_ids = {id(p) for n, p in model.named_parameters() if ".lax_gate." in n}
