@@ -43,8 +43,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_prep.prepare import expand_inputs
-from data_prep.readers import is_text_file, iter_documents, split_of, usable_text
+from .prepare import expand_inputs
+from .readers import is_text_file, iter_documents, split_of, usable_text
 
 from . import tokens as data
 from ..parallel.distributed import all_gather_object, broadcast_object, is_distributed
@@ -302,7 +302,7 @@ class RankStream(torch.utils.data.IterableDataset):
         self.first_step, self.seq_len, self.mode = first_step, seq_len, mode
 
     def __iter__(self):
-        from tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         tok, skipped = load_tokenizer(self.tokenizer), Counter()
@@ -510,7 +510,7 @@ class Stream:
     selection batches, the unigram baseline."""
 
     def __init__(self, data_cfg, rank: int = 0, world_size: int = 1):
-        from tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
         if not data_cfg.raw:
             raise StreamError("data.source stream reads data.raw, which is not set")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork: one thread each

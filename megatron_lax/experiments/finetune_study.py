@@ -119,7 +119,7 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float, evaluat
     """Fine-tune one cell; with `evaluate`, score every test file (exact match per problem, greedy) and
     its teacher-forced losses. Tuning runs pass evaluate=False: they are chosen on the held-out loss of
     training examples alone, and the test files are never looked at."""
-    from tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     from ..config import load_config
     from ..finetune import finetune
@@ -429,7 +429,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "probe":
-        from tokenizer import load_tokenizer
+        from ..data.tokenizer import load_tokenizer
 
         from ..loading.bases import base_tokenizer, load_base
         from ..parallel import trust

@@ -110,12 +110,13 @@ class Trainer:
     # --- state ---------------------------------------------------------------------------------
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "tokens": self.seen, "skipped_steps": self.skipped_steps,
+        return {"step": self.step, "seen": self.seen, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_loss": self.best_val_loss,
                 "last_val": self.last_val, "loss_ema": self.loss_ema, "best_loss_ema": self.best_loss_ema}
 
     def load_trainer_state(self, state: dict) -> None:
-        self.step, self.seen = state["step"], state["tokens"]  # "tokens" counts the task's unit
+        # the task's units trained on; checkpoints before the task's unit named the count "tokens"
+        self.step, self.seen = state["step"], state["seen"] if "seen" in state else state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.last_val = state["last_val"]
         if "best_val_loss" in state:
@@ -171,7 +172,7 @@ class Trainer:
         scored = all_reduce_sum(torch.tensor(float(sum(self.task.scored(y) for _, y in micro_batches)),
                                              device=device))
         total_loss = torch.zeros((), device=device)
-        loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / float(scored)
+        loss_weight = 1.0 / float(scored)
         for i, (x, y) in enumerate(micro_batches):
             x, y = self.task.to_device(x, y)
             loss, _ = self.engine.forward_backward(x, y, loss_weight, sync=i == len(micro_batches) - 1)
@@ -271,8 +272,6 @@ class Trainer:
         try:
             while self.step < self.task.total_steps:
                 record = self.train_step()
-                if self.step in faults.KILL_AT_STEPS:
-                    faults.kill_self()
                 throughput.add(record, bar)
                 bar.update(1)
                 ended = self.after_step(record, stop)
@@ -321,7 +320,7 @@ class Trainer:
         selection = self.selection_summary()
         path = self.save_checkpoint()
         fields, headline = self.task.summarize(final, self.best_val_loss)
-        summary = {**fields, "steps": self.step, "tokens": self.seen, "seconds": time.time() - start,
+        summary = {**fields, "steps": self.step, self.task.unit: self.seen, "seconds": time.time() - start,
                    "checkpoint": str(path), "run_dir": str(self.run_dir), **selection}
         baselines = self.task.baselines() if self.dist.is_main else {}
         if baselines:

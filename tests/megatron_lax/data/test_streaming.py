@@ -23,7 +23,7 @@ from megatron_lax.data import tokens as data
 from megatron_lax.data import streaming
 from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data.tokens import DataExhausted
-from tokenizer import load_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "parallel"))
 from train_runs import launch  # noqa: E402
