@@ -71,7 +71,7 @@ class StreamError(ValueError):
 # --- where documents come from ---------------------------------------------------------------------
 
 class LocalSplit:
-    """The local files of one split, read with data_prep.readers (bad records skipped and counted)."""
+    """The local files of one split, read with data/readers.py (bad records skipped and counted)."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths

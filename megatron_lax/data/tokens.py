@@ -1,4 +1,4 @@
-"""Training and validation data from prepared shards (see data_prep/prepare.py), memory-mapped.
+"""Training and validation data from prepared shards (see data/prepare.py), memory-mapped.
 
 Two ways to cut documents into sequences of `seq_len` inputs (+1 token for the shifted targets):
 - packed: the split is one token stream (documents joined by EOS), cut every seq_len tokens; each
