@@ -96,7 +96,8 @@ def main(argv=None) -> int:
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(result) if args.json else task.describe_evaluation(result))
+        print(json.dumps(result) if args.json else
+              f"{task.describe_evaluation(result)}  [{result['checkpoint']}, step {result['step']}]")
     return 0
 
 

@@ -124,7 +124,8 @@ class Task:
 
     @classmethod
     def describe_evaluation(cls, result: dict) -> str:
-        """The line evaluate prints for evaluate_checkpoint's result (with "precision", "checkpoint", "step")."""
+        """The line evaluate prints for evaluate_checkpoint's result (which also holds "precision"), before
+        the checkpoint and step."""
         raise NotImplementedError
 
     @classmethod

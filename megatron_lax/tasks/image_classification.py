@@ -199,8 +199,7 @@ class ImageClassification(Task):
     def describe_evaluation(cls, result: dict) -> str:
         return (f"top-1 accuracy {result['val_acc1']:.2f}% (top-5 {result['val_acc5']:.2f}%, loss "
                 f"{result['val_loss']:.4f}) on {result['val_images']} images of the {result['split']} split "
-                f"({result['skipped_images']} unreadable), {result['precision']}  [{result['checkpoint']}, step "
-                f"{result['step']}]")
+                f"({result['skipped_images']} unreadable), {result['precision']}")
 
     @classmethod
     def planned_steps(cls, cfg: Config, steps_per_epoch: int = 0) -> int:

@@ -118,7 +118,7 @@ class TokenPrediction(Task):
         return (f"validation perplexity {result['val_ppl']:.3f} (95% interval {result['ppl_low']:.3f}-"
                 f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "
                 f"{result['sequences']} sequences, {result['precision']}; unigram baseline "
-                f"{result['unigram_ppl']:.3f}  [{result['checkpoint']}, step {result['step']}]")
+                f"{result['unigram_ppl']:.3f}")
 
 
 @torch.no_grad()
