@@ -386,6 +386,10 @@ def test_a_killed_streamed_run_resumes_with_the_losses_of_an_uninterrupted_one(s
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     assert losses(tmp_path / "killed") == losses(tmp_path / "full")  # bitwise: the same sequences, same order
+    records = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    read = [r for r in records if "val_loss" in r][-1]
+    assert read["skipped_bad_json"] == read["skipped_empty"] == 1 and read["sequences_stream"] == 6 * STEPS
+    assert "the train split's records skipped: 2 (bad_json 1, empty 1)" in full.stdout
     from megatron_lax.evaluate import evaluate_checkpoint  # a streamed run's checkpoint evaluates on its stream
     final = json.loads((tmp_path / "full" / "finished.json").read_text())
     evaluated = evaluate_checkpoint(tmp_path / "full")
@@ -399,17 +403,29 @@ def test_a_killed_streamed_run_resumes_with_the_losses_of_an_uninterrupted_one(s
         checkpoint.check_compatible(step, prepared)
 
 
-def test_three_ranks_on_five_shards_resume_on_two_with_the_same_losses_and_validation(shards, tmp_path):
+def test_a_full_pass_of_two_mixed_sources_on_three_ranks_resumes_on_two_with_the_same_losses(uneven, shards,
+                                                                                            tmp_path):
+    """The issue's end state: uneven local shards and a second corpus mixed 2:1, shuffled, a whole pass
+    without repetition on 3 ranks, resumed from its middle on 2: the same losses (DDP's tolerance) and
+    validation, and the pass trained to its last step."""
+    sources = [f"{uneven}=2", f"{shards}=1"]
+    pass_steps = stream_of(uneven, tmp_path, "paper", sources=sources).train_loader(6, 1, False).steps_per_pass
+
     def spec(run_dir, **extra):
-        return {"overrides": {**RUN, "data.raw": shards, "data.stream_cache": tmp_path / "cache",
-                              "logging.run_dir": run_dir, "parallel.engine": "ddp", "data.loader_workers": 1, **extra}}
+        return {"overrides": {**RUN, "data.raw": shards, "data.sources": ",".join(sources), "data.mode": "paper",
+                              "data.stream_cache": tmp_path / "cache", "logging.run_dir": run_dir,
+                              "parallel.engine": "ddp", "data.loader_workers": 1, "train.steps": pass_steps,
+                              "train.allow_repetition": False, "checkpoint.every": 20, "train.eval_every": 20,
+                              "logging.log_every": 1, **extra}}
 
     launch([spec(tmp_path / "three")], tmp_path, nproc=3, timeout=240)
-    resume_from = tmp_path / "three" / "checkpoints" / checkpoint.step_dir_name(2)
+    resume_from = tmp_path / "three" / "checkpoints" / checkpoint.step_dir_name(20)
     launch([spec(tmp_path / "two", **{"checkpoint.resume": resume_from})], tmp_path, nproc=2, timeout=240)
     three, two = losses(tmp_path / "three"), losses(tmp_path / "two")
-    assert sorted(two) == [3, 4, 5, 6]
+    assert pass_steps == 46 and sorted(two) == list(range(21, pass_steps + 1))  # 93 documents over 2 lanes
     assert all(two[s] == pytest.approx(three[s], rel=1e-5) for s in two), (two, three)
+    finished = json.loads((tmp_path / "two" / "finished.json").read_text())
+    assert finished["steps"] == pass_steps and finished["sequences_" + str(uneven)] == 4 * pass_steps
     validations = {}
     for name in ("three", "two"):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
