@@ -228,29 +228,49 @@ def count_shard(split, shard: int, tok) -> dict:
 
 class Index:
     """The document sizes of a split, shard by shard, and what its files hold that is not a document.
-    Built once per (files, tokenizer), in parallel by the ranks (rank r counts shards r, r + W, ...),
-    cached under data.stream_cache and gathered, so every rank holds the same index."""
+    Built once per (files, tokenizer) and cached under data.stream_cache, one file per shard, in
+    parallel by the ranks (rank r counts shards r, r + W, ...). Ranks share only each shard's totals;
+    a shard's per-document sizes are loaded from the cache when a lane reaches it (counted again by
+    a rank whose cache folder is not shared), so a rank holds a few shards' sizes at a time."""
+
+    LOADED = 8  # shards' sizes held at once
 
     def __init__(self, split, tok, cache: Path, name: str = "train"):
-        self.split = split
+        self.split, self.tok, self.cache, self._loaded = split, tok, cache, {}
         mine = {}
         for shard in range(_rank(), split.n_shards, _world()):
-            key = {"shard": split.shard_fingerprint(shard), "tokenizer": tok.hash}
-            mine[shard] = _cached_npz(cache / f"index-{_digest(key)}.npz", lambda: count_shard(split, shard, tok),
-                                      "document index")
+            sizes, skipped = self._read(shard)
+            mine[shard] = (int(sizes.sum()), int((sizes > 0).sum()), dict(skipped))
         found = {}
         for share in all_gather_object(mine) if is_distributed() else [mine]:
             found.update(share)
-        self.sizes = [found[s]["sizes"] for s in range(split.n_shards)]
-        self.shard_skipped = [Counter(json.loads(str(found[s]["skipped"]))) for s in range(split.n_shards)]
-        self.skipped = sum(self.shard_skipped, Counter())
-        self.empty = [split.shard_name(s) for s in range(split.n_shards) if not (self.sizes[s] > 0).any()]
+        self.tokens = np.array([found[s][0] for s in range(split.n_shards)], dtype=np.int64)
+        self.documents = np.array([found[s][1] for s in range(split.n_shards)], dtype=np.int64)
+        self.skipped = sum((Counter(found[s][2]) for s in range(split.n_shards)), Counter())
+        self.empty = [split.shard_name(s) for s in range(split.n_shards) if not self.documents[s]]
         if self.empty and _rank() == 0:
             shown = ", ".join(self.empty[:3]) + (f" and {len(self.empty) - 3} more" if len(self.empty) > 3 else "")
             print(f"warning: {name} shard(s) {shown} hold no readable document; skipped", file=sys.stderr)
-        if all(name in self.empty for name in map(split.shard_name, range(split.n_shards))):
+        if not self.documents.any():
             raise StreamError(f"no {name} shard of the stream holds a readable document "
                               f"({', '.join(self.empty[:3])}...)")
+
+    def _read(self, shard: int) -> tuple[np.ndarray, Counter]:
+        key = {"shard": self.split.shard_fingerprint(shard), "tokenizer": self.tok.hash}
+        arrays = _cached_npz(self.cache / f"index-{_digest(key)}.npz",
+                             lambda: count_shard(self.split, shard, self.tok), "document index")
+        return arrays["sizes"], Counter(json.loads(str(arrays["skipped"])))
+
+    def sizes(self, shard: int) -> np.ndarray:
+        """Each readable document's tokens with EOS (0: it has none) in shard `shard`."""
+        if shard not in self._loaded:
+            if len(self._loaded) >= self.LOADED:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[shard] = self._read(shard)[0]
+        return self._loaded[shard]
+
+    def __getstate__(self):  # what a loader worker receives: no shard's sizes
+        return {**self.__dict__, "_loaded": {}}
 
 
 def _rank() -> int:
@@ -294,8 +314,7 @@ class SourcePlan:
                  buffer: int):
         self.name, self.index, self.lanes, self.seed, self.key = name, index, lanes, seed, key
         self.mode, self.seq_len, self.buffer = mode, seq_len, buffer
-        self.units = [s.astype(np.int64) if mode == "packed" else (s > 0).astype(np.int64) for s in index.sizes]
-        self.shard_units = np.array([u.sum() for u in self.units], dtype=np.int64)
+        self.shard_units = index.tokens if mode == "packed" else index.documents
         self.per_lane = int(self.shard_units.sum()) // len(lanes)
         self.windows = (self.per_lane - 1) // seq_len if mode == "packed" else self.per_lane
         if self.windows < 1:
@@ -304,10 +323,11 @@ class SourcePlan:
                               f"{'window' if mode == 'packed' else 'sequence'} for each of its {len(lanes)} lanes")
 
     def shard_order(self, pass_: int) -> np.ndarray:
-        return data.Permutation(len(self.units), self.seed, self.key, pass_)(np.arange(len(self.units)))
+        n = len(self.shard_units)
+        return data.Permutation(n, self.seed, self.key, pass_)(np.arange(n))
 
     def lane_items(self, k: int, pass_: int) -> np.ndarray:
-        """Lane k's documents in pass order: rows (shard, document, first unit, end unit)."""
+        """Lane k's documents in pass order: rows (shard, document, first unit, end unit, tokens)."""
         order = self.shard_order(pass_)
         ends = np.cumsum(self.shard_units[order])
         start, end = k * self.per_lane, (k + 1) * self.per_lane
@@ -316,13 +336,14 @@ class SourcePlan:
             base = int(ends[i] - self.shard_units[order[i]])
             if base >= end:
                 break
-            units = self.units[order[i]]
+            sizes = self.index.sizes(int(order[i])).astype(np.int64)
+            units = sizes if self.mode == "packed" else (sizes > 0).astype(np.int64)
             doc_end = base + np.cumsum(units)
             docs = np.nonzero((units > 0) & (doc_end > start) & (doc_end - units < end))[0]
             lo = np.maximum(start - (doc_end[docs] - units[docs]), 0)
             hi = np.minimum(end - (doc_end[docs] - units[docs]), units[docs])
-            rows.append(np.stack([np.full(len(docs), order[i]), docs, lo, hi], axis=1))
-        return np.concatenate(rows) if rows else np.empty((0, 4), dtype=np.int64)
+            rows.append(np.stack([np.full(len(docs), order[i]), docs, lo, hi, sizes[docs]], axis=1))
+        return np.concatenate(rows) if rows else np.empty((0, 5), dtype=np.int64)
 
     def lane_order(self, k: int, pass_: int, n: int) -> np.ndarray:
         return buffer_order(n, self.buffer, np.random.default_rng([self.seed, self.key, pass_, self.lanes[k]]))
@@ -446,7 +467,7 @@ class Lane:
         T, buffer, windows_left = self.T, np.empty(0, dtype=np.int32), self.plan.windows - w
         for row, ids in self._documents(items, order, first):
             tokens = np.asarray(ids + [self.tok.eos_id], dtype=np.int32)
-            if len(tokens) != self.plan.index.sizes[row[0]][row[1]]:
+            if len(tokens) != row[4]:
                 raise StreamError(f"{self.plan.index.split.shard_name(int(row[0]))}: document {row[1]} tokenises "
                                   f"differently than when it was indexed (remove data.stream_cache)")
             buffer = np.concatenate([buffer, tokens[row[2]: row[3]][offset:]])
