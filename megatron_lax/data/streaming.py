@@ -4,22 +4,29 @@ pass: loader workers tokenise documents while training reads them (`data.source 
     data.raw  DIR | GLOB | a comma-separated list of them       local .json.gz / .jsonl / .txt shards
               hf:OWNER/NAME[/CONFIG]                             a hub dataset, e.g. hf:allenai/c4/en
 
-Lanes. A step of G sequences has G slots, and slot j of every step comes from lane j: a token stream
-with a cursor of its own. The train split is cut into units (a shard, or a part of one when there are
-fewer shards than lanes; see Plan) and lane j reads units j, j+G, ... of a seeded order of them, one
-pass after another. A lane tokenises its documents and cuts them as data.Sequences does:
-packed (documents joined by EOS, a window of seq_len + 1 tokens every seq_len tokens) or paper (one
-document per sequence, truncated, padding not scored). Rank r owns lanes [r G/W, (r+1) G/W) and
-splits them among its loader workers; no document is in two lanes, so no two ranks or workers read
-the same document, and the data of a step does not depend on how many ranks share it. A stream has
-no size to check a token budget against: the budget gives the steps, as with prepared shards, and a
-lane that has read all its units ends the run (data.DataExhausted) unless train.allow_repetition,
-when it starts another pass, in another seeded order.
+Index. Before the first step every train shard is read once to count its documents and, in packed
+mode, tokenised to count their tokens (Index; rank r counts shards r, r+W, ...), cached under
+data.stream_cache for later runs.
+Records that are not documents are counted by reason and reported with each validation; a shard with
+no readable document is named and skipped.
 
-Resume. A lane's cursor is (pass, unit, document, token offset) of its next sequence. At a checkpoint
-every rank saves every lane's cursor (gathered from all ranks), so any number of ranks dividing G
-continues the stream exactly at a step boundary; a restored lane re-reads its unit up to the document
-without tokenising the ones before it.
+Lanes. A step of G sequences has G slots, and slot j of every step comes from lane j. Weighted
+sources (data.sources) get their share of the lanes (lanes_by_weight). Pass p of a source reads its
+shards in a seeded order, and its lanes take equal contiguous ranges of that pass's tokens (paper
+mode: of its documents), a border document split between two (SourcePlan). So every lane of a source
+holds the same number of windows: every document is read once per pass, whatever the shards' sizes
+and the number of lanes, and a pass ends for every lane at the same step. A lane reads its range in
+the order of a seeded shuffle buffer (data.shuffle_buffer documents), tokenises it and cuts it as
+data.Sequences does: packed (documents joined by EOS, a window of seq_len + 1 tokens every seq_len
+tokens) or paper (one document per sequence, truncated as GaLore and CoLA do: its first seq_len
+tokens then EOS; padding not scored). Rank r owns lanes [r G/W, (r+1) G/W) and splits them among its
+loader workers; the data of a step does not depend on how many ranks or workers share it. A budget
+longer than one pass (the first source's) is refused unless train.allow_repetition.
+
+Resume. Where every lane is follows from the step alone, so the loader's state is data/cursor.py's
+GlobalBatchCursor (epoch = pass, step, micro-batch): any number of ranks dividing G continues the
+stream exactly at a step boundary; a restored lane re-reads its range up to its place without
+tokenising the documents before it.
 
 Validation is the first sequences of the validation split holding the validation tokens (the rule of
 data.validation_sequence_ids, so the same tokens as prepared shards of the same files give), read once
@@ -212,18 +219,24 @@ def _counter_array(skipped: Counter) -> np.ndarray:
     return np.array(json.dumps(dict(skipped), sort_keys=True))
 
 
-def count_shard(split, shard: int, tok) -> dict:
-    """{"sizes": each readable document's tokens with EOS (0: none, skipped), "skipped": what was
-    dropped, by reason}. A file that cannot be opened is counted as unreadable_file."""
+def count_shard(split, shard: int, tok=None) -> dict:
+    """{"sizes": each readable document's tokens with EOS (0: none, skipped), or 1 per document
+    without `tok`; "skipped": what was dropped, by reason}. A file that cannot be opened is counted
+    as unreadable_file."""
     skipped, sizes = Counter(), []
     try:
         documents = split.documents(shard, skipped)
         while batch := list(itertools.islice(documents, ENCODE_BATCH)):
-            sizes += [len(ids) + 1 if ids else 0 for ids in tok.encode_batch(batch)]
+            sizes += [len(ids) + 1 if ids else 0 for ids in tok.encode_batch(batch)] if tok else [1] * len(batch)
     except OSError:
         skipped["unreadable_file"] += 1
     skipped["no_tokens"] += sizes.count(0)
     return {"sizes": np.asarray(sizes, dtype=np.int32), "skipped": _counter_array(+skipped)}
+
+
+def index_path(cache: Path, split, shard: int, tokenizer_hash: str | None) -> Path:
+    """Where a shard's index is cached (tokenizer_hash None: documents only)."""
+    return cache / f"index-{_digest({'shard': split.shard_fingerprint(shard), 'tokenizer': tokenizer_hash})}.npz"
 
 
 class Index:
@@ -236,6 +249,8 @@ class Index:
     LOADED = 8  # shards' sizes held at once
 
     def __init__(self, split, tok, cache: Path, name: str = "train"):
+        """`tok` None: documents are counted, not tokenised (paper mode, where a document is a
+        sequence whatever its length: a reading pass, much cheaper than tokenising)."""
         self.split, self.tok, self.cache, self._loaded = split, tok, cache, {}
         mine = {}
         for shard in range(_rank(), split.n_shards, _world()):
@@ -256,8 +271,7 @@ class Index:
                               f"({', '.join(self.empty[:3])}...)")
 
     def _read(self, shard: int) -> tuple[np.ndarray, Counter]:
-        key = {"shard": self.split.shard_fingerprint(shard), "tokenizer": self.tok.hash}
-        arrays = _cached_npz(self.cache / f"index-{_digest(key)}.npz",
+        arrays = _cached_npz(index_path(self.cache, self.split, shard, self.tok.hash if self.tok else None),
                              lambda: count_shard(self.split, shard, self.tok), "document index")
         return arrays["sizes"], Counter(json.loads(str(arrays["skipped"])))
 
@@ -406,6 +420,12 @@ class Lane:
         self.T = plan.seq_len
         self.windows = self._windows(step)
 
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        """Each text's ids (paper mode: only the first seq_len, all a window keeps; see encode_documents)."""
+        if self.plan.mode == "packed":
+            return self.tok.encode_batch(texts)
+        return [[] if t is None else t[:-1].tolist() for t in encode_documents(self.tok, texts, Counter(), self.T + 1)]
+
     def _documents(self, items: np.ndarray, order: np.ndarray, first: int) -> Iterator[tuple[np.ndarray, list]]:
         """(item row, its tokens) from output position `first` of the lane's shuffled order; the lane's
         files are read once, in order, holding the documents that wait for their turn."""
@@ -424,7 +444,7 @@ class Lane:
                 batch = list(itertools.islice(ready(), ENCODE_BATCH)) if final or len(texts) >= ENCODE_BATCH else []
                 if not batch:
                     return
-                for q, ids in zip(batch, self.tok.encode_batch([texts.pop(q) for q in batch])):
+                for q, ids in zip(batch, self._encode([texts.pop(q) for q in batch])):
                     yield items[q], ids
 
         q = 0
@@ -754,7 +774,8 @@ class Stream:
         splits = [self.train] if not cfg.sources else [open_split(path, "train", self._train_name)
                                                        for path, _ in sources]
         lanes = lanes_by_weight([w for _, w in sources], global_batch)
-        plans = [SourcePlan(path, Index(split, self.tok, Path(cfg.stream_cache)), mine, cfg.seed, key, cfg.mode,
+        counter = self.tok if cfg.mode == "packed" else None
+        plans = [SourcePlan(path, Index(split, counter, Path(cfg.stream_cache)), mine, cfg.seed, key, cfg.mode,
                             cfg.seq_len, cfg.shuffle_buffer)
                  for key, ((path, _), split, mine) in enumerate(zip(sources, splits, lanes))]
         return StreamLoader(plans, cfg.tokenizer, self.tok.hash, self.pad_id, cfg.seq_len, cfg.mode, global_batch,
