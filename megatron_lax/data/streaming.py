@@ -357,7 +357,7 @@ class SourcePlan:
             lo = np.maximum(start - (doc_end[docs] - units[docs]), 0)
             hi = np.minimum(end - (doc_end[docs] - units[docs]), units[docs])
             rows.append(np.stack([np.full(len(docs), order[i]), docs, lo, hi, sizes[docs]], axis=1))
-        return np.concatenate(rows) if rows else np.empty((0, 5), dtype=np.int64)
+        return np.concatenate(rows).astype(np.int32) if rows else np.empty((0, 5), dtype=np.int32)
 
     def lane_order(self, k: int, pass_: int, n: int) -> np.ndarray:
         return buffer_order(n, self.buffer, np.random.default_rng([self.seed, self.key, pass_, self.lanes[k]]))
