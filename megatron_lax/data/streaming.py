@@ -401,12 +401,9 @@ def encode_documents(tok, texts: list[str], skipped: Counter, max_tokens: int = 
     return out
 
 
-def _paper_window(ids: list[int], eos: int, T: int) -> np.ndarray:
-    """GaLore's and CoLA's sequence of a document (tokenizer(text, max_length=T + 1, truncation=True)
-    with a tokenizer that appends EOS): its first T tokens then EOS when it is longer, else all of it
-    then EOS; -1 where they pad."""
+def _padded(tokens: list[int], T: int) -> np.ndarray:
+    """A paper-mode window: a document's tokens as encode_documents keeps them, -1 where they pad."""
     window = np.full(T + 1, -1, dtype=np.int32)
-    tokens = ids[:T] + [eos]
     window[: len(tokens)] = tokens
     return window
 
@@ -421,10 +418,11 @@ class Lane:
         self.windows = self._windows(step)
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
-        """Each text's ids (paper mode: only the first seq_len, all a window keeps; see encode_documents)."""
+        """Each text's ids (paper mode: its window's tokens, EOS included; see encode_documents)."""
         if self.plan.mode == "packed":
             return self.tok.encode_batch(texts)
-        return [[] if t is None else t[:-1].tolist() for t in encode_documents(self.tok, texts, Counter(), self.T + 1)]
+        eos = [self.tok.eos_id]  # a document without tokens: a window that scores nothing
+        return [eos if t is None else t.tolist() for t in encode_documents(self.tok, texts, Counter(), self.T + 1)]
 
     def _documents(self, items: np.ndarray, order: np.ndarray, first: int) -> Iterator[tuple[np.ndarray, list]]:
         """(item row, its tokens) from output position `first` of the lane's shuffled order; the lane's
@@ -474,7 +472,7 @@ class Lane:
             order = plan.lane_order(self.k, pass_, len(items))
             if plan.mode == "paper":
                 for _, ids in self._documents(items, order, w):
-                    yield _paper_window(ids, self.tok.eos_id, T)
+                    yield _padded(ids, T)
             else:
                 yield from self._packed(items, order, w)
             pass_, w = pass_ + 1, 0

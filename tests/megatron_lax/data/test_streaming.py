@@ -435,6 +435,25 @@ def test_a_full_pass_of_two_mixed_sources_on_three_ranks_resumes_on_two_with_the
                        for s in two)
 
 
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LAX_SLOW_TESTS"), reason="slow (about 2 min on 2 cores: 8 + 5 ranks "
+                    "with 2 loader workers each); run with MEGATRON_LAX_SLOW_TESTS=1")
+def test_eight_ranks_with_two_workers_each_on_many_small_shards_resume_on_five(tmp_path):
+    raw = write_shards(tmp_path / "many", english_texts(), [3 + i % 5 for i in range(40)],
+                       REPO / "data" / "english" / "c4-validation.00000-of-00001.json.gz")
+
+    def spec(run_dir, **extra):
+        return {"overrides": {**RUN, "data.raw": raw, "data.stream_cache": tmp_path / "cache", "train.steps": 4,
+                              "logging.run_dir": run_dir, "parallel.engine": "ddp", "data.loader_workers": 2,
+                              "train.global_batch": 40, "train.micro_batch": 1, "train.eval_every": 0,
+                              "train.eval_tokens": 320, **extra}}
+
+    launch([spec(tmp_path / "eight")], tmp_path, nproc=8, timeout=400)
+    resume_from = tmp_path / "eight" / "checkpoints" / checkpoint.step_dir_name(2)
+    launch([spec(tmp_path / "five", **{"checkpoint.resume": resume_from})], tmp_path, nproc=5, timeout=400)
+    eight, five = losses(tmp_path / "eight"), losses(tmp_path / "five")
+    assert sorted(five) == [3, 4] and all(five[s] == pytest.approx(eight[s], rel=1e-5) for s in five), (five, eight)
+
+
 def test_the_hub_route_reads_what_the_local_route_reads(shards, tmp_path):
     """HubSplit (datasets' streaming, its own shards) on a local folder: the same index and the same
     lanes' windows as the local reader."""
