@@ -339,11 +339,11 @@ def test_unigram_baseline_matches_prepared_shards(prepared_sample, tmp_path):
     assert list((tmp_path / "cache").glob("unigram-*.npy"))
 
 
-def trainer_steps(source: str, prepared, budget: str, cache: Path) -> int:
+def trainer_steps(source: str, prepared, budget: str, cache: Path, repeat: bool = True) -> int:
     from megatron_lax.train import make_trainer
     values = {**TINY, "data.path": prepared, "data.raw": REPO / "data" / "sample", "data.tokenizer": TOKENIZER,
               "data.stream_cache": cache,
-              "data.source": source, "train.token_budget": budget, "train.allow_repetition": True,
+              "data.source": source, "train.token_budget": budget, "train.allow_repetition": repeat,
               "train.eval_tokens": 256}
     trainer = make_trainer(load_config("llama_tiny", {k: str(v) for k, v in values.items()}))
     return trainer.task.total_steps
@@ -357,6 +357,9 @@ def test_token_budgets_mean_what_they_mean_with_prepared_shards(prepared_sample,
     assert trainer_steps("stream", prepared_sample, "20k", tmp_path) == 79  # ceil(20,000 / (8 x 32))
     with pytest.raises(ValueError, match="set train.steps or train.token_budget"):
         trainer_steps("stream", prepared_sample, "0", tmp_path)
+    with pytest.raises(ValueError, match=r"one pass of the stream \(packed mode\) offers [\d,]+ \(\d+ steps\); add "
+                                         r"data or set train.allow_repetition true"):
+        trainer_steps("stream", prepared_sample, "2M", tmp_path, repeat=False)
 
 
 STEPS = 6
