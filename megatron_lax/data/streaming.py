@@ -378,9 +378,9 @@ def _prefix(text: str, limit: int) -> str:
 def encode_documents(tok, texts: list[str], skipped: Counter, max_tokens: int = 0) -> list[np.ndarray | None]:
     """Each text's tokens followed by EOS (int32), None for one that tokenises to nothing (counted).
     With max_tokens, the first max_tokens - 1 tokens of a longer text then EOS (GaLore's and CoLA's
-    truncation), tokenised from a prefix of a long text: exactly the same tokens for tokenizers whose pieces never cross whitespace
-    (SentencePiece's default, T5's, byte-level BPE's pre-tokenizer), and the prefix is only used
-    when it reaches PREFIX_MARGIN tokens past the ones kept."""
+    truncation), tokenised from a prefix of a long text: exactly the same tokens for tokenizers whose
+    pieces never cross whitespace (SentencePiece's default, T5's, byte-level BPE's pre-tokenizer), and
+    the prefix is only used when it reaches PREFIX_MARGIN tokens past the ones kept."""
     if not max_tokens:
         encoded = tok.encode_batch(texts)
     else:
@@ -586,7 +586,6 @@ class StreamLoader:
         self.lanes = list(range(rank * self.per_rank, (rank + 1) * self.per_rank))
         self.workers = min(workers, self.per_rank)
         self._items, self._windows = None, None
-        self._source_of = np.array([plans.index(lane_of(plans, j)[0]) for j in self.lanes])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -639,9 +638,8 @@ class StreamLoader:
         self._items, self._windows = None, None
 
     def source_sequences(self) -> dict:
-        """Sequences read from each source so far (all ranks: a step's lanes are fixed per source)."""
-        done = self.global_step * 1
-        return {plan.name: done * len(plan.lanes) for plan in self.plans}
+        """Sequences trained on from each source (all ranks, whole steps): its lanes times the steps."""
+        return {plan.name: self.global_step * len(plan.lanes) for plan in self.plans}
 
     def damage(self) -> Counter:
         return sum((plan.index.skipped for plan in self.plans), Counter())
