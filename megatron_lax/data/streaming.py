@@ -234,6 +234,14 @@ def count_shard(split, shard: int, tok=None) -> dict:
     return {"sizes": np.asarray(sizes, dtype=np.int32), "skipped": _counter_array(+skipped)}
 
 
+def _count_into_cache(job: tuple) -> None:
+    """A pool worker's share of Index: one shard counted into its cache file."""
+    from tokenizer import load_tokenizer
+    split, shard, tokenizer, path = job
+    _cached_npz(path, lambda: count_shard(split, shard, load_tokenizer(tokenizer) if tokenizer else None),
+                "document index")
+
+
 def index_path(cache: Path, split, shard: int, tokenizer_hash: str | None) -> Path:
     """Where a shard's index is cached (tokenizer_hash None: documents only)."""
     return cache / f"index-{_digest({'shard': split.shard_fingerprint(shard), 'tokenizer': tokenizer_hash})}.npz"
@@ -248,12 +256,16 @@ class Index:
 
     LOADED = 8  # shards' sizes held at once
 
-    def __init__(self, split, tok, cache: Path, name: str = "train"):
+    def __init__(self, split, tok, cache: Path, name: str = "train", workers: int = 0):
         """`tok` None: documents are counted, not tokenised (paper mode, where a document is a
-        sequence whatever its length: a reading pass, much cheaper than tokenising)."""
+        sequence whatever its length: a reading pass, much cheaper than tokenising). `workers`
+        processes count this rank's local shards that are not cached yet."""
         self.split, self.tok, self.cache, self._loaded = split, tok, cache, {}
+        shards = range(_rank(), split.n_shards, _world())
+        if workers > 1 and isinstance(split, LocalSplit):
+            self._count_in_parallel([s for s in shards if not self._path(s).is_file()], workers)
         mine = {}
-        for shard in range(_rank(), split.n_shards, _world()):
+        for shard in shards:
             sizes, skipped = self._read(shard)
             mine[shard] = (int(sizes.sum()), int((sizes > 0).sum()), dict(skipped))
         found = {}
@@ -270,9 +282,17 @@ class Index:
             raise StreamError(f"no {name} shard of the stream holds a readable document "
                               f"({', '.join(self.empty[:3])}...)")
 
+    def _path(self, shard: int) -> Path:
+        return index_path(self.cache, self.split, shard, self.tok.hash if self.tok else None)
+
+    def _count_in_parallel(self, shards: list[int], workers: int) -> None:
+        import multiprocessing
+        spec = self.tok.name if self.tok else None
+        with multiprocessing.get_context("fork").Pool(min(workers, max(len(shards), 1))) as pool:
+            pool.map(_count_into_cache, [(self.split, shard, spec, self._path(shard)) for shard in shards])
+
     def _read(self, shard: int) -> tuple[np.ndarray, Counter]:
-        arrays = _cached_npz(index_path(self.cache, self.split, shard, self.tok.hash if self.tok else None),
-                             lambda: count_shard(self.split, shard, self.tok), "document index")
+        arrays = _cached_npz(self._path(shard), lambda: count_shard(self.split, shard, self.tok), "document index")
         return arrays["sizes"], Counter(json.loads(str(arrays["skipped"])))
 
     def sizes(self, shard: int) -> np.ndarray:
@@ -771,8 +791,8 @@ class Stream:
                                                        for path, _ in sources]
         lanes = lanes_by_weight([w for _, w in sources], global_batch)
         counter = self.tok if cfg.mode == "packed" else None
-        plans = [SourcePlan(path, Index(split, counter, Path(cfg.stream_cache)), mine, cfg.seed, key, cfg.mode,
-                            cfg.seq_len, cfg.shuffle_buffer)
+        plans = [SourcePlan(path, Index(split, counter, Path(cfg.stream_cache), workers=cfg.loader_workers), mine,
+                            cfg.seed, key, cfg.mode, cfg.seq_len, cfg.shuffle_buffer)
                  for key, ((path, _), split, mine) in enumerate(zip(sources, splits, lanes))]
         return StreamLoader(plans, cfg.tokenizer, self.tok.hash, self.pad_id, cfg.seq_len, cfg.mode, global_batch,
                             micro_batch, self.rank, self.world_size, cfg.loader_workers, cfg.seed, allow_repetition)

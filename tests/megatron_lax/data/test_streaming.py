@@ -143,6 +143,8 @@ def test_one_pass_of_uneven_shards_trains_on_every_document_once_whatever_the_la
     loader = stream.train_loader(12, 12, allow_repetition=False)
     tok, eos = stream.tok, stream.tok.eos_id
     pass_tokens = int(loader.plans[0].index.tokens.sum())
+    in_parallel = streaming.Index(stream.train, tok, tmp_path / "other_cache", workers=2)  # pool workers count
+    assert all(np.array_equal(in_parallel.sizes(s), loader.plans[0].index.sizes(s)) for s in range(5))
     texts = [f"record {i:05d}. {t}" for i, t in enumerate(english_texts()[: sum(UNEVEN)])]
     assert pass_tokens == sum(len(ids) + 1 for ids in tok.encode_batch(texts))  # prepare's count
     streams = lane_streams(loader, loader.steps_per_pass)
