@@ -54,6 +54,9 @@ class PreparedTokens:
     def unigram_perplexity(self, n_tokens: int, after_tokens: int = 0) -> float:
         return data.unigram_perplexity(self.path, self.cfg.seq_len, self.cfg.mode, n_tokens, after_tokens=after_tokens)
 
+    def report(self, loader) -> dict:
+        return {}  # data_prep.prepare reports what it skipped when it prepares
+
 
 class StreamedTokens(Stream):
     """C4-layout shards or a hub dataset tokenised as they are read (data.source stream)."""
@@ -143,7 +146,7 @@ class LanguageModeling(TokenPrediction):
                            initialize=lambda model: init_weights(model, cfg.train.seed))
 
     def data_report(self) -> dict:
-        return self.source.report(self.loader) if hasattr(self.source, "report") else {}
+        return self.source.report(self.loader)
 
     @property
     def eval_tokens(self) -> int:
