@@ -440,7 +440,7 @@ def test_a_full_pass_of_two_mixed_sources_on_three_ranks_resumes_on_two_with_the
                        for s in two)
 
 
-@pytest.mark.skipif(not os.environ.get("MEGATRON_LAX_SLOW_TESTS"), reason="slow (about 2 min on 2 cores: 8 + 5 ranks "
+@pytest.mark.skipif(not os.environ.get("MEGATRON_LAX_SLOW_TESTS"), reason="slow (about 1 min on 2 cores: 8 + 5 ranks "
                     "with 2 loader workers each); run with MEGATRON_LAX_SLOW_TESTS=1")
 def test_eight_ranks_with_two_workers_each_on_many_small_shards_resume_on_five(tmp_path):
     raw = write_shards(tmp_path / "many", english_texts(), [3 + i % 5 for i in range(40)],
