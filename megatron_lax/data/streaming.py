@@ -104,25 +104,38 @@ class HubSplit:
     READ_RETRIES, BACKOFF_SECONDS = 5, 2.0
 
     def __init__(self, spec: str, name: str, config: str | None, split: str):
+        """Rank 0 opens the dataset (the hub's file list) and sends it to the other ranks."""
         self.spec, self.split = spec, split
+        opened = None
+        if _rank() == 0:
+            try:
+                opened = self._open(name, config)
+            except StreamError as e:
+                opened = e
+        opened = broadcast_object(opened)
+        if isinstance(opened, StreamError):
+            raise opened
+        self.dataset = opened
+        self.n_shards = getattr(self.dataset, "num_shards", None) or self.dataset.n_shards
+        self.fingerprint = [name, config, split, self.n_shards]
+
+    def _open(self, name: str, config: str | None):
         try:
             from datasets import load_dataset
         except ImportError:
-            raise StreamError(f"{spec}: streaming from the hub needs `datasets` (pip install 'megatron-lax[stream]')") \
-                from None
+            raise StreamError(f"{self.spec}: streaming from the hub needs `datasets` (pip install "
+                              f"'megatron-lax[stream]')") from None
         if not Path(name).is_dir():
             try:
                 check_hub_reachable()
             except ValueError as e:
-                raise StreamError(f"{spec}: {e}") from None
+                raise StreamError(f"{self.spec}: {e}") from None
         try:
             with _quiet_hub():
-                self.dataset = load_dataset(name, config, split=split, streaming=True)
+                return load_dataset(name, config, split=self.split, streaming=True)
         except Exception as e:  # offline, unknown name or split, network: many types
-            raise StreamError(f"{spec}: cannot open split {split!r} on the Hugging Face hub ({type(e).__name__}: "
-                              f"{_first_line(e)})") from None
-        self.n_shards = getattr(self.dataset, "num_shards", None) or self.dataset.n_shards
-        self.fingerprint = [name, config, split, self.n_shards]
+            raise StreamError(f"{self.spec}: cannot open split {self.split!r} on the Hugging Face hub "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
     def shard_name(self, shard: int) -> str:
         return f"{self.spec} {self.split} shard {shard}"

@@ -486,6 +486,19 @@ def test_the_hub_route_reads_what_the_local_route_reads(shards, tmp_path):
     assert all(np.array_equal(next(windows[0])[0], next(windows[1])[0]) for _ in range(50))
 
 
+def test_only_rank_0_asks_the_hub_for_its_file_list(shards, tmp_path, monkeypatch):
+    opened = streaming.HubSplit("hf:test/local", str(shards), None, "validation").dataset
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("rank 1 asked the hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.setattr(streaming, "_rank", lambda: 1)
+    monkeypatch.setattr(streaming, "broadcast_object", lambda obj: opened)  # what rank 0 sends
+    assert streaming.HubSplit("hf:test/local", str(shards), None, "validation").dataset is opened
+
+
 def test_a_hub_read_error_is_retried_from_where_it_stopped(shards, tmp_path, capfd):
     hub = streaming.HubSplit("hf:test/local", str(shards), None, "validation")
     hub.BACKOFF_SECONDS = 0.0
