@@ -103,16 +103,18 @@ class HubSplit:
 
     READ_RETRIES, BACKOFF_SECONDS = 5, 2.0
 
-    def __init__(self, spec: str, name: str, config: str | None, split: str):
-        """Rank 0 opens the dataset (the hub's file list) and sends it to the other ranks."""
+    def __init__(self, spec: str, name: str, config: str | None, split: str, shared: bool = True):
+        """Rank 0 opens the dataset (the hub's file list) and sends it to the other ranks (a collective;
+        `shared` False: this rank opens it alone)."""
         self.spec, self.split = spec, split
         opened = None
-        if _rank() == 0:
+        if _rank() == 0 or not shared:
             try:
                 opened = self._open(name, config)
             except StreamError as e:
                 opened = e
-        opened = broadcast_object(opened)
+        if shared:
+            opened = broadcast_object(opened)
         if isinstance(opened, StreamError):
             raise opened
         self.dataset = opened
@@ -198,11 +200,12 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None] | None:
     return name, parts[2] if len(parts) == 3 else HUB_DEFAULT_CONFIG.get(name)
 
 
-def open_split(spec: str, split: str, hub_split: str):
-    """The train or validation split of data.raw (hub datasets: under the name `hub_split`)."""
+def open_split(spec: str, split: str, hub_split: str, shared: bool = True):
+    """The train or validation split of data.raw (hub datasets: under the name `hub_split`; with
+    `shared`, opened by rank 0 for all ranks, a collective)."""
     hub = parse_hub_spec(spec)
     if hub:
-        return HubSplit(spec, *hub, hub_split)
+        return HubSplit(spec, *hub, hub_split, shared)
     paths = [p for p in expand_inputs(spec) if split_of(p) == split]
     if not paths:
         raise StreamError(f"data.raw {spec}: no {split} shards there (C4 names them c4-{split}.*.json.gz)")
@@ -790,7 +793,7 @@ class Stream:
     @property
     def validation(self):
         if self._validation is None:
-            self._validation = open_split(self.cfg.raw, "validation", self._validation_name)
+            self._validation = open_split(self.cfg.raw, "validation", self._validation_name, shared=False)  # rank 0
         return self._validation
 
     def model_vocab_size(self, configured: int) -> int:

@@ -296,7 +296,7 @@ def test_loader_state_resumes_exactly_mid_step_and_onto_other_rank_counts(shards
     for loader in three:
         loader.load_state_dict(state)
     assert [row for loader in three for row in rows(next(loader))] == [row for b in expected[9:12] for row in b]
-    with pytest.raises(ValueError, match="an older streamed loader's \\(one cursor per lane\\); it cannot be continued"):
+    with pytest.raises(ValueError, match=r"an older streamed loader's \(one cursor per lane\); it cannot"):
         again.load_state_dict({"stream": 1, "lanes": {}})
     for change, message in (({"seed": 1}, "another stream"), ({"seq_len": 16}, "another data.mode")):
         with pytest.raises(ValueError, match=message):
