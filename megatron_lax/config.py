@@ -151,6 +151,10 @@ class DataConfig:
     source: str = "prepared"
     stream_cache: str = "data/stream_cache"  # stream: validation tokens and unigram counts, cached after a first read
     hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: its splits
+    # stream: training sources mixed by weight, PATH=WEIGHT each (a folder, glob or hf: name as `raw`); empty: `raw`
+    # alone. Validation stays `raw`'s validation split
+    sources: list = field(default_factory=list)
+    shuffle_buffer: int = 1000  # stream: documents a lane's seeded shuffle buffer holds (0 or 1: file order)
     tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
     seq_len: int = 256
     mode: str = "packed"  # packed | paper (one document per sequence, padded)
@@ -558,6 +562,10 @@ def validate_run(cfg: Config) -> None:
         raise ConfigError(f"data.source {cfg.data.source!r} is unknown (prepared or stream)")
     if cfg.data.source == "stream" and len(cfg.data.hub_splits) != 2:
         raise ConfigError(f"data.hub_splits must name two splits (train, validation), got {cfg.data.hub_splits}")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0 documents, got {cfg.data.shuffle_buffer}")
+    if cfg.data.sources and cfg.data.source != "stream":
+        raise ConfigError("data.sources mixes streamed sources: it needs data.source stream")
     if cfg.data.mode not in ("packed", "paper"):
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):
