@@ -119,16 +119,6 @@ class TokenPrediction(Task):
                  "best_val_ppl": math.exp(min(best_val_loss, 50.0)), **read},
                 f"validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens{skipped_note(final)}")
 
-
-def skipped_note(record: dict) -> str:
-    """The streamed train split's unusable records, by reason, in a line ('' when none or not streamed)."""
-    if not record.get("skipped_records"):
-        return ""
-    reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in sorted(record.items())
-                        if k.startswith("skipped_") and k != "skipped_records")
-    return f"; the train split's records skipped: {record['skipped_records']} ({reasons})"
-
-
     @classmethod
     def evaluate_checkpoint(cls, model, cfg: Config, dist: DistInfo, data_path: str | None = None, count: int = 0,
                             micro_batch: int = 0) -> dict:
@@ -157,6 +147,15 @@ def skipped_note(record: dict) -> str:
                 f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "
                 f"{result['sequences']} sequences, {result['precision']}; unigram baseline "
                 f"{result['unigram_ppl']:.3f}")
+
+
+def skipped_note(record: dict) -> str:
+    """The streamed train split's unusable records, by reason, in a line ('' when none or not streamed)."""
+    if not record.get("skipped_records"):
+        return ""
+    reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in sorted(record.items())
+                        if k.startswith("skipped_") and k != "skipped_records")
+    return f"; the train split's records skipped: {record['skipped_records']} ({reasons})"
 
 
 @torch.no_grad()
