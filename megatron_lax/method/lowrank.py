@@ -267,3 +267,11 @@ def build_factored(cfg, projection, d_in, d_out, layer, bias, activation, tt_dim
 def count_factored(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
     r = cfg.rank_of(projection)
     return r * (d_in + d_out), 2 * r * (d_in + d_out), r
+
+
+# --- the format's export to transformers (megatron_lax/hub.py) ----------------------------------------
+# The objects an exported modeling file needs from this file to build and run dense, SVD and CoLA
+# projections with their LaX gates; their source is copied into the file as it is here.
+HF_SOURCE = ("Latents", "ACTIVATIONS", "IdentityGate", "LinearGate", "DenseGate", "balanced_factors", "TensorGate",
+             "GATES", "DenseLinear", "lowrank_factor_std", "kaiming_std", "kaiming_factor_stds", "LatentLinear",
+             "LowRankLinear", "bias_init_rule", "build_dense", "build_factored")
