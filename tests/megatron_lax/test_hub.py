@@ -3,6 +3,7 @@ process that cannot import megatron_lax, and computes our logits and greedy text
 from __future__ import annotations
 
 import json
+import math
 import os
 import site
 import subprocess
@@ -204,3 +205,86 @@ def test_export_loads_where_megatron_lax_is_not_installed(tmp_path):
         assert theirs["greedy"][:len(greedy)] == greedy
         assert theirs["again_equal"] and theirs["bf16"] == "torch.bfloat16" and theirs["auto"] == "torch.float32"
         assert theirs["encoded"] == load_tokenizer(str(TOKENIZER)).encode("the city council")
+
+
+TASKS = Path(__file__).parent / "lm_eval_tasks"
+
+
+@torch.no_grad()
+def our_loglikelihood(model, tokenizer, context: str, continuation: str, prefix_id: int) -> float:
+    """The summed log-probability of `continuation` after `context`, split into tokens as lm-eval
+    splits them (the continuation's tokens are those the whole string has beyond the context's)."""
+    whole, head = tokenizer.encode(context + continuation), tokenizer.encode(context)
+    ids = [prefix_id] + whole if not head else whole
+    start = len(head) if head else 1
+    logprobs = torch.log_softmax(model(torch.tensor([ids])).float()[0], dim=-1)
+    return float(sum(logprobs[i - 1, ids[i]] for i in range(start, len(ids))))
+
+
+def test_lm_eval_scores_an_export_as_we_do(tmp_path, monkeypatch):
+    """lm-evaluation-harness (its hf model, trust_remote_code) on an exported CoLA + LaX model: each
+    multiple-choice log-likelihood is ours for the same strings, and its rolling word perplexity is
+    the one our evaluation's per-sequence NLL gives the same text."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import re
+
+    from lm_eval.tasks import TaskManager
+
+    from megatron_lax.evaluate import sequence_nll
+    from tokenizer import load_tokenizer
+    ours, _, out = exported(tmp_path, "cola_dense_small")
+    monkeypatch.chdir(REPO)  # the tasks' data_files are relative to the repository root
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={out},trust_remote_code=True,dtype=float32", device="cpu", batch_size=2,
+        tasks=["megatron_lax_tiny_choice", "megatron_lax_tiny_perplexity"], log_samples=True,
+        task_manager=TaskManager(include_path=str(TASKS)))
+    tokenizer = load_tokenizer(str(TOKENIZER))
+    choices = results["samples"]["megatron_lax_tiny_choice"]
+    assert len(choices) == 4
+    for sample in choices:
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"]):
+            theirs = response[0][0]
+            assert theirs == pytest.approx(our_loglikelihood(ours, tokenizer, context, continuation,
+                                                             tokenizer.bos_id), rel=1e-4, abs=1e-4)
+    docs = [json.loads(line)["text"] for line in (TASKS / "tiny_perplexity.jsonl").read_text().splitlines()]
+    rows = [torch.tensor([[tokenizer.bos_id] + tokenizer.encode(text)]) for text in docs]
+    nll = sequence_nll(ours, [(row[:, :-1], row[:, 1:]) for row in rows], torch.device("cpu"))
+    words = sum(len(re.split(r"\s+", text)) for text in docs)
+    expected = math.exp(float(nll[:, 0].sum()) / words)
+    measured = results["results"]["megatron_lax_tiny_perplexity"]["word_perplexity,none"]
+    assert measured == pytest.approx(expected, rel=1e-4)
+
+
+def test_export_follows_transformers_conventions(tmp_path):
+    """device_map="auto" loads it, labels give our loss, gradient checkpointing gives the same
+    gradients (the latents crossing blocks included), PEFT wraps its linear factors, Trainer steps."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from megatron_lax.models.llama import token_nll
+    ours, _, out = exported(tmp_path, "svd_linear_projection")
+    tokens = torch.randint(0, 8192, (2, 12), generator=torch.Generator().manual_seed(3))
+    mapped = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, device_map="auto")
+    with torch.no_grad():
+        assert relative_error(mapped(tokens).logits, ours(tokens)) <= 1e-5
+        nll, n = token_nll(ours(tokens)[:, :-1], tokens[:, 1:])
+        assert float(mapped(tokens, labels=tokens).loss) == pytest.approx(float(nll / n), rel=1e-5)
+
+    def gradients(checkpointing: bool) -> dict:
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(tokens, labels=tokens).loss.backward()
+        return {k: p.grad for k, p in model.named_parameters()}
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain["model.layers.0.attn.q.A.weight"].abs().sum() > 0
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["A", "B"]))
+    assert 0 < sum(p.numel() for p in wrapped.parameters() if p.requires_grad) < model.num_parameters() / 10
+    data = [{"input_ids": row, "labels": row} for row in tokens]
+    args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
+                             report_to=[], use_cpu=True, save_strategy="no")
+    assert Trainer(model=wrapped, args=args, train_dataset=data).train().training_loss > 0
