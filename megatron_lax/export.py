@@ -129,6 +129,10 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False, fmt: str = "
             from .hub import write_transformers
             write_transformers(model, cfg, trainer_state(ckpt), staging, max_shard_size=max_shard_size)
             return "transformers (remote code)"
+        elif fmt == "transformers":
+            from .hub import write_vit_transformers
+            write_vit_transformers(model, cfg, trainer_state(ckpt), staging, max_shard_size=max_shard_size)
+            return "transformers image classifier (remote code)"
         else:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
             (staging / "config.yaml").write_text(dump_yaml(cfg))

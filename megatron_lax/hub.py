@@ -25,7 +25,7 @@ import torch
 
 from .config import Config
 from .method.formats import FORMATS
-from .models import llama_hf
+from .models import llama_hf, vit_hf
 
 MODELING_FILE = "modeling_megatron_lax.py"
 PACKAGE_SECTION = "# --- megatron_lax: the export writes these objects' source here ---\n"
@@ -48,37 +48,41 @@ def top_level_source(module, name: str) -> str:
     raise ValueError(f"{module.__name__} has no top-level {name}")
 
 
-def package_objects(method: str) -> list[tuple[object, list[str]]]:
+def package_objects(template, method: str) -> list[tuple[object, list[str]]]:
     """(module, names in the module's order) for every package object the modeling file needs: the
-    format's own (its file's HF_SOURCE) and what models/llama_hf.py imports from the package."""
-    build = FORMATS[method].build
-    wanted = {inspect.getmodule(build): list(inspect.getmodule(build).HF_SOURCE)}
-    template = inspect.getsource(llama_hf)
-    section = template.split(PACKAGE_SECTION)[1].split(MODEL_SECTION)[0]
+    format's own (lowrank.py's gates and crossing, and the format file's HF_SOURCE) and what the
+    template (models/llama_hf.py, models/vit_hf.py) imports from the package."""
+    from .method import lowrank
+    format_module = inspect.getmodule(FORMATS[method].build)
+    wanted = {lowrank: list(lowrank.HF_SOURCE)}
+    wanted.setdefault(format_module, [])
+    wanted[format_module] += [n for n in format_module.HF_SOURCE if n not in wanted[format_module]]
+    section = inspect.getsource(template).split(PACKAGE_SECTION)[1].split(MODEL_SECTION)[0]
     for node in ast.parse(section).body:
         if isinstance(node, ast.ImportFrom) and node.level:
-            module = importlib.import_module("." * node.level + (node.module or ""), llama_hf.__package__)
-            names = [alias.name for alias in node.names if alias.name != "FORMATS"]
+            module = importlib.import_module("." * node.level + (node.module or ""), template.__package__)
+            taken = {n for names in wanted.values() for n in names}
             wanted.setdefault(module, [])
-            wanted[module] += [n for n in names if n not in wanted[module] and
-                               not any(n in already for m, already in wanted.items() if m is not module)]
-    order = lambda module: inspect.getsource(module).find  # noqa: E731
-    return [(m, sorted(names, key=lambda n: order(m)(top_level_source(m, n)))) for m, names in wanted.items() if names]
+            wanted[module] += [alias.name for alias in node.names if alias.name != "FORMATS" and alias.name not in taken]
+
+    def position(module, name):
+        return inspect.getsource(module).find(top_level_source(module, name))
+    return [(m, sorted(names, key=lambda n: position(m, n))) for m, names in wanted.items() if names]
 
 
-def modeling_source(method: str) -> str:
-    """The text of modeling_megatron_lax.py for a model of format `method`."""
-    template = inspect.getsource(llama_hf)
-    head, rest = template.split(PACKAGE_SECTION)
+def modeling_source(method: str, template=llama_hf) -> str:
+    """The text of the modeling file for a model of format `method` from `template`."""
+    source = inspect.getsource(template)
+    head, rest = source.split(PACKAGE_SECTION)
     body = rest.split(MODEL_SECTION)[1]
-    docstring_end = ast.parse(template).body[0].end_lineno
-    imports = "\n".join(head.splitlines()[docstring_end:])
+    docstring = " ".join(ast.get_docstring(ast.parse(source)).split("\n\n")[0].split()).rstrip(".")
+    imports = "\n".join(head.splitlines()[ast.parse(source).body[0].end_lineno:])
     from importlib.metadata import version
-    parts = [f'"""A LaX LLaMA ({method}) for transformers, written by megatron_lax {version("megatron_lax")} '
-             f'(python -m megatron_lax.export)\nout of megatron_lax/models/llama_hf.py and the package code it uses, '
-             f'copied below as it is there.\n\nLoad it with AutoModelForCausalLM.from_pretrained(DIR, '
-             f'trust_remote_code=True); it needs torch and transformers only.\n"""\n' + imports]
-    for module, names in package_objects(method):
+    parts = [f'"""{docstring} (format {method}).\n\nWritten by megatron_lax {version("megatron_lax")} '
+             f'(python -m megatron_lax.export) out of\n{template.__name__.replace(".", "/")}.py and the package code '
+             f'it uses, copied below as it is there; it imports nothing\nfrom megatron_lax. Load it with '
+             f'from_pretrained(DIR, trust_remote_code=True).\n"""\n' + imports]
+    for module, names in package_objects(template, method):
         parts.append(f"# --- from {module.__name__.replace('.', '/')}.py ---\n")
         parts += [top_level_source(module, name) + "\n\n" for name in names]
     parts.append(f"FORMAT_BUILDERS = {{{method!r}: {FORMATS[method].build.__name__}}}\n")
@@ -168,40 +172,49 @@ def write_tokenizer(spec: str, output: Path, max_length: int) -> bool:
 
 def model_card(cfg: Config, n_params: int, state: dict, lora: bool = False) -> str:
     """README.md with the Hub's front matter and what the model is: recipe, size, data seen, LaX."""
-    m = cfg.model
-    val_loss = state.get("best_val_loss", math.inf)
-    metrics = [] if not math.isfinite(val_loss) else [
-        {"type": "perplexity", "name": "validation perplexity", "value": round(math.exp(val_loss), 4)}]
+    m, vit = cfg.model, cfg.model.arch == "vit"
+    val_loss, last = state.get("best_val_loss", math.inf), state.get("last_val") or {}
+    if vit and "val_acc1" in last:
+        metrics = [{"type": "accuracy", "name": "validation top-1 accuracy (%)", "value": round(last["val_acc1"], 4)}]
+    elif not vit and math.isfinite(val_loss):
+        metrics = [{"type": "perplexity", "name": "validation perplexity", "value": round(math.exp(val_loss), 4)}]
+    else:
+        metrics = []
     name = Path(cfg.logging.run_dir).name or "megatron-lax-model"
-    front = {"library_name": "transformers", "license": "apache-2.0", "pipeline_tag": "text-generation",
+    task = ("image-classification", "image classification") if vit else ("text-generation", "language modelling")
+    front = {"library_name": "transformers", "license": "apache-2.0", "pipeline_tag": task[0],
              "tags": ["megatron-lax", "lax", "low-rank", m.method, "custom_code"] + (["lora"] if lora else []),
              "model-index": [{"name": name, "results": [{
-                 "task": {"type": "text-generation", "name": "language modelling"},
+                 "task": {"type": task[0], "name": task[1]},
                  "dataset": {"type": "text", "name": Path(cfg.data.path).name or "validation"},
                  "metrics": metrics}] if metrics else []}]}
     import yaml
-    tokens = state.get("tokens", 0)
+    seen = state.get("tokens", 0)  # the task's unit: tokens or images
+    unit = "images" if vit else "tokens"
     lax = (f"LaX gate `{m.lax_gate}` (init {m.lax_gate_init}) on {', '.join(m.lax_modules)}; latent handed on: "
            f"`{m.lax_latent}`; LayerNorm on the crossing: {m.lax_norm}") if m.lax_gate != "none" else "no LaX"
     ranks = f"rank {m.rank}" + (f", attention {m.attn_rank}" if m.attn_rank else "") + (
         f", MLP {m.mlp_rank}" if m.mlp_rank else "")
     lines = [f"# {name}", "",
-             f"A LLaMA-style language model trained with [megatron-lax](https://github.com/) "
+             f"A {'Vision Transformer' if vit else 'LLaMA-style language model'} trained with megatron-lax "
              f"({m.method}{', ' + ranks if m.method != 'dense' else ''}; {lax}).", "",
              "| | |", "|---|---|",
              f"| parameters | {n_params:,} |",
-             f"| shape | {m.n_layers} layers, width {m.dim}, {m.n_heads} heads ({m.n_kv_heads or m.n_heads} key/value), "
-             f"MLP {m.ffn_dim}, vocabulary {m.vocab_size} |",
-             f"| training | {state.get('step', 0)} steps of {cfg.train.global_batch} sequences of {cfg.data.seq_len} "
-             f"tokens; {tokens:,} tokens seen |",
+             f"| shape | {m.n_layers} layers, width {m.dim}, {m.n_heads} heads, MLP {m.ffn_dim}, "
+             + (f"{m.image_size}px images in {m.patch_size}px patches, {m.num_classes} classes |" if vit else
+                f"{m.n_kv_heads or m.n_heads} key/value heads, vocabulary {m.vocab_size} |"),
+             f"| training | {state.get('step', 0)} steps of {cfg.train.global_batch} {unit[:-1]} batches; "
+             f"{seen:,} {unit} seen |",
              f"| optimiser | {cfg.optim.name if hasattr(cfg.optim, 'name') else 'adamw'}, learning rate "
              f"{cfg.optim.lr} |"]
     if metrics:
-        lines.append(f"| validation perplexity | {metrics[0]['value']} |")
+        lines.append(f"| {metrics[0]['name']} | {metrics[0]['value']} |")
     if lora:
         lines.append(f"| adapters | LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}, LaX gate "
                      f"{cfg.lora.lax_gate} |")
-    lines += ["", "## Use", "", "```python",
+    lines += ["", "## Use", "", "```python", "from transformers import pipeline",
+              "classify = pipeline('image-classification', model=DIR, trust_remote_code=True)", "```", ""] if vit else [
+              "", "## Use", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               "model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)",
               "tokenizer = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)", "```", "",
@@ -234,5 +247,46 @@ def write_transformers(model: torch.nn.Module, cfg: Config, state: dict, output:
     (output / "README.md").write_text(model_card(cfg, n_params, state, lora))
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+VIT_MODELING_FILE = "modeling_megatron_lax_vit.py"
+VIT_FIELDS = ("image_size", "patch_size", "in_channels", "num_classes", "dim", "n_layers", "n_heads", "ffn_dim",
+              "dropout", "head_dropout", "mlp_norm", "method", "rank", "attn_rank", "mlp_rank", "mlp_out_rank",
+              "lax_gate", "lax_modules", "lax_norm", "lax_latent", "lax_gate_init", "lax_intra_modules",
+              "lax_intra_gate", "tt_attn_dims", "tt_fc1_dims", "tt_fc2_dims")
+
+
+def class_names(cfg: Config) -> list[str]:
+    """The run's class names where its data still names them, else LABEL_i."""
+    from .data.images import open_image_dataset
+    try:
+        names = list(open_image_dataset(cfg.data.path, cfg.data.eval_split).class_names)
+    except Exception:  # the data may be gone or elsewhere; names are cosmetic
+        names = []
+    return names if len(names) == cfg.model.num_classes else [f"LABEL_{i}" for i in range(cfg.model.num_classes)]
+
+
+def write_vit_transformers(model: torch.nn.Module, cfg: Config, state: dict, output: Path,
+                           max_shard_size: str = "5GB") -> None:
+    """A ViT as an AutoModelForImageClassification folder, with the image processor of our evaluation view."""
+    from .data.images import normalization
+    from .models import count_parameters
+    from .tasks.image_classification import augment_config
+    config = vit_hf.MegatronLaxViTConfig(**{f: getattr(cfg.model, f) for f in VIT_FIELDS})
+    labels = class_names(cfg)
+    config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
+    config.architectures = ["MegatronLaxViTForImageClassification"]
+    module = VIT_MODELING_FILE[:-3]
+    config.auto_map = {"AutoConfig": f"{module}.MegatronLaxViTConfig",
+                       "AutoModelForImageClassification": f"{module}.MegatronLaxViTForImageClassification"}
+    with torch.device("meta"):
+        hf = vit_hf.MegatronLaxViTForImageClassification(config)
+    hf.load_state_dict(model.state_dict(), strict=True, assign=True)
+    hf.save_pretrained(output, max_shard_size=max_shard_size, safe_serialization=True)
+    view = augment_config(cfg, train=False)
+    mean, std = normalization(view, cfg.model.in_channels)
+    processor = {"image_processor_type": "MegatronLaxImageProcessor",
+                 "auto_map": {"AutoImageProcessor": f"{module}.MegatronLaxImageProcessor"},
+                 "image_size": cfg.model.image_size, "crop_pct": view.crop_pct, "image_mean": list(mean),
+                 "image_std": list(std), "mode": "RGB" if cfg.model.in_channels == 3 else "L"}
+    (output / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
+    (output / VIT_MODELING_FILE).write_text(modeling_source(cfg.model.method, vit_hf))
+    (output / "README.md").write_text(model_card(cfg, count_parameters(cfg.model), state))

@@ -185,3 +185,8 @@ def count_tt(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
         params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
     latent_width = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]
     return params, flops, latent_width
+
+
+# --- the format's export to transformers (megatron_lax/hub.py): what an exported modeling file copies
+# from here, beside lowrank.py's HF_SOURCE (the gates and the crossing) ----------------------------------
+HF_SOURCE = ("tt_ranks", "intra_shapes", "TTLinear", "build_tt")
