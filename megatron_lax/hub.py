@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, dump_yaml
+from .loading.transformers_export import EXPORT_MARKER
 from .method.formats import FORMATS
 from .models import llama_hf, vit_hf
 
@@ -172,7 +173,8 @@ def write_tokenizer(spec: str, output: Path, max_length: int) -> bool:
 
 def model_card(cfg: Config, n_params: int, state: dict, lora: bool = False) -> str:
     """README.md with the Hub's front matter and what the model is: recipe, size, data seen, LaX."""
-    m, vit = cfg.model, cfg.model.arch == "vit"
+    from .models import family_of
+    m, vit = cfg.model, not family_of(cfg.model).uses_tokenizer
     val_loss, last = state.get("best_val_loss", math.inf), state.get("last_val") or {}
     if vit and "val_acc1" in last:
         metrics = [{"type": "accuracy", "name": "validation top-1 accuracy (%)", "value": round(last["val_acc1"], 4)}]
@@ -245,6 +247,16 @@ def write_transformers(model: torch.nn.Module, cfg: Config, state: dict, output:
     (output / MODELING_FILE).write_text(modeling_source(cfg.model.method))
     n_params = count_parameters(cfg.model) if not lora else sum(p.numel() for p in model.parameters())
     (output / "README.md").write_text(model_card(cfg, n_params, state, lora))
+    if not lora:
+        write_our_config(cfg, state, output)
+
+
+def write_our_config(cfg: Config, state: dict, output: Path) -> None:
+    """The run's config and step, so that evaluate and load_transformers_export read the folder as our
+    model (as tensors; its modeling file is not run)."""
+    (output / "config.yaml").write_text(dump_yaml(cfg))
+    (output / EXPORT_MARKER).write_text(json.dumps({"format": "transformers", "step": state.get("step"),
+                                                    "tokens": state.get("tokens")}))
 
 
 VIT_MODELING_FILE = "modeling_megatron_lax_vit.py"
@@ -290,3 +302,4 @@ def write_vit_transformers(model: torch.nn.Module, cfg: Config, state: dict, out
     (output / "preprocessor_config.json").write_text(json.dumps(processor, indent=1))
     (output / VIT_MODELING_FILE).write_text(modeling_source(cfg.model.method, vit_hf))
     (output / "README.md").write_text(model_card(cfg, count_parameters(cfg.model), state))
+    write_our_config(cfg, state, output)

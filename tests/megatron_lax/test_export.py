@@ -53,6 +53,7 @@ def test_lax_export_is_a_transformers_model_our_loaders_do_not_run(prepared_samp
     """The command's default for a LaX model: a transformers folder (remote code) with our logits;
     our own loaders refuse it in one line and never run its modeling file."""
     from transformers import AutoModelForCausalLM
+    from megatron_lax.evaluate import load_for_evaluation
     from megatron_lax.export import main
     from megatron_lax.loading.bases import load_base
     run_dir = trained(prepared_sample, tmp_path / "run", **{"model.method": "svd", "model.lax_gate": "identity"})
@@ -68,6 +69,9 @@ def test_lax_export_is_a_transformers_model_our_loaders_do_not_run(prepared_samp
     for load in (load_pretrained, load_base):
         with pytest.raises(ValueError):
             load(str(tmp_path / "hf"))
+    read, _, _, step = load_for_evaluation(tmp_path / "hf", torch.device("cpu"))  # as tensors, for evaluate
+    with torch.no_grad():
+        assert step == 3 and torch.equal(read(tokens), ours(tokens))
     assert not (tmp_path / "ran").exists()
     assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")]) == 2  # not empty: refused
 
