@@ -41,8 +41,27 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says which field and why."""
 
 
+class ProjectionRules:
+    """Which rank each projection has and which projections cross, from the model's fields; shared by
+    ModelConfig and the configs of transformers exports (models/llama_hf.py, vit_hf.py)."""
+
+    def crosses(self, projection: str, layer: int) -> bool:
+        """Whether this projection of block `layer` receives the previous block's latent."""
+        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
+
+    def rank_of(self, projection: str) -> int:
+        if projection in ("fc2", "down") and self.mlp_out_rank is not None:
+            return self.mlp_out_rank
+        specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
+        return specific if specific is not None else self.rank
+
+    @property
+    def uses_lax(self) -> bool:
+        return self.lax_gate != "none"
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(ProjectionRules):
     arch: str = "llama"  # llama (decoder LM) | vit (image classifier)
     dim: int = 256
     n_layers: int = 4
@@ -86,19 +105,6 @@ class ModelConfig:
     def projections(self) -> tuple:
         return ARCH_PROJECTIONS[self.arch]
 
-    def crosses(self, projection: str, layer: int) -> bool:
-        """Whether this projection of block `layer` receives the previous block's latent."""
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        if projection in ("fc2", "down") and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
-        return specific if specific is not None else self.rank
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
 
     @property
     def resolved_lowrank_init(self) -> str:

@@ -23,6 +23,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # --- megatron_lax: the export writes these objects' source here ---
+from ..config import ProjectionRules
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents
 from .llama import RMSNorm, apply_rotary, rotary_tables
@@ -36,7 +37,7 @@ ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-class MegatronLaxLlamaConfig(PretrainedConfig):
+class MegatronLaxLlamaConfig(ProjectionRules, PretrainedConfig):
     """LLaMA shapes under transformers' names; the low-rank format, its ranks, LaX and LaX-LoRA under
     megatron_lax's (`lowrank_format`: dense | svd | cola)."""
 
@@ -63,23 +64,10 @@ class MegatronLaxLlamaConfig(PretrainedConfig):
         self.use_cache = use_cache
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
-    # what the format's build function reads (megatron_lax's ModelConfig has the same; a test pins them)
+    # the name the format's build function reads (ModelConfig's)
     @property
     def method(self) -> str:
         return self.lowrank_format
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
-
-    def crosses(self, projection: str, layer: int) -> bool:
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        if projection == "down" and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if projection in ATTENTION_PROJECTIONS else self.mlp_rank
-        return specific if specific is not None else self.rank
 
 
 def build_projection(config: MegatronLaxLlamaConfig, projection: str, d_in: int, d_out: int, layer: int) -> nn.Module:

@@ -23,7 +23,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.modeling_outputs import ImageClassifierOutput
 
 # --- megatron_lax: the export writes these objects' source here ---
-from ..config import tt_dims  # noqa: F401
+from ..config import ProjectionRules, tt_dims  # noqa: F401
 from ..data.image_augment import center_crop_box, resize_box
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents  # noqa: F401
@@ -33,7 +33,7 @@ FORMAT_BUILDERS = {name: fmt.build for name, fmt in FORMATS.items()}
 # --- the transformers model ---
 
 
-class MegatronLaxViTConfig(PretrainedConfig):
+class MegatronLaxViTConfig(ProjectionRules, PretrainedConfig):
     model_type = "megatron_lax_vit"
 
     def __init__(self, image_size=224, patch_size=16, in_channels=3, num_classes=0, dim=192, n_layers=12, n_heads=3,
@@ -50,19 +50,6 @@ class MegatronLaxViTConfig(PretrainedConfig):
         self.lax_intra_modules, self.lax_intra_gate = list(lax_intra_modules), lax_intra_gate
         self.tt_attn_dims, self.tt_fc1_dims, self.tt_fc2_dims = list(tt_attn_dims), list(tt_fc1_dims), list(tt_fc2_dims)
         super().__init__(**kwargs)
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
-
-    def crosses(self, projection: str, layer: int) -> bool:
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        if projection in ("fc2", "down") and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
-        return specific if specific is not None else self.rank
 
 
 def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False, activation: str = "silu",
