@@ -268,6 +268,18 @@ class MegatronLaxForCausalLM(MegatronLaxPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """transformers' own where it has a generic one (4.46+); else the new tokens, the cache and the
+        mask (4.45)."""
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        try:
+            return super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
+        except NotImplementedError:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            return {"input_ids": input_ids[:, past:], "past_key_values": past_key_values,
+                    "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
