@@ -115,7 +115,7 @@ def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(prepared_
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --output {out} is not empty; choose a new directory, or pass --force to replace what it holds"]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force"]) == 0
+    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force", "--format", "megatron_lax"]) == 0
     assert not (out / "config.json").exists()  # nothing of the earlier export is left beside the new one
     assert load_pretrained(out).cfg.lax_gate == "identity"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lax", "out"]  # no staging folder left
