@@ -288,3 +288,29 @@ def test_export_follows_transformers_conventions(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
                              report_to=[], use_cpu=True, save_strategy="no")
     assert Trainer(model=wrapped, args=args, train_dataset=data).train().training_loss > 0
+
+
+@pytest.mark.parametrize("fields", [dict(method="tt", rank=8, lax_gate="tensor", lax_intra_modules=["fc1", "q"],
+                                         tt_attn_dims=[8, 12, 12, 8], tt_fc1_dims=[8, 12, 16, 12],
+                                         tt_fc2_dims=[16, 12, 8, 12]),
+                                    dict(method="cola", rank=8, lax_gate="linear", lax_latent="projection")])
+def test_vit_export_computes_our_logits(tmp_path, fields):
+    """A tensor-train ViT with intra-layer LaX (and a CoLA one) as AutoModelForImageClassification."""
+    from transformers import AutoModelForImageClassification
+
+    from megatron_lax.models.vit import ViTLax
+    cfg = Config()
+    cfg.model = ModelConfig(arch="vit", dim=96, n_layers=2, n_heads=3, ffn_dim=192, image_size=28, patch_size=7,
+                            in_channels=1, num_classes=10, **fields)
+    ours = ViTLax(cfg.model, init_seed=0).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    out = tmp_path / f"vit_{fields['method']}"
+    out.mkdir()
+    hub.write_vit_transformers(ours, cfg, {"step": 1}, out)
+    theirs = AutoModelForImageClassification.from_pretrained(out, trust_remote_code=True).eval()
+    pixels = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(theirs(pixel_values=pixels).logits, ours(pixels)) <= 1e-5
+    assert theirs.num_parameters() == count_parameters(cfg.model)
