@@ -27,7 +27,7 @@ from ..config import ProjectionRules, tt_dims  # noqa: F401
 from ..data.image_augment import center_crop_box, resize_box
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents  # noqa: F401
-from .vit import MLP, Attention, Block, projection_shapes, uses_mlp_norm, vit_linear  # noqa: F401
+from .vit import MLP, Attention, Block, add_vit_modules, classify, projection_shapes, uses_mlp_norm, vit_linear  # noqa: F401
 
 FORMAT_BUILDERS = {name: fmt.build for name, fmt in FORMATS.items()}
 # --- the transformers model ---
@@ -67,14 +67,7 @@ class MegatronLaxViTForImageClassification(PreTrainedModel):
 
     def __init__(self, config: MegatronLaxViTConfig):
         super().__init__(config)
-        n_patches = (config.image_size // config.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(config.in_channels, config.dim, config.patch_size, stride=config.patch_size)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n_patches + 1, config.dim))
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.dim, eps=1e-6)
-        self.head_dropout = nn.Dropout(config.dropout if config.head_dropout is None else config.head_dropout)
-        self.head = nn.Linear(config.dim, config.num_classes)
+        add_vit_modules(self, config)
         self.post_init()
 
     @torch.no_grad()
@@ -89,13 +82,7 @@ class MegatronLaxViTForImageClassification(PreTrainedModel):
                 p.normal_(0.0, 0.02)
 
     def forward(self, pixel_values: torch.Tensor, labels: Optional[torch.Tensor] = None, **kwargs):
-        images = pixel_values.to(self.patch_embed.weight.dtype)
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        latents = {}
-        for block in self.layers:
-            x, latents = block(x, latents)
-        logits = self.head(self.head_dropout(self.norm(x[:, 0])))
+        logits = classify(self, pixel_values)
         loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
