@@ -51,13 +51,15 @@ def top_level_source(module, name: str) -> str:
 
 def package_objects(template, method: str) -> list[tuple[object, list[str]]]:
     """(module, names in the module's order) for every package object the modeling file needs: the
-    format's own (lowrank.py's gates and crossing, and the format file's HF_SOURCE) and what the
-    template (models/llama_hf.py, models/vit_hf.py) imports from the package."""
-    from .method import lowrank
-    format_module = inspect.getmodule(FORMATS[method].build)
-    wanted = {lowrank: list(lowrank.HF_SOURCE)}
-    wanted.setdefault(format_module, [])
-    wanted[format_module] += [n for n in format_module.HF_SOURCE if n not in wanted[format_module]]
+    format's class and those it derives from (method/base.py's Format first), each file's HF_SOURCE
+    (lowrank.py's: the gates and the crossing), and what the template (models/llama_hf.py,
+    models/vit_hf.py) imports from the package."""
+    from .method import base, lowrank
+    wanted: dict = {base: [], lowrank: []}
+    for cls in reversed(type(FORMATS[method]).__mro__[:-1]):  # Format ... the format's class
+        module = inspect.getmodule(cls)
+        names = wanted.setdefault(module, [])
+        names += [n for n in getattr(module, "HF_SOURCE", ()) + (cls.__name__,) if n not in names]
     section = inspect.getsource(template).split(PACKAGE_SECTION)[1].split(MODEL_SECTION)[0]
     for node in ast.parse(section).body:
         if isinstance(node, ast.ImportFrom) and node.level:
@@ -86,7 +88,7 @@ def modeling_source(method: str, template=llama_hf) -> str:
     for module, names in package_objects(template, method):
         parts.append(f"# --- from {module.__name__.replace('.', '/')}.py ---\n")
         parts += [top_level_source(module, name) + "\n\n" for name in names]
-    parts.append(f"FORMAT_BUILDERS = {{{method!r}: {FORMATS[method].build.__name__}}}\n")
+    parts.append(f"FORMATS = {{{method!r}: {type(FORMATS[method]).__name__}()}}\n")
     return "\n".join(parts) + MODEL_SECTION + body
 
 

@@ -28,8 +28,6 @@ from ..method.formats import FORMATS
 from ..method.lowrank import Latents
 from .llama import RMSNorm, apply_rotary, rotary_tables
 from .lora import LoraLinear
-
-FORMAT_BUILDERS = {name: fmt.build for name, fmt in FORMATS.items()}
 # --- the transformers model ---
 
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
@@ -75,8 +73,7 @@ def build_projection(config: MegatronLaxLlamaConfig, projection: str, d_in: int,
     adapter (with its own crossing) when the model carries LaX-LoRA adapters."""
     crossing = dict(gate=config.lax_gate if config.crosses(projection, layer) else None,
                     gate_init=config.lax_gate_init, latent=config.lax_latent, norm=config.lax_norm)
-    linear = FORMAT_BUILDERS[config.lowrank_format](config, projection, d_in, d_out, layer, False, "silu", None,
-                                                     crossing)
+    linear = FORMATS[config.lowrank_format].build(config, projection, d_in, d_out, False, "silu", crossing)
     if config.lora_rank and projection in config.lora_targets:
         gate = config.lora_lax_gate if config.lora_lax_gate != "none" and layer > 0 else None
         linear = LoraLinear(linear, config.lora_rank, config.lora_alpha, config.lora_dropout, gate,

@@ -23,13 +23,11 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.modeling_outputs import ImageClassifierOutput
 
 # --- megatron_lax: the export writes these objects' source here ---
-from ..config import ProjectionRules, tt_dims  # noqa: F401
+from ..config import ProjectionRules
 from ..data.image_augment import center_crop_box, resize_box
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents  # noqa: F401
 from .vit import MLP, Attention, Block, add_vit_modules, classify, projection_shapes, uses_mlp_norm, vit_linear  # noqa: F401
-
-FORMAT_BUILDERS = {name: fmt.build for name, fmt in FORMATS.items()}
 # --- the transformers model ---
 
 
@@ -52,12 +50,18 @@ class MegatronLaxViTConfig(ProjectionRules, PretrainedConfig):
         super().__init__(**kwargs)
 
 
-def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False, activation: str = "silu",
-                tt_dims=None) -> nn.Module:
+def format_of(cfg):
+    return FORMATS[cfg.method]
+
+
+def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
+                activation: str = "silu") -> nn.Module:
     """Every projection of the copied blocks: the format's layer with its LaX crossing."""
     crossing = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
                     latent=cfg.lax_latent, norm=cfg.lax_norm)
-    return FORMAT_BUILDERS[cfg.method](cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing)
+    module = FORMATS[cfg.method].build(cfg, projection, d_in, d_out, bias, activation, crossing)
+    module.projection = projection
+    return module
 
 
 class MegatronLaxViTForImageClassification(PreTrainedModel):
