@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from . import paper
+from .method.base import ProjectionRules
 from .method.formats import FORMATS, format_of
 from .models import FAMILIES, family_of
 
@@ -56,32 +57,6 @@ def merge_plugin_fields() -> None:
 
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-
-
-class ProjectionRules:
-    """Each projection's role and rank, and which projections cross, from the model's fields; shared by
-    ModelConfig and the configs of transformers exports (models/llama_hf.py, vit_hf.py copy it)."""
-
-    def role_of(self, projection: str) -> str:
-        """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
-        if projection in ("q", "k", "v", "o"):
-            return "attn"
-        return "mlp_out" if projection in ("fc2", "down") else "mlp"
-
-    def crosses(self, projection: str, layer: int) -> bool:
-        """Whether this projection of block `layer` receives the previous block's latent."""
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        role = self.role_of(projection)
-        if role == "mlp_out" and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if role == "attn" else self.mlp_rank
-        return specific if specific is not None else self.rank
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
 
 
 @dataclass(init=False, repr=False, eq=False)

@@ -44,6 +44,7 @@ from .loading.bases import base_kind, is_finetune_run
 from .loading.finetuned import load_finetuned, selected_checkpoint
 from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
 from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
+from .method.formats import format_of
 from .models import family_of
 from .parallel import trust
 from .training import checkpoint
@@ -144,14 +145,10 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False, fmt: str = "
         if family_of(cfg.model).exports_to_huggingface and mergeable(cfg.model):
             write_huggingface(model, cfg.model, staging)
             kind = "huggingface"
-        elif family_of(cfg.model).uses_tokenizer and fmt == "transformers":
-            from .hub import write_transformers
-            write_transformers(model, cfg, trainer_state(ckpt), staging, max_shard_size=max_shard_size)
-            return "transformers (remote code)"
-        elif fmt == "transformers":
-            from .hub import write_vit_transformers
-            write_vit_transformers(model, cfg, trainer_state(ckpt), staging, max_shard_size=max_shard_size)
-            return "transformers image classifier (remote code)"
+        elif family_of(cfg.model).transformers_export and format_of(cfg.model).export == "transformers" \
+                and fmt == "transformers":
+            from .hub import write_export
+            return write_export(model, cfg, trainer_state(ckpt), staging, max_shard_size)
         else:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
             (staging / "config.yaml").write_text(dump_yaml(cfg))

@@ -185,6 +185,7 @@ def modes_of(cfg, projection: str) -> tuple[list[int], list[int]]:
 
 class TensorTrain(Format):
     name, label, fields = "tt", "Tensor Train", TensorTrainFields
+    export = "transformers"  # hub/ copies this class (and HF_SOURCE) into a transformers export
 
     def validate(self, m, shapes) -> None:
         unknown = [p for p in m.lax_intra_modules if p not in shapes and p != "all"]

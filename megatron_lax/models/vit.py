@@ -130,7 +130,7 @@ class ViTLax(nn.Module):
 
 
 def add_vit_modules(model: nn.Module, cfg) -> None:
-    """The ViT's modules, set on `model` (ViTLax, and its transformers export in vit_hf.py); the values
+    """The ViT's modules, set on `model` (ViTLax, and its transformers export in hub/vit.py); the values
     are left to the caller."""
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     model.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
@@ -144,7 +144,7 @@ def add_vit_modules(model: nn.Module, cfg) -> None:
 
 def classify(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The ViT's forward, images (B, C, H, W) -> logits, for ViTLax and its transformers export
-    (vit_hf.py), which have the same modules."""
+    (hub/vit.py), which have the same modules."""
     images = images.to(model.patch_embed.weight.dtype)  # engines that cast the model (bf16) leave inputs
     x = model.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
     x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
@@ -212,6 +212,7 @@ class ViTFields:
 class ViT(Family):
     name, fields, projections = "vit", ViTFields, ("q", "k", "v", "o", "fc1", "fc2")
     task, uses_tokenizer, run_prefix = "image_classification", False, "vit_"
+    transformers_export = "vit"  # hub/vit.py
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
         return ViTLax(cfg, init_seed)

@@ -133,13 +133,15 @@ def test_modeling_file_is_the_package_code():
     import inspect
 
     from megatron_lax.method import lowrank
+    from megatron_lax.method.svd import SVD
     source = hub.modeling_source("svd")
     assert inspect.getsource(lowrank.LowRankLinear) in source and inspect.getsource(lowrank.TensorGate) in source
     imported = {alias.name if isinstance(node, ast.Import) else node.module
                 for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))
                 for alias in node.names}
-    assert {name.split(".")[0] for name in imported} == {"__future__", "math", "typing", "torch", "transformers"}
-    assert "FORMAT_BUILDERS = {'svd': build_factored}" in source
+    assert {name.split(".")[0] for name in imported} == {"__future__", "dataclasses", "math", "typing", "torch",
+                                                         "transformers"}
+    assert "FORMATS = {'svd': SVD()}" in source and inspect.getsource(SVD) in source
 
 
 @pytest.mark.parametrize("fields", [dict(method="svd", rank=16), dict(method="cola", rank=16, attn_rank=8, mlp_rank=12,

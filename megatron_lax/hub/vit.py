@@ -2,7 +2,7 @@
 classifier, with the image processor that gives it the evaluation view our `evaluate` gives it.
 
 This module is the source of the `modeling_megatron_lax_vit.py` that `python -m megatron_lax.export`
-writes for a ViT: as for the LLaMA (llama_hf.py), the export writes the source of the package objects
+writes for a ViT: as for the LLaMA (hub/llama.py), the export writes the source of the package objects
 named in the `megatron_lax` section (the ViT's own blocks from vit.py, the format's layers, the
 evaluation crop) in place of that section, so the file runs the training model's code with torch,
 transformers and PIL only. The config keeps megatron_lax's ModelConfig names (dim, n_heads, method...),
@@ -11,6 +11,7 @@ which the copied blocks read; parameter names are the training model's.
 from __future__ import annotations
 
 import math  # noqa: F401  (the written-out layers use it)
+from dataclasses import dataclass, field  # noqa: F401  (and the formats' fields)
 from typing import Optional  # noqa: F401
 
 import numpy as np
@@ -23,11 +24,11 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.modeling_outputs import ImageClassifierOutput
 
 # --- megatron_lax: the export writes these objects' source here ---
-from ..config import ProjectionRules
+from ..method.base import ProjectionRules
 from ..data.image_augment import center_crop_box, resize_box
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents  # noqa: F401
-from .vit import MLP, Attention, Block, add_vit_modules, classify, projection_shapes, uses_mlp_norm, vit_linear  # noqa: F401
+from ..models.vit import MLP, Attention, Block, add_vit_modules, classify, projection_shapes, uses_mlp_norm, vit_linear  # noqa: F401
 # --- the transformers model ---
 
 

@@ -14,6 +14,7 @@ blocks at one position, never positions, so only keys and values are cached (tra
 from __future__ import annotations
 
 import math  # noqa: F401  (the written-out layers use it)
+from dataclasses import dataclass, field  # noqa: F401  (and the formats' fields)
 from typing import Optional
 
 import torch
@@ -23,11 +24,11 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # --- megatron_lax: the export writes these objects' source here ---
-from ..config import ProjectionRules
+from ..method.base import ProjectionRules
 from ..method.formats import FORMATS
 from ..method.lowrank import Latents
-from .llama import RMSNorm, apply_rotary, rotary_tables
-from .lora import LoraLinear
+from ..models.llama import RMSNorm, apply_rotary, rotary_tables
+from ..models.lora import LoraLinear
 # --- the transformers model ---
 
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")

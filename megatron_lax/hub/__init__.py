@@ -2,7 +2,7 @@
 models a plain LlamaForCausalLM cannot hold: SVD + LaX, CoLA, LaX-LoRA):
 
     config.json                 transformers' LLaMA shapes, the format and LaX fields, auto_map
-    modeling_megatron_lax.py    the model, written from the package's own code (models/llama_hf.py
+    modeling_megatron_lax.py    the model, written from the package's own code (hub/llama.py
                                 and the source of the layers it imports): torch and transformers only
     model*.safetensors          weights, sharded with an index above --max-shard-size
     generation_config.json, tokenizer.json / tokenizer_config.json (+ tokenizer.model), README.md
@@ -14,6 +14,7 @@ The code in the folder always comes from the installed package, never from the c
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import json
@@ -23,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, dump_yaml
-from .loading.transformers_export import EXPORT_MARKER
-from .method.formats import FORMATS
-from .models import llama_hf, vit_hf
+from ..config import Config, dump_yaml
+from ..loading.transformers_export import EXPORT_MARKER
+from ..method.formats import FORMATS
+from . import llama as llama_hf, vit as vit_hf
 
 MODELING_FILE = "modeling_megatron_lax.py"
 PACKAGE_SECTION = "# --- megatron_lax: the export writes these objects' source here ---\n"
@@ -52,10 +53,10 @@ def top_level_source(module, name: str) -> str:
 def package_objects(template, method: str) -> list[tuple[object, list[str]]]:
     """(module, names in the module's order) for every package object the modeling file needs: the
     format's class and those it derives from (method/base.py's Format first), each file's HF_SOURCE
-    (lowrank.py's: the gates and the crossing), and what the template (models/llama_hf.py,
-    models/vit_hf.py) imports from the package."""
-    from .method import base, lowrank
-    wanted: dict = {base: [], lowrank: []}
+    (lowrank.py's: the gates and the crossing), and what the template (hub/llama.py,
+    hub/vit.py) imports from the package."""
+    from ..method import base, lowrank
+    wanted: dict = {base: [], lowrank: list(lowrank.HF_SOURCE)}
     for cls in reversed(type(FORMATS[method]).__mro__[:-1]):  # Format ... the format's class
         module = inspect.getmodule(cls)
         names = wanted.setdefault(module, [])
@@ -103,6 +104,9 @@ def hf_config(cfg: Config, lora: bool = False) -> llama_hf.MegatronLaxLlamaConfi
                   mlp_out_rank=m.mlp_out_rank, only_latent_act=m.only_latent_act, lax_gate=m.lax_gate,
                   lax_modules=list(m.lax_modules), lax_norm=m.lax_norm, lax_latent=m.lax_latent,
                   lax_gate_init=m.lax_gate_init)
+    own = FORMATS[m.method].fields  # the format's own model.* fields (CoLA's only_latent_act, ...)
+    if own is not None:
+        fields.update({f.name: getattr(m, f.name) for f in dataclasses.fields(own)})
     if lora:
         fields.update(lora_rank=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       lora_targets=list(cfg.lora.targets), lora_lax_gate=cfg.lora.lax_gate,
@@ -175,7 +179,7 @@ def write_tokenizer(spec: str, output: Path, max_length: int) -> bool:
 
 def model_card(cfg: Config, n_params: int, state: dict, lora: bool = False) -> str:
     """README.md with the Hub's front matter and what the model is: recipe, size, data seen, LaX."""
-    from .models import family_of
+    from ..models import family_of
     m, vit = cfg.model, not family_of(cfg.model).uses_tokenizer
     val_loss, last = state.get("best_val_loss", math.inf), state.get("last_val") or {}
     if vit and "val_acc1" in last:
@@ -201,7 +205,7 @@ def model_card(cfg: Config, n_params: int, state: dict, lora: bool = False) -> s
         f", MLP {m.mlp_rank}" if m.mlp_rank else "")
     lines = [f"# {name}", "",
              f"A {'Vision Transformer' if vit else 'LLaMA-style language model'} trained with megatron-lax "
-             f"({m.method}{', ' + ranks if m.method != 'dense' else ''}; {lax}).", "",
+             f"({m.method}{', ' + ranks if FORMATS[m.method].lowrank else ''}; {lax}).", "",
              "| | |", "|---|---|",
              f"| parameters | {n_params:,} |",
              f"| shape | {m.n_layers} layers, width {m.dim}, {m.n_heads} heads, MLP {m.ffn_dim}, "
@@ -235,7 +239,7 @@ def write_transformers(model: torch.nn.Module, cfg: Config, state: dict, output:
     """Writes the folder described in the module docstring into `output` (an empty staging directory)."""
     from transformers import GenerationConfig
 
-    from .models import count_parameters
+    from ..models import count_parameters
     hf = as_transformers(model, cfg, lora)
     has_tokenizer = write_tokenizer(cfg.data.tokenizer, output, cfg.model.max_seq_len)
     if has_tokenizer:
@@ -270,7 +274,7 @@ VIT_FIELDS = ("image_size", "patch_size", "in_channels", "num_classes", "dim", "
 
 def class_names(cfg: Config) -> list[str]:
     """The run's class names where its data still names them, else LABEL_i."""
-    from .data.images import open_image_dataset
+    from ..data.images import open_image_dataset
     try:
         names = list(open_image_dataset(cfg.data.path, cfg.data.eval_split).class_names)
     except Exception:  # the data may be gone or elsewhere; names are cosmetic
@@ -281,9 +285,9 @@ def class_names(cfg: Config) -> list[str]:
 def write_vit_transformers(model: torch.nn.Module, cfg: Config, state: dict, output: Path,
                            max_shard_size: str = "5GB") -> None:
     """A ViT as an AutoModelForImageClassification folder, with the image processor of our evaluation view."""
-    from .data.images import normalization
-    from .models import count_parameters
-    from .tasks.image_classification import augment_config
+    from ..data.images import normalization
+    from ..models import count_parameters
+    from ..tasks.image_classification import augment_config
     config = vit_hf.MegatronLaxViTConfig(**{f: getattr(cfg.model, f) for f in VIT_FIELDS})
     labels = class_names(cfg)
     config.id2label, config.label2id = dict(enumerate(labels)), {name: i for i, name in enumerate(labels)}
@@ -305,3 +309,15 @@ def write_vit_transformers(model: torch.nn.Module, cfg: Config, state: dict, out
     (output / VIT_MODELING_FILE).write_text(modeling_source(cfg.model.method, vit_hf))
     (output / "README.md").write_text(model_card(cfg, count_parameters(cfg.model), state))
     write_our_config(cfg, state, output)
+
+
+def write_export(model: torch.nn.Module, cfg: Config, state: dict, output: Path, max_shard_size: str = "5GB") -> str:
+    """A pre-trained model of a family that names a module here (Family.transformers_export); returns
+    what was written."""
+    from ..models import family_of
+    template = family_of(cfg.model).transformers_export
+    if template == "llama":
+        write_transformers(model, cfg, state, output, max_shard_size=max_shard_size)
+        return "transformers (remote code)"
+    write_vit_transformers(model, cfg, state, output, max_shard_size=max_shard_size)
+    return "transformers image classifier (remote code)"
