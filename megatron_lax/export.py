@@ -5,7 +5,7 @@
 Dense models, and SVD models without LaX (their factors merged, W = B A), become a Hugging Face
 `LlamaForCausalLM` directory (config.json + model.safetensors) that `transformers` loads with
 `from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they become a transformers
-folder with its own modeling file (megatron_lax/hub.py), loaded with
+folder with its own modeling file (megatron_lax/hub/), loaded with
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; `--format megatron_lax` writes
 our own format instead (config.yaml + model.safetensors, loaded with `megatron_lax.load_pretrained(DIR)`),
 as for ViTs, which `evaluate --checkpoint DIR` scores.

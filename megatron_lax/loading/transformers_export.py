@@ -1,4 +1,4 @@
-"""Our transformers exports (megatron_lax/hub.py) read back as our own models, as tensors: the folder's
+"""Our transformers exports (megatron_lax/hub/) read back as our own models, as tensors: the folder's
 modeling file is never imported or run (its config.yaml and safetensors are all that is read)."""
 from __future__ import annotations
 

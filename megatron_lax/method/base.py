@@ -90,4 +90,4 @@ class Format:
         return self.label + (f" + LaX ({cfg.lax_gate})" if cfg.uses_lax else "")
 
 
-HF_SOURCE = ("ROLE_NAMES",)  # what a transformers export copies from here beside the Format class (hub.py)
+HF_SOURCE = ("ROLE_NAMES",)  # what a transformers export copies from here beside the Format class (megatron_lax/hub/)

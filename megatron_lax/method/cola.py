@@ -27,4 +27,4 @@ class CoLA(SVD):
         return False
 
 
-HF_SOURCE = ("CoLAFields",)  # what a transformers export copies from here beside the CoLA class (hub.py)
+HF_SOURCE = ("CoLAFields",)  # what a transformers export copies from here beside the CoLA class (megatron_lax/hub/)

@@ -247,7 +247,7 @@ def gate_parameter_names(model: nn.Module) -> set[str]:
             for name, _ in module.named_parameters()}
 
 
-# --- transformers exports (megatron_lax/hub.py) -------------------------------------------------------
+# --- transformers exports (megatron_lax/hub/) ------------------------------------------------------
 # What an exported modeling file copies from this file, as it is here, for every format: the gates, the
 # crossing and the factored layer (a format file's own HF_SOURCE adds what its class needs beside it).
 HF_SOURCE = ("Latents", "ACTIVATIONS", "IdentityGate", "LinearGate", "DenseGate", "balanced_factors", "TensorGate",

@@ -239,5 +239,5 @@ class TensorTrain(Format):
         return label + (f" + intra-layer LaX on {','.join(cfg.lax_intra_modules)}" if cfg.lax_intra_modules else "")
 
 
-# What a transformers export's modeling file copies from here beside the TensorTrain class (hub.py).
+# What a transformers export's modeling file copies from here beside the TensorTrain class (megatron_lax/hub/).
 HF_SOURCE = ("tt_ranks", "intra_shapes", "TTLinear", "TensorTrainFields", "MODES_FIELD", "modes_of")
