@@ -209,7 +209,7 @@ def test_export_loads_where_megatron_lax_is_not_installed(tmp_path):
         assert theirs["encoded"] == load_tokenizer(str(TOKENIZER)).encode("the city council")
 
 
-TASKS = Path(__file__).parent / "lm_eval_tasks"
+TASKS = Path(__file__).parents[1] / "lm_eval_tasks"
 
 
 @torch.no_grad()
