@@ -17,6 +17,7 @@ class Family:
     data_fields: tuple = ()  # the model.* fields a run completes from its data (0 in a config: follow the data)
     run_prefix: str = ""  # experiments name its runs' folders with it
     exports_to_huggingface: bool = False  # a mergeable model of it is written as a Hugging Face directory
+    transformers_export: str = ""  # its module in megatron_lax/hub/ (a transformers folder with remote code), if any
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
         raise NotImplementedError
