@@ -257,3 +257,11 @@ def test_the_install_adds_one_top_level_package_and_the_root_commands_still_run(
     for command in ("tokenizer.train", "data_prep.prepare"):
         usage = subprocess.run([sys.executable, "-m", command, "--help"], cwd=REPO, capture_output=True, text=True)
         assert usage.returncode == 0 and usage.stdout.startswith(f"usage: python -m {command}"), usage.stderr
+
+
+def test_the_library_holds_no_fault_injection_hook():
+    """Faults are injected by wrapping from outside (tests/fault_injection.py): nothing in the step, the
+    checkpoint writer or data preparation reads a test variable."""
+    readers = [str(p.relative_to(REPO)) for package in PACKAGES for p in (REPO / package).rglob("*.py")
+               if "MEGATRON_LAX_TEST" in p.read_text()]
+    assert not readers, readers
