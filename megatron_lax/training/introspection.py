@@ -55,13 +55,16 @@ def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
     """Runs `run_forward()` once with hooks that record, for every low-rank projection of block i:
     `own` RMS(A_i x_i), `crossing` RMS(G(z_{i-1})) where LaX crosses, `latent` RMS of what B_i
     multiplies (after the sum, LayerNorm and activation) and `out` RMS(B_i z_i). With LaX the
-    LayerNorm fixes `latent` near 1 whatever A's scale, so B's initial scale alone sets `out`."""
+    LayerNorm fixes `latent` near 1 whatever A's scale, so B's initial scale alone sets `out`.
+
+    The forward runs eagerly even where train.compile compiled the blocks (the hooks would be guarded
+    on, one recompile per block), and the values reach the host once, after it."""
     stats, handles = {}, []
 
     def recorder(key, use_input=False):
         def hook(module, inputs, output):
             value = inputs[0] if use_input else output
-            stats[key] = float(value.float().pow(2).mean().sqrt())
+            stats[key] = value.float().pow(2).mean().sqrt()
         return hook
 
     for name, index, module in lowrank_projections(model):
@@ -73,11 +76,13 @@ def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
             handles.append(module.B.register_forward_hook(recorder(f"{at}/latent", use_input=True)))
             handles.append(module.B.register_forward_hook(recorder(f"{at}/out")))
     try:
-        run_forward()
+        with torch.compiler.set_stance("force_eager"):
+            run_forward()
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    values = torch.stack(list(stats.values())).tolist() if stats else []
+    return dict(zip(stats, values))
 
 
 def peak_memory_gb(device: torch.device) -> float:
