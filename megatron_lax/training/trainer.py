@@ -339,7 +339,9 @@ class Throughput:
         self.trainer = trainer
         self.per_step, self.flops_per_unit = trainer.task.throughput_basis()
         dist = trainer.dist
-        self.cluster_peak = introspection.peak_flops(dist.device, trainer.cfg.logging.peak_flops) * dist.world_size
+        cfg = trainer.cfg
+        self.cluster_peak = dist.world_size * introspection.peak_flops(
+            dist.device, cfg.logging.peak_flops, trainer.engine.precision, cfg.train.tf32)
         self.start = self.window_start = time.time()
         self.window = 0
 
