@@ -8,6 +8,8 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..config import Config
 from ..data import tokens as data
 from ..data.streaming import Stream
@@ -75,7 +77,7 @@ class TokenPrediction(Task):
         return token_nll(outputs, targets)
 
     def scored(self, targets) -> int:
-        return int((targets != data.IGNORE).sum())
+        return int(np.count_nonzero(targets.numpy() != data.IGNORE))  # host data, counted without torch
 
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
         nll, count = self.evaluate_loss(engine, batches)

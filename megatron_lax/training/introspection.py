@@ -3,6 +3,7 @@
 memory, and model FLOPs utilisation."""
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 
@@ -141,3 +142,29 @@ def peak_flops(device: torch.device, configured: float = 0.0, precision: str = "
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), precision, tf32)
     return measure_matmul_flops(device)
+
+
+HOST_READS = ("item", "tolist", "cpu", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Counts, while inside, the calls that read a tensor's value back on the host (HOST_READS): each
+    waits for the accelerator to finish its queued work. Yields a dict whose "count" grows; on a CPU
+    it shows where a GPU run would wait (torch.cuda.set_sync_debug_mode needs a GPU)."""
+    counter = {"count": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(original):
+        def read(self, *args, **kwargs):
+            counter["count"] += 1
+            return original(self, *args, **kwargs)
+        return read
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, counted(original))
+    try:
+        yield counter
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
