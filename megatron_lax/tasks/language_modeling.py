@@ -140,9 +140,12 @@ class LanguageModeling(TokenPrediction):
                 f"{cfg.data.seq_len} tokens on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, "
                 f"precision {engine.precision}")
 
-    def throughput_basis(self) -> tuple[float, float]:
+    def throughput_basis(self) -> tuple[float | None, float]:
+        """Packed sequences: every position is a token trained on. One document per sequence (paper):
+        the scored tokens, counted each step (None), so that padding does not count as throughput."""
         cfg = self.cfg
-        return cfg.train.global_batch * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        per_step = None if cfg.data.mode == "paper" else cfg.train.global_batch * cfg.data.seq_len
+        return per_step, flops_per_token(cfg.model, cfg.data.seq_len)["train"]
 
     @classmethod
     def display_config(cls, cfg: Config) -> Config:
