@@ -416,6 +416,29 @@ class Throughput:
         self.window_start, self.window = time.time(), 0
 
 
+def fit_counting_per_step(trainer: Trainer, count) -> tuple[dict, dict[int, int]]:
+    """trainer.fit() with `count()` (a running total such as host reads, or a tuple of them) taken as each
+    step starts and once its periodic work is done: (the run's summary, {step: the growth in that step})."""
+    per_step, run_step, after_step = {}, trainer.run_step, trainer.after_step
+    at_start = [0]
+
+    def counted_run_step():
+        at_start[0] = count()
+        return run_step()
+
+    def counted_after_step(record, stop):
+        ended = after_step(record, stop)
+        now = count()
+        per_step[trainer.step] = tuple(map(int.__sub__, now, at_start[0])) if isinstance(now, tuple) else now - at_start[0]
+        return ended
+
+    trainer.run_step, trainer.after_step = counted_run_step, counted_after_step
+    try:
+        return trainer.fit(), per_step
+    finally:
+        del trainer.run_step, trainer.after_step
+
+
 def train(cfg: Config, task_class, exiting: bool = False) -> dict:
     """Runs one training and tears the process group down once every rank is done with it. `exiting`:
     the process ends with the run (a command), so preemption signals stay ignored until it has;
