@@ -22,17 +22,14 @@ class OneSecondPerLook:
         return float(next(self.clock))
 
 
-@pytest.mark.parametrize("mode", ["paper", "packed"])
-def test_tokens_per_second_count_scored_tokens(tiny_overrides, tmp_path, monkeypatch, mode):
-    cfg = load_config("llama_tiny", tiny_overrides(tmp_path, data__mode=mode, data__seq_len=512, train__steps=4, logging__log_every=2,
+def test_paper_mode_tokens_per_second_count_scored_tokens_not_padding(tiny_overrides, tmp_path, monkeypatch):
+    cfg = load_config("llama_tiny", tiny_overrides(tmp_path, data__mode="paper", data__seq_len=256, train__steps=4, logging__log_every=2,
                                                    logging__lax_stats_every=0, train__eval_every=0))
     trainer = make_trainer(cfg)
     monkeypatch.setattr(trainer_module, "time", OneSecondPerLook())
     trainer.fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "tokens_per_s" in r]
-    padded_positions = 2 * 8 * 512  # steps per window x sequences x positions
-    assert [r["tokens_per_s"] for r in logged] == pytest.approx(
-        [logged[0]["tokens"], logged[1]["tokens"] - logged[0]["tokens"]] if mode == "paper" else [padded_positions] * 2)
-    if mode == "paper":
-        assert logged[0]["tokens_per_s"] < padded_positions
+    assert [r["tokens_per_s"] for r in logged] == pytest.approx([logged[0]["tokens"],
+                                                                 logged[1]["tokens"] - logged[0]["tokens"]])
+    assert logged[0]["tokens_per_s"] < 2 * 8 * 256  # steps per window x sequences x positions, padding included
