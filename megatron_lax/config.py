@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from . import paper
+from .method.base import ProjectionRules
 from .method.formats import FORMATS, format_of
 from .models import FAMILIES, family_of
 
@@ -59,7 +60,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 @dataclass(init=False, repr=False, eq=False)
-class ModelConfig:
+class ModelConfig(ProjectionRules):
     """The model section: the fields every family and format share, plus the registered formats'
     own (merge_plugin_fields). Built as ModelConfig(**values); a missing field takes its default."""
     arch: str = "llama"  # llama (decoder LM) | vit (image classifier)
@@ -100,26 +101,6 @@ class ModelConfig:
     def projections(self) -> tuple:
         return family_of(self).projections
 
-    def role_of(self, projection: str) -> str:
-        """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
-        if projection in ("q", "k", "v", "o"):
-            return "attn"
-        return "mlp_out" if projection in ("fc2", "down") else "mlp"
-
-    def crosses(self, projection: str, layer: int) -> bool:
-        """Whether this projection of block `layer` receives the previous block's latent."""
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        role = self.role_of(projection)
-        if role == "mlp_out" and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if role == "attn" else self.mlp_rank
-        return specific if specific is not None else self.rank
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
 
     @property
     def resolved_lowrank_init(self) -> str:

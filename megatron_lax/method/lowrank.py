@@ -246,3 +246,11 @@ def gate_parameter_names(model: nn.Module) -> set[str]:
     return {f"{prefix}.{name}" if prefix else name
             for prefix, module in model.named_modules() if isinstance(module, tuple(GATES.values()))
             for name, _ in module.named_parameters()}
+
+
+# --- transformers exports (megatron_lax/hub/) ------------------------------------------------------
+# What an exported modeling file copies from this file, as it is here, for every format: the gates, the
+# crossing and the factored layer (a format file's own HF_SOURCE adds what its class needs beside it).
+HF_SOURCE = ("Latents", "ACTIVATIONS", "IdentityGate", "LinearGate", "DenseGate", "balanced_factors", "TensorGate",
+             "GATES", "DenseLinear", "lowrank_factor_std", "kaiming_std", "kaiming_factor_stds", "LatentLinear",
+             "LowRankLinear", "bias_init_rule")
