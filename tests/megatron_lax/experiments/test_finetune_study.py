@@ -146,8 +146,9 @@ def test_the_hierarchical_bootstrap_counts_the_spread_between_bases_that_a_seeds
 
 
 def test_the_pooled_table_reports_every_comparison_over_bases_and_per_base(tmp_path):
-    """LaX-LoRA is +10 points on bases 1 and 3 and -5 on base 2, on both seeds of each: pooled +5.0 with
-    Student's t over the base means (0.10, -0.05, 0.10: sd 0.0866) wide enough to hold zero, so no effect."""
+    """LaX-LoRA is +10 points on bases 1 and 3 and +2 on base 2, on both seeds of each: pooled +7.3, the
+    hierarchical bootstrap above zero, but Student's t over three base means (0.10, 0.02, 0.10: sd 0.0462)
+    wide enough to hold zero, so no effect."""
     def put(base, name, seed, right, lr):
         path = tmp_path / base / name / f"seed{seed}" / "result.json"
         path.parent.mkdir(parents=True)
@@ -156,17 +157,19 @@ def test_the_pooled_table_reports_every_comparison_over_bases_and_per_base(tmp_p
             {"file": "data/x/test_templates.json", "n": 100, "accuracy": right / 100, "answer_loss": 1.0,
              "response_loss": 0.5, "hits": hits}]}))
 
-    for base, delta in (("base1", 10), ("base2", -5), ("base3", 10)):
+    for base, delta in (("base1", 10), ("base2", 2), ("base3", 10)):
         for seed in (1, 2):
             put(base, "lora_r4", seed, 30 + seed, 0.01)
             put(base, "lax_identity_r4", seed, 30 + seed + delta, 0.03)
     study = finetune_study.read_study(tmp_path)
     text = finetune_study.pooled_table(study)
-    assert "| lax_identity_r4 | 0.03 | 3 x 2/2/2 | 36.5 ± 8.7 | 41.5 ± 0.7 / 26.5 ± 0.7 / 41.5 ± 0.7 |" in text
-    half = 4.303 * 0.0866025 / 3 ** 0.5
-    assert (f"| lax_identity_r4 − lora_r4 | 3 x 2/2/2 | +5.0 |" in text and
-            f"| [{100 * (0.05 - half):+.1f}, {100 * (0.05 + half):+.1f}] | 2 / 1 | 4 / 2 | no | +0.000 |" in text)
-    assert "| lax_identity_r4 − lora_r4 | base2 | 2 | -5.0 | [" in text and "| [-5.0, -5.0] | 0 / 2 |" in text
+    assert "| lax_identity_r4 | 0.03 | 3 x 2/2/2 | 38.8 ± 4.6 | 41.5 ± 0.7 / 33.5 ± 0.7 / 41.5 ± 0.7 |" in text
+    half = 4.303 * 0.0461880 / 3 ** 0.5
+    row = next(line for line in text.splitlines() if line.startswith("| lax_identity_r4 − lora_r4 | 3 x 2/2/2 | +7.3 |"))
+    low = float(row.split("|")[4].strip(" []").split(",")[0])
+    assert low > 0 and row.endswith(f"| [{100 * (0.22 / 3 - half):+.1f}, {100 * (0.22 / 3 + half):+.1f}] | 3 / 0 | "
+                                    f"6 / 0 | no | +0.000 |")
+    assert "| lax_identity_r4 − lora_r4 | base2 | 2 | +2.0 | [" in text and "| [+2.0, +2.0] | 2 / 0 |" in text
     assert finetune_study.main(["table", str(tmp_path)]) == 0  # the CLI picks the pooled table for a study of bases
 
 
