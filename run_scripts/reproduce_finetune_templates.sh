@@ -11,8 +11,9 @@
 #   5. OUT/table.md: every comparison pooled over bases x seeds (hierarchical bootstrap over bases, seeds
 #      and problems; Student's t over the base means) and per base.
 # Resumable: finished bases and runs are skipped (an interrupted base resumes from its checkpoint).
-# Expected cost on an idle 2-core machine with the defaults (docs/FINETUNING.md, "Cost"): about 6.2 CPU-hours,
-# 3.1 hours of wall time with JOBS=2.
+# Expected cost with the defaults, from the measured per-run costs (docs/FINETUNING.md, "The template study over
+# several bases"): about 6.8 CPU-hours (4 bases x ~1,840 s, ~40 tuning runs x ~89 s, 147 runs x ~93 s), about
+# 3.4 hours of wall time with JOBS=2 on an idle 2-core machine.
 # Environment: OUT (runs/finetune_bases), BASE_STEPS (3000), SELECTION_BASE (0), BASES ("1 2 3"), SEEDS
 # ("1 2 3 4 5 6 7"), SELECT_SEEDS ("100 101"), CELLS (below), STEPS (300), RATES ("3e-3 1e-2 3e-2"),
 # FULL_RATES ("3e-4 1e-3 3e-3"), SELECT (data/arithmetic_templates/select_templates.json), JOBS (2: runs side
