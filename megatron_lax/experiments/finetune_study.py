@@ -204,10 +204,13 @@ def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], 
 SELECTION_FILE = "data/arithmetic_templates/select_templates.json"  # the template split's selection wording
 
 
-def selection_score(result: dict) -> tuple[float, float]:
+def selection_score(result: dict, select: str) -> tuple[float, float]:
     """(exact match, -answer loss) on the selection file: higher is better, exact match first."""
-    scored = result["files"][0]
-    return scored["accuracy"], -scored["answer_loss"]
+    if [f["file"] for f in result["files"]] != [select]:
+        raise SystemExit(f"a tuning run of seed {result['seed']} at {result['lr']:g} was scored on "
+                         f"{[f['file'] for f in result['files']]}, not on {select} alone (an older protocol's "
+                         f"run?): tune into another --out")
+    return result["files"][0]["accuracy"], -result["files"][0]["answer_loss"]
 
 
 def tune(config: str, out: Path, plan: list[tuple[str, dict]], rates: list[float], full_rates: list[float],
@@ -229,7 +232,7 @@ def tune(config: str, out: Path, plan: list[tuple[str, dict]], rates: list[float
         def score(lr: float, seed: int) -> tuple[float, float]:
             target = out / name / f"lr{lr:g}" / f"seed{seed}" / "result.json"
             return selection_score(run_cell(config, target, name, {**overrides, "optim.lr": repr(lr)}, seed, 0.0,
-                                            base, extra))
+                                            base, extra), select)
 
         first = {lr: score(lr, seeds[0]) for lr in grid}
         best = max(first, key=first.get)

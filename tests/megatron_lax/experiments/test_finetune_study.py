@@ -73,7 +73,7 @@ def test_tune_chooses_by_exact_match_on_the_selection_wording_and_looks_past_a_w
         lr, seed = float(overrides["optim.lr"]), int(overrides["train.seed"])
         calls.append((lr, seed, overrides["finetune.test_json"], overrides["finetune.base"]))
         return {"lr": lr, "seed": seed, "val_loss": 0.1, "seconds": 0,
-                "files": [{"file": "s.json", "accuracy": accuracy[(lr, seed)], "answer_loss": 1.0,
+                "files": [{"file": "select.json", "accuracy": accuracy[(lr, seed)], "answer_loss": 1.0,
                                                 "response_loss": 0.5}]}
 
     monkeypatch.setattr(finetune_study, "run_one", fake_run_one)
@@ -88,6 +88,10 @@ def test_tune_chooses_by_exact_match_on_the_selection_wording_and_looks_past_a_w
                            lrs=finetune_study.chosen_rates(tmp_path))
     calls.clear()  # a second call reads the finished runs back instead of running them again
     assert tune() == chosen and calls == []
+    old = tmp_path / "lora_r4" / "lr0.01" / "seed100" / "result.json"  # a run of the held-out-loss protocol
+    old.write_text(json.dumps({**json.loads(old.read_text()), "files": []}))
+    with pytest.raises(SystemExit, match="not on select.json alone"):
+        tune()
 
 
 def test_tune_breaks_a_tie_in_exact_match_by_the_lower_answer_loss(tmp_path, monkeypatch):
@@ -96,7 +100,7 @@ def test_tune_breaks_a_tie_in_exact_match_by_the_lower_answer_loss(tmp_path, mon
         "lr": float(overrides["optim.lr"]), "seed": 100, "val_loss": 0.1, "seconds": 0, "files": [
             {"file": "s.json", "response_loss": 0.5, **dict(zip(("accuracy", "answer_loss"), scores[float(overrides["optim.lr"])]))}]})
     assert finetune_study.tune("c.yaml", tmp_path, [finetune_study.cell("lora_r1")], [3e-3, 1e-2, 3e-2], [], [100],
-                               finalists=2) == {"lora_r1": 3e-2}
+                               finalists=2, select="s.json") == {"lora_r1": 3e-2}
 
 
 def test_run_over_bases_gives_every_seed_on_every_base_before_the_next_seed(tmp_path, monkeypatch):
