@@ -27,7 +27,8 @@ from .data import tokens as data
 from .loading.ours import load_checkpoint_model as load_model
 from .models import family_of
 from .parallel.distributed import init_distributed, is_distributed, shutdown
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 
 
 @torch.no_grad()
@@ -80,7 +81,11 @@ def load_for_evaluation(path: Path, device: torch.device):
     """(model, config, what was loaded, step) of a checkpoint or run directory, or of one of our exports."""
     from .config import load_config
     from .loading.ours import OUR_FORMAT, load_pretrained
+    from .loading.transformers_export import is_transformers_export, load_transformers_export
     path = Path(path)
+    if is_transformers_export(path):
+        model, cfg, step = load_transformers_export(path, device)
+        return model, cfg, path, step
     if (path / OUR_FORMAT).is_file():
         step = json.loads((path / OUR_FORMAT).read_text()).get("step")
         return load_pretrained(path, device), load_config(str(path / "config.yaml")), path, step

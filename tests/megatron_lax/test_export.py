@@ -39,7 +39,7 @@ def test_hugging_face_export_matches_our_logits(prepared_sample, tmp_path, metho
 @pytest.mark.parametrize("method,gate", [("svd", "identity"), ("cola", "none"), ("cola", "tensor")])
 def test_lax_and_cola_export_in_our_format(prepared_sample, tmp_path, method, gate):
     run_dir = trained(prepared_sample, tmp_path / "run", **{"model.method": method, "model.lax_gate": gate})
-    assert export(run_dir, tmp_path / "out") == "megatron_lax"
+    assert export(run_dir, tmp_path / "out", fmt="megatron_lax") == "megatron_lax"
     loaded = load_pretrained(tmp_path / "out")
     ours, _, _ = load_model(run_dir, torch.device("cpu"))
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -47,6 +47,33 @@ def test_lax_and_cola_export_in_our_format(prepared_sample, tmp_path, method, ga
         assert torch.equal(loaded(tokens), ours(tokens))
     with pytest.raises(ValueError, match="not a megatron_lax export"):
         load_pretrained(tmp_path)
+
+
+def test_lax_export_is_a_transformers_model_our_loaders_do_not_run(prepared_sample, tmp_path):
+    """The command's default for a LaX model: a transformers folder (remote code) with our logits;
+    our own loaders refuse it in one line and never run its modeling file."""
+    from transformers import AutoModelForCausalLM
+    from megatron_lax.evaluate import load_for_evaluation
+    from megatron_lax.export import main
+    from megatron_lax.loading.bases import load_base
+    run_dir = trained(prepared_sample, tmp_path / "run", **{"model.method": "svd", "model.lax_gate": "identity"})
+    assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ours, _, _ = load_model(run_dir, torch.device("cpu"))
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+    assert "3 steps" in (tmp_path / "hf" / "README.md").read_text()
+    modeling = tmp_path / "hf" / "modeling_megatron_lax.py"
+    modeling.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n" + modeling.read_text())
+    for load in (load_pretrained, load_base):
+        with pytest.raises(ValueError):
+            load(str(tmp_path / "hf"))
+    read, _, _, step = load_for_evaluation(tmp_path / "hf", torch.device("cpu"))  # as tensors, for evaluate
+    with torch.no_grad():
+        assert step == 3 and torch.equal(read(tokens), ours(tokens))
+    assert not (tmp_path / "ran").exists()
+    assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")]) == 2  # not empty: refused
 
 
 def test_evaluation_is_the_same_on_one_and_two_processes(prepared_sample, tmp_path):
@@ -88,7 +115,7 @@ def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(prepared_
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --output {out} is not empty; choose a new directory, or pass --force to replace what it holds"]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force"]) == 0
+    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force", "--format", "megatron_lax"]) == 0
     assert not (out / "config.json").exists()  # nothing of the earlier export is left beside the new one
     assert load_pretrained(out).cfg.lax_gate == "identity"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lax", "out"]  # no staging folder left
@@ -147,3 +174,66 @@ def test_a_damaged_or_misfit_checkpoint_named_directly_is_one_line(dense_run, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {ckpt}: the weights do not fit its config.yaml (size "
                                                f"mismatch for embed.weight")
+
+
+@pytest.mark.parametrize("where", ["the_run", "inside_it", "its_parent", "the_checkpoint"])
+def test_export_refuses_an_output_that_overlaps_the_run_force_or_not(dense_run, capsys, where):
+    from megatron_lax.export import main
+    before = sorted(p for p in dense_run.parent.rglob("*"))
+    output = {"the_run": dense_run, "inside_it": dense_run / "export", "its_parent": dense_run.parent,
+              "the_checkpoint": dense_run / "checkpoints"}[where]
+    assert main(["--checkpoint", str(dense_run / "checkpoints" / "step_00000003"), "--output", str(output),
+                 "--force"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {output} overlaps {dense_run}, the run being exported (it is, is inside or contains it); "
+        f"choose a directory outside it"]
+    assert sorted(p for p in dense_run.parent.rglob("*")) == before
+
+
+def test_a_tokenizer_named_as_a_single_file_is_copied_only_if_it_is_a_tokenizer_file(dense_run, tmp_path, capsys):
+    """P4: a checkpoint whose config names a private key as data.tokenizer; the key is not copied."""
+    import shutil
+
+    from megatron_lax.config import dump_yaml
+    from megatron_lax.export import main
+    key = tmp_path / "id_rsa"
+    key.write_text("PRIVATE KEY")
+    handed = tmp_path / "handed"
+    shutil.copytree(dense_run / "checkpoints" / "step_00000003", handed)
+    cfg = load_config(str(handed / "config.yaml"), {"data.tokenizer": str(key)})
+    (handed / "config.yaml").write_text(dump_yaml(cfg))
+    reseal(handed)
+    assert main(["--checkpoint", str(handed), "--output", str(tmp_path / "out")]) == 0
+    assert f"note: not copying {key} into the export: not a tokenizer file" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert not any("PRIVATE KEY" in p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+
+def reseal(directory) -> None:
+    from megatron_lax.training import checkpoint
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": checkpoint.sha256(p)}
+                         for p in sorted(directory.rglob("*")) if p.is_file()
+                         and p.name not in (checkpoint.MANIFEST, "manifest.sig")}
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(dense_run, tmp_path):
+    """D5: the real command under a file-size limit (the write fails as on a full disk)."""
+    import resource
+    import subprocess
+
+    from conftest import REPO
+    out = tmp_path / "out"
+    limit = 64 * 1024  # smaller than the weights, larger than anything else the command writes
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    result = subprocess.run([sys.executable, "-m", "megatron_lax.export", "--checkpoint", str(dense_run),
+                             "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write the export to {out} (") \
+        and lines[0].endswith("; it is as it was"), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -101,7 +101,7 @@ def test_resumed_run_keeps_the_latest_record_of_each_step(tmp_path):
     again = [json.dumps({"step": 4, "tokens": 4000, "val_loss": 3.4, "val_ppl": 30.0, "val_tokens": 4096}),
              json.dumps({"step": 3, "loss": "nan", "tokens": 3000})]
     run = compare.load_run(write_run(tmp_path / "run", extra_lines=again)[0])
-    assert [r["step"] for r in run.val] == [2, 4] and run.final_val_ppl == 30.0
+    assert [r["step"] for r in run.val] == [2, 4] and run.final_score == 30.0
     assert len(run.train) == 4 and run.train[2]["loss"] != run.train[2]["loss"]  # "nan" read as NaN
 
 
@@ -146,3 +146,11 @@ def test_latent_rms_table_averages_each_kind_over_projections_and_blocks(tmp_pat
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     table = latent_rms_table([load_run(run_dir, label="r")])
     assert "| r | 0 | - | - | 2.000 | 0.500 |" in table
+
+
+def test_bytes_that_are_not_utf8_in_metrics_are_skipped_and_counted(tmp_path, capsys):
+    path, _ = write_run(tmp_path / "run")
+    with open(path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 9, "loss": \xff\xfe}\n')
+    assert compare.main([str(path), "--output", str(tmp_path / "c.png")]) == 0
+    assert "skipped 1 malformed line(s)" in capsys.readouterr().err
