@@ -531,7 +531,7 @@ def pooled_table(study: dict[str, dict[str, dict[int, dict]]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -573,7 +573,11 @@ def main(argv=None) -> int:
     t = commands.add_parser("table", help="the Markdown table of a study directory")
     t.add_argument("out", type=Path)
     t.add_argument("--output", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "probe":
         from tokenizer import load_tokenizer
