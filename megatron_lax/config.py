@@ -556,6 +556,9 @@ def validate_run(cfg: Config) -> None:
     if cfg.parallel.zero_stage not in (1, 2, 3):
         hint = "; stage 0 shards nothing: use parallel.engine ddp" if cfg.parallel.zero_stage == 0 else ""
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}{hint}")
+    if cfg.train.compile and cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        raise ConfigError("train.compile does not run under ZeRO-3 (its parameter gathering cannot be compiled into a "
+                          "block): use parallel.engine fsdp, parallel.zero_stage 1 or 2, or train.compile false")
     if cfg.checkpoint.overwrite and cfg.checkpoint.resume == "auto":
         raise ConfigError("checkpoint.overwrite true starts the run over, checkpoint.resume auto continues it: "
                           "choose one")

@@ -126,8 +126,9 @@ class TensorGate(nn.Module):
         return r0 * r0 + r1 * r1, 2 * r * (r0 + r1)
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
-        if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in)
-            return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / getattr(self, f"core{j}").shape[1])) for j in (0, 1)}
+        if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in); fan-in from the shapes, not the
+            # parameters, which ZeRO-3 leaves empty
+            return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / self.in_shape[j])) for j in (0, 1)}
         return {f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)}
 
 

@@ -151,7 +151,8 @@ class TTLinear(LatentLinear):
         r_{n-1} x d_{n-1} last): the product of its dimensions after the first."""
         n = len(self.cores)
         if init == "kaiming":
-            shapes = [[size for size in core.shape] for core in self.cores]
+            # the cores' shapes from the modes and ranks: ZeRO-3 leaves the parameters themselves empty
+            shapes = [[self.ranks[j], d, self.ranks[j + 1]] for j, d in enumerate(self.in_dims + self.out_dims)]
             shapes[0], shapes[-1] = shapes[0][1:], shapes[-1][:-1]
             rules = {f"{at}cores.{j}": ("normal", kaiming_std(math.prod(shape[1:]))) for j, shape in enumerate(shapes)}
         else:

@@ -26,9 +26,20 @@ from ..method.lowrank import DenseLinear, Latents
 from .base import Family, memory_gb  # noqa: F401 (memory_gb: the benchmarks' import)
 
 try:  # optional: used only on CUDA with half-precision tensors
+    import flash_attn
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+    flash_attn = flash_attn_func = None
+
+# flash-attn registers its kernels as torch custom ops from 2.6.0 on; older versions break the graph,
+# an error under train.compile's fullgraph: compiled blocks then use SDPA (FlashAttention-2 for bf16 too).
+FLASH_ATTN_COMPILES = flash_attn is not None and tuple(int(p) for p in flash_attn.__version__.split(".")[:2]) >= (2, 6)
+
+
+def flash_attn_usable(q: torch.Tensor, requested: bool) -> bool:
+    if not (requested and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    return FLASH_ATTN_COMPILES or not torch.compiler.is_compiling()
 
 # --- LLaMA ----------------------------------------------------------------------------------------
 
@@ -65,7 +76,7 @@ def apply_rotary(x, cos, sin):
 
 def attention(q, k, v, use_flash: bool):
     """Causal attention on (B, T, H, D) tensors; k and v may have fewer heads (grouped-query)."""
-    if use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if flash_attn_usable(q, use_flash):
         return flash_attn_func(q, k, v, causal=True)
     if k.shape[2] != q.shape[2]:
         k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))

@@ -3,6 +3,7 @@ torchrun rendezvous on this machine."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -221,6 +222,30 @@ def test_finetune_templates_script_refuses_a_base_of_another_length(tmp_path):
     assert "the base was trained 1000 steps, not BASE_STEPS=3000" in result.stderr
     assert sorted(p.name for p in (tmp_path / "out" / "bases").iterdir()) == ["base2"]  # nothing else began
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bases"]
+
+
+def test_a_remote_deepspeed_rank_builds_the_recipe_of_the_launching_node(tmp_path):
+    """pdsh starts remote ranks without METHOD, GATE, ...: what the launcher is handed must carry them."""
+    from megatron_lax.launch import RECIPE_ENVIRONMENT, recipe_arguments
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
+    (bin_dir / "deepspeed").chmod(0o755)
+    local = {"METHOD": "svd", "GATE": "dense", "ZERO_STAGE": "2", "DATA": str(tmp_path / "my data"),
+             "PRECISION": "bf16-mixed", "RUN_DIR": str(tmp_path / "run")}
+    env = {**os.environ, **launcher_env(**local), "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    subprocess.run(["bash", "run_scripts/pretrain_1b.sh", "--optim.lr", "0.1"], cwd=REPO, env=env, check=True,
+                   timeout=60)
+    script, *handed = (tmp_path / "argv").read_text().splitlines()
+    assert script == "run_scripts/pretrain_1b.sh"
+    remote_environment = {k: v for k, v in os.environ.items() if k not in RECIPE_ENVIRONMENT}
+    on_remote_rank = recipe_arguments("1b", handed + ["--local_rank=3"], remote_environment)
+    assert on_remote_rank == recipe_arguments("1b", ["--optim.lr", "0.1"], local)
+    assert on_remote_rank != recipe_arguments("1b", ["--optim.lr", "0.1"], {})  # the defaults differ
+    launch_source = (REPO / "megatron_lax" / "launch.py").read_text()
+    read = set(re.findall(r'environ\.get\("([A-Z_]+)"', launch_source))
+    assert read <= set(RECIPE_ENVIRONMENT) and set(RECIPE_ENVIRONMENT) <= set(
+        re.findall(r"\b([A-Z_]+)\b", (REPO / "run_scripts" / "launch.sh").read_text()))
 
 
 def tiny_template_task(where: Path) -> dict:
