@@ -23,13 +23,14 @@ from .lowrank import crossing_flops, crossing_parameters
 class Format(NamedTuple):
     build: Callable[..., nn.Module]
     count: Callable[..., tuple[int, int, int]]
+    saved_bytes: Callable[..., int]  # (cfg, projection, d_in, d_out, tt_dims, layer, mode, act bytes) -> per token
 
 
 FORMATS: dict[str, Format] = {
-    "dense": Format(lowrank.build_dense, lowrank.count_dense),
-    "svd": Format(lowrank.build_factored, lowrank.count_factored),
-    "cola": Format(lowrank.build_factored, lowrank.count_factored),
-    "tt": Format(tensor_train.build_tt, tensor_train.count_tt),
+    "dense": Format(lowrank.build_dense, lowrank.count_dense, lowrank.saved_bytes_dense),
+    "svd": Format(lowrank.build_factored, lowrank.count_factored, lowrank.saved_bytes_factored),
+    "cola": Format(lowrank.build_factored, lowrank.count_factored, lowrank.saved_bytes_factored),
+    "tt": Format(tensor_train.build_tt, tensor_train.count_tt, tensor_train.saved_bytes_tt),
 }
 
 
@@ -46,7 +47,10 @@ def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: b
     for the ViT); `tt_dims` the (input, output) modes of a tensor-train projection."""
     crossing = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
                     latent=cfg.lax_latent, norm=cfg.lax_norm)
-    return format_of(cfg).build(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing)
+    module = format_of(cfg).build(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing)
+    if hasattr(module, "hands_on"):
+        module.hands_on = cfg.crosses(projection, layer + 1)
+    return module
 
 
 def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
@@ -58,3 +62,10 @@ def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, b
         params += crossing_parameters(cfg.lax_gate, latent_width, cfg.lax_gate_init, cfg.lax_norm)
         flops += crossing_flops(cfg.lax_gate, latent_width)
     return params + (d_out if bias else 0), flops
+
+
+def projection_saved_bytes(cfg, projection: str, d_in: int, d_out: int, layer: int, mode: str, act_bytes: int,
+                           tt_dims: Optional[tuple[list, list]] = None) -> int:
+    """Bytes per token the projection make_linear builds keeps for backward beyond its input, under
+    train.activation_checkpointing `mode` (none, block, lowrank), with activations of act_bytes bytes."""
+    return format_of(cfg).saved_bytes(cfg, projection, d_in, d_out, tt_dims, layer, mode, act_bytes)

@@ -120,6 +120,12 @@ class TTLinear(LatentLinear):
                 partials.append(state.reshape(n, math.prod(rest) * r_next))
         return state.reshape(*x.shape[:-1], self.rank)
 
+    def kept_matmul(self) -> tuple[int, int]:
+        """What low-rank recompute keeps of this projection: the output of encode's last contraction,
+        the latent of width r_k, named by that matmul's (input width d_{k-1} r_{k-1}, output width r_k).
+        The partial contractions before it (wider than the latent) are recomputed."""
+        return self.in_dims[-1] * self.ranks[self.k - 1], self.rank
+
     def decode(self, z, partials: Optional[list] = None):
         """Expands the latent through the output cores: (N, P, r_j) -> (N, P d_j, r_{j+1}), adding
         the mirrored left partial after each inner step when intra-layer LaX is on."""
@@ -138,7 +144,7 @@ class TTLinear(LatentLinear):
         partials = [] if self.intra_gates is not None else None
         h = self.encode(x, partials)
         z = self.cross(h, prev_latent)
-        return self.decode(z, partials), (z if self.latent == "output" else h)
+        return self.decode(z, partials), self.handed_on(h, z)
 
     def full_weight(self) -> torch.Tensor:
         """The dense (d_out, d_in) matrix the cores represent (for tests and export; never used in
@@ -185,3 +191,21 @@ def count_tt(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
         params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
     latent_width = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]
     return params, flops, latent_width
+
+
+def saved_bytes_tt(cfg, projection, d_in, d_out, tt_dims, layer, mode, a) -> int:
+    """Bytes per token a TT projection leaves for backward beyond its input (see
+    lowrank.latent_saved_bytes): with checkpointing off, the input of every core's matmul (the
+    transposed copy of x for the first core, each partial contraction after it, each partial
+    expansion before the last output core) plus the latent part; intra-layer LaX is not modelled."""
+    if projection in cfg.lax_intra_modules:
+        raise ValueError("activation counts do not model intra-layer LaX (model.lax_intra_modules)")
+    in_dims, out_dims = [int(d) for d in tt_dims[0]], [int(d) for d in tt_dims[1]]
+    ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
+    latent = latent_saved_bytes(cfg, ranks[k], layer, projection, cfg.method == "cola", mode, a)
+    if mode != "none":
+        return latent
+    copied_input = in_dims[0] > 1 and math.prod(in_dims[1:]) > 1
+    encode = (math.prod(in_dims) if copied_input else 0) + sum(math.prod(in_dims[j:]) * ranks[j] for j in range(1, k))
+    decode = sum(math.prod(out_dims[:i]) * ranks[k + i] for i in range(1, k))
+    return latent + a * (encode + decode)

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from ..method.formats import make_linear, projection_counts
+from ..method.formats import make_linear, projection_counts, projection_saved_bytes
 from ..method.init import init_weights, module_init_rules
 from ..method.lowrank import DenseLinear, Latents
 
@@ -280,3 +280,33 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
         forward += sum(projection_counts(cfg, name, d_in, d_out, layer)[1]
                        for name, (d_in, d_out) in _projection_shapes(cfg).items())
     return {"forward": forward, "train": 3 * forward}
+
+
+def block_saved_bytes(cfg: ModelConfig, layer: int, mode: str, act_bytes: int, flash: bool) -> int:
+    """Bytes per token block `layer` keeps for backward (the plan's activation count; checked against
+    a real forward pass's saved tensors in the tests). `mode`: train.activation_checkpointing;
+    `act_bytes`: 4 (fp32) or 2 (bf16 compute); `flash`: flash-attn (grouped-query keys and values
+    kept once) or SDPA (repeated per head first). Each RMSNorm keeps its input in fp32, 1/rms
+    and the normalised input before and after the weight; attention keeps the rotated q and k, v,
+    its output (which o reads in place: both kernels lay it out token-major) and the log-sum-exp
+    per head (fp32); the MLP keeps gate, act(gate), up and their
+    product; each projection what its format says (method.formats.projection_saved_bytes)."""
+    d, f, a = cfg.dim, cfg.ffn_dim, act_bytes
+    projections = sum(projection_saved_bytes(cfg, name, d_in, d_out, layer, mode, a)
+                      for name, (d_in, d_out) in _projection_shapes(cfg).items())
+    if mode != "none":
+        return a * d + projections  # the block's input, and what the projections keep
+    kv = _projection_shapes(cfg)["k"][1] if flash else d  # SDPA repeats grouped-query keys and values
+    norms = 2 * (4 * d * (1 if a == 4 else 2) + 4 + 2 * a * d)  # x.float() is x itself in fp32, two copies else
+    attention = a * (2 * d + 2 * kv) + 4 * cfg.n_heads
+    mlp = a * f * (3 if cfg.only_latent_act else 4)
+    return norms + attention + mlp + projections
+
+
+def activation_bytes(cfg: ModelConfig, tokens: int, mode: str, act_bytes: int, flash: bool) -> int:
+    """Bytes of activations one micro-batch of `tokens` tokens keeps for backward, every block, the
+    final norm and the LM head's logits (act_bytes each; their fp32 copy and gradient in the loss are
+    counted by the plan's workspace, not here)."""
+    blocks = sum(block_saved_bytes(cfg, layer, mode, act_bytes, flash) for layer in range(cfg.n_layers))
+    final_norm = 4 * cfg.dim + 4 + 2 * act_bytes * cfg.dim
+    return tokens * (blocks + final_norm + act_bytes * cfg.vocab_size)

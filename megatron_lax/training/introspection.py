@@ -4,10 +4,12 @@ memory, and model FLOPs utilisation."""
 from __future__ import annotations
 
 import resource
+import weakref
 import time
 
 import torch
 import torch.nn as nn
+import torch.utils._python_dispatch
 
 from ..method.lowrank import LatentLinear, LinearGate
 
@@ -110,3 +112,53 @@ def peak_flops(device: torch.device, configured: float = 0.0) -> float:
                 return value
         return 0.0  # unknown GPU: MFU is not reported unless logging.peak_flops is given
     return measure_matmul_flops(device)
+
+
+class RetainedActivations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the activation memory a forward pass leaves for the backward: the bytes of every storage
+    that an operation inside the `with` block created and that is still alive when the block ends
+    (saved for backward, kept by activation checkpointing as a block's inputs, or cached by its
+    selective policy), parameters excluded. Works on the meta device, so a model of any size can be
+    counted on a CPU. `saved_tensor_bytes` is the narrower count of saved-tensor hooks: what autograd
+    itself packs for backward outside checkpointed regions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.excluded = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.outputs: list = []
+        self.saved: dict[int, torch.Tensor] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in self.excluded:
+            self.saved[key] = t
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append(weakref.ref(t))
+        return out
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.hooks.__exit__(*exc)
+
+    def retained_bytes(self, *excluding: torch.Tensor) -> int:
+        """Bytes of the live storages created inside the block, less those of `excluding` (the outputs)."""
+        skip = self.excluded | {t.untyped_storage()._cdata for t in excluding}
+        live = {}
+        for ref in self.outputs:
+            t = ref()
+            if t is not None and t.untyped_storage()._cdata not in skip:
+                live[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return sum(live.values())
+
+    def saved_tensor_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.saved.values())
