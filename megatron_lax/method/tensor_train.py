@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std
+from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std, latent_saved_bytes
 
 
 def tt_ranks(dims: list[int], rank: int) -> list[int]:

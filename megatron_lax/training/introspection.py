@@ -162,3 +162,30 @@ class RetainedActivations(torch.utils._python_dispatch.TorchDispatchMode):
 
     def saved_tensor_bytes(self) -> int:
         return sum(t.untyped_storage().nbytes() for t in self.saved.values())
+
+
+def block_activation_bytes(build, inputs, tokens_per_sample: int, mode: str, dtype=torch.float32) -> float:
+    """Measured bytes per token that one block keeps for backward: `build(n_layers)` returns a model
+    (with blocks in `model.layers`) and `inputs(batch)` its input; the count is the difference between
+    3 and 2 blocks and between 2 samples and 1, so the embedding, the head and anything that does not
+    grow with the tokens cancel out. Runs under FakeTensorMode: no memory is allocated, any size fits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..parallel.recompute import apply_activation_checkpointing
+
+    def retained(n_layers, batch):
+        default = torch.get_default_dtype()
+        with FakeTensorMode():
+            torch.set_default_dtype(dtype)
+            try:
+                model = build(n_layers)
+            finally:
+                torch.set_default_dtype(default)
+            apply_activation_checkpointing(model, mode)
+            x = inputs(batch)
+            with RetainedActivations(model) as counter:
+                out = model(x)
+            return counter.retained_bytes(out)
+
+    per_block = lambda batch: retained(3, batch) - retained(2, batch)
+    return (per_block(2) - per_block(1)) / tokens_per_sample
