@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from .config import CHECKPOINTING_MODES, Config, ConfigError, add_config_arguments, config_from_args
-from .method.formats import projection_counts
+from .models import family_module
 from .models.llama import LlamaLax, _projection_shapes, activation_bytes, block_saved_bytes, flops_per_token
 from .training.introspection import PEAK_BF16_FLOPS
 
@@ -53,6 +53,11 @@ class Plan:
 
     def fits(self) -> bool:
         return self.total <= self.capacity
+
+
+def planned_family(cfg: Config) -> bool:
+    """Whether the config's model family counts its activations (its module's activation_bytes)."""
+    return hasattr(family_module(cfg.model), "activation_bytes")
 
 
 def model_of(cfg: Config):
@@ -157,13 +162,14 @@ def plan(cfg: Config, world: int, capacity_gib: float, mode: Optional[str] = Non
     return Plan(rows, sample, capacity_gib * GIB, fixed)
 
 
-def largest_micro_batch(cfg: Config, world: int, capacity_gib: float, mode: str) -> int:
-    """The largest micro-batch that fits and divides the per-rank share of the global batch (0: none)."""
+def largest_micro_batch(cfg: Config, world: int, capacity_gib: float, mode: str) -> tuple[int, int]:
+    """(the largest micro-batch that fits, the largest of those that divides the per-rank share of the
+    global batch, which is what a run can use); 0 where none fits."""
     p = plan(cfg, world, capacity_gib, mode)
     room = p.capacity - CUDA_CONTEXT_GIB * GIB - (1 + FRAGMENTATION) * p.fixed
     most = int(room // ((1 + FRAGMENTATION) * p.per_sample)) if room > 0 else 0
     per_rank = max(cfg.train.global_batch // world, 1)
-    return max((b for b in range(1, min(most, per_rank) + 1) if per_rank % b == 0), default=0)
+    return most, max((b for b in range(1, min(most, per_rank) + 1) if per_rank % b == 0), default=0)
 
 
 def recompute_flops(model_cfg, mode: str, seq_len: int) -> float:
@@ -222,11 +228,34 @@ def verdict(cfg: Config, world: int, gpu: str) -> tuple[bool, str]:
     if p.fits():
         return True, f"fits: {p.total / GIB:.1f} of {capacity:.1f} GiB per rank"
     options = [f"{mode} up to {mb}" for mode in CHECKPOINTING_MODES
-               if (mb := largest_micro_batch(cfg, world, capacity, mode))]
+               if (mb := largest_micro_batch(cfg, world, capacity, mode)[1])]
     would = "; would fit: train.micro_batch with train.activation_checkpointing " + ", ".join(options) if options \
         else "; nothing fits: more GPUs, ZeRO-3/FSDP2 or a larger GPU"
     return False, (f"does not fit: {p.total / GIB:.1f} GiB per rank needed on a {capacity:.1f} GiB GPU at micro-batch "
                    f"{cfg.train.micro_batch}, checkpointing {cfg.train.activation_checkpointing}{would}")
+
+
+def config_of(argv: list[str]) -> Config:
+    """The Config of a training command line (train.py's arguments; others ignored)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_config_arguments(parser)
+    return config_from_args(parser.parse_known_args(argv)[0])
+
+
+def this_gpu() -> Optional[str]:
+    """This machine's first CUDA device's memory in GiB (as --gpu takes it), or None."""
+    return str(torch.cuda.get_device_properties(0).total_memory / GIB) if torch.cuda.is_available() else None
+
+
+def preflight(argv: list[str], world: int, gpu: Optional[str] = None) -> Optional[str]:
+    """The one-line refusal of a training command line that cannot fit `world` GPUs of `gpu` (a name
+    or GiB; None: this machine's), or None: it fits, its family has no count, or there is no GPU."""
+    gpu = gpu or this_gpu()
+    cfg = config_of(argv)
+    if gpu is None or not planned_family(cfg):
+        return None
+    fits, line = verdict(cfg, world, gpu)
+    return None if fits else line
 
 
 def report(cfg: Config, world: int, gpu: str, mfu: Optional[float], bench: Optional[Path]) -> str:
@@ -240,8 +269,10 @@ def report(cfg: Config, world: int, gpu: str, mfu: Optional[float], bench: Optio
     lines += [f"| {name} | {value / GIB:.2f} |" for name, value in p.rows.items()]
     lines += [f"| **total** | **{p.total / GIB:.2f}** |", "",
               f"{'fits' if p.fits() else 'DOES NOT FIT'}: margin {(p.capacity - p.total) / GIB:+.2f} GiB"]
-    lines.append("largest micro-batch that fits (dividing global_batch / GPUs): " + ", ".join(
-        f"{mode} {largest_micro_batch(cfg, world, capacity, mode)}" for mode in CHECKPOINTING_MODES))
+    fitting = {mode: largest_micro_batch(cfg, world, capacity, mode) for mode in CHECKPOINTING_MODES}
+    lines.append("largest micro-batch that fits, by train.activation_checkpointing: " + ", ".join(
+        f"{mode} {most} ({usable} divides {cfg.train.global_batch} / {world})"
+        for mode, (most, usable) in fitting.items()))
     measured = measured_mfu(bench, cfg)
     mfu_used = mfu or measured or DEFAULT_MFU
     source = "measured by " + str(bench) if measured and not mfu else ("given" if mfu else "assumed")
@@ -264,8 +295,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
-        if cfg.model.arch != "llama":
-            raise ConfigError(f"the plan models the llama family, not model.arch {cfg.model.arch}")
+        if not planned_family(cfg):
+            raise ConfigError(f"the plan models families with an activation count (activation_bytes in their "
+                              f"module: llama), not model.arch {cfg.model.arch}")
         print(report(cfg, args.gpus, args.gpu, args.mfu, args.gpu_benchmark))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

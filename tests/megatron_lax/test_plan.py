@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import as_cli, free_port, run_command
+from conftest import REPO, as_cli, free_port, run_command
 from megatron_lax.config import load_config
 from megatron_lax.method.formats import make_linear, projection_saved_bytes
 from megatron_lax.models.llama import LlamaLax, block_saved_bytes
@@ -114,3 +114,15 @@ def test_verdict_names_what_would_fit_and_bad_input_is_one_line(capsys):
     assert verdict(cfg, 8, "h200")[0]
     assert main(["--config", "llama_60m", "--gpu", "v99"]) == 2
     assert "--gpu 'v99' is unknown" in capsys.readouterr().err
+
+
+def test_the_recipe_refuses_a_job_that_cannot_fit_in_one_line():
+    """run_scripts/pretrain_1b.sh's Python side (what every rank runs): the plan first, before any data."""
+    import os
+    import subprocess
+    env = {**os.environ, "PLAN_GPU": "a100-40", "WORLD_SIZE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "run_scripts/pretrain_1b.sh", "--train.micro_batch", "64"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    line, = result.stderr.strip().splitlines()
+    assert line.startswith("error: does not fit:") and "lowrank up to" in line and "MEMORY_PLAN=ignore" in line
