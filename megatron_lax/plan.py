@@ -30,6 +30,7 @@ from .config import CHECKPOINTING_MODES, Config, ConfigError, add_config_argumen
 from .models import family_module
 from .models.llama import LlamaLax, _projection_shapes, activation_bytes, block_saved_bytes, flops_per_token
 from .training.introspection import PEAK_BF16_FLOPS
+from .training.optim import param_groups
 
 GIB = 2 ** 30
 # Usable memory (nvidia-smi's total) of the named GPUs, GiB, and the name PEAK_BF16_FLOPS knows them by.
@@ -99,16 +100,24 @@ def model_states(cfg: Config, model, world: int, rank: int = 0) -> dict[str, flo
         pb, gb, sb = dtype_bytes(precision)
         shard = sum(chunk_numel(p, world, rank) for p in params)
         return {"parameters": pb * shard, "gradients": gb * shard, "optimizer states + master weights": 2 * sb * shard}
-    # DeepSpeed: bf16 (mixed) keeps bf16 weights and fp32 master weights and Adam states; bf16-pure all in
-    # bf16; fp32 no master copy. ZeRO-1 partitions the optimizer, 2 also the gradients, 3 also the weights.
-    stage, part = cfg.parallel.zero_stage, math.ceil(n / world)
-    weight = 4 if precision == "fp32" else 2
-    master = {"bf16-mixed": 4, "bf16-pure": 2}.get(precision, 0)
-    state = 2 if precision == "bf16-pure" else 4
-    grad = 4 if precision != "bf16-pure" else 2
-    return {"parameters": weight * (part if stage == 3 else n),
-            "gradients": grad * (n if stage == 1 else part),
-            "optimizer states + master weights": (2 * state + master) * part}
+    return deepspeed_states(cfg, model, world)
+
+
+def deepspeed_states(cfg: Config, model, world: int) -> dict[str, float]:
+    """DeepSpeed ZeRO: weights in the compute dtype (whole for stages 1-2, partitioned for 3), the
+    gradients reduced into this rank's partition in the compute dtype, a master copy of the partition
+    (fp32, or bf16 under bf16-pure) and two Adam states in the master's dtype. Stages 1-2 flatten each
+    optimizer parameter group, padded to a multiple of 2 x ranks; stage 3 partitions each parameter."""
+    a = compute_bytes(cfg.train.precision)
+    if cfg.parallel.zero_stage == 3:
+        part = sum(math.ceil(p.numel() / world) for p in model.parameters())
+        weights = a * part
+    else:
+        groups = [sum(p.numel() for p in g["params"]) for g in param_groups(model, cfg.optim.weight_decay)]
+        flat = sum(math.ceil(n / (2 * world)) * 2 * world for n in groups)
+        part, weights = flat // world, a * flat
+    master = 2 if cfg.train.precision == "bf16-pure" else 4
+    return {"parameters": weights, "gradients": a * part, "optimizer states + master weights": 3 * master * part}
 
 
 def compute_bytes(precision: str) -> int:
@@ -235,11 +244,18 @@ def verdict(cfg: Config, world: int, gpu: str) -> tuple[bool, str]:
                    f"{cfg.train.micro_batch}, checkpointing {cfg.train.activation_checkpointing}{would}")
 
 
+def on_gpu(cfg: Config) -> Config:
+    """train.precision auto as a GPU resolves it: bf16-mixed."""
+    if cfg.train.precision == "auto":
+        cfg.train.precision = "bf16-mixed"
+    return cfg
+
+
 def config_of(argv: list[str]) -> Config:
     """The Config of a training command line (train.py's arguments; others ignored)."""
     parser = argparse.ArgumentParser(add_help=False)
     add_config_arguments(parser)
-    return config_from_args(parser.parse_known_args(argv)[0])
+    return on_gpu(config_from_args(parser.parse_known_args(argv)[0]))
 
 
 def this_gpu() -> Optional[str]:
@@ -294,7 +310,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = on_gpu(config_from_args(args))
         if not planned_family(cfg):
             raise ConfigError(f"the plan models families with an activation count (activation_bytes in their "
                               f"module: llama), not model.arch {cfg.model.arch}")

@@ -5,7 +5,8 @@
   tensors, checkpointed blocks' inputs, the low-rank mode's kept latents), for every format and gate,
   each checkpointing mode, two shapes, fp32 and bf16;
 - its parameter, gradient and optimizer bytes per rank equal the engines' real tensors after a step,
-  on 3 gloo ranks (uneven shards) for DDP and FSDP2, fp32 and bf16-pure, in one launch;
+  on 3 gloo ranks (uneven shards) for DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 (its flat buffers and
+  partitions), fp32, bf16-mixed and bf16-pure, in one launch (DeepSpeed's first start builds an op);
 - the command prints a table and a verdict, and refuses bad input in one line.
 """
 from __future__ import annotations
@@ -84,9 +85,10 @@ def test_saved_tensor_hooks_agree_with_the_retained_count():
 
 def test_engines_model_states_per_rank_equal_the_plan(tmp_path):
     script = Path(__file__).parent / "parallel" / "plan_states.py"
-    specs = ["ddp", "fsdp", "fsdp:bf16-pure", "ddp:bf16-pure"]
+    specs = ["ddp", "fsdp", "fsdp:bf16-pure", "ddp:bf16-pure", "zero1:bf16-mixed", "zero2", "zero3:bf16-mixed",
+             "zero3:bf16-pure"]
     run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr",
-                 "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), *specs], timeout=300)
+                 "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), *specs], timeout=600)
     rows = [json.loads(line) for f in tmp_path.glob("rank*.jsonl") for line in f.read_text().splitlines()]
     assert sorted((r["spec"], r["rank"]) for r in rows) == sorted((s, rank) for s in specs for rank in range(3))
     for r in rows:
