@@ -142,33 +142,35 @@ def communication(cfg: Config, model, world: int) -> float:
     return 2 * a * min(int(5e8), n)
 
 
-def per_sample_bytes(cfg: Config, model_cfg, mode: str, flash: bool) -> float:
-    """Bytes per sequence of the micro-batch: what it keeps for backward, the one block a checkpointed
-    backward rematerialises, the loss's fp32 log-probabilities and their gradient, and the attention
-    backward's fp32 accumulator of one layer."""
-    a, T = compute_bytes(cfg.train.precision), cfg.data.seq_len
-    kept = activation_bytes(model_cfg, T, mode, a, flash)
+def per_sample_bytes(cfg: Config, model_cfg, mode: str, flash: bool) -> dict[str, float]:
+    """Bytes per sequence of the micro-batch, by what holds them: what it keeps for backward (every
+    block, the final norm, the logits), the one block a checkpointed backward rematerialises, the
+    loss's fp32 log-probabilities and their gradient, and the attention backward's workspace for one
+    layer (the fp32 accumulator of dq and the softmax statistics; SDPA also the gradients of the
+    grouped-query keys and values it repeated per head)."""
+    a, T, d = compute_bytes(cfg.train.precision), cfg.data.seq_len, model_cfg.dim
     recompute = 0 if mode == "none" else T * max(block_saved_bytes(model_cfg, layer, "none", a, flash)
                                                 for layer in range(model_cfg.n_layers))
-    loss = T * model_cfg.vocab_size * (4 + 4)
-    attention = T * (4 * model_cfg.dim + 4 * model_cfg.n_heads)
-    return kept + recompute + loss + attention
+    kv = _projection_shapes(model_cfg)["k"][1]
+    attention = T * (4 * d + 4 * model_cfg.n_heads + (0 if flash or kv == d else 2 * a * d))
+    return {f"activations kept for backward (checkpointing {mode})": activation_bytes(model_cfg, T, mode, a, flash),
+            "recomputed block in backward": recompute, "loss workspace (fp32 log-probs, gradient)":
+            T * model_cfg.vocab_size * (4 + 4),
+            f"attention backward workspace ({'flash-attn' if flash else 'SDPA'})": attention}
 
 
 def plan(cfg: Config, world: int, capacity_gib: float, mode: Optional[str] = None) -> Plan:
     mode = mode or cfg.train.activation_checkpointing
     model, model_cfg = model_of(cfg)
-    flash = cfg.model.flash_attn
     rows = model_states(cfg, model, world)
     rows["communication buffers"] = communication(cfg, model, world)
-    sample = per_sample_bytes(cfg, model_cfg, mode, flash)
-    rows[f"activations ({cfg.train.micro_batch} x {cfg.data.seq_len} tokens, checkpointing {mode})"] = \
-        cfg.train.micro_batch * sample
-    tensors = sum(rows.values())
-    rows["allocator fragmentation"] = FRAGMENTATION * tensors
+    fixed = sum(rows.values())
+    per_sample = per_sample_bytes(cfg, model_cfg, mode, cfg.model.flash_attn)
+    rows.update({f"{name}, micro-batch {cfg.train.micro_batch} x {cfg.data.seq_len}": cfg.train.micro_batch * value
+                 for name, value in per_sample.items()})
+    rows["allocator fragmentation"] = FRAGMENTATION * sum(rows.values())
     rows["CUDA context"] = CUDA_CONTEXT_GIB * GIB
-    fixed = tensors - cfg.train.micro_batch * sample
-    return Plan(rows, sample, capacity_gib * GIB, fixed)
+    return Plan(rows, sum(per_sample.values()), capacity_gib * GIB, fixed)
 
 
 def largest_micro_batch(cfg: Config, world: int, capacity_gib: float, mode: str) -> tuple[int, int]:
@@ -267,8 +269,10 @@ def preflight(argv: list[str], world: int, gpu: Optional[str] = None) -> Optiona
     """The one-line refusal of a training command line that cannot fit `world` GPUs of `gpu` (a name
     or GiB; None: this machine's), or None: it fits, its family has no count, or there is no GPU."""
     gpu = gpu or this_gpu()
+    if gpu is None:
+        return None
     cfg = config_of(argv)
-    if gpu is None or not planned_family(cfg):
+    if not planned_family(cfg):
         return None
     fits, line = verdict(cfg, world, gpu)
     return None if fits else line
