@@ -397,13 +397,17 @@ def stream_hub_dataset(name: str, config: str | None, splits: list[str], max_doc
 
 
 def looks_like_hub_name(spec: str) -> bool:
-    return spec.count("/") == 1 and not any(c in spec for c in "*?[,") and not Path(spec).exists()
+    """hf:OWNER/NAME, or OWNER/NAME where no local OWNER folder exists (data/smaple is a mistyped path)."""
+    if spec.startswith("hf:"):
+        return True
+    return spec.count("/") == 1 and not any(c in spec for c in "*?[,") and not Path(spec).exists() \
+        and not Path(spec).parent.is_dir()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_prep.prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="glob, directory, comma-separated list, or a hub dataset name")
+    parser.add_argument("--input", required=True, help="glob, directory, comma-separated list, or a hub dataset name (hf:OWNER/NAME)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory, .model file, HF directory or hub name")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -415,8 +419,11 @@ def main(argv=None) -> int:
     try:
         inputs = expand_inputs(args.input)
         if not inputs and looks_like_hub_name(args.input):
-            inputs = stream_hub_dataset(args.input, args.hub_config, args.hub_splits.split(","),
+            inputs = stream_hub_dataset(args.input.removeprefix("hf:"), args.hub_config, args.hub_splits.split(","),
                                         args.hub_max_documents, args.output / HUB_RAW)
+        elif not inputs:
+            raise FileNotFoundError(f"--input {args.input}: no such file, and no file matches it (a hub dataset is "
+                                    f"written hf:OWNER/NAME)")
         prepare(inputs, args.tokenizer, args.output, args.workers, progress=not args.no_progress)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

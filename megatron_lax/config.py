@@ -201,7 +201,7 @@ class CheckpointConfig:
     keep: int = 2  # last K complete checkpoints kept
     resume: str = "none"  # none | auto | a checkpoint directory
     overwrite: bool = False  # start over in a run_dir that holds an earlier run: deletes its checkpoints and logs
-    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files) from anywhere, not only this run's directory
+    trust: bool = False  # unpickle checkpoint files that need it (DeepSpeed, older rank files): only for checkpoints you trust
 
 
 @dataclass
@@ -323,7 +323,10 @@ def _parse_value(text: str, annotation) -> Any:
             return False
         raise ConfigError(f"expected a boolean, got {text!r}")
     if annotation is int:
-        return int(float(text)) if "e" in text.lower() else int(text)
+        try:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        except OverflowError:
+            raise ConfigError(f"expected an integer, got {text!r} (not a finite number)") from None
     if annotation is float:
         return float(text)
     if annotation is list or origin is list:
@@ -397,6 +400,9 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[dict] = 
                 values = yaml.safe_load(path.read_text()) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            except (UnicodeDecodeError, OSError) as e:
+                raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or 'not UTF-8 text'})") \
+                    from None
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: expected a mapping of sections")
             preset = values.get("preset")
@@ -417,7 +423,53 @@ def load_config(name_or_path: Optional[str] = None, overrides: Optional[dict] = 
     return cfg
 
 
+# --- ranges and what a resume may change --------------------------------------------------------------
+
+# The allowed range of each numeric field that has one: (lowest, highest), None for no bound. A value
+# outside it (or NaN) is one line naming the field and the range, before any other check divides by it.
+RANGES = {
+    "model": {"dim": (1, None), "n_layers": (1, None), "n_heads": (1, None), "n_kv_heads": (0, None),
+              "ffn_dim": (1, None), "vocab_size": (0, None), "max_seq_len": (1, None), "rank": (0, None),
+              "attn_rank": (0, None), "mlp_rank": (0, None), "mlp_out_rank": (0, None), "image_size": (1, None),
+              "patch_size": (1, None), "in_channels": (0, None), "num_classes": (0, None), "init_std": (0, None),
+              "norm_eps": (0, None), "rope_theta": (0, None), "dropout": (0, 0.99)},
+    "optim": {"lr": (0, None), "min_lr_ratio": (0, 1), "warmup_steps": (-1, None), "warmup_ratio": (0, 1),
+              "weight_decay": (0, None), "beta1": (0, 1), "beta2": (0, 1), "eps": (0, None), "grad_clip": (0, None)},
+    "data": {"seq_len": (1, None), "val_tokens": (0, None), "workers": (1, None), "train_images": (0, None),
+             "holdout": (0, None), "val_images": (0, None), "loader_workers": (0, None)},
+    "train": {"steps": (0, None), "epochs": (0, None), "global_batch": (1, None), "micro_batch": (1, None),
+              "eval_every": (0, None), "eval_tokens": (0, None), "max_nonfinite": (1, None),
+              "divergence_spike": (0, None), "select_tokens": (0, None), "stop_after": (0, None)},
+    "checkpoint": {"every": (0, None), "keep": (1, None)},
+    "logging": {"log_every": (1, None), "lax_stats_every": (0, None), "peak_flops": (0, None)},
+}
+
+
+def validate_ranges(cfg: Config) -> None:
+    for section, fields in RANGES.items():
+        for name, (low, high) in fields.items():
+            value = getattr(getattr(cfg, section), name)
+            if value is None or (low is None or value >= low) and (high is None or value <= high):
+                continue
+            allowed = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise ConfigError(f"{section}.{name} must be {allowed}, got {value}")
+
+
+# What a resume may not change (training.checkpoint.check_compatible): every model field except
+# those below, which change neither the weights' shapes nor the function they compute (a kernel
+# choice, regularisation), and the data and training fields that set what a saved data position means.
+RESUME_MAY_CHANGE = {"model": ("flash_attn", "dropout", "head_dropout")}
+RESUME_FIXED = {"data": ("seq_len", "mode", "seed", "source", "train_images", "holdout"),
+                "train": ("global_batch",)}
+
+
+def resume_fixed_fields() -> dict[str, tuple]:
+    model = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in RESUME_MAY_CHANGE["model"])
+    return {"model": model, **RESUME_FIXED}
+
+
 def validate(cfg: Config) -> None:
+    validate_ranges(cfg)
     validate_model(cfg.model)
     validate_augment(cfg.augment)
     validate_run(cfg)

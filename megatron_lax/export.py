@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tokenizer import HF_TOKENIZER_FILES
 
 from .config import ModelConfig, dump_yaml
@@ -60,6 +61,19 @@ def check_output(output: Path, force: bool) -> None:
     if output.exists() and not force and (not output.is_dir() or any(output.iterdir())):
         raise ValueError(f"--output {output} is not empty; choose a new directory, or pass --force to replace "
                          f"what it holds")
+
+
+def check_apart(output: Path, source: Path) -> None:
+    """Refuses, --force or not, an output that is, is inside or contains the run (or folder) exported."""
+    source = Path(source)
+    if (source / checkpoint.MANIFEST).is_file() and source.parent.name in ("checkpoints", "best"):
+        source = source.parent.parent  # a checkpoint directory: its run
+    elif source.name in ("checkpoints", "best") and not (source / checkpoint.MANIFEST).is_file():
+        source = source.parent  # a run's checkpoints/ folder
+    theirs, ours = source.resolve(), Path(output).resolve()
+    if ours == theirs or ours.is_relative_to(theirs) or theirs.is_relative_to(ours):
+        raise ValueError(f"--output {output} overlaps {source}, the run being exported (it is, is inside or "
+                         f"contains it); choose a directory outside it")
 
 
 @contextlib.contextmanager
@@ -95,6 +109,10 @@ def copy_tokenizer(spec: str, output: Path) -> None:
     source = Path(spec)
     if source.is_file():
         files = [source]
+        if source.name not in TOKENIZER_FILES:
+            print(f"note: not copying {source} into the export: not a tokenizer file ({', '.join(TOKENIZER_FILES)})",
+                  file=sys.stderr)
+            return
     elif source.is_dir():
         files = [source / name for name in TOKENIZER_FILES if (source / name).is_file() or (source / name).is_symlink()]
     else:
@@ -203,6 +221,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
+        check_apart(args.output, args.checkpoint)
         with trust.trusting(everything=args.trust_checkpoint):
             if is_finetune_run(args.checkpoint):
                 kind = export_finetuned(args.checkpoint, args.output, args.merge, args.force)
@@ -212,6 +231,10 @@ def main(argv=None) -> int:
                 kind = export(args.checkpoint, args.output, args.force)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, SafetensorError) as e:  # a full disk, a permission: nothing was replaced
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"error: could not write the export to {args.output} ({reason}); it is as it was", file=sys.stderr)
         return 2
     print(f"wrote a {kind} export to {args.output}")
     return 0

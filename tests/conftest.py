@@ -74,3 +74,12 @@ def losses(run_dir: Path) -> dict[int, float]:
     import json
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoint_key_dir(tmp_path_factory):
+    """The key that signs checkpoints (training.trust) lives in a test folder, not the user's home;
+    the commands the tests start inherit it."""
+    import os
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    return os.environ["XDG_STATE_HOME"]

@@ -79,9 +79,12 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
         raise ValueError(f"tokenizer {name}: loading Hugging Face tokenizers needs `pip install transformers`") from None
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:  # the last three: a malformed config
         where = "the local directory" if local else "the Hugging Face hub (is it reachable?)"
-        raise ValueError(f"tokenizer {name}: could not load it from {where}: {str(e).splitlines()[0]}") from None
+        reason = (str(e).strip().splitlines() or [""])[0]
+        if not isinstance(e, (OSError, ValueError)):
+            reason = f"a malformed tokenizer_config.json or tokenizer.json ({type(e).__name__}: {reason})"
+        raise ValueError(f"tokenizer {name}: could not load it from {where}: {reason}") from None
     with tempfile.TemporaryDirectory() as tmp:  # hash the files as saved: the same for a local copy and the hub
         tok.save_pretrained(tmp)
         files = [p for p in Path(tmp).iterdir() if p.name in HF_TOKENIZER_FILES and p.name != "tokenizer_config.json"]

@@ -70,14 +70,14 @@ class Run:
 
 def read_records(metrics_path: Path) -> tuple[list[dict], int]:
     """The JSON objects of a metrics.jsonl and the number of lines that were not one (e.g. a line
-    cut short when a run was killed mid-write)."""
+    cut short when a run was killed mid-write, or bytes that are not UTF-8)."""
     records, malformed = [], 0
-    for line in metrics_path.read_text().splitlines():
+    for line in metrics_path.read_bytes().splitlines():
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
+            record = json.loads(line.decode())
+        except (json.JSONDecodeError, UnicodeDecodeError):
             malformed += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):

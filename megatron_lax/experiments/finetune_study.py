@@ -398,6 +398,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-number", type=int, default=12)
     p.add_argument("--max-factor", type=int, default=6)
     p.add_argument("--output", type=Path)
+    p.add_argument("--trust-checkpoint", action="store_true", help="unpickle base files that need it (DeepSpeed's, "
+                   "a pickled pytorch_model.bin); only for files you trust")
     r = commands.add_parser("run", help="fine-tune and evaluate every cell with every seed")
     r.add_argument("--config", required=True)
     r.add_argument("--out", type=Path, required=True)
@@ -430,7 +432,13 @@ def main(argv=None) -> int:
         from tokenizer import load_tokenizer
 
         from ..loading.bases import base_tokenizer, load_base
-        model, tokenizer = load_base(args.base), load_tokenizer(base_tokenizer(args.base))
+        from ..training import checkpoint, trust
+        try:
+            with trust.trusting(everything=args.trust_checkpoint):
+                model, tokenizer = load_base(args.base), load_tokenizer(base_tokenizer(args.base))
+        except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         result = probe(model, tokenizer, probe_items(args.max_number, args.max_factor))
         text = json.dumps(result, indent=1)
         if args.output:

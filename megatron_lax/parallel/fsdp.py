@@ -50,6 +50,11 @@ class PlainDataReader(FileSystemReader):
         self.metadata = trust.restricted_load(metadata_path, DCP_METADATA_CLASSES, "DCP metadata")
         if not isinstance(self.metadata, Metadata):
             raise ValueError(f"{metadata_path}: not DCP metadata")
+        root = Path(path).resolve()
+        for info in (self.metadata.storage_data or {}).values():
+            relative = str(getattr(info, "relative_path", ""))
+            if Path(relative).is_absolute() or not (root / relative).resolve().is_relative_to(root):
+                raise ValueError(f"{metadata_path}: names a storage file outside the checkpoint ({relative!r})")
 
     def read_metadata(self, *args, **kwargs) -> Metadata:
         if getattr(self.metadata, "storage_meta", None) is None:
@@ -63,11 +68,9 @@ def plain_value(value: io.BytesIO, source: Path) -> io.BytesIO:
     DCP's own full unpickling of it sees only what weights_only let through)."""
     try:
         plain = torch.load(value, weights_only=True)
-    except pickle.UnpicklingError:
-        if not trust.is_trusted(source):
-            raise trust.refusal(source, "holds a value that is a pickled Python object, not plain data") from None
-        value.seek(0)
-        return value
+    except pickle.UnpicklingError:  # never unpickled, flag or not: FSDP2 checkpoints hold plain data only
+        raise trust.UntrustedFile(f"{source} holds a value that is a pickled Python object, not plain data, which can "
+                                  f"run code when loaded; this code never writes one, so it is not loaded") from None
     out = io.BytesIO()
     torch.save(plain, out)
     out.seek(0)

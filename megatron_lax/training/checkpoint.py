@@ -15,10 +15,13 @@ agreeing on the outcome, so that a failure anywhere raises the same error on eve
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -168,8 +171,12 @@ def _make_staging(staging: Path) -> None:
 
 
 def _write_state(staging: Path, engine, trainer_state: dict, rank_state: dict, cfg, dist: DistInfo) -> None:
-    engine.save(staging)
-    torch.save(rank_state, staging / rank_file(dist.rank))
+    try:
+        engine.save(staging)
+        torch.save(rank_state, staging / rank_file(dist.rank))
+    except RuntimeError as e:  # torch.save's writer reports a full disk as "[enforce fail at ...] . unexpected pos"
+        reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(e).strip().splitlines()[0])
+        raise CheckpointError(f"writing into {staging.name} failed ({reason}: a full disk or an I/O error)") from None
     if dist.is_main:
         (staging / "config.yaml").write_text(config_lib.dump_yaml(cfg))
         _write_json_atomic(staging / "trainer_state.json", trainer_state)
@@ -184,10 +191,28 @@ def _publish(root: Path, staging: Path, final: Path, step: int, files: dict, cfg
     manifest = {"step": step, "world_size": dist.world_size, "engine": cfg.parallel.engine,
                 "files": dict(sorted(files.items()))}
     _write_json_atomic(staging / MANIFEST, manifest)
-    shutil.rmtree(final, ignore_errors=True)
+    _sign(staging, final)
+    _remove(final)
     os.replace(staging, final)
     _point_latest(root, final.name)
     prune(root, keep, final)
+
+
+def _sign(staging: Path, final: Path) -> None:
+    """The proof that this run wrote the checkpoint at `final` (training.trust.proven); without a
+    writable key directory the checkpoint is unsigned (resuming DeepSpeed state then needs the flag)."""
+    try:
+        (staging / trust.SIGNATURE).write_text(trust.sign((staging / MANIFEST).read_bytes(), final))
+    except OSError as e:
+        print(f"note: checkpoint {final} is not signed ({e.strerror}: {e.filename})")
+
+
+def _remove(path: Path) -> None:
+    """Removes a checkpoint directory, or a symbolic link in its place (not what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def _point_latest(root: Path, name: str) -> None:
@@ -203,6 +228,28 @@ EARLIER_RUN = ("checkpoints", "best", "metrics.jsonl", "finished.json", "config.
 RUN_OUTPUTS = EARLIER_RUN + ("tensorboard", "deepspeed_config.json")
 
 
+# The first line of the config.yaml a run writes into its run directory: a config.yaml without it is
+# the user's own, which no run counts as an earlier run's, overwrites or deletes.
+RUN_CONFIG_HEADER = "# the resolved config of the run in this directory (written by megatron_lax; rewritten on resume)\n"
+
+
+def written_by_a_run(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(RUN_CONFIG_HEADER)) == RUN_CONFIG_HEADER.encode()
+    except OSError:
+        return False
+
+
+def write_run_config(run_dir: Path, cfg, log=print) -> None:
+    """The resolved config as run_dir/config.yaml, unless a config.yaml there is the user's own."""
+    path = run_dir / "config.yaml"
+    if path.exists() and not written_by_a_run(path):
+        log(f"note: keeping {path}, which no run wrote; the resolved config is in each checkpoint's config.yaml")
+        return
+    path.write_text(RUN_CONFIG_HEADER + config_lib.dump_yaml(cfg))
+
+
 def earlier_run(run_dir: Path) -> list[str]:
     """What an earlier run left in run_dir, in a few words each ([] when nothing)."""
     found = []
@@ -213,8 +260,68 @@ def earlier_run(run_dir: Path) -> list[str]:
             if steps:
                 found.append(f"{name}/ up to {steps[-1]}")
         elif path.is_file() and path.stat().st_size > 0:  # an empty metrics.jsonl: a start that failed at once
-            found.append(name)
+            if name != "config.yaml" or written_by_a_run(path):
+                found.append(name)
     return found
+
+
+LOCK = "run.lock"
+_held: dict[Path, int] = {}  # the run directories this process holds: resolved path -> the lock's descriptor
+
+
+def _holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def lock_run_dir(run_dir: Path, log=print) -> None:
+    """Makes this process the one live run of run_dir: an exclusive lock on run_dir/run.lock, which
+    names the holder's host and PID. Another live holder is refused in one line; the lock of a run
+    that died (kill -9: the kernel released it, and on this host its PID is gone) is taken over."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    holder, host = _holder(fd), socket.gethostname()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder = _holder(fd)
+        held_elsewhere = holder.get("host") == host and holder.get("pid") != os.getpid() and _alive(holder.get("pid"))
+    except BlockingIOError:
+        held_elsewhere = True
+    if held_elsewhere:  # (a live PID without the lock: a file system where locks are not shared)
+        os.close(fd)
+        raise CheckpointError(f"logging.run_dir {run_dir} is in use by a live run (PID {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')}, {run_dir / LOCK}); wait for it to end, or choose another "
+                              f"logging.run_dir")
+    if holder.get("pid") and holder.get("host") == host:
+        log(f"note: taking over {run_dir / LOCK} from PID {holder['pid']}, which is no longer running")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"host": host, "pid": os.getpid()}).encode(), 0)
+    _held[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Ends this process's hold on run_dir (the lock file stays, naming no live run)."""
+    fd = _held.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def claim_run_dir(run_dir: Path, cfg, dist: Optional[DistInfo] = None) -> None:
@@ -223,8 +330,12 @@ def claim_run_dir(run_dir: Path, cfg, dist: Optional[DistInfo] = None) -> None:
     continues it; a fresh start, or a resume from a checkpoint elsewhere, stops with one line unless
     `checkpoint.overwrite` (which deletes the earlier run's outputs first). Resuming a checkpoint of
     the run_dir with later intact checkpoints beside it stops the same way (overwrite deletes the
-    later ones). Collective: rank 0 decides and acts, every rank raises the same CheckpointError."""
-    _from_main(dist or LOCAL, lambda: _claim(Path(run_dir), cfg.checkpoint))
+    later ones). Rank 0 first takes the directory's lock (lock_run_dir). Collective: rank 0 decides
+    and acts, every rank raises the same CheckpointError."""
+    def claim():
+        lock_run_dir(Path(run_dir))
+        _claim(Path(run_dir), cfg.checkpoint)
+    _from_main(dist or LOCAL, claim)
 
 
 def _claim(run_dir: Path, c) -> None:
@@ -239,6 +350,8 @@ def _claim(run_dir: Path, c) -> None:
                               f"its checkpoints and logs), or choose another logging.run_dir")
     for name in RUN_OUTPUTS:
         path = run_dir / name
+        if name == "config.yaml" and path.is_file() and not written_by_a_run(path):
+            continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
@@ -256,7 +369,7 @@ def _rewind(run_dir: Path, resumed: Path, overwrite: bool) -> None:
                               f"{', '.join(p.name for p in later)} of {run_dir}; continue from the newest with "
                               f"--checkpoint.resume auto, or delete the later ones with --checkpoint.overwrite true")
     for path in later:
-        shutil.rmtree(path)
+        _remove(path)
     newest = [p for p in complete_checkpoints(root) if (p / MANIFEST).is_file()]
     if newest:
         _point_latest(root, newest[-1].name)
@@ -282,8 +395,11 @@ def _manifest_files(directory: Path):
 
 
 def _check_files(directory: Path, files: dict) -> Optional[str]:
+    inside = directory.resolve()
     for name, meta in files.items():
         path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts or not path.resolve().is_relative_to(inside):
+            return f"the manifest names a file outside the checkpoint ({name!r})"  # never opened, nor its existence told
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != meta["bytes"]:
@@ -323,7 +439,10 @@ def prune(root: Path, keep: int, newest: Optional[Path] = None) -> None:
     intact = sorted((p for p in complete_checkpoints(root) if (p / MANIFEST).is_file()),
                     key=lambda p: (p == newest, p.name))
     for old in intact[:-max(1, keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _remove(old)
+        except OSError as e:
+            print(f"note: could not remove the old checkpoint {old} ({e.strerror})")
 
 
 def find_resumable(root: Path, log=print, dist: Optional[DistInfo] = None) -> Optional[Path]:
@@ -351,22 +470,14 @@ def resolve_resume(spec: str, run_dir: Path, dist: DistInfo, log=print) -> Optio
     return Path(spec)
 
 
-# Fields that change the model's parameters or the meaning of the saved data position.
-SHAPE_FIELDS = {"model": ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "method", "rank", "attn_rank",
-                          "mlp_rank", "mlp_out_rank", "lax_gate", "lax_modules", "arch", "lax_norm", "lax_intra_modules",
-                          "lax_intra_gate", "image_size", "patch_size", "num_classes", "tt_attn_dims",
-                          "tt_fc1_dims", "tt_fc2_dims"),
-                "data": ("seq_len", "mode", "seed", "source"), "train": ("global_batch",)}
-
-
 def check_compatible(directory: Path, cfg) -> None:
-    """Refuses to resume with a config that changes the model shape or the data stream, or with an
-    engine that cannot read the checkpoint's files; steps, learning rate, logging, the number of
-    ranks and the like may change."""
-    saved = config_lib.load_config(str(directory / "config.yaml"))
+    """Refuses to resume with a config that changes the model (its shapes or the function it computes)
+    or the data stream, or with an engine that cannot read the checkpoint's files; what may change is
+    what config.RESUME_FIXED leaves out: steps, learning rate, logging, the number of ranks, ..."""
+    saved = read_config(directory / "config.yaml")
     differences = [f"{section}.{name}: {getattr(getattr(saved, section), name)!r} -> "
                    f"{getattr(getattr(cfg, section), name)!r}"
-                   for section, names in SHAPE_FIELDS.items() for name in names
+                   for section, names in config_lib.resume_fixed_fields().items() for name in names
                    if getattr(getattr(saved, section), name) != getattr(getattr(cfg, section), name)]
     if differences:
         raise CheckpointError(f"cannot resume from {directory} with a different model or data layout: "
@@ -390,8 +501,12 @@ def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict, Optional[
     RNG states are per rank; a rank that did not exist when the checkpoint was written gets None.
     Rank files hold plain data; one written before RNG states were (numpy objects) is unpickled
     only from a trusted place (megatron_lax.trust: the run's own directory, or --checkpoint.trust)."""
-    engine.load(directory)
-    trainer_state = json.loads((directory / "trainer_state.json").read_text())
+    try:
+        engine.load(directory)
+    except RuntimeError as e:  # load_state_dict: weights of another shape than the config's model
+        raise CheckpointError(f"{directory}: the weights do not fit its config.yaml "
+                              f"({str(e).strip().splitlines()[-1].strip()})") from None
+    trainer_state = read_json(directory / "trainer_state.json")
     loader_state = trust.load_tensors(directory / rank_file(0))["loader"]
     own = directory / rank_file(dist.rank)
     rng_state = trust.load_tensors(own)["rng"] if own.is_file() else None
@@ -401,7 +516,24 @@ def load(directory: Path, engine, dist: DistInfo) -> tuple[dict, dict, Optional[
 def checkpoint_config(directory: Path) -> config_lib.Config:
     """The resolved config a checkpoint was written with (a run directory means its latest checkpoint)."""
     directory = resolve_checkpoint_dir(directory)
-    return config_lib.load_config(str(directory / "config.yaml"))
+    return read_config(directory / "config.yaml")
+
+
+def read_json(path: Path):
+    """A JSON file a checkpoint holds; an unreadable one is a one-line CheckpointError naming it."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else "not valid JSON" + ("" if Path(path).stat().st_size else
+                                                                                ": empty")
+        raise CheckpointError(f"{path}: cannot be read ({reason})") from None
+
+
+def read_config(path: Path) -> config_lib.Config:
+    """A checkpoint's config.yaml; an empty or unreadable one is a one-line error naming it."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty; not the config a run wrote")
+    return config_lib.load_config(str(path))
 
 
 def intact_checkpoint_dir(path: Path) -> Path:

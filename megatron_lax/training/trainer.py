@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, ConfigError, dump_yaml
+from ..config import Config, ConfigError
 from ..parallel import build_engine
-from ..parallel.distributed import all_reduce_sum, barrier, init_distributed, shutdown
+from ..parallel.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from . import checkpoint, faults, introspection, trust
 from .metrics import MetricsLogger
 
@@ -147,7 +147,11 @@ class Trainer:
             return
         self.task.check_resume(path)
         checkpoint.check_compatible(path, self.cfg)
-        state, loader_state, rng = checkpoint.load(path, self.engine, self.dist)
+        # DeepSpeed's pickled files: read with the user's flag, or from a checkpoint this run's key signed
+        # at this very path (rank 0 holds the key; its verdict holds for every rank)
+        own = broadcast_object(trust.proven(path) if self.dist.is_main else None)
+        with trust.trusting(*([path] if own else []), everything=self.cfg.checkpoint.trust):
+            state, loader_state, rng = checkpoint.load(path, self.engine, self.dist)
         self.load_trainer_state(state)
         self.loader.load_state_dict(loader_state)
         if rng is not None:
@@ -247,12 +251,11 @@ class Trainer:
     # --- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
-        with trust.trusting(self.run_dir, everything=self.cfg.checkpoint.trust):  # what may be unpickled
-            self.resume()
+        self.resume()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / FINISHED).unlink(missing_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            checkpoint.write_run_config(self.run_dir, self.cfg, self.log)
             self.log(self.task.describe(self.engine))
         if self.cfg.logging.lax_stats_every and self.step == 0:
             self.log_latent_stats()  # the initialisation's latent scales, before any update
@@ -279,6 +282,7 @@ class Trainer:
         finally:
             bar.close()
             self.metrics.close()
+            checkpoint.release_run_dir(self.run_dir)
 
     def after_step(self, record: dict, stop: faults.StopFlag) -> dict | None:
         """Periodic work after a step; the run's summary if the run stops here."""
@@ -372,6 +376,7 @@ def train(cfg: Config, task_class, exiting: bool = False) -> dict:
         barrier()  # no rank tears its process group down while another still uses it
         return summary
     finally:
+        checkpoint.release_run_dir(Path(cfg.logging.run_dir))
         shutdown()
         if not exiting:
             faults.restore_signals(previous)

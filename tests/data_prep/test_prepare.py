@@ -150,7 +150,9 @@ def test_cli_plain_text_and_missing_input(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "data_prep.prepare", "--input", str(tmp_path / "nothing*.gz"),
                               "--tokenizer", TOKENIZER, "--output", str(tmp_path / "o2")],
                              capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 2 and missing.stderr.strip() == "error: no input files matched"
+    assert missing.returncode == 2 and missing.stderr.strip() == (
+        f"error: --input {tmp_path / 'nothing*.gz'}: no such file, and no file matches it (a hub dataset is written "
+        f"hf:OWNER/NAME)")
 
 
 def test_parts_cover_every_line_once_and_are_balanced(tmp_path):
@@ -206,3 +208,15 @@ def test_inputs_in_the_hub_download_folder_of_the_output_are_prepared(tmp_path):
     manifest = prepare([raw / "c4-train.json"], TOKENIZER, tmp_path / "out", progress=False)
     assert manifest["splits"]["train"]["documents"] == 1 and (raw / "c4-train.json").read_bytes() == \
         record("A document about the hub.")
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_dataset(tmp_path, capsys, monkeypatch):
+    from data_prep import prepare as prepare_module
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(prepare_module, "stream_hub_dataset", lambda *a, **k: pytest.fail("asked the hub"))
+    assert prepare_module.main(["--input", "data/smaple", "--tokenizer", "tokenizer/sample",
+                                "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --input data/smaple: no such file, and no file matches it (a hub dataset is written hf:OWNER/NAME)"]
+    assert not (tmp_path / "out").exists()

@@ -93,3 +93,37 @@ def test_yaml_values_of_a_compatible_type_are_converted(tmp_path):
     cfg = load_config(str(path))
     assert (cfg.optim.lr, cfg.train.steps, cfg.train.token_budget) == (1.0, 100, "1000000")
     assert isinstance(cfg.optim.lr, float) and cfg.model.attn_rank is None and cfg.finetune.add_bos == "true"
+
+
+OUT_OF_RANGE = [("model", "n_heads", 0, "at least 1"), ("data", "seq_len", 0, "at least 1"),
+                ("logging", "log_every", 0, "at least 1"), ("model", "n_layers", 0, "at least 1"),
+                ("checkpoint", "every", -1, "at least 0"), ("checkpoint", "keep", 0, "at least 1"),
+                ("checkpoint", "keep", -2, "at least 1"), ("train", "max_nonfinite", 0, "at least 1"),
+                ("train", "eval_every", -2, "at least 0"), ("optim", "warmup_steps", -5, "at least -1"),
+                ("model", "dim", 0, "at least 1"), ("optim", "warmup_ratio", 2.0, "between 0 and 1")]
+
+
+@pytest.mark.parametrize("section,key,value,allowed", OUT_OF_RANGE)
+def test_a_value_out_of_range_in_a_config_file_is_one_line_from_train(tmp_path, capsys, section, key, value,
+                                                                       allowed):
+    from megatron_lax.train import main
+    path = tmp_path / "run.yaml"
+    path.write_text(f"preset: llama_tiny\n{section}:\n  {key}: {value}\n")
+    assert main(["--config", str(path), "--logging.run_dir", str(tmp_path / "run")]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [f"error: {section}.{key} must be {allowed}, got {value}"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_integer_too_large_to_be_a_number_is_one_line(capsys):
+    from megatron_lax.train import main
+    assert main(["--config", "llama_tiny", "--train.steps", "1e1000"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: command line: train.steps: expected an integer, got '1e1000' (not a finite number)"]
+
+
+def test_a_config_file_that_is_not_text_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=f"{path}: cannot be read"):
+        load_config(str(path))

@@ -147,3 +147,66 @@ def test_a_damaged_or_misfit_checkpoint_named_directly_is_one_line(dense_run, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {ckpt}: the weights do not fit its config.yaml (size "
                                                f"mismatch for embed.weight")
+
+
+@pytest.mark.parametrize("where", ["the_run", "inside_it", "its_parent", "the_checkpoint"])
+def test_export_refuses_an_output_that_overlaps_the_run_force_or_not(dense_run, capsys, where):
+    from megatron_lax.export import main
+    before = sorted(p for p in dense_run.parent.rglob("*"))
+    output = {"the_run": dense_run, "inside_it": dense_run / "export", "its_parent": dense_run.parent,
+              "the_checkpoint": dense_run / "checkpoints"}[where]
+    assert main(["--checkpoint", str(dense_run / "checkpoints" / "step_00000003"), "--output", str(output),
+                 "--force"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {output} overlaps {dense_run}, the run being exported (it is, is inside or contains it); "
+        f"choose a directory outside it"]
+    assert sorted(p for p in dense_run.parent.rglob("*")) == before
+
+
+def test_a_tokenizer_named_as_a_single_file_is_copied_only_if_it_is_a_tokenizer_file(dense_run, tmp_path, capsys):
+    """P4: a checkpoint whose config names a private key as data.tokenizer; the key is not copied."""
+    import shutil
+
+    from megatron_lax.config import dump_yaml
+    from megatron_lax.export import main
+    key = tmp_path / "id_rsa"
+    key.write_text("PRIVATE KEY")
+    handed = tmp_path / "handed"
+    shutil.copytree(dense_run / "checkpoints" / "step_00000003", handed)
+    cfg = load_config(str(handed / "config.yaml"), {"data.tokenizer": str(key)})
+    (handed / "config.yaml").write_text(dump_yaml(cfg))
+    reseal(handed)
+    assert main(["--checkpoint", str(handed), "--output", str(tmp_path / "out")]) == 0
+    assert f"note: not copying {key} into the export: not a tokenizer file" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "tokenizer").exists()
+    assert not any("PRIVATE KEY" in p.read_text(errors="ignore") for p in (tmp_path / "out").rglob("*") if p.is_file())
+
+
+def reseal(directory) -> None:
+    from megatron_lax.training import checkpoint
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": checkpoint.sha256(p)}
+                         for p in sorted(directory.rglob("*")) if p.is_file()
+                         and p.name not in (checkpoint.MANIFEST, "manifest.sig")}
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing(dense_run, tmp_path):
+    """D5: the real command under a file-size limit (the write fails as on a full disk)."""
+    import resource
+    import subprocess
+
+    from conftest import REPO
+    out = tmp_path / "out"
+    limit = 64 * 1024  # smaller than the weights, larger than anything else the command writes
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    result = subprocess.run([sys.executable, "-m", "megatron_lax.export", "--checkpoint", str(dense_run),
+                             "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_files)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: could not write the export to {out} (") \
+        and lines[0].endswith("; it is as it was"), result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -127,3 +127,15 @@ def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
     summary = make_trainer(load_config("llama_tiny", overrides)).fit()
     run_cfg = load_config(str(tmp_path / "run" / "config.yaml"))
     assert run_cfg.model.vocab_size == 8320 and summary["steps"] == 2
+
+
+def test_a_malformed_tokenizer_config_is_one_line_naming_the_tokenizer(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from data_prep.prepare import main
+    tok = t5_layout_directory(tmp_path / "tok")
+    (tok / "tokenizer_config.json").write_text('{"tokenizer_class": 5}')
+    assert main(["--input", str(REPO / "data" / "sample"), "--tokenizer", str(tok), "--output",
+                 str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: tokenizer {tok}: could not load it from the local directory: a malformed tokenizer_config.json or "
+        f"tokenizer.json (AttributeError: 'int' object has no attribute 'removesuffix')"]

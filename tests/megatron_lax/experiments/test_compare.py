@@ -146,3 +146,11 @@ def test_latent_rms_table_averages_each_kind_over_projections_and_blocks(tmp_pat
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     table = latent_rms_table([load_run(run_dir, label="r")])
     assert "| r | 0 | - | - | 2.000 | 0.500 |" in table
+
+
+def test_bytes_that_are_not_utf8_in_metrics_are_skipped_and_counted(tmp_path, capsys):
+    path, _ = write_run(tmp_path / "run")
+    with open(path / "metrics.jsonl", "ab") as f:
+        f.write(b'{"step": 9, "loss": \xff\xfe}\n')
+    assert compare.main([str(path), "--output", str(tmp_path / "c.png")]) == 0
+    assert "skipped 1 malformed line(s)" in capsys.readouterr().err

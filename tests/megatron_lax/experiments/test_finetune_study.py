@@ -139,3 +139,33 @@ def test_the_template_study_config_names_the_shipped_task():
     assert all((REPO / p).is_file() for p in [f.train_json, *f.test_json])
     assert [Path(p).stem for p in f.test_json] == ["test_templates", "test_pairs", "test_both"]
     assert not f.keep_best and f.num_beams == 1 and not f.train_on_inputs
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("base", ["missing", "payload_bin"])
+def test_probe_on_a_bad_base_is_one_line_and_runs_nothing(tmp_path, capsys, base):
+    import json as json_module
+
+    import torch
+
+    from megatron_lax.experiments.finetune_study import main
+    folder, marker = tmp_path / "base", tmp_path / "marker"
+    if base == "payload_bin":
+        folder.mkdir()
+        (folder / "config.json").write_text(json_module.dumps({
+            "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "intermediate_size": 128, "vocab_size": 512}))
+        torch.save({"model.embed_tokens.weight": _Payload(marker)}, folder / "pytorch_model.bin")
+    assert main(["probe", "--base", str(folder)]) == 2 and not marker.exists()
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    if base == "payload_bin":
+        assert "--trust-checkpoint" in err

@@ -110,8 +110,20 @@ def test_engine_matches_single_process_resumes_skips_and_consolidates(prepared_s
         user_json.write_text(json.dumps(USER_DEEPSPEED_CONFIG))
         runs.append(extra_run(prepared_sample, tmp_path, "user_json", **engine,
                              **{"parallel.deepspeed_config": user_json}))
+    if name == "zero1":  # DeepSpeed's pickled files: the run's own checkpoint resumes without the flag, a copy not
+        runs.append(extra_run(prepared_sample, tmp_path, "own", **engine))
+        again = {"train.steps": STEPS + 1, "checkpoint.resume": "auto"}
+        runs.append({**extra_run(prepared_sample, tmp_path, "copied", **engine, **again),
+                     "copy": [tmp_path / "own", tmp_path / "copied"]})
+        runs.append(extra_run(prepared_sample, tmp_path, "own", **engine, **again))
     launch(runs, tmp_path, nproc=2)
 
+    if name == "zero1":
+        step = final_checkpoint(tmp_path / "copied")
+        assert (tmp_path / "copied" / "error_rank_0.txt").read_text().startswith(
+            f"{step / 'deepspeed'} is a DeepSpeed checkpoint")
+        assert max(losses(tmp_path / "copied")) == STEPS  # nothing trained from the copy
+        assert max(losses(tmp_path / "own")) == STEPS + 1  # the run's own checkpoint resumed
     single, got = losses(reference / "full"), losses(tmp_path / "full")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(got[s] == pytest.approx(single[s], rel=1e-5) for s in got)

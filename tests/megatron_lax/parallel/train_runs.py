@@ -2,10 +2,11 @@
 DeepSpeed start) per launch:  torchrun ... train_runs.py RUNS.json
 
 RUNS.json is a list of {"overrides": {"section.key": value, ...}, "nan_steps": [step, ...],
-"disk_full": {"step": S, "rank": R}, "preset": NAME}; a run starts from its preset (llama_tiny if none). nan_steps poisons
+"disk_full": {"step": S, "rank": R}, "preset": NAME, "copy": [SOURCE, TARGET]}; a run starts from its preset (llama_tiny if none). nan_steps poisons
 the gradients of those steps; disk_full makes every torch.save of rank R fail with ENOSPC while it
-writes the step-S checkpoint (inside the engine's own save too: DCP, DeepSpeed, model.pt). A run
-that ends in a CheckpointError (also one refused before it starts) writes the message to
+writes the step-S checkpoint (inside the engine's own save too: DCP, DeepSpeed, model.pt); copy
+has rank 0 copy a finished run's folder first (its config.yaml naming the new place). A run that
+ends in a CheckpointError or a refusal (also one refused before it starts) writes the message to
 RUN_DIR/error_rank_R.txt on every rank, and the next run starts in the same process group."""
 from __future__ import annotations
 
@@ -43,7 +44,18 @@ def failing_saves(trainer: Trainer, step: int):
     return mock.patch.object(torch, "save", save)
 
 
+def copy_run(source: str, target: str) -> None:
+    import shutil
+    if os.environ.get("RANK", "0") == "0":
+        shutil.copytree(source, target, ignore=shutil.ignore_patterns("run.lock"))
+        config = Path(target, "config.yaml")
+        config.write_text(config.read_text().replace(f"run_dir: {source}", f"run_dir: {target}"))
+    barrier()
+
+
 def run_one(run: dict) -> None:
+    if "copy" in run:
+        copy_run(*run["copy"])
     cfg = load_config(run.get("preset", "llama_tiny"), {k: str(v) for k, v in run["overrides"].items()})
     try:
         trainer = make_trainer(cfg)
@@ -52,7 +64,7 @@ def run_one(run: dict) -> None:
             else contextlib.nullcontext()
         with patch:
             trainer.fit()
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         Path(cfg.logging.run_dir, f"error_rank_{os.environ.get('RANK', '0')}.txt").write_text(str(e))
 
 
@@ -65,7 +77,8 @@ def run_all(runs: list[dict]) -> None:
 
 
 def as_json(runs: list[dict]) -> str:
-    return json.dumps([{**run, "overrides": {k: str(v) for k, v in run["overrides"].items()}} for run in runs])
+    return json.dumps([{**run, "overrides": {k: str(v) for k, v in run["overrides"].items()},
+                        **({"copy": [str(p) for p in run["copy"]]} if "copy" in run else {})} for run in runs])
 
 
 def launch(runs: list[dict], tmp_path: Path, nproc: int, timeout: int = 600) -> str:

@@ -181,3 +181,33 @@ def test_a_run_in_a_process_that_goes_on_leaves_its_signal_handlers_as_they_were
     before = signal.getsignal(signal.SIGUSR1)
     assert main(["--config", "llama_tiny", *as_cli(tiny_overrides(tmp_path, train__steps=1))]) == 0
     assert signal.getsignal(signal.SIGUSR1) == before != signal.SIG_IGN
+
+
+def test_a_full_disk_while_checkpointing_stops_every_one_of_three_ranks_with_one_line(prepared_sample, tmp_path):
+    """D4: the real command on 3 gloo ranks under a file-size limit, so that torch.save fails halfway
+    through model.pt as on a full disk: every rank exits with the same line (no hang), the partial
+    checkpoint is removed and the last good one stays `latest`."""
+    import resource
+
+    from conftest import free_port
+    batch = {"train.global_batch": 12, "train.micro_batch": 4, "train.steps": 2}
+    assert run(train_command(prepared_sample, tmp_path, **batch)).returncode == 0
+    limit = 64 * 1024  # larger than every file of the run but the weights and optimizer state
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()),
+               *train_command(prepared_sample, tmp_path, **{**batch, "train.steps": 4, "parallel.engine": "ddp",
+                                                            "checkpoint.resume": "auto"})[1:]]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error:")]
+    root = tmp_path / "checkpoints"
+    assert result.returncode != 0 and len(errors) == 3 and len(set(errors)) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"error: could not write checkpoint {root / 'step_00000004'}: rank 0: ")
+    assert errors[0].endswith("a full disk or an I/O error); the previous checkpoint is unchanged")
+    # the one traceback is torchrun's own report that its workers exited with status 2
+    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
+    assert (root / "latest").read_text() == "step_00000002" and checkpoint.verify(root / "step_00000002") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]

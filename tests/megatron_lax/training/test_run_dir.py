@@ -5,11 +5,17 @@ retention never deletes the checkpoint just written."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import REPO, TINY
 from megatron_lax.training import checkpoint
 from megatron_lax.train import main
 
@@ -110,3 +116,123 @@ def test_overwrite_and_resume_auto_are_refused_together():
     from megatron_lax.config import ConfigError, load_config
     with pytest.raises(ConfigError, match="choose one"):
         load_config(None, {"checkpoint.overwrite": "true", "checkpoint.resume": "auto"})
+
+
+# --- one live run per directory (D1), the user's own files (D3), symbolic links (D6) ------------------------
+
+def train_process(prepared, run_dir, **extra) -> subprocess.Popen:
+    values = {**TINY, "train.steps": 10_000, "train.allow_repetition": "true", "optim.lr": 1e-2, "data.path": prepared,
+              "logging.run_dir": run_dir, "logging.lax_stats_every": 0, "checkpoint.every": 2, **extra}
+    return subprocess.Popen([sys.executable, "-m", "megatron_lax.train", "--config", "llama_tiny",
+                             *[a for k, v in values.items() for a in (f"--{k}", str(v))]], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(condition, process, seconds=240):
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, "the first run ended or never checkpointed"
+        time.sleep(0.2)
+
+
+def test_a_second_live_run_is_refused_and_a_killed_run_s_lock_is_taken_over(prepared_sample, tmp_path, capsys):
+    first = train_process(prepared_sample, tmp_path)
+    try:
+        wait_for(lambda: (tmp_path / "checkpoints" / "latest").is_file(), first)
+        code, _, err = train(prepared_sample, tmp_path, capsys, optim__lr=3e-3, checkpoint__resume="auto")
+        assert code == 2 and err.strip().splitlines() == [
+            f"error: logging.run_dir {tmp_path} is in use by a live run (PID {first.pid} on {socket.gethostname()}, "
+            f"{tmp_path / checkpoint.LOCK}); wait for it to end, or choose another logging.run_dir"]
+    finally:
+        first.kill()  # kill -9: its lock file still names it
+        first.wait()
+    assert json.loads((tmp_path / checkpoint.LOCK).read_text())["pid"] == first.pid
+    newest = int((tmp_path / "checkpoints" / "latest").read_text().split("_")[1])
+    code, out, _ = train(prepared_sample, tmp_path, capsys, checkpoint__resume="auto", train__steps=newest + 1)
+    assert code == 0, out
+    assert f"note: taking over {tmp_path / checkpoint.LOCK} from PID {first.pid}, which is no longer running" in out
+    assert f"at step {newest}" in out
+
+
+def test_the_user_s_own_config_yaml_in_the_run_dir_is_never_overwritten(prepared_sample, tmp_path, capsys):
+    """D3: --config DIR/config.yaml --logging.run_dir DIR starts (the file is not an earlier run) and
+    neither the run nor its resume writes over the file."""
+    mine = tmp_path / "config.yaml"
+    mine.write_text("# my settings\npreset: llama_tiny\ntrain:\n  steps: 2\n")
+    values = {**TINY, "data.path": prepared_sample, "logging.run_dir": tmp_path, "logging.lax_stats_every": 0}
+    args = ["--config", str(mine), *[a for k, v in values.items() for a in (f"--{k}", str(v))]]
+    assert main(args) == 0
+    assert main([*args, "--checkpoint.resume", "auto", "--train.steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: keeping {mine}, which no run wrote" in out and "resumed from" in out
+    assert mine.read_text() == "# my settings\npreset: llama_tiny\ntrain:\n  steps: 2\n"
+
+
+def test_overwrite_removes_a_later_checkpoint_that_is_a_symbolic_link_not_its_target(prepared_sample, tmp_path,
+                                                                                     capsys):
+    """D6: the link is removed, what it points to is kept."""
+    run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert train(prepared_sample, run_dir, capsys, train__steps=4)[0] == 0
+    root = run_dir / "checkpoints"
+    shutil.move(root / CKPT(4), elsewhere)
+    (root / CKPT(4)).symlink_to(elsewhere, target_is_directory=True)
+    code, out, err = train(prepared_sample, run_dir, capsys, train__steps=3, checkpoint__resume=root / CKPT(2),
+                           checkpoint__overwrite="true", checkpoint__every=0)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == ["latest", CKPT(2), CKPT(3)]
+    assert checkpoint.verify(elsewhere) is None
+
+
+# --- a resume into a different model, or from files that cannot be read: one line -----------------------------
+
+@pytest.fixture(scope="module")
+def cola_run(prepared_sample, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cola") / "run"
+    values = {**TINY, "train.steps": 2, "data.path": prepared_sample, "logging.run_dir": run_dir,
+              "logging.lax_stats_every": 0, "model.method": "cola", "model.lax_gate": "identity"}
+    assert main(["--config", "llama_tiny", *[a for k, v in values.items() for a in (f"--{k}", str(v))]]) == 0
+    return run_dir
+
+
+def reseal(directory: Path) -> None:
+    manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        meta.update(bytes=(directory / name).stat().st_size, sha256=checkpoint.sha256(directory / name))
+    (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+
+
+DAMAGE = {  # how the checkpoint is changed (manifest resealed), what the one line says
+    "lax_latent": (None, "with a different model or data layout: model.lax_latent: 'output' -> 'projection'"),
+    "only_latent_act": (None, "with a different model or data layout: model.only_latent_act: False -> True"),
+    "weights_of_another_shape": ("model.pt", "the weights do not fit its config.yaml (size mismatch for embed.weight"),
+    "empty_trainer_state": ("trainer_state.json", "trainer_state.json: cannot be read (not valid JSON: empty)"),
+    "garbage_trainer_state": ("trainer_state.json", "trainer_state.json: cannot be read (not valid JSON)"),
+    "empty_config": ("config.yaml", "config.yaml: empty; not the config a run wrote"),
+    "garbage_config": ("config.yaml", "config.yaml: cannot be read (not UTF-8 text)"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_resume_into_another_model_or_from_unreadable_files_is_one_line(prepared_sample, cola_run, tmp_path,
+                                                                          capsys, damage):
+    import torch
+    run_dir = tmp_path / "run"
+    shutil.copytree(cola_run, run_dir, ignore=shutil.ignore_patterns(checkpoint.LOCK))
+    ckpt = run_dir / "checkpoints" / CKPT(2)
+    changed, message = DAMAGE[damage]
+    extra = {"model.method": "cola", "model.lax_gate": "identity"}
+    if changed is None:
+        extra[f"model.{damage}"] = "projection" if damage == "lax_latent" else "true"
+    elif changed == "model.pt":
+        state = torch.load(ckpt / "model.pt", weights_only=True)
+        state["embed.weight"] = torch.zeros(3, 3)
+        torch.save(state, ckpt / "model.pt")
+    else:
+        (ckpt / changed).write_bytes(b"" if damage.startswith("empty") else b"\xff\xfe{garbage")
+    reseal(ckpt)
+    code, out, err = train(prepared_sample, run_dir, capsys, train__steps=3, checkpoint__resume="auto",
+                           **{k.replace(".", "__"): v for k, v in extra.items()})
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: ") and message in lines[0] and (changed is None or str(ckpt) in lines[0])

@@ -1,10 +1,14 @@
-"""Nothing a user is handed is unpickled unless they say they trust it: a payload (an object whose
-unpickling would create a marker directory) planted in each file a loader reads, with the manifest's
-checksums rewritten as whoever crafts the file would, never runs; the user gets one line naming the
-flag. What the runs write loads without unpickling, and a checkpoint written before RNG states were
-plain data still resumes from its own run directory or with the flag."""
+"""Nothing a user is handed is unpickled unless they say they trust it, and trust never follows a
+folder: a payload (an object whose unpickling would create a marker directory) planted in each file a
+loader reads, with the manifest's checksums rewritten as whoever crafts the file would, never runs,
+whether the checkpoint is handed by path, sits in the run's own folder (a copied run resumed with
+`auto`) or under the new run's directory; the user gets one line naming the flag. What the runs
+write loads without unpickling; a checkpoint written before RNG states were plain data resumes with
+the flag only; DeepSpeed's pickled files are read from a checkpoint the run proves it wrote (a key
+outside the run folder signs its manifest), which a copied folder fails."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -37,7 +41,7 @@ def reseal(directory: Path) -> None:
     """Rewrites the manifest's sizes and checksums to fit the files, as a crafted checkpoint would."""
     manifest = json.loads((directory / checkpoint.MANIFEST).read_text())
     manifest["files"] = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": checkpoint.sha256(p)}
-                         for p in sorted(directory.rglob("*")) if p.is_file() and p.name != checkpoint.MANIFEST}
+                         for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (checkpoint.MANIFEST, trust.SIGNATURE)}
     (directory / checkpoint.MANIFEST).write_text(json.dumps(manifest))
 
 
@@ -93,16 +97,46 @@ def plant(path: Path, marker: Path, keep_keys: bool = True) -> None:
     torch.save({k: Payload(marker) for k in state} if keep_keys else Payload(marker), path)
 
 
+def copied_run(run: Path, target: Path) -> Path:
+    """The run folder copied to target, its config.yaml naming the new place (B of the issue)."""
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns(checkpoint.LOCK))
+    text = (target / "config.yaml").read_text().replace(f"run_dir: {run}", f"run_dir: {target}")
+    (target / "config.yaml").write_text(text)
+    return target
+
+
+@pytest.mark.parametrize("where", ["handed", "own_folder", "under_the_run_dir"])
 @pytest.mark.parametrize("place", ["rank_00000.pt", "model.pt", "optimizer.pt"])
-def test_a_payload_in_a_checkpoint_does_not_run_on_resume(prepared_sample, run, tmp_path, capsys, place):
+def test_a_payload_in_a_checkpoint_does_not_run_on_resume(prepared_sample, run, tmp_path, capsys, place, where):
+    """P1 (the copied run's own folder, resume auto), P3 (a checkpoint under the new run's folder,
+    resumed by path) and a checkpoint handed by path."""
     from megatron_lax.train import main
-    handed, marker = crafted(run, tmp_path), tmp_path / "marker"
+    marker, run_dir = tmp_path / "marker", tmp_path / "mine"
+    if where == "handed":
+        handed, resume = crafted(run, tmp_path), None
+    elif where == "own_folder":
+        run_dir = copied_run(run, tmp_path / "B")
+        handed, resume = run_dir / "checkpoints" / "step_00000002", "auto"
+    else:
+        handed = crafted(run, run_dir / "p2" / "checkpoints")
+        resume = handed
     plant(handed / place, marker)
     reseal(handed)
-    code = main(["--config", "llama_tiny", *as_cli(overrides(prepared_sample, tmp_path / "mine", train__steps=3,
-                                                             checkpoint__resume=handed))])
+    code = main(["--config", "llama_tiny", *as_cli(overrides(prepared_sample, run_dir, train__steps=3,
+                                                             checkpoint__resume=resume or handed))])
     assert code == 2 and not marker.exists()
     assert refused(one_error_line(capsys), handed / place)
+
+
+def test_a_random_bytes_model_file_is_unreadable_not_pickled(run, tmp_path, capsys):
+    from megatron_lax import evaluate
+    handed = crafted(run, tmp_path)
+    (handed / "model.pt").write_bytes(os.urandom(4096))
+    reseal(handed)
+    assert evaluate.main(["--checkpoint", str(handed)]) == 2
+    line = one_error_line(capsys)
+    assert f"{handed / 'model.pt'}: not a readable PyTorch file" in line
+    assert "pickled" not in line and FLAG not in line
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "export", "generate"])
@@ -118,52 +152,94 @@ def test_a_payload_in_model_pt_does_not_run_in_the_tools(run, tmp_path, capsys, 
     assert not (tmp_path / "out").exists()
 
 
-# --- DCP (FSDP2) -------------------------------------------------------------------------------------------
+# --- DCP (FSDP2): a real checkpoint of a real 2-rank FSDP2 run ---------------------------------------------------
 
-def as_fsdp(handed: Path, marker: Path, place: str) -> None:
-    """Turns the copy into an FSDP2 checkpoint whose DCP metadata, or one of whose non-tensor values,
-    is the payload."""
-    import torch.distributed.checkpoint as dcp
-    model = torch.load(handed / "model.pt", weights_only=True)
-    for name in ("model.pt", "optimizer.pt"):
-        (handed / name).unlink()
-    cfg = load_config(str(handed / "config.yaml"), {"parallel.engine": "fsdp"})
-    (handed / "config.yaml").write_text(dump_yaml(cfg))
-    extra = {"note": Payload(marker)} if place == "value" else {}
-    dcp.save({"model": {**model, **extra}}, checkpoint_id=str(handed / "dcp"), no_dist=True)
+@pytest.fixture(scope="module")
+def fsdp_run(prepared_sample, tmp_path_factory) -> Path:
+    import sys
+
+    from conftest import REPO
+    sys.path.insert(0, str(REPO / "tests" / "megatron_lax" / "parallel"))
+    from train_runs import launch
+    out = tmp_path_factory.mktemp("fsdp")
+    launch([{"overrides": overrides(prepared_sample, out / "run", parallel__engine="fsdp")}], out, nproc=2)
+    return out / "run"
+
+
+def dcp_metadata(handed: Path):
+    return pickle.loads((handed / "dcp" / ".metadata").read_bytes())  # the test's own file: trusted
+
+
+def plant_in_dcp(handed: Path, marker: Path, place: str) -> None:
+    """The payload as the checkpoint's DCP metadata, or as one of its pickled values (appended to a
+    data file, the metadata pointed at it), or a storage path leaving the checkpoint."""
+    import dataclasses
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    metadata_path = handed / "dcp" / ".metadata"
     if place == "metadata":
-        (handed / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+        metadata_path.write_bytes(pickle.dumps(Payload(marker)))
+    else:
+        metadata = dcp_metadata(handed)
+        index, info = next((i, v) for i, v in metadata.storage_data.items()
+                           if isinstance(metadata.state_dict_metadata[i.fqn], BytesStorageMetadata))
+        if place == "value":
+            data = handed / "dcp" / info.relative_path
+            payload = io.BytesIO()
+            torch.save(Payload(marker), payload)
+            offset = data.stat().st_size
+            data.write_bytes(data.read_bytes() + payload.getvalue())
+            metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(payload.getvalue()))
+        else:
+            metadata.storage_data[index] = dataclasses.replace(info, relative_path="../../../outside.distcp")
+        metadata_path.write_bytes(pickle.dumps(metadata))
     reseal(handed)
 
 
-@pytest.mark.parametrize("place", ["metadata", "value"])
-def test_a_payload_in_dcp_files_does_not_run(run, tmp_path, capsys, place):
+def full_dcp_load(handed: Path) -> None:
+    """What FSDPEngine.load (resume) does: every value of the checkpoint, through our reader and planner."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_lax import evaluate
     from megatron_lax.parallel import fsdp
-    handed, marker = crafted(run, tmp_path), tmp_path / "marker"
-    as_fsdp(handed, marker, place)
-    assert evaluate.main(["--checkpoint", str(handed)]) == 2 and not marker.exists()
-    assert refused(one_error_line(capsys), handed / "dcp")
-    # the reader and planner of FSDPEngine.load (resume) refuse it the same way
-    template = {"model": torch.load(crafted(run, tmp_path / "again") / "model.pt", weights_only=True)}
-    if place == "value":
-        template["model"]["note"] = "a string"
-    with pytest.raises(trust.UntrustedFile, match=FLAG):
-        reader, planner = fsdp.dcp_reading(handed)
-        fsdp.reading_errors_unwrapped(lambda: dcp.load(template, storage_reader=reader, planner=planner,
-                                                       no_dist=True))
+    reader, planner = fsdp.dcp_reading(handed)
+    template = {}
+    for fqn, meta in reader.metadata.state_dict_metadata.items():
+        template[fqn] = None if isinstance(meta, BytesStorageMetadata) else torch.empty(meta.size, dtype=meta.properties.dtype)
+    fsdp.reading_errors_unwrapped(lambda: dcp.load(template, storage_reader=reader, planner=planner, no_dist=True))
+
+
+@pytest.mark.parametrize("place", ["metadata", "value"])
+def test_a_payload_in_dcp_files_does_not_run(fsdp_run, tmp_path, capsys, place):
+    """P2: in the run's own folder, with the flag even: the DCP reader never falls back to pickle."""
+    from megatron_lax import evaluate
+    run_dir = copied_run(fsdp_run, tmp_path / "B")
+    handed, marker = run_dir / "checkpoints" / "step_00000002", tmp_path / "marker"
+    plant_in_dcp(handed, marker, place)
+    if place == "metadata":
+        assert evaluate.main(["--checkpoint", str(run_dir), "--trust-checkpoint"]) == 2 and not marker.exists()
+        line = one_error_line(capsys)
+        assert f"{handed / 'dcp' / '.metadata'} holds DCP metadata that is not plain data" in line
+    with trust.trusting(run_dir, everything=True), pytest.raises(trust.UntrustedFile, match="never writes"):
+        full_dcp_load(handed)
     assert not marker.exists()
 
 
-def test_an_fsdp_checkpoint_of_plain_data_loads_without_the_flag(run, tmp_path):
+def test_a_dcp_storage_path_outside_the_checkpoint_is_refused(fsdp_run, tmp_path):
+    from megatron_lax.parallel import fsdp
+    handed = crafted(fsdp_run, tmp_path)
+    plant_in_dcp(handed, tmp_path / "marker", "path")
+    with pytest.raises(ValueError, match="names a storage file outside the checkpoint"):
+        fsdp.dcp_reading(handed)
+
+
+def test_an_fsdp_checkpoint_of_plain_data_loads_without_the_flag(fsdp_run, tmp_path):
     from megatron_lax.parallel import consolidated_state_dict
-    handed = crafted(run, tmp_path)
-    expected = torch.load(handed / "model.pt", weights_only=True)
-    as_fsdp(handed, tmp_path / "marker", place="none")
+    handed = crafted(fsdp_run, tmp_path)
+    assert not (handed / "model.pt").exists() and (handed / "dcp" / ".metadata").is_file()
     state = consolidated_state_dict(handed)
-    assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
+    assert "embed.weight" in state and all(torch.isfinite(v).all() for v in state.values())
+    full_dcp_load(handed)  # every value, the optimizer's included, as plain data
 
 
 # --- DeepSpeed: always pickled, so read only when trusted ------------------------------------------------------
@@ -249,20 +325,42 @@ def old_format(handed: Path) -> None:
         torch.load(handed / "rank_00000.pt", weights_only=True)
 
 
-def test_an_old_checkpoint_resumes_from_its_own_run_directory_or_with_the_flag(prepared_sample, run, tmp_path, capsys):
+def test_an_old_checkpoint_resumes_with_the_flag_only_even_from_its_own_run_directory(prepared_sample, run, tmp_path,
+                                                                                    capsys):
     from megatron_lax.train import main
-    own = tmp_path / "own"
-    shutil.copytree(run, own)
+    own = copied_run(run, tmp_path / "own")
     old_format(own / "checkpoints" / "step_00000002")
     settings = overrides(prepared_sample, own, train__steps=3, checkpoint__resume="auto")
+    assert main(["--config", "llama_tiny", *as_cli(settings)]) == 2
+    assert refused(one_error_line(capsys), own / "checkpoints" / "step_00000002" / "rank_00000.pt")
+    settings["checkpoint.trust"] = "true"
     assert main(["--config", "llama_tiny", *as_cli(settings)]) == 0
     assert f"resumed from {own / 'checkpoints' / 'step_00000002'} at step 2" in capsys.readouterr().out
 
-    handed = crafted(run, tmp_path)
-    old_format(handed)
-    settings = overrides(prepared_sample, tmp_path / "other", train__steps=3, checkpoint__resume=handed)
-    assert main(["--config", "llama_tiny", *as_cli(settings)]) == 2
-    assert refused(one_error_line(capsys), handed / "rank_00000.pt")
-    settings["checkpoint.trust"] = "true"
-    assert main(["--config", "llama_tiny", *as_cli(settings)]) == 0
-    assert f"resumed from {handed} at step 2" in capsys.readouterr().out
+
+# --- where trust may come from: a proof, compared by resolved path ------------------------------------------------
+
+def test_only_the_run_s_own_checkpoint_at_its_own_path_is_proven(run, tmp_path):
+    own = run / "checkpoints" / "step_00000002"
+    assert trust.proven(own)
+    assert not trust.proven(crafted(run, tmp_path))  # the same bytes elsewhere
+    sibling = copied_run(run, Path(f"{run}b"))  # a folder sharing the run's name as a prefix
+    assert not trust.proven(sibling / "checkpoints" / "step_00000002")
+    shutil.rmtree(sibling)
+    tampered = copied_run(run, tmp_path / "tampered") / "checkpoints" / "step_00000002"
+    shutil.copy(own / trust.SIGNATURE, tampered / trust.SIGNATURE)  # the signature follows the copy: still no proof
+    assert not trust.proven(tampered)
+
+
+def test_trust_in_a_folder_compares_resolved_paths(tmp_path):
+    a, ab = tmp_path / "runs" / "a", tmp_path / "runs" / "ab"
+    for folder in (a, ab):
+        folder.mkdir(parents=True)
+        (folder / "f.pt").write_text("x")
+    (a / "link.pt").symlink_to(ab / "f.pt")
+    with trust.trusting(a):
+        assert trust.is_trusted(a / "f.pt")
+        assert not trust.is_trusted(ab / "f.pt")  # a string-prefix check would trust it
+        assert not trust.is_trusted(a / "link.pt")
+        assert not trust.is_trusted(a / ".." / "ab" / "f.pt")
+    assert not trust.is_trusted(a / "f.pt")
