@@ -21,7 +21,7 @@ from benchmarks.common import SHAPES, markdown_table, model_config, print_header
 from megatron_lax.config import LoraConfig, OptimConfig  # noqa: E402
 from megatron_lax.models.lora import apply_lora, trainable_parameters  # noqa: E402
 from megatron_lax.models.llama import LlamaLax, token_nll  # noqa: E402
-from megatron_lax.training.optim import build_optimizer  # noqa: E402
+from megatron_lax.parallel.optim import build_optimizer  # noqa: E402
 
 CONTENDERS = {"full fine-tuning": None, "LoRA": "none", "LaX-LoRA (identity)": "identity",
               "LaX-LoRA (linear)": "linear"}

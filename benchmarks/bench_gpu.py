@@ -33,7 +33,7 @@ from benchmarks.common import machine  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.training.introspection import peak_flops, peak_memory_gb  # noqa: E402
 from megatron_lax.launch import vit_variant  # noqa: E402
-from megatron_lax.models import build_model, family_of, loss_function  # noqa: E402
+from megatron_lax.models import build_model, family_of  # noqa: E402
 from megatron_lax.tasks import task_class  # noqa: E402
 from megatron_lax.models.llama import flash_attn_func, flops_per_token  # noqa: E402
 from megatron_lax.method.init import init_weights  # noqa: E402
@@ -73,7 +73,7 @@ def measure(shape: str, method: str, lax: str, compiled: bool, args, device: tor
     dist = DistInfo(0, 1, 0, device)
     engine = build_engine(cfg, ModelRecipe(lambda: build_model(cfg.model, init_seed=None),
                                            lambda model: init_weights(model, 0)), dist,
-                          loss_function(cfg.model))
+                          family_of(cfg.model).loss)
     inputs, targets, items, flops_per_item = random_batch(cfg, micro, args, device)
     weight = 1.0 / items
 

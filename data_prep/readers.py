@@ -1,14 +1,18 @@
 """Documents out of C4-format shards (.json.gz / .jsonl / .jsonl.gz), other JSON-lines files with a
 text field, and plain text (.txt, documents separated by blank lines). Damaged input never raises:
-each bad record is skipped and counted by reason, and everything readable is kept."""
+each bad record is skipped and counted by reason, and everything readable is kept. Also the uint8 idx files of (Fashion-)MNIST (read_idx)."""
 from __future__ import annotations
 
+import gzip
 import itertools
 import json
+import struct
 import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
+
+import numpy as np
 
 # no_tokens: text that the tokenizer turns into nothing (counted by data_prep.prepare)
 SKIP_REASONS = ("truncated_file", "bad_json", "no_text", "invalid_utf8", "empty", "no_tokens")
@@ -142,3 +146,30 @@ def split_of(path: Path) -> str:
     unless its name says validation."""
     name = Path(path).name.lower()
     return "validation" if ("validation" in name or name.startswith(("val.", "valid."))) else "train"
+
+
+def find_idx_file(root, name: str) -> Path:
+    """root/name or root/name.gz."""
+    for path in (Path(root) / name, Path(root) / f"{name}.gz"):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{root}: no {name} or {name}.gz")
+
+
+def read_idx(path, ndim: int | None = None) -> np.ndarray:
+    """A uint8 idx file (LeCun's MNIST format, gzipped or not) as a read-only array."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"{path}: not a readable idx file ({e})") from None
+    if len(raw) < 4 or raw[:3] != b"\0\0\x08" or (ndim is not None and raw[3] != ndim):
+        raise ValueError(f"{path}: not a uint8 idx file of {ndim or 'any'} dims (magic {raw[:4].hex() or 'empty'})")
+    header = 4 + 4 * raw[3]
+    if len(raw) < header:
+        raise ValueError(f"{path}: idx header cut short (truncated file)")
+    shape = struct.unpack(f">{raw[3]}I", raw[4:header])
+    if len(raw) - header != int(np.prod(shape)):
+        raise ValueError(f"{path}: {len(raw) - header} data bytes for shape {shape} (truncated or corrupt file)")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)

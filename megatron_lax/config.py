@@ -5,12 +5,15 @@ A config file is YAML with an optional top-level `preset:` (a name from PRESETS)
 per section (`model:`, `optim:`, `data:`, `train:`, `parallel:`, `checkpoint:`, `logging:`, and for
 fine-tuning `lora:` and `finetune:`).
 Values are applied in this order: dataclass defaults, the preset, the file, the command line.
+
+The model section is flat: beside ModelConfig's own fields it holds the fields each registered format
+declares (`Format.fields`, a small dataclass in the format's file), merged into ModelConfig's field
+table by `merge_plugin_fields`, so YAML, `--model.x`, --help and --print-config see them as any other.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,39 +22,53 @@ from typing import Any, Optional
 import yaml
 
 from . import paper
+from .method.formats import FORMATS, format_of
+from .models import FAMILIES, family_of
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # LLaMA's
-VIT_PROJECTIONS = ("q", "k", "v", "o", "fc1", "fc2")
-# model.arch -> the projection names of that family (megatron_lax.models.FAMILIES has the rest)
-ARCH_PROJECTIONS = {"llama": PROJECTIONS, "vit": VIT_PROJECTIONS}
-ARCHS = tuple(ARCH_PROJECTIONS)
-TT_ARCHS = ("vit",)  # families whose presets carry tensor-train modes (Table 13)
-METHODS = ("dense", "svd", "cola", "tt")  # the formats registered in megatron_lax.method.formats
+PROJECTIONS = FAMILIES["llama"].projections  # what LoRA adapts (lora.targets): a LLaMA's
 GATES = ("none", "identity", "linear", "dense", "tensor")
 LOWRANK_INITS = ("auto", "cola", "matched", "kaiming")
 GATE_INITS = ("identity", "small", "kaiming")
 AUTO_AUGMENTS = ("none", "original")
-# model.lowrank_init auto: each method's default, from the widest width measured in docs/RESULTS.md
-# ("Initialisation"): SVD's better init flips from matched at width 128 to cola at 256; CoLA's is
-# matched at both.
-DEFAULT_LOWRANK_INIT = {"svd": "cola", "cola": "matched"}
 
 
 class ConfigError(ValueError):
     """A configuration that cannot work; the message says which field and why."""
 
 
-@dataclass
+def plugin_field_classes() -> list[type]:
+    """The dataclasses of model.* fields that the registered formats and families declare."""
+    plugins = [*FORMATS.values(), *FAMILIES.values()]
+    return [plugin.fields for plugin in plugins if plugin.fields is not None]
+
+
+def merge_plugin_fields() -> None:
+    """Adds every registered plug-in's fields to ModelConfig's field table (dataclasses.fields,
+    asdict and replace then see them); a format registered at run time is merged at the next use."""
+    table = ModelConfig.__dataclass_fields__
+    for plugin in plugin_field_classes():
+        for f in dataclasses.fields(plugin):
+            if f.name not in table:
+                table[f.name] = f
+            elif table[f.name] is not f and _default(table[f.name]) != _default(f):
+                raise ConfigError(f"model.{f.name} is declared twice with different defaults ({plugin.__name__})")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass(init=False, repr=False, eq=False)
 class ModelConfig:
+    """The model section: the fields every family and format share, plus the registered formats'
+    own (merge_plugin_fields). Built as ModelConfig(**values); a missing field takes its default."""
     arch: str = "llama"  # llama (decoder LM) | vit (image classifier)
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
     ffn_dim: int = 688
     vocab_size: int = 0  # 0: follow the tokenizer, rounded up to a multiple of 64
     norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
     max_seq_len: int = 2048
     init_std: float = 0.02  # embeddings, LM head, dense projections; low-rank factors see lowrank_init
     method: str = "dense"  # dense | svd (B A x) | cola (B act(A x)) | tt (tensor train; ViT)
@@ -63,37 +80,41 @@ class ModelConfig:
     lax_gate: str = "none"  # none | identity | linear | dense | tensor
     lax_modules: list = field(default_factory=lambda: ["all"])  # projections that cross (all, or names)
     lax_norm: bool = True  # the LayerNorm on each crossing (the paper's Table 22 switches it off)
-    lax_intra_modules: list = field(default_factory=list)  # tt: projections with intra-layer LaX
-    lax_intra_gate: str = "identity"  # tt intra-layer: identity (tensor where shapes differ) | tensor
     lax_latent: str = "output"  # output (z after sum, LN, activation; recursive) | projection (A x)
     lax_gate_init: str = "identity"  # identity | small (dense gate only: N(0, 0.02^2) weight and a bias) | kaiming (tensor gate only: Kaiming-uniform cores, the official ViT code's)
-    flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
-    only_latent_act: bool = False  # cola: the MLP drops its own activation; the latent one is the only one (CoLA's only_lr_act)
-    residual_scale: bool = False  # init std of the residual branches' last layer (o, down; low-rank: B) / sqrt(2 n_layers), as GPT-2
-    # --- vit only ---
-    image_size: int = 224
-    patch_size: int = 16
-    in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
-    num_classes: int = 0  # 0: follow the data
-    dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
-    head_dropout: Optional[float] = None  # before the head; None: model.dropout
-    mlp_norm: str = "auto"  # LayerNorm on the MLP's hidden layer: auto (low-rank only, official code) | on | off
-    tt_attn_dims: list = field(default_factory=list)  # tt: input then output modes of q, k, v, o (Table 13)
-    tt_fc1_dims: list = field(default_factory=list)
-    tt_fc2_dims: list = field(default_factory=list)
+
+    def __init__(self, **values):
+        merge_plugin_fields()
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, values.pop(f.name) if f.name in values else _default(f))
+        if values:
+            raise TypeError(f"ModelConfig has no field {', '.join(values)}")
+
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and dataclasses.asdict(self) == dataclasses.asdict(other)
+
+    def __repr__(self) -> str:
+        return f"ModelConfig({', '.join(f'{k}={v!r}' for k, v in dataclasses.asdict(self).items())})"
 
     @property
     def projections(self) -> tuple:
-        return ARCH_PROJECTIONS[self.arch]
+        return family_of(self).projections
+
+    def role_of(self, projection: str) -> str:
+        """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
+        if projection in ("q", "k", "v", "o"):
+            return "attn"
+        return "mlp_out" if projection in ("fc2", "down") else "mlp"
 
     def crosses(self, projection: str, layer: int) -> bool:
         """Whether this projection of block `layer` receives the previous block's latent."""
         return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
 
     def rank_of(self, projection: str) -> int:
-        if projection in ("fc2", "down") and self.mlp_out_rank is not None:
+        role = self.role_of(projection)
+        if role == "mlp_out" and self.mlp_out_rank is not None:
             return self.mlp_out_rank
-        specific = self.attn_rank if projection in ("q", "k", "v", "o") else self.mlp_rank
+        specific = self.attn_rank if role == "attn" else self.mlp_rank
         return specific if specific is not None else self.rank
 
     @property
@@ -104,7 +125,7 @@ class ModelConfig:
     def resolved_lowrank_init(self) -> str:
         if self.lowrank_init != "auto":
             return self.lowrank_init
-        return DEFAULT_LOWRANK_INIT.get(self.method, "cola")
+        return format_of(self).default_lowrank_init
 
 
 @dataclass
@@ -306,6 +327,10 @@ PRESETS.update({
 
 def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
+    if cls is ModelConfig:
+        merge_plugin_fields()
+        for plugin in plugin_field_classes():
+            hints.update(typing.get_type_hints(plugin))
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -476,10 +501,10 @@ def validate(cfg: Config) -> None:
 
 
 def validate_model(m: ModelConfig) -> None:
-    if m.arch not in ARCHS:
-        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(ARCHS)})")
-    if m.method not in METHODS:
-        raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(METHODS)})")
+    if m.arch not in FAMILIES:
+        raise ConfigError(f"model.arch {m.arch!r} is unknown (choose from {', '.join(FAMILIES)})")
+    if m.method not in FORMATS:
+        raise ConfigError(f"model.method {m.method!r} is unknown (choose from {', '.join(FORMATS)})")
     if m.lax_gate not in GATES:
         raise ConfigError(f"model.lax_gate {m.lax_gate!r} is unknown (choose from {', '.join(GATES)})")
     if m.lowrank_init not in LOWRANK_INITS:
@@ -492,45 +517,29 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.lax_gate_init small applies to the dense gate only, not {m.lax_gate!r}")
     if m.lax_gate_init == "kaiming" and m.lax_gate != "tensor":
         raise ConfigError(f"model.lax_gate_init kaiming applies to the tensor gate only, not {m.lax_gate!r}")
-    if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
-        raise ConfigError(f"model.head_dropout must lie in [0, 1), got {m.head_dropout}")
-    if m.only_latent_act and m.method != "cola":
-        raise ConfigError(f"model.only_latent_act drops the MLP's activation in favour of CoLA's latent one; it needs "
-                          f"model.method cola, not {m.method!r}")
-    if m.method == "dense" and m.uses_lax:
-        raise ConfigError(f"model.lax_gate {m.lax_gate!r} needs a low-rank model.method (svd or cola), not dense")
-    for key in ("lax_modules", "lax_intra_modules"):
-        unknown = [p for p in getattr(m, key) if p not in m.projections + ("all",)]
-        if unknown:
-            raise ConfigError(f"model.{key} has unknown projections {unknown} (known for {m.arch}: all, "
-                              f"{', '.join(m.projections)})")
-    if m.mlp_norm not in ("auto", "on", "off"):
-        raise ConfigError(f"model.mlp_norm {m.mlp_norm!r} is unknown (auto, on or off)")
-    if m.lax_intra_gate not in ("identity", "tensor"):
-        raise ConfigError(f"model.lax_intra_gate {m.lax_intra_gate!r} is unknown (identity or tensor)")
-    if m.method == "tt":
-        validate_tt(m)
-    elif m.lax_intra_modules:
-        raise ConfigError("model.lax_intra_modules (intra-layer LaX) needs model.method tt")
-    if m.image_size % m.patch_size:
-        raise ConfigError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
+    unknown = [p for p in m.lax_modules if p not in m.projections + ("all",)]
+    if unknown:
+        raise ConfigError(f"model.lax_modules has unknown projections {unknown} (known for {m.arch}: all, "
+                          f"{', '.join(m.projections)})")
     if m.dim % m.n_heads != 0:
         raise ConfigError(f"model.dim {m.dim} is not divisible by model.n_heads {m.n_heads}")
-    if (m.dim // m.n_heads) % 2 != 0:
-        raise ConfigError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
-    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
-        raise ConfigError(f"model.n_kv_heads {m.n_kv_heads} must divide model.n_heads {m.n_heads} (0: n_heads)")
-    if m.n_kv_heads and m.n_kv_heads != m.n_heads and m.method != "dense":
-        raise ConfigError("model.n_kv_heads (grouped-query attention) is supported for dense models only")
-    if m.method in ("svd", "cola"):
-        shapes = {"q": (m.dim, m.dim), "gate": (m.dim, m.ffn_dim), "down": (m.ffn_dim, m.dim)}
-        for projection, (d_in, d_out) in shapes.items():
-            r = m.rank_of(projection)
-            kind = {"q": "attention", "gate": "MLP", "down": "MLP output"}[projection]
-            if r <= 0:
-                raise ConfigError(f"model.method {m.method} needs a positive {kind} rank (model.rank), got {r}")
-            if r > min(d_in, d_out):
-                raise ConfigError(f"{kind} rank {r} is larger than min(d_in, d_out) = {min(d_in, d_out)}")
+    try:
+        family_of(m).validate(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    validate_formats(m)
+
+
+def validate_formats(m: ModelConfig) -> None:
+    """The chosen format checks its config; the others check that none of their fields is set."""
+    try:
+        for name, fmt in FORMATS.items():
+            if name == m.method:
+                fmt.validate(m, family_of(m).projection_shapes(m))
+            else:
+                fmt.validate_unused(m)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_augment(a: AugmentConfig) -> None:
@@ -575,30 +584,6 @@ def validate_run(cfg: Config) -> None:
     if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
         raise ConfigError(f"optim.min_lr_ratio must lie in [0, 1], got {cfg.optim.min_lr_ratio}")
     validate_lora(cfg.lora, cfg.finetune)
-
-
-def tt_dims(m: ModelConfig) -> dict[str, tuple[list[int], list[int]]]:
-    """(input modes, output modes) of each ViT projection of a tensor-train model."""
-    split = lambda dims: ([int(d) for d in dims[:len(dims) // 2]], [int(d) for d in dims[len(dims) // 2:]])
-    attn = split(m.tt_attn_dims)
-    return {"q": attn, "k": attn, "v": attn, "o": attn, "fc1": split(m.tt_fc1_dims), "fc2": split(m.tt_fc2_dims)}
-
-
-def validate_tt(m: ModelConfig) -> None:
-    if m.arch not in TT_ARCHS:
-        raise ConfigError(f"model.method tt is built for model.arch {' or '.join(TT_ARCHS)} (its modes are the ViT "
-                          f"presets' Table 13)")
-    expected = {"tt_attn_dims": (m.dim, m.dim), "tt_fc1_dims": (m.dim, m.ffn_dim), "tt_fc2_dims": (m.ffn_dim, m.dim)}
-    for key, (d_in, d_out) in expected.items():
-        dims = [int(d) for d in getattr(m, key)]
-        if not dims or len(dims) % 2:
-            raise ConfigError(f"model.{key} must list an even number of modes (input then output), got {dims}")
-        half = len(dims) // 2
-        if math.prod(dims[:half]) != d_in or math.prod(dims[half:]) != d_out:
-            raise ConfigError(f"model.{key} {dims}: input modes must multiply to {d_in} and output modes to {d_out}")
-    for kind, projection in (("attention", "q"), ("MLP", "fc1"), ("MLP output", "fc2")):
-        if m.rank_of(projection) <= 0:
-            raise ConfigError(f"model.method tt needs a positive {kind} TT rank (model.rank), got {m.rank_of(projection)}")
 
 
 def validate_lora(lora: LoraConfig, finetune: FinetuneConfig) -> None:

@@ -27,7 +27,8 @@ from .data import tokens as data
 from .loading.ours import load_checkpoint_model as load_model
 from .models import family_of
 from .parallel.distributed import init_distributed, is_distributed, shutdown
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 
 
 @torch.no_grad()

@@ -41,7 +41,8 @@ from .loading.finetuned import load_finetuned, selected_checkpoint
 from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
 from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
 from .models import family_of
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 from .models.llama import LlamaLax
 
 
@@ -132,7 +133,7 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False) -> str:
     check_output(output, force)
     model, cfg, ckpt = load_model(checkpoint_dir, torch.device("cpu"))
     with written_into(output) as staging:
-        if family_of(cfg.model).uses_tokenizer and mergeable(cfg.model):
+        if family_of(cfg.model).exports_to_huggingface and mergeable(cfg.model):
             write_huggingface(model, cfg.model, staging)
             kind = "huggingface"
         else:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 from .data import instructions as instruct
 from .generate import decode_batch
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .training import checkpoint, trust
+from .parallel import trust
+from .training import checkpoint
 from .models import family_of
 from .models.llama import KVCache
 

@@ -12,27 +12,22 @@ import json
 import sys
 
 from .config import ConfigError, add_config_arguments, config_from_args
-from .models import family_of
-from .models.llama import count_parameters, flops_per_token, memory_gb
+from .models import family_of, memory_gb
+from .method.formats import format_of
 from .method.lowrank import lowrank_factor_std
 
 PAPER_VOCAB = 32000  # Table 5 counts: the T5 tokenizer's 32,000 pieces, without its 100 sentinel ids
 
 
-VARIANTS = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA", "tt": "Tensor Train"}
-
-
 def describe_vit(cfg) -> dict:
     """The Table 1 row; a config whose classes and channels follow the data is counted at ImageNet's
     1,000 classes of RGB images."""
-    from .models.vit import count_parameters as vit_parameters, flops_per_image
     m = cfg.model
     m.num_classes, m.in_channels = m.num_classes or 1000, m.in_channels or 3
-    params, flops = vit_parameters(m), flops_per_image(m)
-    variant = VARIANTS[m.method] + (f" + LaX ({m.lax_gate})" if m.uses_lax else "")
-    if m.lax_intra_modules:
-        variant += f" + intra-layer LaX on {','.join(m.lax_intra_modules)}"
-    ranks = sorted({m.rank_of(p) for p in ("q", "fc1", "fc2")}) if m.method != "dense" else []
+    family = family_of(m)
+    params, flops = family.count_parameters(m), family.flops(m)
+    variant = format_of(m).describe(m)
+    ranks = sorted({m.rank_of(p) for p in m.projections}) if format_of(m).lowrank else []
     return {"variant": variant, "rank": ranks, "params": params, "params_m": params / 1e6,
             "memory_gb": memory_gb(params), "flops_per_image": flops["train"], "forward_flops_per_image": flops["forward"],
             "image_size": m.image_size, "patch_size": m.patch_size, "num_classes": m.num_classes,
@@ -47,12 +42,10 @@ def describe(cfg) -> dict:
     vocab_source = "model.vocab_size"
     if m.vocab_size <= 0:
         m.vocab_size, vocab_source = PAPER_VOCAB, "the paper's 32,000 (model.vocab_size follows the tokenizer)"
-    params = count_parameters(m)
-    flops = flops_per_token(m, cfg.data.seq_len)
-    variant = VARIANTS[m.method]
-    if m.uses_lax:
-        variant += f" + LaX ({m.lax_gate})"
-    ranks = sorted({m.rank_of(p) for p in ("q", "gate")}) if m.method != "dense" else []
+    family = family_of(m)
+    params, flops = family.count_parameters(m), family.flops(m, cfg.data.seq_len)
+    variant = format_of(m).describe(m)
+    ranks = sorted({m.rank_of(p) for p in m.projections}) if format_of(m).lowrank else []
     return {"variant": variant, "rank": ranks, "params": params, "init": init_scales(m), "params_m": params / 1e6,
             "memory_gb": memory_gb(params), "flops_per_token": flops["train"],
             "forward_flops_per_token": flops["forward"], "seq_len": cfg.data.seq_len, "vocab_size": m.vocab_size,
@@ -62,7 +55,7 @@ def describe(cfg) -> dict:
 
 def init_scales(m) -> dict:
     """Factor and product (B A) stds of q (dim x dim) and up (dim x ffn) under both low-rank inits."""
-    if m.method == "dense":
+    if not format_of(m).lowrank:
         return {}
     scales = {}
     for init in ("cola", "matched"):

@@ -23,10 +23,12 @@ plan (memory table, largest micro-batches, time; WORLD_SIZE ranks) and exits.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
 from . import paper
+from .method.formats import FORMATS
 from .plan import config_of, preflight, report, this_gpu
 
 # Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
@@ -55,8 +57,10 @@ def recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str, dat
     the GaLore/CoLA protocol, so perplexities compare with Table 5), the CoLA reference init, CoLA's MLP
     as CoLA's config for the scale builds it, and the precision pinned (pure bf16 unless told)."""
     table = paper.TABLE_14[scale]
-    lr = table.dense_lr if method == "dense" else table.lr[(method, gate != "none")]
-    only_latent_act = method == "cola" and table.cola_only_latent_act
+    if (method, gate != "none") not in table.lr:
+        raise ValueError(f"Table 14 has no learning rate for METHOD={method} GATE={gate}")
+    lr = table.lr[(method, gate != "none")]
+    only_latent_act = table.cola_only_latent_act and owns_field(method, "only_latent_act")
     return ["--config", table.preset, "--model.method", method, "--model.rank", str(table.rank),
             "--model.lax_gate", gate,
             "--model.lowrank_init", "cola",  # the CoLA reference init, which the paper's numbers come from
@@ -93,18 +97,20 @@ VIT_RECIPES = {
 OFFICIAL_GATE_INIT = {"tensor": "kaiming", "dense": "small"}
 
 
+def owns_field(method: str, key: str) -> bool:
+    """Whether the format `method` declares the model field `key` (e.g. CoLA's only_latent_act)."""
+    fields = FORMATS[method].fields
+    return fields is not None and key in {f.name for f in dataclasses.fields(fields)}
+
+
 def vit_variant(scale: str, method: str, gate: str) -> dict:
-    """The model overrides of a Table 1 variant: the method, gate and ranks, and for TT + LaX
-    intra-layer LaX on the attention projections (the official config)."""
-    preset, rank, (tt_attn, tt_fc1, tt_fc2), fc2_modes = paper.TABLES_9_10.get(scale, (scale, 0, (0, 0, 0), ""))
-    overrides = {"model.method": method, "model.lax_gate": gate if method != "dense" else "none"}
-    if method in ("svd", "cola") and rank:
-        overrides["model.rank"] = str(rank)
-    if method == "tt" and tt_attn:
-        overrides.update({"model.attn_rank": str(tt_attn), "model.mlp_rank": str(tt_fc1),
-                          "model.mlp_out_rank": str(tt_fc2), "model.tt_fc2_dims": fc2_modes})
-    if method == "tt" and gate != "none":
-        overrides["model.lax_intra_modules"] = "q,k,v,o"
+    """The model overrides of a Table 1 variant: the method, gate and the format's own settings of the
+    paper's scale (Format.vit_overrides: ranks; for TT its ranks and modes, and with LaX intra-layer
+    LaX on the attention projections, the official config)."""
+    fmt = FORMATS[method]
+    overrides = {"model.method": method, "model.lax_gate": gate if fmt.lowrank else "none"}
+    if scale in paper.TABLES_9_10:
+        overrides.update(fmt.vit_overrides(paper.TABLES_9_10[scale], gate))
     return overrides
 
 
@@ -117,14 +123,15 @@ def vit_recipe(scale: str, method: str, gate: str, engine: str, zero_stage: str,
     (the official config). `precision` (None: the recipe's) overrides the recipe's."""
     if recipe not in VIT_RECIPES:
         raise ValueError(f"unknown ViT recipe {recipe!r} (choose from {', '.join(VIT_RECIPES)})")
-    settings = {"model.dropout": str(paper.VIT_DROPOUT), "optim.lr": str(paper.VIT_LR[method]),
+    lowrank = FORMATS[method].lowrank
+    settings = {"model.dropout": str(paper.VIT_DROPOUT), "optim.lr": str(paper.VIT_LR[lowrank]),
                 "optim.weight_decay": str(paper.VIT_WEIGHT_DECAY), "optim.warmup_epochs": str(paper.VIT_WARMUP_EPOCHS),
                 "optim.min_lr_ratio": "0.0", "optim.beta1": "0.9", "optim.beta2": "0.999",
                 "train.epochs": str(paper.VIT_EPOCHS), **VIT_RECIPES[recipe]}
     if recipe == "official":
-        if method == "dense":  # timm's ViT as the official command builds it: no dropout; timm's eval crop
+        if not lowrank:  # timm's ViT as the official command builds it: no dropout; timm's eval crop
             settings.update({"model.dropout": "0.0", "augment.crop_pct": "0.9"})
-        if gate in OFFICIAL_GATE_INIT and method != "dense":
+        if gate in OFFICIAL_GATE_INIT and lowrank:
             settings["model.lax_gate_init"] = OFFICIAL_GATE_INIT[gate]
     if precision:
         settings["train.precision"] = precision
@@ -154,7 +161,7 @@ def user_arguments(argv: list[str]) -> list[str]:
 def main(scale: str) -> None:
     vit = scale in paper.TABLES_9_10
     method, gate = os.environ.get("METHOD", "cola"), os.environ.get("GATE", "tensor" if vit else "identity")
-    if method == "dense":
+    if method in FORMATS and not FORMATS[method].lowrank:
         gate = "none"
     engine = os.environ.get("ENGINE", "deepspeed")
     run_dir = os.environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")

@@ -19,8 +19,7 @@ class LlamaScale(NamedTuple):
     rank: int
     steps: int
     warmup: int
-    lr: dict  # (method, with LaX) -> peak LR
-    dense_lr: float  # GaLore's full-rank baselines
+    lr: dict  # (method, with LaX) -> peak LR; ("dense", False): GaLore's full-rank baselines
     # CoLA's MLP, as CoLA's configs build it: 60M and 130M keep the SwiGLU's own SiLU (only_lr_act false);
     # 350M and 1B leave only_lr_act at its default, true (model.only_latent_act)
     cola_only_latent_act: bool
@@ -28,17 +27,17 @@ class LlamaScale(NamedTuple):
 
 TABLE_14 = {
     "60m": LlamaScale("llama_60m", 512, 1376, 8, 8, 128, 10_000, 2_000,
-                      {("svd", False): 2e-3, ("svd", True): 2e-2, ("cola", False): 6e-3, ("cola", True): 4e-2},
-                      1e-3, False),
+                      {("svd", False): 2e-3, ("svd", True): 2e-2, ("cola", False): 6e-3, ("cola", True): 4e-2,
+                       ("dense", False): 1e-3}, False),
     "130m": LlamaScale("llama_130m", 768, 2048, 12, 12, 256, 20_000, 4_000,
-                       {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 4e-3, ("cola", True): 2e-2},
-                       1e-3, False),
+                       {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 4e-3, ("cola", True): 2e-2,
+                        ("dense", False): 1e-3}, False),
     "350m": LlamaScale("llama_350m", 1024, 2736, 16, 24, 256, 60_000, 12_000,
-                       {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 3e-3, ("cola", True): 2e-2},
-                       1e-3, True),
+                       {("svd", False): 1e-3, ("svd", True): 1e-2, ("cola", False): 3e-3, ("cola", True): 2e-2,
+                        ("dense", False): 1e-3}, True),
     "1b": LlamaScale("llama_1b", 2048, 5461, 32, 24, 512, 100_000, 20_000,
-                     {("svd", False): 8e-4, ("svd", True): 3e-3, ("cola", False): 2e-3, ("cola", True): 1e-2},
-                     1e-3, True),
+                     {("svd", False): 8e-4, ("svd", True): 3e-3, ("cola", False): 2e-3, ("cola", True): 1e-2,
+                      ("dense", False): 1e-3}, True),
 }
 SEQUENCES_PER_STEP, SEQ_LEN = 512, 256
 TOKENS_PER_STEP = SEQUENCES_PER_STEP * SEQ_LEN
@@ -59,6 +58,6 @@ class ViTScale(NamedTuple):
 
 TABLES_9_10 = {"vit_b": ViTScale("vit_b", 256, (336, 158, 159), "48,64,32,24"),
                "vit_l": ViTScale("vit_l", 256, (256, 198, 198), "64,64,32,32")}
-VIT_LR = {"dense": 3e-3, "svd": 1e-3, "cola": 1e-3, "tt": 1e-3}  # with or without LaX
+VIT_LR = {False: 3e-3, True: 1e-3}  # by whether the format is low-rank (any format, with or without LaX)
 VIT_EPOCHS, VIT_WARMUP_EPOCHS, VIT_WEIGHT_DECAY, VIT_DROPOUT = 300, 10, 0.3, 0.1
 IMAGENET_TRAIN_IMAGES = 1_281_167

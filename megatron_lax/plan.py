@@ -7,8 +7,8 @@ device only to list its parameter shapes).
 
 Memory per rank: parameters, gradients, optimizer states and master weights as the engine holds them
 (DDP: whole; FSDP2: each parameter's dim-0 chunk of the largest rank; ZeRO: DeepSpeed's partitions),
-the activations one micro-batch keeps for backward (models/llama.py activation_bytes, each format's
-count in its own file) plus the one block a checkpointed backward rematerialises, the loss's fp32
+the activations one micro-batch keeps for backward (the family's activation_rows, each format's
+saved_bytes in its own file) plus the one block a checkpointed backward rematerialises, the loss's fp32
 log-probabilities and the attention kernel's workspace, communication buffers, and a stated
 allowance for the CUDA context (CUDA_CONTEXT_GIB) and the allocator (FRAGMENTATION). Time: the
 recipe's token budget at a stated MFU (--mfu, or the one a bench_gpu.py JSON measured).
@@ -27,10 +27,9 @@ from typing import Optional
 import torch
 
 from .config import CHECKPOINTING_MODES, Config, ConfigError, add_config_arguments, config_from_args
-from .models import family_module
-from .models.llama import LlamaLax, _projection_shapes, activation_bytes, block_saved_bytes, flops_per_token
+from .models import family_of
+from .parallel.optim import param_groups
 from .training.introspection import PEAK_BF16_FLOPS
-from .training.optim import param_groups
 
 GIB = 2 ** 30
 # Usable memory (nvidia-smi's total) of the named GPUs, GiB, and the name PEAK_BF16_FLOPS knows them by.
@@ -56,15 +55,14 @@ class Plan:
         return self.total <= self.capacity
 
 
-def planned_family(cfg: Config) -> bool:
-    """Whether the config's model family counts its activations (its module's activation_bytes)."""
-    return hasattr(family_module(cfg.model), "activation_bytes")
+def model_config(cfg: Config):
+    return cfg.model if cfg.model.vocab_size > 0 else dataclasses.replace(cfg.model, vocab_size=PAPER_VOCAB)
 
 
 def model_of(cfg: Config):
-    model_cfg = cfg.model if cfg.model.vocab_size > 0 else dataclasses.replace(cfg.model, vocab_size=PAPER_VOCAB)
+    model_cfg = model_config(cfg)
     with torch.device("meta"):
-        return LlamaLax(model_cfg, init_seed=None), model_cfg
+        return family_of(model_cfg).build(model_cfg, init_seed=None), model_cfg
 
 
 def units(model) -> list[list[torch.Tensor]]:
@@ -142,30 +140,15 @@ def communication(cfg: Config, model, world: int) -> float:
     return 2 * a * min(int(5e8), n)
 
 
-def per_sample_bytes(cfg: Config, model_cfg, mode: str, flash: bool) -> dict[str, float]:
-    """Bytes per sequence of the micro-batch, by what holds them: what it keeps for backward (every
-    block, the final norm, the logits), the one block a checkpointed backward rematerialises, the
-    loss's fp32 log-probabilities and their gradient, and the attention backward's workspace for one
-    layer (the fp32 accumulator of dq and the softmax statistics; SDPA also the gradients of the
-    grouped-query keys and values it repeated per head)."""
-    a, T, d = compute_bytes(cfg.train.precision), cfg.data.seq_len, model_cfg.dim
-    recompute = 0 if mode == "none" else T * max(block_saved_bytes(model_cfg, layer, "none", a, flash)
-                                                for layer in range(model_cfg.n_layers))
-    kv = _projection_shapes(model_cfg)["k"][1]
-    attention = T * (4 * d + 4 * model_cfg.n_heads + (0 if flash or kv == d else 2 * a * d))
-    return {f"activations kept for backward (checkpointing {mode})": activation_bytes(model_cfg, T, mode, a, flash),
-            "recomputed block in backward": recompute, "loss workspace (fp32 log-probs, gradient)":
-            T * model_cfg.vocab_size * (4 + 4),
-            f"attention backward workspace ({'flash-attn' if flash else 'SDPA'})": attention}
-
-
 def plan(cfg: Config, world: int, capacity_gib: float, mode: Optional[str] = None) -> Plan:
     mode = mode or cfg.train.activation_checkpointing
-    model, model_cfg = model_of(cfg)
+    model_cfg = model_config(cfg)  # the activations first: a family or format without a count stops here
+    per_sample = family_of(model_cfg).activation_rows(model_cfg, cfg.data.seq_len, mode,
+                                                      compute_bytes(cfg.train.precision), cfg.model.flash_attn)
+    model, _ = model_of(cfg)
     rows = model_states(cfg, model, world)
     rows["communication buffers"] = communication(cfg, model, world)
     fixed = sum(rows.values())
-    per_sample = per_sample_bytes(cfg, model_cfg, mode, cfg.model.flash_attn)
     rows.update({f"{name}, micro-batch {cfg.train.micro_batch} x {cfg.data.seq_len}": cfg.train.micro_batch * value
                  for name, value in per_sample.items()})
     rows["allocator fragmentation"] = FRAGMENTATION * sum(rows.values())
@@ -181,18 +164,6 @@ def largest_micro_batch(cfg: Config, world: int, capacity_gib: float, mode: str)
     most = int(room // ((1 + FRAGMENTATION) * p.per_sample)) if room > 0 else 0
     per_rank = max(cfg.train.global_batch // world, 1)
     return most, max((b for b in range(1, min(most, per_rank) + 1) if per_rank % b == 0), default=0)
-
-
-def recompute_flops(model_cfg, mode: str, seq_len: int) -> float:
-    """Extra forward FLOPs per token a checkpointed backward spends: every block again (`block`), or
-    every block but the matmuls whose outputs low-rank recompute keeps (`lowrank`: A x, 2 d_in r each)."""
-    if mode == "none":
-        return 0.0
-    blocks = flops_per_token(model_cfg, seq_len)["forward"] - 2 * model_cfg.dim * model_cfg.vocab_size
-    if mode == "block" or model_cfg.method == "dense":
-        return blocks
-    kept = sum(2 * d_in * model_cfg.rank_of(name) for name, (d_in, _) in _projection_shapes(model_cfg).items())
-    return blocks - model_cfg.n_layers * kept
 
 
 def measured_mfu(path: Optional[Path], cfg: Config) -> Optional[float]:
@@ -211,11 +182,12 @@ def model_size(cfg: Config) -> str:
 
 def timing(cfg: Config, world: int, gpu_name: str, mfu: float) -> dict[str, float]:
     from .tasks.language_modeling import LanguageModeling
-    _, model_cfg = model_of(cfg)
+    model_cfg = model_config(cfg)
     steps = LanguageModeling.planned_steps(cfg) if cfg.train.token_budget not in ("0", "") else cfg.train.steps
     tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
-    per_token = flops_per_token(model_cfg, cfg.data.seq_len)["train"] + \
-        recompute_flops(model_cfg, cfg.train.activation_checkpointing, cfg.data.seq_len)
+    family = family_of(model_cfg)
+    per_token = family.flops(model_cfg, cfg.data.seq_len)["train"] + \
+        family.recompute_flops(model_cfg, cfg.train.activation_checkpointing, cfg.data.seq_len)
     peak = next(v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name)
     step_s = tokens_per_step * per_token / (world * peak * mfu)
     return {"steps": steps, "tokens": steps * tokens_per_step, "step_s": step_s, "hours": steps * step_s / 3600,
@@ -267,14 +239,15 @@ def this_gpu() -> Optional[str]:
 
 def preflight(argv: list[str], world: int, gpu: Optional[str] = None) -> Optional[str]:
     """The one-line refusal of a training command line that cannot fit `world` GPUs of `gpu` (a name
-    or GiB; None: this machine's), or None: it fits, its family has no count, or there is no GPU."""
+    or GiB; None: this machine's), or None: it fits, there is no GPU, or its family or format does not
+    count its activations (Family.activation_rows, Format.saved_bytes), so the plan cannot tell."""
     gpu = gpu or this_gpu()
     if gpu is None:
         return None
-    cfg = config_of(argv)
-    if not planned_family(cfg):
+    try:
+        fits, line = verdict(config_of(argv), world, gpu)
+    except (NotImplementedError, ValueError):
         return None
-    fits, line = verdict(cfg, world, gpu)
     return None if fits else line
 
 
@@ -314,12 +287,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        cfg = on_gpu(config_from_args(args))
-        if not planned_family(cfg):
-            raise ConfigError(f"the plan models families with an activation count (activation_bytes in their "
-                              f"module: llama), not model.arch {cfg.model.arch}")
-        print(report(cfg, args.gpus, args.gpu, args.mfu, args.gpu_benchmark))
-    except ConfigError as e:
+        print(report(on_gpu(config_from_args(args)), args.gpus, args.gpu, args.mfu, args.gpu_benchmark))
+    except (ConfigError, NotImplementedError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

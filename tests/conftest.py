@@ -78,7 +78,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="session", autouse=True)
 def checkpoint_key_dir(tmp_path_factory):
-    """The key that signs checkpoints (training.trust) lives in a test folder, not the user's home;
+    """The key that signs checkpoints (parallel.trust) lives in a test folder, not the user's home;
     the commands the tests start inherit it."""
     import os
     os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))

@@ -30,16 +30,15 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import gzip
 import math
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from data_prep.readers import find_idx_file, read_idx  # noqa: F401 (read_idx: the tests' and tools' import)
 
 from . import image_augment
 from .cursor import GlobalBatchCursor, permutation_order
@@ -160,33 +159,6 @@ class IdxDataset(ImageDataset):
 
     def open(self, i: int) -> Image.Image:
         return Image.fromarray(self.images[i])
-
-
-def find_idx_file(root, name: str) -> Path:
-    """root/name or root/name.gz."""
-    for path in (Path(root) / name, Path(root) / f"{name}.gz"):
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{root}: no {name} or {name}.gz")
-
-
-def read_idx(path, ndim: int | None = None) -> np.ndarray:
-    """A uint8 idx file (LeCun's MNIST format, gzipped or not) as a read-only array."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
-    except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"{path}: not a readable idx file ({e})") from None
-    if len(raw) < 4 or raw[:3] != b"\0\0\x08" or (ndim is not None and raw[3] != ndim):
-        raise ValueError(f"{path}: not a uint8 idx file of {ndim or 'any'} dims (magic {raw[:4].hex() or 'empty'})")
-    header = 4 + 4 * raw[3]
-    if len(raw) < header:
-        raise ValueError(f"{path}: idx header cut short (truncated file)")
-    shape = struct.unpack(f">{raw[3]}I", raw[4:header])
-    if len(raw) - header != int(np.prod(shape)):
-        raise ValueError(f"{path}: {len(raw) - header} data bytes for shape {shape} (truncated or corrupt file)")
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
 class Subset(ImageDataset):
@@ -526,10 +498,6 @@ class ImageTrainLoader:
     @property
     def samples_per_epoch(self) -> int:
         return self.cursor.samples_per_epoch
-
-    def step_indices(self, step: int, epoch: int | None = None) -> np.ndarray:
-        """This rank's dataset indices at an optimizer step (default: of the current epoch), in micro-batch order."""
-        return self.cursor.step_ids(step, epoch)
 
     def __iter__(self):
         return self

@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..config import Config, ConfigError, ModelConfig, load_config
-from ..models import count_parameters, family_of
+from ..method.formats import format_of
+from ..models import count_parameters, family_of, memory_gb
 from ..tasks import task_class
-from ..models.llama import memory_gb
-
-METHOD_NAMES = {"dense": "Full-rank", "svd": "SVD", "cola": "CoLA"}
 
 
 class RunError(ValueError):
@@ -37,10 +35,6 @@ class Run:
     val: list[dict]  # {"step", "tokens", "val_loss", "val_ppl", ...}, in step order
     malformed_lines: int
     latent: list[dict] = field(default_factory=list)  # {"step", "lax_rms/<proj>/<block>/<kind>": rms, ...}
-
-    @property
-    def final_val_ppl(self) -> Optional[float]:
-        return self.val[-1]["val_ppl"] if self.val else None
 
     @property
     def metric(self) -> tuple[str, str, bool]:
@@ -155,11 +149,11 @@ def _make_labels_unique(runs: list[Run]) -> None:
 
 def variant_label(m: ModelConfig) -> str:
     """E.g. "Full-rank", "SVD, r=128", "CoLA + LaX (dense), r=256/384 (attn/mlp)"."""
-    label = METHOD_NAMES[m.method]
-    if m.method == "dense":
+    fmt = format_of(m)
+    label = fmt.describe(m)
+    if not fmt.lowrank:
         return label
     if m.uses_lax:
-        label += f" + LaX ({m.lax_gate})"
         if "all" not in m.lax_modules and set(m.lax_modules) != set(m.projections):
             label += f" on {','.join(m.lax_modules)}"
     attn, mlp = m.rank_of("q"), m.rank_of("gate")

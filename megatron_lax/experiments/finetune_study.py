@@ -432,7 +432,8 @@ def main(argv=None) -> int:
         from tokenizer import load_tokenizer
 
         from ..loading.bases import base_tokenizer, load_base
-        from ..training import checkpoint, trust
+        from ..parallel import trust
+        from ..training import checkpoint
         try:
             with trust.trusting(everything=args.trust_checkpoint):
                 model, tokenizer = load_base(args.base), load_tokenizer(base_tokenizer(args.base))

@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, ConfigError, PRESETS, apply_dict, validate
+from ..method.formats import FORMATS
 from ..models import count_parameters, family_of
 from ..tasks import task_class
 from ..training.trainer import Trainer
@@ -204,6 +205,14 @@ def _image_shape(root: Path) -> tuple[int, int]:
     return model.num_classes, model.in_channels
 
 
+def variant_family_label(variant: str) -> str:
+    """"svd_lax.depth8" -> "SVD + LaX": the format's label (a name no format has is kept as it is)."""
+    name = variant.split(".")[0]
+    method = name.removesuffix("_lax")
+    label = FORMATS[method].label if method in FORMATS else method
+    return label + (" + LaX" if name.endswith("_lax") else "")
+
+
 def lax_effects(results: list[dict], setting_of, sweep_seed: bool = False) -> dict[str, list[tuple]]:
     """{method: [(setting, change %, error %), ...]}: each LaX variant against its base among `results`.
 
@@ -223,8 +232,7 @@ def lax_effects(results: list[dict], setting_of, sweep_seed: bool = False) -> di
         else:
             change = 100 * (r["mean"] / base["mean"] - 1)
             error = 100 * ((r["max"] - r["min"]) / 2 + (base["max"] - base["min"]) / 2) / base["mean"]
-        method = r["variant"].split(".")[0].replace("_lax", " + LaX").replace("svd", "SVD").replace("cola", "CoLA")
-        lines.setdefault(method, []).append((setting_of(r), change, error))
+        lines.setdefault(variant_family_label(r["variant"]), []).append((setting_of(r), change, error))
     return {m: sorted(p) for m, p in lines.items()}
 
 

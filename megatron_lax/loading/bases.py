@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import Config
+from ..method.formats import format_of
 from ..models.llama import LlamaLax
 from ..training import checkpoint
 from .huggingface import hf_state_dict, load_hf_llama, mergeable, state_dict_from_hf
@@ -54,9 +55,9 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> LlamaLax:
                          f"use the export as the base")
     model = load_pretrained(spec) if kind == "export" else load_checkpoint_model(Path(spec))[0]
     cfg = model.cfg
-    if cfg.method != "dense":
+    if format_of(cfg).lowrank:
         if not mergeable(cfg):
-            what = "a CoLA" if cfg.method == "cola" else "a LaX"
+            what = f"a {format_of(cfg).describe(cfg)}"
             raise ValueError(f"finetune.base {spec} is {what} model: LoRA needs plain linear projections (only dense "
                              f"and SVD-without-LaX bases can be fine-tuned)")
         dense_cfg = dataclasses.replace(cfg, method="dense", rank=0, attn_rank=None, mlp_rank=None)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..method.formats import format_of
 from ..models.llama import LlamaLax
-from ..training import trust
+from ..parallel import trust
 
 HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
             "attn.o": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
@@ -17,7 +18,8 @@ HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v"
 
 
 def mergeable(cfg: ModelConfig) -> bool:
-    return cfg.method == "dense" or (cfg.method == "svd" and not cfg.uses_lax)
+    """Whether every projection is one weight matrix (the format says: dense W, or SVD's B A)."""
+    return format_of(cfg).mergeable(cfg)
 
 
 def hf_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
@@ -135,12 +137,6 @@ class HFWeights:
             with safe_open(str(path), "pt") as f:
                 return f.get_tensor(name)
         return self._bin(path)[name]
-
-
-def read_hf_weights(directory: Path) -> dict:
-    """Every tensor of model.safetensors / pytorch_model.bin, or of their sharded index."""
-    weights = HFWeights(directory)
-    return {name: weights.get(name) for name in weights.keys()}
 
 
 def read_hf_config(directory) -> tuple[dict, ModelConfig]:

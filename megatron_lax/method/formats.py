@@ -1,37 +1,38 @@
-"""The registry of linear formats: `make_linear` builds, and `projection_counts` counts, any
+"""The registry of linear formats. `make_linear` builds, and `projection_counts` counts, any
 projection of any model family by `model.method`.
 
-A format is a pair of functions:
-
-    build(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module
-    count(cfg, projection, d_in, d_out, tt_dims) -> (parameters, forward FLOPs per token, latent width)
-
-`crossing` holds the LaX keyword arguments of LatentLinear (gate, gate_init, latent, norm); the
-counts leave the crossing and the bias out (projection_counts adds them). A new format is one file
-defining the pair and one line in FORMATS.
+A format is an object (a `base.Format` subclass, one file each) that owns everything about itself: the
+model.* fields it adds (a small dataclass, merged into ModelConfig by megatron_lax/config.py, so YAML,
+`--model.x`, --help and --print-config see them), their validation, its label in tables, its default
+initialisation, how it builds a projection, its parameter and FLOP counts, what it keeps for backward
+(the memory plan), and whether it merges into one dense weight. A new format is its file plus one line
+in FORMATS below; nothing else names it.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
 
 import torch.nn as nn
 
-from . import lowrank, tensor_train
+from .base import Format
+from .cola import CoLA
+from .dense import Dense
 from .lowrank import crossing_flops, crossing_parameters
+from .svd import SVD
+from .tensor_train import TensorTrain
 
 
-class Format(NamedTuple):
-    build: Callable[..., nn.Module]
-    count: Callable[..., tuple[int, int, int]]
-    saved_bytes: Callable[..., int]  # (cfg, projection, d_in, d_out, tt_dims, layer, mode, act bytes) -> per token
+def register(fmt: Format) -> Format:
+    """Adds a format to the registry (a test or a user's own module can register one at run time)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
 
 
-FORMATS: dict[str, Format] = {
-    "dense": Format(lowrank.build_dense, lowrank.count_dense, lowrank.saved_bytes_dense),
-    "svd": Format(lowrank.build_factored, lowrank.count_factored, lowrank.saved_bytes_factored),
-    "cola": Format(lowrank.build_factored, lowrank.count_factored, lowrank.saved_bytes_factored),
-    "tt": Format(tensor_train.build_tt, tensor_train.count_tt, tensor_train.saved_bytes_tt),
-}
+FORMATS: dict[str, Format] = {fmt.name: fmt for fmt in (
+    Dense(),
+    SVD(),
+    CoLA(),
+    TensorTrain(),
+)}
 
 
 def format_of(cfg) -> Format:
@@ -41,31 +42,31 @@ def format_of(cfg) -> Format:
 
 
 def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
-                activation: str = "silu", tt_dims: Optional[tuple[list, list]] = None) -> nn.Module:
+                activation: str = "silu") -> nn.Module:
     """The one factory for every projection of every block of every model family. `cfg` is a
-    ModelConfig; `activation` is CoLA's latent activation (the family's own: SiLU for LLaMA, GELU
-    for the ViT); `tt_dims` the (input, output) modes of a tensor-train projection."""
+    ModelConfig; `activation` is the family's own (SiLU for LLaMA, GELU for the ViT), which a format
+    with a latent activation (CoLA) puts on its latent."""
     crossing = dict(gate=cfg.lax_gate if cfg.crosses(projection, layer) else None, gate_init=cfg.lax_gate_init,
                     latent=cfg.lax_latent, norm=cfg.lax_norm)
-    module = format_of(cfg).build(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing)
+    module = format_of(cfg).build(cfg, projection, d_in, d_out, bias, activation, crossing)
+    module.projection = projection
     if hasattr(module, "hands_on"):
         module.hands_on = cfg.crosses(projection, layer + 1)
     return module
 
 
-def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False,
-                      tt_dims: Optional[tuple[list, list]] = None) -> tuple[int, int]:
+def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: bool = False) -> tuple[int, int]:
     """(parameters, forward FLOPs per token) of the projection make_linear builds, its crossing and
     intra-layer gates included (2 FLOPs per multiply-add; elementwise activations left out)."""
-    params, flops, latent_width = format_of(cfg).count(cfg, projection, d_in, d_out, tt_dims)
+    params, flops, latent_width = format_of(cfg).count(cfg, projection, d_in, d_out)
     if cfg.crosses(projection, layer):
         params += crossing_parameters(cfg.lax_gate, latent_width, cfg.lax_gate_init, cfg.lax_norm)
         flops += crossing_flops(cfg.lax_gate, latent_width)
     return params + (d_out if bias else 0), flops
 
 
-def projection_saved_bytes(cfg, projection: str, d_in: int, d_out: int, layer: int, mode: str, act_bytes: int,
-                           tt_dims: Optional[tuple[list, list]] = None) -> int:
+def projection_saved_bytes(cfg, projection: str, d_in: int, d_out: int, layer: int, mode: str,
+                           act_bytes: int) -> int:
     """Bytes per token the projection make_linear builds keeps for backward beyond its input, under
     train.activation_checkpointing `mode` (none, block, lowrank), with activations of act_bytes bytes."""
-    return format_of(cfg).saved_bytes(cfg, projection, d_in, d_out, tt_dims, layer, mode, act_bytes)
+    return format_of(cfg).saved_bytes(cfg, projection, d_in, d_out, layer, mode, act_bytes)

@@ -11,7 +11,8 @@ where z_{i-1} is the latent of the same-named projection of block i-1. Formats:
 - `TTLinear` (tensor_train.py): encode/decode are the two halves of a tensor-train contraction.
 
 Each module that owns parameters states its initial values through `init_rules(at, init, init_std)`
-(see method/init.py). The formats are found by name through formats.py.
+(see method/init.py). The format objects that build these modules (dense.py, svd.py, cola.py,
+tensor_train.py) are registered in formats.py.
 
 Every projection returns (y, the latent it hands on), so a model's blocks carry a dict of latents
 alongside the residual stream. Which latent is handed on is `latent`: `output` (z after the sum,
@@ -40,6 +41,11 @@ class IdentityGate(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z
 
+    @staticmethod
+    def counts(r: int, init: str = "identity") -> tuple[int, int]:
+        """(parameters, forward FLOPs per token) of the gate on a latent of width r."""
+        return 0, 0
+
 
 class LinearGate(nn.Module):
     """One trainable scalar; starts at 1 (the identity gate). Stored with shape (1,) because FSDP2
@@ -51,6 +57,10 @@ class LinearGate(nn.Module):
 
     def forward(self, z):
         return self.beta * z
+
+    @staticmethod
+    def counts(r: int, init: str = "identity") -> tuple[int, int]:
+        return 1, r
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
         return {f"{at}beta": ("ones", 0.0)}
@@ -68,6 +78,10 @@ class DenseGate(nn.Module):
 
     def forward(self, z):
         return F.linear(z, self.weight, self.bias)
+
+    @staticmethod
+    def counts(r: int, init: str = "identity") -> tuple[int, int]:
+        return r * r + (r if init == "small" else 0), 2 * r * r
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
         rules = {f"{at}weight": ("normal", 0.02) if self.init == "small" else ("eye", 0.0)}
@@ -106,6 +120,11 @@ class TensorGate(nn.Module):
         out = torch.matmul(torch.matmul(self.core0, folded), self.core1.transpose(0, 1))
         return out.flatten(-2)
 
+    @staticmethod
+    def counts(r: int, init: str = "identity") -> tuple[int, int]:
+        r0, r1 = balanced_factors(r)
+        return r0 * r0 + r1 * r1, 2 * r * (r0 + r1)
+
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
         if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in)
             return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / getattr(self, f"core{j}").shape[1])) for j in (0, 1)}
@@ -115,36 +134,14 @@ class TensorGate(nn.Module):
 GATES = {"identity": IdentityGate, "linear": LinearGate, "dense": DenseGate, "tensor": TensorGate}
 
 
-def gate_parameters(gate: str, r: int, init: str = "identity") -> int:
-    if gate == "linear":
-        return 1
-    if gate == "dense":
-        return r * r + (r if init == "small" else 0)
-    if gate == "tensor":
-        r0, r1 = balanced_factors(r)
-        return r0 * r0 + r1 * r1
-    return 0
-
-
-def gate_flops(gate: str, r: int) -> int:
-    if gate == "linear":
-        return r
-    if gate == "dense":
-        return 2 * r * r
-    if gate == "tensor":
-        r0, r1 = balanced_factors(r)
-        return 2 * r * (r0 + r1)
-    return 0
-
-
 def crossing_parameters(gate: str, r: int, init: str = "identity", norm: bool = True) -> int:
     """A crossing's own parameters: its gate and the LayerNorm over the r latent features."""
-    return gate_parameters(gate, r, init) + (2 * r if norm else 0)
+    return GATES[gate].counts(r, init)[0] + (2 * r if norm else 0)
 
 
 def crossing_flops(gate: str, r: int) -> int:
     """Gate, add and LayerNorm per token (the method's only extra work)."""
-    return gate_flops(gate, r) + r + 8 * r
+    return GATES[gate].counts(r)[1] + r + 8 * r
 
 
 # --- linear formats ---------------------------------------------------------------------------------
@@ -184,7 +181,9 @@ def kaiming_factor_stds(d_out: int, rank: int) -> tuple[float, float]:
 
 class LatentLinear(nn.Module):
     """What every latent format shares: the crossing z = act(LN(h + G(prev))). Subclasses define
-    encode(x) -> h (width `rank`) and decode(z) -> y."""
+    encode(x) -> h (width `rank`) and decode(z) -> y. `projection` is the name of the projection it is
+    (set by whoever builds it: make_linear, apply_lora), for per-projection statistics."""
+    projection: str = ""
 
     def __init__(self, d_in: int, d_out: int, rank: int, activation: Optional[str], gate: Optional[str],
                  gate_init: str = "identity", latent: str = "output", norm: bool = True):
@@ -262,27 +261,6 @@ def gate_parameter_names(model: nn.Module) -> set[str]:
             for name, _ in module.named_parameters()}
 
 
-# --- the formats' entries in the registry (formats.py) -------------------------------------------------
-
-def build_dense(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
-    return DenseLinear(d_in, d_out, bias)
-
-
-def count_dense(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
-    return d_in * d_out, 2 * d_in * d_out, 0
-
-
-def build_factored(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
-    """SVD (B A x) or CoLA (B act(A x)): CoLA's latent activation is the family's own (`activation`)."""
-    latent_activation = activation if cfg.method == "cola" else None
-    return LowRankLinear(d_in, d_out, cfg.rank_of(projection), latent_activation, bias=bias, **crossing)
-
-
-def count_factored(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
-    r = cfg.rank_of(projection)
-    return r * (d_in + d_out), 2 * r * (d_in + d_out), r
-
-
 # --- what a projection keeps for the backward pass (the plan's activation count) ---------------------
 # Bytes per token that a projection leaves saved for backward beyond its input (the block counts the
 # input, which q, k and v share), for train.activation_checkpointing `none`, `block` or `lowrank`,
@@ -308,10 +286,3 @@ def latent_saved_bytes(cfg, r: int, layer: int, projection: str, activation: boo
         saved += 2 * r * a  # the batched matmuls' copies of the folded latent and of C0 Z
     return saved
 
-
-def saved_bytes_dense(cfg, projection, d_in, d_out, tt_dims, layer, mode, a) -> int:
-    return 0  # W x saves only its input
-
-
-def saved_bytes_factored(cfg, projection, d_in, d_out, tt_dims, layer, mode, a) -> int:
-    return latent_saved_bytes(cfg, cfg.rank_of(projection), layer, projection, cfg.method == "cola", mode, a)

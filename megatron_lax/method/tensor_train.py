@@ -18,11 +18,13 @@ TensorGate maps the folded partial (modes x rank) onto the other's shape.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from .base import ROLE_NAMES, Format
 from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std, latent_saved_bytes
 
 
@@ -146,15 +148,6 @@ class TTLinear(LatentLinear):
         z = self.cross(h, prev_latent)
         return self.decode(z, partials), self.handed_on(h, z)
 
-    def full_weight(self) -> torch.Tensor:
-        """The dense (d_out, d_in) matrix the cores represent (for tests and export; never used in
-        training)."""
-        w = self.cores[0]
-        for core in self.cores[1:]:
-            w = torch.tensordot(w, core, dims=([-1], [0]))
-        w = w.reshape(self.in_dims + self.out_dims)
-        return w.reshape(self.d_in, self.d_out).transpose(0, 1)
-
     def init_rules(self, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
         """Each core N(0, s^2) with s chosen so that W's entries have std sigma: Var(W) =
         s^(2n) prod(r_1..r_{n-1}), so s = (sigma^2 / prod r)^(1 / 2n). sigma is a dense layer's
@@ -176,36 +169,99 @@ class TTLinear(LatentLinear):
         return rules
 
 
-# --- the format's entry in the registry (formats.py) -------------------------------------------------
+# --- the format (registered in formats.py) -------------------------------------------------------
 
-def build_tt(cfg, projection, d_in, d_out, layer, bias, activation, tt_dims, crossing) -> nn.Module:
-    latent_activation = activation if cfg.method == "cola" else None
-    intra = cfg.lax_intra_gate if projection in cfg.lax_intra_modules else None
-    return TTLinear(*tt_dims, cfg.rank_of(projection), latent_activation, intra=intra, bias=bias, **crossing)
-
-
-def count_tt(cfg, projection, d_in, d_out, tt_dims) -> tuple[int, int, int]:
-    r = cfg.rank_of(projection)
-    params, flops = tt_parameters(*tt_dims, r), tt_flops(*tt_dims, r)
-    if projection in cfg.lax_intra_modules:
-        params += intra_parameters(*tt_dims, r, cfg.lax_intra_gate)
-    latent_width = tt_ranks(list(tt_dims[0]) + list(tt_dims[1]), r)[len(tt_dims[0])]
-    return params, flops, latent_width
+@dataclass
+class TensorTrainFields:
+    lax_intra_modules: list = field(default_factory=list)  # tt: projections with intra-layer LaX
+    lax_intra_gate: str = "identity"  # tt intra-layer: identity (tensor where shapes differ) | tensor
+    tt_attn_dims: list = field(default_factory=list)  # tt: input then output modes of q, k, v, o (Table 13)
+    tt_fc1_dims: list = field(default_factory=list)  # tt: the MLP's input projections (ViT fc1)
+    tt_fc2_dims: list = field(default_factory=list)  # tt: the MLP's output projection (ViT fc2)
 
 
-def saved_bytes_tt(cfg, projection, d_in, d_out, tt_dims, layer, mode, a) -> int:
-    """Bytes per token a TT projection leaves for backward beyond its input (see
-    lowrank.latent_saved_bytes): with checkpointing off, the input of every core's matmul (the
-    transposed copy of x for the first core, each partial contraction after it, each partial
-    expansion before the last output core) plus the latent part; intra-layer LaX is not modelled."""
-    if projection in cfg.lax_intra_modules:
-        raise ValueError("activation counts do not model intra-layer LaX (model.lax_intra_modules)")
-    in_dims, out_dims = [int(d) for d in tt_dims[0]], [int(d) for d in tt_dims[1]]
-    ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
-    latent = latent_saved_bytes(cfg, ranks[k], layer, projection, cfg.method == "cola", mode, a)
-    if mode != "none":
-        return latent
-    copied_input = in_dims[0] > 1 and math.prod(in_dims[1:]) > 1
-    encode = (math.prod(in_dims) if copied_input else 0) + sum(math.prod(in_dims[j:]) * ranks[j] for j in range(1, k))
-    decode = sum(math.prod(out_dims[:i]) * ranks[k + i] for i in range(1, k))
-    return latent + a * (encode + decode)
+MODES_FIELD = {"attn": "tt_attn_dims", "mlp": "tt_fc1_dims", "mlp_out": "tt_fc2_dims"}  # by ModelConfig.role_of
+
+
+def modes_of(cfg, projection: str) -> tuple[list[int], list[int]]:
+    """(input modes, output modes) of a projection: the first and second half of its tt_*_dims."""
+    dims = [int(d) for d in getattr(cfg, MODES_FIELD[cfg.role_of(projection)])]
+    return dims[:len(dims) // 2], dims[len(dims) // 2:]
+
+
+class TensorTrain(Format):
+    name, label, fields = "tt", "Tensor Train", TensorTrainFields
+
+    def validate(self, m, shapes) -> None:
+        unknown = [p for p in m.lax_intra_modules if p not in shapes and p != "all"]
+        if unknown:
+            raise ValueError(f"model.lax_intra_modules has unknown projections {unknown} (known for {m.arch}: all, "
+                             f"{', '.join(shapes)})")
+        if m.lax_intra_gate not in ("identity", "tensor"):
+            raise ValueError(f"model.lax_intra_gate {m.lax_intra_gate!r} is unknown (identity or tensor)")
+        for projection, (d_in, d_out) in shapes.items():
+            key, dims = MODES_FIELD[m.role_of(projection)], [int(d) for d in getattr(m, MODES_FIELD[m.role_of(projection)])]
+            if not dims or len(dims) % 2:
+                raise ValueError(f"model.{key} must list an even number of modes (input then output), got {dims}")
+            modes_in, modes_out = modes_of(m, projection)
+            if math.prod(modes_in) != d_in or math.prod(modes_out) != d_out:
+                raise ValueError(f"model.{key} {dims}: input modes must multiply to {d_in} and output modes to {d_out}")
+        for projection in shapes:
+            kind = ROLE_NAMES[m.role_of(projection)]
+            if m.rank_of(projection) <= 0:
+                raise ValueError(f"model.method tt needs a positive {kind} TT rank (model.rank), got "
+                                 f"{m.rank_of(projection)}")
+
+    def validate_unused(self, m) -> None:
+        if m.lax_intra_modules:
+            raise ValueError("model.lax_intra_modules (intra-layer LaX) needs model.method tt")
+
+    def intra(self, cfg, projection: str) -> bool:
+        return projection in cfg.lax_intra_modules
+
+    def build(self, cfg, projection, d_in, d_out, bias, activation, crossing):
+        intra = cfg.lax_intra_gate if self.intra(cfg, projection) else None
+        return TTLinear(*modes_of(cfg, projection), cfg.rank_of(projection), None, intra=intra, bias=bias, **crossing)
+
+    def count(self, cfg, projection, d_in, d_out):
+        r, modes = cfg.rank_of(projection), modes_of(cfg, projection)
+        params, flops = tt_parameters(*modes, r), tt_flops(*modes, r)
+        if self.intra(cfg, projection):
+            params += intra_parameters(*modes, r, cfg.lax_intra_gate)
+        return params, flops, tt_ranks(modes[0] + modes[1], r)[len(modes[0])]
+
+    def saved_bytes(self, cfg, projection, d_in, d_out, layer, mode, act_bytes):
+        """With checkpointing off, the input of every core's matmul (the transposed copy of x for the
+        first core, each partial contraction after it, each partial expansion before the last output
+        core) plus the latent part (lowrank.latent_saved_bytes); intra-layer LaX is not modelled."""
+        if self.intra(cfg, projection):
+            raise ValueError("activation counts do not model intra-layer LaX (model.lax_intra_modules)")
+        (in_dims, out_dims), a = modes_of(cfg, projection), act_bytes
+        ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
+        latent = latent_saved_bytes(cfg, ranks[k], layer, projection, False, mode, a)
+        if mode != "none":
+            return latent
+        copied_input = in_dims[0] > 1 and math.prod(in_dims[1:]) > 1
+        encode = (math.prod(in_dims) if copied_input else 0) + \
+            sum(math.prod(in_dims[j:]) * ranks[j] for j in range(1, k))
+        decode = sum(math.prod(out_dims[:i]) * ranks[k + i] for i in range(1, k))
+        return latent + a * (encode + decode)
+
+    def kept_flops(self, cfg, projection, d_in, d_out):
+        """encode's last contraction (TTLinear.kept_matmul): one (d_{k-1} r_{k-1}) x r_k matmul a token."""
+        in_dims, out_dims = modes_of(cfg, projection)
+        ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
+        return 2 * in_dims[-1] * ranks[k - 1] * ranks[k]
+
+    def vit_overrides(self, scale, gate: str) -> dict:
+        """Its three TT ranks and the official fc2 modes; with LaX, intra-layer LaX on q, k, v, o."""
+        attn, fc1, fc2 = scale.tt_ranks
+        overrides = {"model.attn_rank": str(attn), "model.mlp_rank": str(fc1), "model.mlp_out_rank": str(fc2),
+                     "model.tt_fc2_dims": scale.fc2_modes}
+        if gate != "none":
+            overrides["model.lax_intra_modules"] = "q,k,v,o"
+        return overrides
+
+    def describe(self, cfg) -> str:
+        label = super().describe(cfg)
+        return label + (f" + intra-layer LaX on {','.join(cfg.lax_intra_modules)}" if cfg.lax_intra_modules else "")

@@ -13,16 +13,17 @@ seeded generator per parameter name, so a model has the same weights however it 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig
-from ..method.formats import make_linear, projection_counts, projection_saved_bytes
+from ..method.formats import format_of, make_linear, projection_counts, projection_saved_bytes
 from ..method.init import init_weights, module_init_rules
 from ..method.lowrank import DenseLinear, Latents
+from .base import Family, memory_gb  # noqa: F401 (memory_gb: the benchmarks' import)
 
 try:  # optional: used only on CUDA with half-precision tensors
     from flash_attn import flash_attn_func
@@ -77,7 +78,7 @@ class KVCache:
     positions, plus which key positions hold real tokens (left padding does not). LaX latents need
     no cache: they cross blocks at the same position, never positions."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device, dtype):
+    def __init__(self, cfg, batch: int, capacity: int, device, dtype):
         shape = (batch, capacity, cfg.n_kv_heads or cfg.n_heads, cfg.dim // cfg.n_heads)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
@@ -92,7 +93,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.n_heads, self.head_dim, self.use_flash = cfg.n_heads, cfg.dim // cfg.n_heads, cfg.flash_attn
         self.n_kv_heads, self.layer = cfg.n_kv_heads or cfg.n_heads, layer
@@ -137,7 +138,7 @@ class SwiGLU(nn.Module):
     its 350M-7B configs use) the SiLU on the gate is dropped: down(gate x * up x), where each CoLA
     layer already applies its latent SiLU."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.act = (lambda g: g) if cfg.only_latent_act else F.silu
         self.gate = make_linear(cfg, "gate", cfg.dim, cfg.ffn_dim, layer)
@@ -152,7 +153,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg, layer)
@@ -170,7 +171,7 @@ class LlamaLax(nn.Module):
     """init_seed: initialise with init_weights(model, init_seed); None leaves the values to the caller
     (engines that build on the meta device or partitioned, and then call init_weights themselves)."""
 
-    def __init__(self, cfg: ModelConfig, init_seed: Optional[int] = 0):
+    def __init__(self, cfg, init_seed: Optional[int] = 0):
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be resolved (from the tokenizer) before building the model")
@@ -206,7 +207,7 @@ class LlamaLax(nn.Module):
 
 # --- initial values -------------------------------------------------------------------------------
 
-def init_rules(model: nn.Module, cfg: ModelConfig) -> dict[str, tuple[str, float]]:
+def init_rules(model: nn.Module, cfg) -> dict[str, tuple[str, float]]:
     """(kind, std) for every parameter name: `normal` with that std, `ones`, `zeros` or `eye`."""
     rules = {}
     for prefix, module in model.named_modules():
@@ -244,13 +245,13 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -
 
 # --- counts: parameters, memory, FLOPs ------------------------------------------------------------
 
-def _projection_shapes(cfg: ModelConfig):
+def _projection_shapes(cfg):
     d, f = cfg.dim, cfg.ffn_dim
     kv = (cfg.n_kv_heads or cfg.n_heads) * (d // cfg.n_heads)
     return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "gate": (d, f), "up": (d, f), "down": (f, d)}
 
 
-def count_parameters(cfg: ModelConfig) -> int:
+def count_parameters(cfg) -> int:
     """Analytic parameter count (matches sum(p.numel()) of the built model; tested)."""
     total = 2 * cfg.vocab_size * cfg.dim + cfg.dim  # embedding, LM head, final norm
     for layer in range(cfg.n_layers):
@@ -260,13 +261,7 @@ def count_parameters(cfg: ModelConfig) -> int:
     return total
 
 
-def memory_gb(n_params: int) -> float:
-    """The paper's Table 5 estimate: BF16 weights, gradients and two Adam states (8 bytes per
-    parameter), activations excluded, in GiB."""
-    return n_params * 8 / 2**30
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
+def flops_per_token(cfg, seq_len: int) -> dict:
     """Forward and training (3x forward) FLOPs per token, counting each multiply-add as 2 FLOPs.
 
     Matmuls of every projection (dense: d_in d_out; low-rank: r (d_in + d_out)), the LM head, the
@@ -282,7 +277,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> dict:
     return {"forward": forward, "train": 3 * forward}
 
 
-def block_saved_bytes(cfg: ModelConfig, layer: int, mode: str, act_bytes: int, flash: bool) -> int:
+def block_saved_bytes(cfg, layer: int, mode: str, act_bytes: int, flash: bool) -> int:
     """Bytes per token block `layer` keeps for backward (the plan's activation count; checked against
     a real forward pass's saved tensors in the tests). `mode`: train.activation_checkpointing;
     `act_bytes`: 4 (fp32) or 2 (bf16 compute); `flash`: flash-attn (grouped-query keys and values
@@ -303,10 +298,76 @@ def block_saved_bytes(cfg: ModelConfig, layer: int, mode: str, act_bytes: int, f
     return norms + attention + mlp + projections
 
 
-def activation_bytes(cfg: ModelConfig, tokens: int, mode: str, act_bytes: int, flash: bool) -> int:
+def activation_bytes(cfg, tokens: int, mode: str, act_bytes: int, flash: bool) -> int:
     """Bytes of activations one micro-batch of `tokens` tokens keeps for backward, every block, the
     final norm and the LM head's logits (act_bytes each; their fp32 copy and gradient in the loss are
     counted by the plan's workspace, not here)."""
     blocks = sum(block_saved_bytes(cfg, layer, mode, act_bytes, flash) for layer in range(cfg.n_layers))
     final_norm = 4 * cfg.dim + 4 + 2 * act_bytes * cfg.dim
     return tokens * (blocks + final_norm + act_bytes * cfg.vocab_size)
+
+
+# --- the family (registered in models/__init__.py) ------------------------------------------------
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LlamaFields:
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: n_heads
+    rope_theta: float = 10000.0
+    flash_attn: bool = True  # use flash-attn when importable and on CUDA; SDPA otherwise
+    residual_scale: bool = False  # init std of the residual branches' last layer (o, down; low-rank: B) / sqrt(2 n_layers), as GPT-2
+
+
+class Llama(Family):
+    name, fields, projections = "llama", LlamaFields, PROJECTIONS
+    task, uses_tokenizer, exports_to_huggingface = "language_modeling", True, True
+
+    def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
+        return LlamaLax(cfg, init_seed)
+
+    def loss(self, outputs, targets):
+        return token_nll(outputs, targets)
+
+    def validate(self, m) -> None:
+        if (m.dim // m.n_heads) % 2 != 0:
+            raise ValueError(f"head dimension {m.dim // m.n_heads} must be even for rotary embeddings")
+        if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+            raise ValueError(f"model.n_kv_heads {m.n_kv_heads} must divide model.n_heads {m.n_heads} (0: n_heads)")
+        if m.n_kv_heads and m.n_kv_heads != m.n_heads and format_of(m).lowrank:
+            raise ValueError("model.n_kv_heads (grouped-query attention) is supported for dense models only")
+
+    def count_parameters(self, cfg) -> int:
+        return count_parameters(cfg)
+
+    def flops(self, cfg, seq_len: int = 0) -> dict:
+        return flops_per_token(cfg, seq_len)
+
+    def activation_rows(self, cfg, seq_len: int, mode: str, act_bytes: int, flash: bool) -> dict[str, int]:
+        """Bytes per sequence of a micro-batch, by what holds them: what it keeps for backward (every
+        block, the final norm, the logits), the one block a checkpointed backward rematerialises, the
+        loss's fp32 log-probabilities and their gradient, and the attention backward's workspace for
+        one layer (the fp32 accumulator of dq and the softmax statistics; SDPA also the gradients of
+        the grouped-query keys and values it repeated per head)."""
+        a, T, d = act_bytes, seq_len, cfg.dim
+        recompute = 0 if mode == "none" else T * max(block_saved_bytes(cfg, layer, "none", a, flash)
+                                                    for layer in range(cfg.n_layers))
+        kv = _projection_shapes(cfg)["k"][1]
+        attention = T * (4 * d + 4 * cfg.n_heads + (0 if flash or kv == d else 2 * a * d))
+        return {f"activations kept for backward (checkpointing {mode})": activation_bytes(cfg, T, mode, a, flash),
+                "recomputed block in backward": recompute,
+                "loss workspace (fp32 log-probs, gradient)": T * cfg.vocab_size * (4 + 4),
+                f"attention backward workspace ({'flash-attn' if flash else 'SDPA'})": attention}
+
+    def recompute_flops(self, cfg, mode: str, seq_len: int) -> float:
+        """Extra forward FLOPs per token a checkpointed backward spends: every block again (`block`), or
+        every block but the matmuls whose outputs low-rank recompute keeps (each format's kept_flops)."""
+        if mode == "none":
+            return 0.0
+        blocks = flops_per_token(cfg, seq_len)["forward"] - 2 * cfg.dim * cfg.vocab_size
+        if mode == "block":
+            return blocks
+        kept = sum(format_of(cfg).kept_flops(cfg, name, d_in, d_out)
+                   for name, (d_in, d_out) in _projection_shapes(cfg).items())
+        return blocks - cfg.n_layers * kept

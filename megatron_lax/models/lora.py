@@ -16,7 +16,6 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ..config import LoraConfig
 from ..method.init import initial_value, name_seed
 from ..method.lowrank import DenseLinear, LowRankLinear
 from .llama import LlamaLax, init_rules
@@ -49,7 +48,7 @@ def projections(model: LlamaLax, names=ATTENTION + ("gate", "up", "down")):
             yield i, (block.attn if name in ATTENTION else block.mlp), name
 
 
-def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0, init: bool = True) -> LlamaLax:
+def apply_lora(model: LlamaLax, cfg, seed: int = 0, init: bool = True) -> LlamaLax:
     """Freezes the model and wraps every target projection in a LoraLinear, in place. The first
     block's adapters have no gate: there is no previous latent to cross. init=False leaves the
     adapters' values to the caller (a model on the meta device or partitioned by ZeRO-3, which
@@ -65,7 +64,9 @@ def apply_lora(model: LlamaLax, cfg: LoraConfig, seed: int = 0, init: bool = Tru
             raise ValueError(f"lora.rank {cfg.rank} is larger than the {name} projection allows "
                              f"({base.in_features} -> {base.out_features})")
         gate = cfg.lax_gate if cfg.lax_gate != "none" and i > 0 else None
-        setattr(parent, name, LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gate, cfg.lax_norm, cfg.lax_latent))
+        wrapped = LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gate, cfg.lax_norm, cfg.lax_latent)
+        wrapped.adapter.projection = name
+        setattr(parent, name, wrapped)
     if init:
         init_adapters(model, seed)
     return model

@@ -11,35 +11,35 @@ the parameter counts of the paper's Table 1 come out (`auto`: on for low-rank me
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import ModelConfig, tt_dims
-from ..method.formats import make_linear, projection_counts
+from ..method.formats import format_of, make_linear, projection_counts
 from ..method.init import init_weights, module_init_rules
 from ..method.lowrank import LatentLinear, Latents
+from .base import Family
 
 
-def uses_mlp_norm(cfg: ModelConfig) -> bool:
-    return cfg.mlp_norm == "on" or (cfg.mlp_norm == "auto" and cfg.method != "dense")
+def uses_mlp_norm(cfg) -> bool:
+    return cfg.mlp_norm == "on" or (cfg.mlp_norm == "auto" and format_of(cfg).lowrank)
 
 
-def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+def projection_shapes(cfg) -> dict[str, tuple[int, int]]:
     d, f = cfg.dim, cfg.ffn_dim
     return {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "fc1": (d, f), "fc2": (f, d)}
 
 
-def vit_linear(cfg: ModelConfig, name: str, layer: int) -> nn.Module:
+def vit_linear(cfg, name: str, layer: int) -> nn.Module:
     d_in, d_out = projection_shapes(cfg)[name]
-    modes = tt_dims(cfg)[name] if cfg.method == "tt" else None
-    return make_linear(cfg, name, d_in, d_out, layer, bias=True, activation="gelu", tt_dims=modes)
+    return make_linear(cfg, name, d_in, d_out, layer, bias=True, activation="gelu")
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.n_heads = cfg.n_heads
         for name in ("q", "k", "v", "o"):
@@ -57,7 +57,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.fc1 = vit_linear(cfg, "fc1", layer)
         self.norm = nn.LayerNorm(cfg.ffn_dim, eps=1e-6) if uses_mlp_norm(cfg) else nn.Identity()
@@ -72,7 +72,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg, layer: int):
         super().__init__()
         self.attn_norm = nn.LayerNorm(cfg.dim, eps=1e-6)
         self.attn = Attention(cfg, layer)
@@ -89,7 +89,7 @@ class Block(nn.Module):
 class ViTLax(nn.Module):
     """images (B, C, H, W) -> logits (B, num_classes). init_seed as LlamaLax's."""
 
-    def __init__(self, cfg: ModelConfig, init_seed: Optional[int] = 0):
+    def __init__(self, cfg, init_seed: Optional[int] = 0):
         super().__init__()
         if cfg.num_classes <= 0 or cfg.in_channels <= 0:
             raise ValueError("model.num_classes and model.in_channels must be resolved (from the data) first")
@@ -155,13 +155,12 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor):
 
 # --- counts: parameters and FLOPs (analytic; tested against the built model) -----------------------
 
-def _counts(cfg: ModelConfig, name: str, layer: int) -> tuple[int, int]:
+def _counts(cfg, name: str, layer: int) -> tuple[int, int]:
     d_in, d_out = projection_shapes(cfg)[name]
-    modes = tt_dims(cfg)[name] if cfg.method == "tt" else None
-    return projection_counts(cfg, name, d_in, d_out, layer, bias=True, tt_dims=modes)
+    return projection_counts(cfg, name, d_in, d_out, layer, bias=True)
 
 
-def count_parameters(cfg: ModelConfig) -> int:
+def count_parameters(cfg) -> int:
     n_patches = (cfg.image_size // cfg.patch_size) ** 2
     total = cfg.in_channels * cfg.patch_size ** 2 * cfg.dim + cfg.dim  # patch embedding
     total += cfg.dim + (n_patches + 1) * cfg.dim  # CLS token, positions
@@ -172,7 +171,7 @@ def count_parameters(cfg: ModelConfig) -> int:
     return total
 
 
-def flops_per_image(cfg: ModelConfig) -> dict:
+def flops_per_image(cfg) -> dict:
     """Forward and training (3x) FLOPs per image, 2 per multiply-add: patch embedding, every
     projection, attention scores and weighted sums, LaX crossings, the head."""
     tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
@@ -183,3 +182,41 @@ def flops_per_image(cfg: ModelConfig) -> dict:
     embed = 2 * cfg.in_channels * cfg.patch_size ** 2 * cfg.dim * (tokens - 1)
     forward = per_token * tokens + embed + 2 * cfg.dim * cfg.num_classes
     return {"forward": forward, "train": 3 * forward}
+
+
+# --- the family (registered in models/__init__.py) ------------------------------------------------
+
+@dataclass
+class ViTFields:
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 0  # 0: follow the data (1 for Fashion-MNIST, 3 for RGB folders)
+    num_classes: int = 0  # 0: follow the data
+    dropout: float = 0.0  # after the MLP's hidden layer and output, and before the head (Table 9: 0.1)
+    head_dropout: Optional[float] = None  # before the head; None: model.dropout
+    mlp_norm: str = "auto"  # LayerNorm on the MLP's hidden layer: auto (low-rank only, official code) | on | off
+
+
+class ViT(Family):
+    name, fields, projections = "vit", ViTFields, ("q", "k", "v", "o", "fc1", "fc2")
+    task, uses_tokenizer, run_prefix = "image_classification", False, "vit_"
+
+    def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
+        return ViTLax(cfg, init_seed)
+
+    def loss(self, outputs, targets):
+        return classification_loss(outputs, targets)
+
+    def validate(self, m) -> None:
+        if m.head_dropout is not None and not 0.0 <= m.head_dropout < 1.0:
+            raise ValueError(f"model.head_dropout must lie in [0, 1), got {m.head_dropout}")
+        if m.mlp_norm not in ("auto", "on", "off"):
+            raise ValueError(f"model.mlp_norm {m.mlp_norm!r} is unknown (auto, on or off)")
+        if m.image_size % m.patch_size:
+            raise ValueError(f"model.image_size {m.image_size} is not a multiple of model.patch_size {m.patch_size}")
+
+    def count_parameters(self, cfg) -> int:
+        return count_parameters(cfg)
+
+    def flops(self, cfg, seq_len: int = 0) -> dict:
+        return flops_per_image(cfg)

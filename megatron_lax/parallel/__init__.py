@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 import torch
 import torch.nn as nn
 
-from ..training import trust
+from . import trust
 from ..config import Config
 from .distributed import DistInfo
-from .engine import Engine, LocalEngine, StepResult, resolve_precision
+from .engine import Engine, LocalEngine, StepResult, materialize, resolve_precision
 from .recompute import apply_activation_checkpointing
 
 
@@ -52,17 +52,6 @@ def construct(source: Union[nn.Module, ModelRecipe], cfg: Config, precision: str
             return source.build(), source.initialize
     with torch.device("meta"):
         return source.build(), source.initialize
-
-
-def materialize(model: nn.Module, initialize: Optional[Callable], device: torch.device,
-                dtype: Optional[torch.dtype] = None) -> None:
-    """Allocates a meta model's (or its shards') storage on `device` and gives it its values."""
-    if initialize is None:
-        return
-    if dtype is not None:
-        model.to(dtype)
-    model.to_empty(device=device)
-    initialize(model)
 
 
 def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: DistInfo, loss) -> Engine:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..training import trust
-from ..training.optim import param_groups
+from . import trust
+from .optim import param_groups
 from .distributed import broadcast_object
-from .engine import Engine, StepResult
+from .engine import Engine, StepResult, materialize
 
 TAG = "deepspeed"
 PICKLED = "is a DeepSpeed checkpoint, whose files are pickled Python objects"
@@ -80,7 +80,6 @@ class DeepSpeedEngine(Engine):
     def __init__(self, cfg, dist_info, precision, loss, model, initialize=None):
         """With `initialize`, the model comes partitioned from zero.Init (stage 3) or on the meta device."""
         import deepspeed
-        from . import materialize
 
         super().__init__(cfg, dist_info, precision, loss)
         if initialize is not None and cfg.parallel.zero_stage == 3:

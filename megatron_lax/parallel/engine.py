@@ -7,14 +7,26 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 
-from ..training import trust
 from ..config import Config
-from ..training.optim import build_optimizer, load_optimizer_state
+from . import trust
 from .distributed import DistInfo
+from .optim import build_optimizer, load_optimizer_state
+
+
+def materialize(model: nn.Module, initialize: Optional[Callable], device: torch.device,
+                dtype: Optional[torch.dtype] = None) -> None:
+    """Allocates a meta model's (or its shards') storage on `device` and gives it its values."""
+    if initialize is None:
+        return
+    if dtype is not None:
+        model.to(dtype)
+    model.to_empty(device=device)
+    initialize(model)
 
 
 @dataclass
@@ -115,7 +127,6 @@ class LocalEngine(Engine):
 
     def __init__(self, cfg: Config, dist_info: DistInfo, precision: str, loss, model: nn.Module, ddp: bool = False,
                  initialize=None):
-        from . import materialize
         super().__init__(cfg, dist_info, precision, loss)
         materialize(model, initialize, dist_info.device)
         model.to(dist_info.device)

@@ -16,9 +16,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from ..training import trust
-from ..training.optim import build_optimizer
-from .engine import Engine
+from . import trust
+from .optim import build_optimizer
+from .engine import Engine, materialize
 
 DCP_DIR = "dcp"
 
@@ -127,7 +127,6 @@ class FSDPEngine(Engine):
 
     def __init__(self, cfg, dist_info, precision, loss, model, initialize=None):
         """A meta model (with `initialize`) is sharded first and then allocated shard by shard."""
-        from . import materialize
         super().__init__(cfg, dist_info, precision, loss)
         if initialize is None:
             model.to(dist_info.device)

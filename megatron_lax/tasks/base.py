@@ -16,7 +16,7 @@ import torch
 
 from ..config import Config
 from ..parallel.distributed import DistInfo, all_reduce_sum
-from ..training.optim import lr_at
+from ..parallel.optim import lr_at
 
 
 class Task:

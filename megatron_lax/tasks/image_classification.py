@@ -17,7 +17,7 @@ import torch
 from ..config import Config, DataConfig
 from ..data import images
 from ..method.init import init_weights
-from ..models.vit import ViTLax, classification_loss, count_parameters, flops_per_image
+from ..models import family_of
 from ..parallel import ModelRecipe
 from ..parallel.distributed import DistInfo, all_gather_object, all_reduce_sum
 from .base import Task
@@ -55,11 +55,16 @@ def validation_loader(cfg: Config, dataset: images.ImageDataset, rank: int = 0, 
                                    cfg.data.loader_workers, pin_memory)
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor):
+    log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
+    return torch.nn.functional.nll_loss(log_probs, labels, reduction="sum"), labels.numel()
+
+
 def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """[summed cross-entropy, top-1 hits, top-5 hits, images] of one batch, in fp32."""
     if labels.numel() == 0:
         return torch.zeros(4, device=logits.device)
-    loss, _ = classification_loss(logits, labels)
+    loss, _ = cross_entropy_sum(logits, labels)
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top == labels[:, None]
     return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(),
@@ -105,7 +110,7 @@ class ImageClassification(Task):
         self.val_loader = validation_loader(cfg, self.eval_set, dist.rank, dist.world_size, pin_memory=pin)
         if self.loader.steps_per_epoch == 0:
             raise ValueError(f"{len(self.train_set)} training images do not fill one step of {t.global_batch}")
-        self.n_params = count_parameters(cfg.model)
+        self.n_params = family_of(cfg.model).count_parameters(cfg.model)
         self.total_steps = self.planned_steps(cfg, self.loader.steps_per_epoch)
         if self.total_steps <= 0:
             raise ValueError("a ViT run needs train.epochs (or train.steps) > 0")
@@ -115,11 +120,11 @@ class ImageClassification(Task):
 
     def model(self) -> ModelRecipe:
         cfg = self.cfg
-        return ModelRecipe(build=lambda: ViTLax(cfg.model, init_seed=None),
+        return ModelRecipe(build=lambda: family_of(cfg.model).build(cfg.model, init_seed=None),
                            initialize=lambda model: init_weights(model, cfg.train.seed))
 
     def loss(self, outputs, targets):
-        return classification_loss(outputs, targets)
+        return family_of(self.cfg.model).loss(outputs, targets)
 
     def validation_batches(self) -> list:
         """The one validation batch the trainer keeps: the first, normalised, for the LaX statistics'
@@ -175,7 +180,7 @@ class ImageClassification(Task):
                 f"on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, precision {engine.precision}")
 
     def throughput_basis(self) -> tuple[float, float]:
-        return self.cfg.train.global_batch, flops_per_image(self.cfg.model)["train"]
+        return self.cfg.train.global_batch, family_of(self.cfg.model).flops(self.cfg.model)["train"]
 
     @classmethod
     def planned_steps(cls, cfg: Config, steps_per_epoch: int = 0) -> int:

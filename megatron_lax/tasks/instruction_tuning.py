@@ -21,12 +21,13 @@ from ..config import Config
 from ..data import instructions
 from ..loading.bases import base_fingerprint, base_kind, base_tokenizer, load_base
 from ..loading.finetuned import finetune_recipe
-from ..models.llama import flops_per_token
+from ..models import family_of
 from ..models.lora import apply_lora
 from ..parallel.distributed import DistInfo
 from ..parallel.engine import resolve_precision
-from ..training import checkpoint, trust
-from ..training.optim import warmup_steps
+from ..parallel import trust
+from ..training import checkpoint
+from ..parallel.optim import warmup_steps
 from .language_modeling import TokenPrediction
 
 
@@ -172,7 +173,7 @@ class InstructionTuning(TokenPrediction):
         """Tokens per step on average (padding excluded). FLOPs per token: the frozen base needs the
         forward and the backward to its inputs but no weight gradients, about 2x the forward."""
         length = max(1, round(self.mean_length))
-        return self.cfg.train.global_batch * self.mean_length, 2 * flops_per_token(self.cfg.model, length)["forward"]
+        return self.cfg.train.global_batch * self.mean_length, 2 * family_of(self.cfg.model).flops(self.cfg.model, length)["forward"]
 
 
 def check_same_adapters(directory: Path, cfg: Config) -> None:

@@ -12,7 +12,7 @@ from ..config import Config
 from ..data import tokens as data
 from ..data.streaming import Stream
 from ..method.init import init_weights
-from ..models.llama import LlamaLax, count_parameters, flops_per_token, token_nll
+from ..models import family_of
 from ..parallel import ModelRecipe
 from ..parallel.distributed import DistInfo, run_on_main
 from ..training import faults
@@ -72,7 +72,7 @@ class TokenPrediction(Task):
     headline_metric = ("val_ppl", "val PPL", False)
 
     def loss(self, outputs, targets):
-        return token_nll(outputs, targets)
+        return family_of(self.cfg.model).loss(outputs, targets)
 
     def scored(self, targets) -> int:
         return int((targets != data.IGNORE).sum())
@@ -99,12 +99,12 @@ class LanguageModeling(TokenPrediction):
         self.source = SOURCES[cfg.data.source](cfg.data, dist.rank, dist.world_size)
         cfg.model.vocab_size = self.source.model_vocab_size(cfg.model.vocab_size)
         self.loader = self.source.train_loader(t.global_batch, t.micro_batch, t.allow_repetition)
-        self.n_params = count_parameters(cfg.model)
+        self.n_params = family_of(cfg.model).count_parameters(cfg.model)
         self.total_steps = self.source.total_steps(t, cfg.model, self.n_params, self.loader)
 
     def model(self) -> ModelRecipe:
         cfg = self.cfg
-        return ModelRecipe(build=lambda: LlamaLax(cfg.model, init_seed=None),
+        return ModelRecipe(build=lambda: family_of(cfg.model).build(cfg.model, init_seed=None),
                            initialize=lambda model: init_weights(model, cfg.train.seed))
 
     @property
@@ -140,7 +140,7 @@ class LanguageModeling(TokenPrediction):
 
     def throughput_basis(self) -> tuple[float, float]:
         cfg = self.cfg
-        return cfg.train.global_batch * cfg.data.seq_len, flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        return cfg.train.global_batch * cfg.data.seq_len, family_of(cfg.model).flops(cfg.model, cfg.data.seq_len)["train"]
 
     @classmethod
     def display_config(cls, cfg: Config) -> Config:
@@ -154,4 +154,4 @@ class LanguageModeling(TokenPrediction):
         """From the token budget, counted at the paper's vocabulary when the tokenizer is not yet known."""
         vocab = cfg.model.vocab_size if cfg.model.vocab_size > 0 else 32000
         model = dataclasses.replace(cfg.model, vocab_size=vocab)
-        return data.planned_steps(cfg.train, model, cfg.data.seq_len, count_parameters(model))
+        return data.planned_steps(cfg.train, model, cfg.data.seq_len, family_of(model).count_parameters(model))

@@ -29,7 +29,8 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import config as config_lib
-from . import faults, trust
+from ..parallel import trust
+from . import faults
 from ..parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -199,7 +200,7 @@ def _publish(root: Path, staging: Path, final: Path, step: int, files: dict, cfg
 
 
 def _sign(staging: Path, final: Path) -> None:
-    """The proof that this run wrote the checkpoint at `final` (training.trust.proven); without a
+    """The proof that this run wrote the checkpoint at `final` (parallel.trust.proven); without a
     writable key directory the checkpoint is unsigned (resuming DeepSpeed state then needs the flag)."""
     try:
         (staging / trust.SIGNATURE).write_text(trust.sign((staging / MANIFEST).read_bytes(), final))

@@ -38,13 +38,12 @@ def gate_values(model: nn.Module) -> dict[str, float]:
 
 
 def lowrank_projections(model: nn.Module):
-    """(projection name, block index, module) for every low-rank projection, LoRA adapters included."""
+    """(projection name, block index, module) for every latent projection of every block (a family's
+    `layers`), LoRA adapters included: each knows its projection's name (LatentLinear.projection)."""
     for index, block in enumerate(model.layers):
-        for parent in (block.attn, block.mlp):
-            for name, module in parent.named_children():
-                module = getattr(module, "adapter", module)  # a LoraLinear's LowRankLinear
-                if isinstance(module, LatentLinear):
-                    yield name, index, module
+        for module in block.modules():
+            if isinstance(module, LatentLinear):
+                yield module.projection, index, module
 
 
 def crossing_projections(model: nn.Module):
@@ -60,20 +59,25 @@ def latent_rms(model: nn.Module, run_forward) -> dict[str, float]:
     LayerNorm fixes `latent` near 1 whatever A's scale, so B's initial scale alone sets `out`."""
     stats, handles = {}, []
 
-    def recorder(key, use_input=False):
-        def hook(module, inputs, output):
-            value = inputs[0] if use_input else output
-            stats[key] = float(value.float().pow(2).mean().sqrt())
+    rms = lambda value: float(value.float().pow(2).mean().sqrt())
+
+    def crossing(at):
+        def hook(gate, inputs, output):
+            stats[f"{at}/crossing"] = rms(output)
+        return hook
+
+    def projection(at):
+        def hook(module, inputs, output):  # any LatentLinear: h and z recomputed from its encode and cross
+            x, prev = (inputs + (None,))[:2]
+            h = module.encode(x)
+            stats.update({f"{at}/own": rms(h), f"{at}/latent": rms(module.cross(h, prev)), f"{at}/out": rms(output[0])})
         return hook
 
     for name, index, module in lowrank_projections(model):
         at = f"lax_rms/{name}/{index}"
         if module.lax_gate is not None:
-            handles.append(module.lax_gate.register_forward_hook(recorder(f"{at}/crossing")))
-        if hasattr(module, "A"):  # SVD / CoLA; a tensor train's halves are not submodules
-            handles.append(module.A.register_forward_hook(recorder(f"{at}/own")))
-            handles.append(module.B.register_forward_hook(recorder(f"{at}/latent", use_input=True)))
-            handles.append(module.B.register_forward_hook(recorder(f"{at}/out")))
+            handles.append(module.lax_gate.register_forward_hook(crossing(at)))
+        handles.append(module.register_forward_hook(projection(at), prepend=True))  # before a ZeRO-3 release
     try:
         run_forward()
     finally:

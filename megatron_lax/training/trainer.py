@@ -21,7 +21,8 @@ from tqdm import tqdm
 from ..config import Config, ConfigError
 from ..parallel import build_engine
 from ..parallel.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from . import checkpoint, faults, introspection, trust
+from ..parallel import trust
+from . import checkpoint, faults, introspection
 from .metrics import MetricsLogger
 
 

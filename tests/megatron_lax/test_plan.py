@@ -56,10 +56,10 @@ def test_tensor_train_formula_equals_the_saved_tensors(gate):
     """One TT projection (two and three cores a side), block 2 (it crosses), fp32 and bf16."""
     cfg = load_config("vit_micro", {"model.method": "tt", "model.lax_gate": gate}).model
     for dims in ([8, 12, 12, 8], [4, 6, 4, 8, 6, 2]):
-        tt_dims = (dims[:len(dims) // 2], dims[len(dims) // 2:])
-        d = int(torch.tensor(tt_dims[0]).prod())
+        cfg.tt_attn_dims = dims
+        d = int(torch.tensor(dims[:len(dims) // 2]).prod())
         for dtype in (torch.float32, torch.bfloat16):
-            linear = make_linear(cfg, "q", d, d, 2, tt_dims=tt_dims).to(dtype)
+            linear = make_linear(cfg, "q", d, d, 2).to(dtype)
 
             def retained(n):
                 x = torch.randn(n, d, dtype=dtype, requires_grad=True)
@@ -68,7 +68,7 @@ def test_tensor_train_formula_equals_the_saved_tensors(gate):
                     y, _ = linear(x, prev)
                 return counter.retained_bytes(y)
 
-            expected = projection_saved_bytes(cfg, "q", d, d, 2, "none", dtype.itemsize, tt_dims)
+            expected = projection_saved_bytes(cfg, "q", d, d, 2, "none", dtype.itemsize)
             assert (retained(16) - retained(8)) / 8 == expected, (dims, dtype)
 
 
@@ -116,6 +116,8 @@ def test_verdict_names_what_would_fit_and_bad_input_is_one_line(capsys):
     assert verdict(cfg, 8, "h200")[0]
     assert main(["--config", "llama_60m", "--gpu", "v99"]) == 2
     assert "--gpu 'v99' is unknown" in capsys.readouterr().err
+    assert main(["--config", "vit_micro"]) == 2  # a family that does not count its activations
+    assert "model.arch vit does not count its activations (Family.activation_rows" in capsys.readouterr().err
 
 
 def test_the_recipe_refuses_a_job_that_cannot_fit_in_one_line():

@@ -164,7 +164,7 @@ def test_augmentation_does_not_depend_on_worker_count(fmnist):
 def test_step_samples_do_not_depend_on_world_size(fmnist):
     def step_union(world_size, step, epoch):
         return np.concatenate([small_loader(fmnist, world_size=world_size, rank=r, micro_batch=4)
-                               .step_indices(step, epoch) for r in range(world_size)])
+                               .cursor.step_ids(step, epoch) for r in range(world_size)])
     for step, epoch in ((0, 0), (2, 1)):
         one = step_union(1, step, epoch)
         assert len(one) == 32 and len(set(one)) == 32
@@ -227,7 +227,7 @@ def test_soft_targets_from_mixup_and_cutmix(fmnist):
             assert (targets >= 0).all() and torch.allclose(targets.sum(1), torch.ones(8))
     loader = small_loader(fmnist, label_smoothing=0.0, **NO_BATCH_AUG)
     _, targets = collect(loader, 1)[0]
-    labels = torch.tensor([loader.dataset.load(int(i))[1] for i in loader.step_indices(0)[:8]])
+    labels = torch.tensor([loader.dataset.load(int(i))[1] for i in loader.cursor.step_ids(0)[:8]])
     assert torch.equal(targets, torch.nn.functional.one_hot(labels, 10).float())
     smooth = soft_targets(labels, 10, smoothing=0.1)
     assert torch.allclose(smooth.sum(1), torch.ones(8)) and torch.allclose(smooth.max(1).values, torch.tensor(0.91))

@@ -101,7 +101,7 @@ def test_resumed_run_keeps_the_latest_record_of_each_step(tmp_path):
     again = [json.dumps({"step": 4, "tokens": 4000, "val_loss": 3.4, "val_ppl": 30.0, "val_tokens": 4096}),
              json.dumps({"step": 3, "loss": "nan", "tokens": 3000})]
     run = compare.load_run(write_run(tmp_path / "run", extra_lines=again)[0])
-    assert [r["step"] for r in run.val] == [2, 4] and run.final_val_ppl == 30.0
+    assert [r["step"] for r in run.val] == [2, 4] and run.final_score == 30.0
     assert len(run.train) == 4 and run.train[2]["loss"] != run.train[2]["loss"]  # "nan" read as NaN
 
 

@@ -149,7 +149,7 @@ def test_dense_vit_b_flops():
 def test_weight_decay_follows_timm_and_the_official_code():
     """Decayed: every tensor of 2+ dims (patch embedding, head, TT cores, tensor-gate cores); not: norms,
     biases, the position embeddings and the CLS token."""
-    from megatron_lax.training.optim import param_groups
+    from megatron_lax.parallel.optim import param_groups
     cfg = vit_config("vit_micro", "tt", "tensor", model__num_classes=10, model__in_channels=1,
                      model__lax_intra_modules="fc1", model__attn_rank=24, model__mlp_rank=24)
     model = ViTLax(cfg)

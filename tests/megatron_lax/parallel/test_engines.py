@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from conftest import TINY, losses
-from megatron_lax.training import trust
+from megatron_lax.parallel import trust
 from train_runs import launch, run_all
 
 STEPS = 4

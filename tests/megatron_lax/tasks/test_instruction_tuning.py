@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import TINY, free_port, losses, run_command
-from megatron_lax.training import trust
+from megatron_lax.parallel import trust
 from megatron_lax.config import load_config
 from megatron_lax.evaluate import load_model
 from megatron_lax.export import export, export_finetuned

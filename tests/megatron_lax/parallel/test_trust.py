@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import TINY
-from megatron_lax.training import checkpoint, trust
+from megatron_lax.parallel import trust
+from megatron_lax.training import checkpoint
 from megatron_lax.config import dump_yaml, load_config
 from megatron_lax.train import make_trainer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatron_lax.config import OptimConfig
-from megatron_lax.training.optim import build_optimizer, lr_at
+from megatron_lax.parallel.optim import build_optimizer, lr_at
 
 
 def test_warmup_then_cosine_to_min_ratio():
