@@ -23,7 +23,8 @@ setup(
         "hf": ["transformers>=4.45", "datasets"],
         "stream": ["datasets>=3.0", "transformers>=4.45"],  # data.source stream: the hub's datasets, t5-base
         "finetune": ["peft"],
-        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "datasets>=3.0", "matplotlib", "peft"],
+        "eval": ["transformers>=4.45", "lm-eval>=0.4"],  # exports scored by lm-evaluation-harness
+        "test": ["pytest", "deepspeed>=0.16", "transformers>=4.45", "datasets>=3.0", "matplotlib", "peft", "lm-eval>=0.4"],
     },
     entry_points={
         "console_scripts": [

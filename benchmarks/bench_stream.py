@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
 from common import markdown_table, print_header  # noqa: E402
 
 from megatron_lax.data import tokens as data  # noqa: E402
@@ -83,13 +84,35 @@ def workers_private_mb() -> float:
     return total / 1024
 
 
+def index_shards(raw: Path, tokenizer: str, cache: Path) -> list[list]:
+    """Times counting one shard's documents (paper mode) and their tokens (packed mode), as
+    streaming.Index does, and stores each result as the index of every shard: they are copies of
+    one file, so the stream does not count them again."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer)
+    split = streaming.open_split(str(raw), "train", "train")
+    rows = []
+    for mode, counter in (("paper", None), ("packed", tok)):
+        start = time.perf_counter()
+        counted = streaming.count_shard(split, 0, counter)
+        seconds = time.perf_counter() - start
+        for shard in range(split.n_shards):
+            path = streaming.index_path(cache, split, shard, counter.hash if counter else None)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, **counted)
+        megabytes = split.paths[0].stat().st_size / 1e6
+        rows.append([mode, f"{seconds:.2f}", f"{len(counted['sizes']):,}", f"{megabytes / seconds:.1f}",
+                     f"{counted['sizes'].sum() / seconds:,.0f}" if counter else "-"])
+    return rows
+
+
 def stream_rate(raw: Path, tokenizer: str, mode: str, workers: int, seconds: float, cache: Path) -> dict:
     """Slots and scored tokens per second that rank 0 of 8 gets from its stream loader, and the
     private memory of its workers at the end."""
     cfg = DataConfig(raw=str(raw), tokenizer=tokenizer, source="stream", stream_cache=str(cache), mode=mode,
                      seq_len=SEQ_LEN, loader_workers=workers)
     loader = streaming.Stream(cfg, rank=0, world_size=RANKS).train_loader(GLOBAL_BATCH, MICRO_BATCH, True)
-    per_step = loader.micro_per_step
+    per_step = loader.cursor.micro_per_step
 
     def step() -> int:
         return sum(int((next(loader)[1] != data.IGNORE).sum()) for _ in range(per_step))
@@ -170,11 +193,12 @@ def main() -> None:
         tokenizers = {args.tokenizer: args.tokenizer} if args.tokenizer else stand_in_tokenizers(tmp)
         raw = write_shards(tmp / "c4", GLOBAL_BATCH // RANKS)
         print_header("Streamed training data: tokens/s per loader worker (rank 0 of 8, batch 512 x 256)")
-        rows, slowest = [], {}
-        for name, tokenizer in tokenizers.items():
+        rows, slowest, indexing = [], {}, []
+        for i, (name, tokenizer) in enumerate(tokenizers.items()):
             before = encode_limit(tokenizer, args.seconds / 2)
+            indexing += [[name, *row] for row in index_shards(raw, tokenizer, tmp / "cache")]
             for mode in args.modes.split(","):
-                prepared = prepared_rate(raw, tokenizer, mode, args.seconds / 4, tmp / name.split()[0])
+                prepared = prepared_rate(raw, tokenizer, mode, args.seconds / 4, tmp / f"prepared_{i}")
                 rows.append([name, mode, "prepared shards (memory-mapped)", "-", f"{prepared:,.0f}", "-", "-", "-"])
                 for workers in (int(w) for w in args.workers.split(",")):
                     rate = stream_rate(raw, tokenizer, mode, workers, args.seconds, tmp / "cache")
@@ -188,6 +212,10 @@ def main() -> None:
                          f"after: {limits[0]:,.0f} / {limits[1]:,.0f})", "-", f"{max(limits):,.0f}", "-", "-", "-"])
         print(markdown_table(["tokenizer", "mode", "loader", "workers", "tokens/s (slots)", "scored tokens/s",
                               "per worker (0: in-process)", "workers' private memory"], rows))
+        print("\nThe index a stream builds before its first step (once per corpus, then cached; packed mode counts "
+              "tokens, paper mode documents): one shard, its file then reused for the copies\n")
+        print(markdown_table(["tokenizer", "mode", "seconds per shard", "documents", "compressed MB/s",
+                              "tokens/s"], indexing))
         print(f"\nWhat a 1B model consumes per GPU at MFU {MFU:.0%} (training FLOPs per token from "
               f"megatron_lax.models.llama.flops_per_token at seq {SEQ_LEN}, vocab 32,128), and the loader workers "
               f"per GPU (on 8 GPUs) that supply it at each tokenizer's 1-worker rate above (the slower mode's):\n")

@@ -22,6 +22,7 @@ from typing import Any, Optional
 import yaml
 
 from . import paper
+from .method.base import ProjectionRules
 from .method.formats import FORMATS, format_of
 from .models import FAMILIES, family_of
 
@@ -59,7 +60,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 @dataclass(init=False, repr=False, eq=False)
-class ModelConfig:
+class ModelConfig(ProjectionRules):
     """The model section: the fields every family and format share, plus the registered formats'
     own (merge_plugin_fields). Built as ModelConfig(**values); a missing field takes its default."""
     arch: str = "llama"  # llama (decoder LM) | vit (image classifier)
@@ -100,26 +101,6 @@ class ModelConfig:
     def projections(self) -> tuple:
         return family_of(self).projections
 
-    def role_of(self, projection: str) -> str:
-        """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
-        if projection in ("q", "k", "v", "o"):
-            return "attn"
-        return "mlp_out" if projection in ("fc2", "down") else "mlp"
-
-    def crosses(self, projection: str, layer: int) -> bool:
-        """Whether this projection of block `layer` receives the previous block's latent."""
-        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
-
-    def rank_of(self, projection: str) -> int:
-        role = self.role_of(projection)
-        if role == "mlp_out" and self.mlp_out_rank is not None:
-            return self.mlp_out_rank
-        specific = self.attn_rank if role == "attn" else self.mlp_rank
-        return specific if specific is not None else self.rank
-
-    @property
-    def uses_lax(self) -> bool:
-        return self.lax_gate != "none"
 
     @property
     def resolved_lowrank_init(self) -> str:
@@ -151,6 +132,10 @@ class DataConfig:
     source: str = "prepared"
     stream_cache: str = "data/stream_cache"  # stream: validation tokens and unigram counts, cached after a first read
     hub_splits: list = field(default_factory=lambda: ["train", "validation"])  # stream from the hub: its splits
+    # stream: training sources mixed by weight, PATH=WEIGHT each (a folder, glob or hf: name as `raw`); empty: `raw`
+    # alone. Validation stays `raw`'s validation split
+    sources: list = field(default_factory=list)
+    shuffle_buffer: int = 1000  # stream: documents a lane's seeded shuffle buffer holds (0 or 1: file order)
     tokenizer: str = "tokenizer/sample"  # directory, .model file, HF directory or hub name
     seq_len: int = 256
     mode: str = "packed"  # packed | paper (one document per sequence, padded)
@@ -562,6 +547,10 @@ def validate_run(cfg: Config) -> None:
         raise ConfigError(f"data.source {cfg.data.source!r} is unknown (prepared or stream)")
     if cfg.data.source == "stream" and len(cfg.data.hub_splits) != 2:
         raise ConfigError(f"data.hub_splits must name two splits (train, validation), got {cfg.data.hub_splits}")
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0 documents, got {cfg.data.shuffle_buffer}")
+    if cfg.data.sources and cfg.data.source != "stream":
+        raise ConfigError("data.sources mixes streamed sources: it needs data.source stream")
     if cfg.data.mode not in ("packed", "paper"):
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):

@@ -81,7 +81,11 @@ def load_for_evaluation(path: Path, device: torch.device):
     """(model, config, what was loaded, step) of a checkpoint or run directory, or of one of our exports."""
     from .config import load_config
     from .loading.ours import OUR_FORMAT, load_pretrained
+    from .loading.transformers_export import is_transformers_export, load_transformers_export
     path = Path(path)
+    if is_transformers_export(path):
+        model, cfg, step = load_transformers_export(path, device)
+        return model, cfg, path, step
     if (path / OUR_FORMAT).is_file():
         step = json.loads((path / OUR_FORMAT).read_text()).get("step")
         return load_pretrained(path, device), load_config(str(path / "config.yaml")), path, step

@@ -4,8 +4,11 @@
 
 Dense models, and SVD models without LaX (their factors merged, W = B A), become a Hugging Face
 `LlamaForCausalLM` directory (config.json + model.safetensors) that `transformers` loads with
-`from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they are written in our
-own format (config.yaml + model.safetensors) and loaded with `megatron_lax.load_pretrained(DIR)`; so are ViTs, which `evaluate --checkpoint DIR` scores.
+`from_pretrained`. LaX and CoLA models cannot be merged into plain linears; they become a transformers
+folder with its own modeling file (megatron_lax/hub/), loaded with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`; `--format megatron_lax` writes
+our own format instead (config.yaml + model.safetensors, loaded with `megatron_lax.load_pretrained(DIR)`),
+as for ViTs, which `evaluate --checkpoint DIR` scores.
 The tokenizer the run used is copied alongside when it is a local directory or file: its own files
 only (tokenizer.model, the Hugging Face tokenizer files), never a symbolic link.
 
@@ -16,9 +19,10 @@ Fine-tuning runs (python -m megatron_lax.finetune): plain LoRA adapters are writ
 (adapter_config.json + adapter_model.safetensors, for `peft.PeftModel.from_pretrained` on the Hugging
 Face export of the base, which goes to DIR/base unless the base already is a Hugging Face directory);
 with --merge they are folded into the base weights and written as a Hugging Face model. LaX-LoRA
-adapters read the previous block's latent, so no weight matrix holds them: they are written in our
-format (adapters only, config.yaml naming the base and its weights' fingerprint) and loaded with
-`load_lax_lora(DIR)`. A run is exported from its best-validation checkpoint when it kept one
+adapters read the previous block's latent, so no weight matrix holds them: the base and its adapters
+are written as one transformers model with its own modeling file (as LaX models are), or with
+`--format megatron_lax` in our format (adapters only, config.yaml naming the base and its weights'
+fingerprint), loaded with `load_lax_lora(DIR)`. A run is exported from its best-validation checkpoint when it kept one
 (finetune.keep_best), and never onto a base other than the one it was trained on.
 """
 from __future__ import annotations
@@ -40,6 +44,7 @@ from .loading.bases import base_kind, is_finetune_run
 from .loading.finetuned import load_finetuned, selected_checkpoint
 from .loading.huggingface import HF_NAMES, hf_state_dict, mergeable
 from .loading.ours import LAX_LORA_FORMAT, OUR_FORMAT, load_checkpoint_model as load_model
+from .method.formats import format_of
 from .models import family_of
 from .parallel import trust
 from .training import checkpoint
@@ -127,7 +132,11 @@ def copy_tokenizer(spec: str, output: Path) -> None:
         shutil.copyfile(path, output / "tokenizer" / path.name)
 
 
-def export(checkpoint_dir: Path, output: Path, force: bool = False) -> str:
+FORMATS = ("transformers", "megatron_lax")  # --format: how a model that is not a plain LLaMA is written
+
+
+def export(checkpoint_dir: Path, output: Path, force: bool = False, fmt: str = "transformers",
+           max_shard_size: str = "5GB") -> str:
     from safetensors.torch import save_file
 
     check_output(output, force)
@@ -136,6 +145,10 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False) -> str:
         if family_of(cfg.model).exports_to_huggingface and mergeable(cfg.model):
             write_huggingface(model, cfg.model, staging)
             kind = "huggingface"
+        elif family_of(cfg.model).transformers_export and format_of(cfg.model).export == "transformers" \
+                and fmt == "transformers":
+            from .hub import write_export
+            return write_export(model, cfg, trainer_state(ckpt), staging, max_shard_size)
         else:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(staging / "model.safetensors"))
             (staging / "config.yaml").write_text(dump_yaml(cfg))
@@ -176,14 +189,25 @@ def write_huggingface(model: LlamaLax, cfg: ModelConfig, output: Path) -> None:
     (output / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
 
 
-def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False, force: bool = False) -> str:
+def trainer_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def export_finetuned(checkpoint_dir: Path, output: Path, merge: bool = False, force: bool = False,
+                     fmt: str = "transformers", max_shard_size: str = "5GB") -> str:
     """Writes a fine-tuning run's adapters (see the module docstring); returns the format written."""
     from .models.lora import merge_lora
 
     check_output(output, force)
-    model, cfg, _ = load_finetuned(selected_checkpoint(checkpoint_dir))
+    from .models.lora import uses_lax
+    model, cfg, ckpt = load_finetuned(selected_checkpoint(checkpoint_dir))
     if merge:
         model = merge_lora(model)  # refuses LaX-LoRA before anything is written
+    elif uses_lax(model) and fmt == "transformers":
+        from .hub import write_transformers
+        with written_into(output) as staging:
+            write_transformers(model, cfg, trainer_state(ckpt), staging, lora=True, max_shard_size=max_shard_size)
+        return "transformers (remote code, base and LaX-LoRA adapters)"
     with written_into(output) as staging:
         copy_tokenizer(cfg.data.tokenizer, staging)
         return write_adapters(model, cfg, staging, output, merge)
@@ -219,17 +243,22 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--merge", action="store_true", help="fine-tuning runs: fold plain LoRA into the base weights")
     parser.add_argument("--force", action="store_true", help="replace what --output holds")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, default="transformers",
+                        help="LaX / CoLA / LaX-LoRA LLaMAs: a transformers folder with its modeling file (default) "
+                             "or our own format")
+    parser.add_argument("--max-shard-size", default="5GB", help="transformers folders: weights shard above this size")
     parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
     try:
         check_apart(args.output, args.checkpoint)
         with trust.trusting(everything=args.trust_checkpoint):
             if is_finetune_run(args.checkpoint):
-                kind = export_finetuned(args.checkpoint, args.output, args.merge, args.force)
+                kind = export_finetuned(args.checkpoint, args.output, args.merge, args.force, args.fmt,
+                                        args.max_shard_size)
             elif args.merge:
                 raise ValueError("--merge applies to fine-tuning runs only")
             else:
-                kind = export(args.checkpoint, args.output, args.force)
+                kind = export(args.checkpoint, args.output, args.force, args.fmt, args.max_shard_size)
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,9 @@ hub lookup that could fetch some other tokenizer. Remote code is never run (trus
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
+import urllib.parse
 import tempfile
 from pathlib import Path
 
@@ -77,6 +80,11 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
         from transformers import AutoTokenizer
     except ImportError:
         raise ValueError(f"tokenizer {name}: loading Hugging Face tokenizers needs `pip install transformers`") from None
+    if not local:
+        try:
+            check_hub_reachable()
+        except ValueError as e:
+            raise ValueError(f"tokenizer {name}: {e}") from None
     try:
         tok = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=False)
     except (OSError, ValueError, AttributeError, TypeError, KeyError) as e:  # the last three: a malformed config
@@ -92,6 +100,23 @@ def _huggingface(source: str, name: str, local: bool) -> Tokenizer:
 
 
 HUB_PREFIX = "hf:"
+HUB_HOST, PROBE_SECONDS = "huggingface.co", 3.0
+
+
+def check_hub_reachable() -> None:
+    """ValueError in a few seconds when the hub cannot be reached (no TCP connection to it, or to
+    HF_ENDPOINT, within PROBE_SECONDS), instead of the hub client's retries over a minute. With
+    HF_HUB_OFFLINE set the client reads its cache, and fails at once by itself."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or f"https://{HUB_HOST}")
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS).close()
+    except OSError as e:
+        raise ValueError(f"the Hugging Face hub ({url.hostname}:{port}) cannot be reached in {PROBE_SECONDS:.0f} s "
+                         f"({type(e).__name__}); use a local copy, or set HF_HUB_OFFLINE=1 to use the hub's cache") \
+            from None
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -112,4 +137,4 @@ def load_tokenizer(spec: str) -> Tokenizer:
                      f"{HUB_PREFIX}NAME, e.g. {HUB_PREFIX}t5-base)")
 
 
-__all__ = ["HUB_PREFIX", "Tokenizer", "load_tokenizer"]
+__all__ = ["HUB_PREFIX", "Tokenizer", "check_hub_reachable", "load_tokenizer"]

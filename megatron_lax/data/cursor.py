@@ -6,6 +6,10 @@ rank r the r-th contiguous share of G / W positions, in micro-batches of M. An e
 floor(N / G) steps; the N mod G samples left over differ from epoch to epoch. The order of an
 epoch is the loader's (a seeded permutation), a function of (seed, epoch) only, so a run resumed at
 a step boundary on any number of ranks reads exactly the samples an uninterrupted run would.
+
+The streamed loader (data/streaming.py) keeps its position here too: there a sample is a lane's
+next window, every lane holds the same number of windows per pass of the stream, so (epoch, step)
+alone says where each lane is.
 """
 from __future__ import annotations
 

@@ -7,6 +7,32 @@ import torch.nn as nn
 
 ROLE_NAMES = {"attn": "attention", "mlp": "MLP", "mlp_out": "MLP output"}  # ModelConfig.role_of
 
+class ProjectionRules:
+    """Each projection's role and rank, and which projections cross, from the model's fields; shared by
+    config.ModelConfig and the configs of transformers exports (hub/llama.py, hub/vit.py copy it)."""
+
+    def role_of(self, projection: str) -> str:
+        """attn (q, k, v, o), mlp_out (the MLP's output: ViT fc2, LLaMA down) or mlp (the rest)."""
+        if projection in ("q", "k", "v", "o"):
+            return "attn"
+        return "mlp_out" if projection in ("fc2", "down") else "mlp"
+
+    def crosses(self, projection: str, layer: int) -> bool:
+        """Whether this projection of block `layer` receives the previous block's latent."""
+        return self.uses_lax and layer > 0 and ("all" in self.lax_modules or projection in self.lax_modules)
+
+    def rank_of(self, projection: str) -> int:
+        role = self.role_of(projection)
+        if role == "mlp_out" and self.mlp_out_rank is not None:
+            return self.mlp_out_rank
+        specific = self.attn_rank if role == "attn" else self.mlp_rank
+        return specific if specific is not None else self.rank
+
+    @property
+    def uses_lax(self) -> bool:
+        return self.lax_gate != "none"
+
+
 class Format:
     """One linear format. `name` is its model.method value; the defaults below fit a low-rank format
     with one rank per projection (cfg.rank_of) and a latent LaX can cross."""
@@ -75,3 +101,6 @@ class Format:
     def describe(self, cfg) -> str:
         """The variant's label with its LaX settings, e.g. "SVD + LaX (identity)"."""
         return self.label + (f" + LaX ({cfg.lax_gate})" if cfg.uses_lax else "")
+
+
+HF_SOURCE = ("ROLE_NAMES",)  # what a transformers export copies from here beside the Format class (megatron_lax/hub/)

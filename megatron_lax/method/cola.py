@@ -25,3 +25,6 @@ class CoLA(SVD):
 
     def mergeable(self, cfg) -> bool:
         return False
+
+
+HF_SOURCE = ("CoLAFields",)  # what a transformers export copies from here beside the CoLA class (megatron_lax/hub/)

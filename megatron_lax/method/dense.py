@@ -7,6 +7,7 @@ from .lowrank import DenseLinear
 
 class Dense(Format):
     name, label, lowrank = "dense", "Full-rank", False
+    export = "transformers"  # hub/ copies this class (and HF_SOURCE) into a transformers export
 
     def validate(self, m, shapes) -> None:
         if m.uses_lax:

@@ -286,3 +286,10 @@ def latent_saved_bytes(cfg, r: int, layer: int, projection: str, activation: boo
         saved += 2 * r * a  # the batched matmuls' copies of the folded latent and of C0 Z
     return saved
 
+
+# --- transformers exports (megatron_lax/hub/) ------------------------------------------------------
+# What an exported modeling file copies from this file, as it is here, for every format: the gates, the
+# crossing and the factored layer (a format file's own HF_SOURCE adds what its class needs beside it).
+HF_SOURCE = ("Latents", "ACTIVATIONS", "IdentityGate", "LinearGate", "DenseGate", "balanced_factors", "TensorGate",
+             "GATES", "DenseLinear", "lowrank_factor_std", "kaiming_std", "kaiming_factor_stds", "LatentLinear",
+             "LowRankLinear", "bias_init_rule")

@@ -7,6 +7,7 @@ from .lowrank import LowRankLinear, latent_saved_bytes
 
 class SVD(Format):
     name, label = "svd", "SVD"
+    export = "transformers"  # hub/ copies this class (and HF_SOURCE) into a transformers export
     # model.lowrank_init auto: from the widest width measured in docs/RESULTS.md ("Initialisation"):
     # SVD's better init flips from matched at width 128 to cola at 256.
     default_lowrank_init = "cola"

@@ -191,6 +191,7 @@ def modes_of(cfg, projection: str) -> tuple[list[int], list[int]]:
 
 class TensorTrain(Format):
     name, label, fields = "tt", "Tensor Train", TensorTrainFields
+    export = "transformers"  # hub/ copies this class (and HF_SOURCE) into a transformers export
 
     def validate(self, m, shapes) -> None:
         unknown = [p for p in m.lax_intra_modules if p not in shapes and p != "all"]
@@ -265,3 +266,7 @@ class TensorTrain(Format):
     def describe(self, cfg) -> str:
         label = super().describe(cfg)
         return label + (f" + intra-layer LaX on {','.join(cfg.lax_intra_modules)}" if cfg.lax_intra_modules else "")
+
+
+# What a transformers export's modeling file copies from here beside the TensorTrain class (megatron_lax/hub/).
+HF_SOURCE = ("tt_ranks", "intra_shapes", "TTLinear", "TensorTrainFields", "MODES_FIELD", "modes_of")

@@ -16,6 +16,7 @@ class Family:
     uses_tokenizer: bool = True  # its inputs are token ids (vocabulary from a tokenizer), else images
     run_prefix: str = ""  # experiments name its runs' folders with it
     exports_to_huggingface: bool = False  # a mergeable model of it is written as a Hugging Face directory
+    transformers_export: str = ""  # its module in megatron_lax/hub/ (a transformers folder with remote code), if any
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
         raise NotImplementedError

@@ -94,25 +94,12 @@ class ViTLax(nn.Module):
         if cfg.num_classes <= 0 or cfg.in_channels <= 0:
             raise ValueError("model.num_classes and model.in_channels must be resolved (from the data) first")
         self.cfg = cfg
-        n_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
-        self.cls_token = nn.Parameter(torch.empty(1, 1, cfg.dim))
-        self.pos_embed = nn.Parameter(torch.empty(1, n_patches + 1, cfg.dim))
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
-        self.head_dropout = nn.Dropout(cfg.dropout if cfg.head_dropout is None else cfg.head_dropout)
-        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        add_vit_modules(self, cfg)
         if init_seed is not None and not self.pos_embed.is_meta:
             init_weights(self, init_seed)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.patch_embed.weight.dtype)  # engines that cast the model (bf16) leave inputs
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        latents: Latents = {}
-        for block in self.layers:
-            x, latents = block(x, latents)
-        return self.head(self.head_dropout(self.norm(x[:, 0])))
+        return classify(self, images)
 
     def no_weight_decay(self) -> set[str]:
         """The tensors of two or more dimensions that take no weight decay (optim.param_groups): the
@@ -140,6 +127,31 @@ class ViTLax(nn.Module):
                 rules.update(module_init_rules(module, at, cfg.resolved_lowrank_init, cfg.init_std))
         rules.update({"cls_token": ("normal", 1e-6), "pos_embed": ("normal", cfg.init_std)})
         return rules
+
+
+def add_vit_modules(model: nn.Module, cfg) -> None:
+    """The ViT's modules, set on `model` (ViTLax, and its transformers export in hub/vit.py); the values
+    are left to the caller."""
+    n_patches = (cfg.image_size // cfg.patch_size) ** 2
+    model.patch_embed = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+    model.cls_token = nn.Parameter(torch.empty(1, 1, cfg.dim))
+    model.pos_embed = nn.Parameter(torch.empty(1, n_patches + 1, cfg.dim))
+    model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+    model.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+    model.head_dropout = nn.Dropout(cfg.dropout if cfg.head_dropout is None else cfg.head_dropout)
+    model.head = nn.Linear(cfg.dim, cfg.num_classes)
+
+
+def classify(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The ViT's forward, images (B, C, H, W) -> logits, for ViTLax and its transformers export
+    (hub/vit.py), which have the same modules."""
+    images = images.to(model.patch_embed.weight.dtype)  # engines that cast the model (bf16) leave inputs
+    x = model.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+    x = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + model.pos_embed
+    latents: Latents = {}
+    for block in model.layers:
+        x, latents = block(x, latents)
+    return model.head(model.head_dropout(model.norm(x[:, 0])))
 
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor):
@@ -200,6 +212,7 @@ class ViTFields:
 class ViT(Family):
     name, fields, projections = "vit", ViTFields, ("q", "k", "v", "o", "fc1", "fc2")
     task, uses_tokenizer, run_prefix = "image_classification", False, "vit_"
+    transformers_export = "vit"  # hub/vit.py
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
         return ViTLax(cfg, init_seed)

@@ -54,12 +54,34 @@ class PreparedTokens:
     def unigram_perplexity(self, n_tokens: int, after_tokens: int = 0) -> float:
         return data.unigram_perplexity(self.path, self.cfg.seq_len, self.cfg.mode, n_tokens, after_tokens=after_tokens)
 
+    def report(self, loader) -> dict:
+        return {}  # data_prep.prepare reports what it skipped when it prepares
+
 
 class StreamedTokens(Stream):
     """C4-layout shards or a hub dataset tokenised as they are read (data.source stream)."""
 
     def total_steps(self, train_cfg, model_cfg, n_params: int, loader) -> int:
-        return data.planned_steps(train_cfg, model_cfg, self.cfg.seq_len, n_params)  # a stream has no size to check
+        """The budget's steps, refused when one pass cannot supply them and repetition is not allowed."""
+        steps = data.planned_steps(train_cfg, model_cfg, self.cfg.seq_len, n_params)
+        if steps > loader.steps_per_pass and not train_cfg.allow_repetition:
+            raise ValueError(f"{steps} steps need {steps * train_cfg.global_batch:,} sequences but one pass of the "
+                             f"stream ({self.cfg.mode} mode) offers {loader.steps_per_pass * train_cfg.global_batch:,} "
+                             f"({loader.steps_per_pass} steps); add data or set train.allow_repetition true")
+        return steps
+
+    def report(self, loader) -> dict:
+        """What the run read: sequences (and packed tokens) per source, documents skipped per reason."""
+        record = {}
+        for name, sequences in loader.source_sequences().items():
+            key = name if len(loader.plans) > 1 else "stream"
+            record[f"sequences_{key}"] = sequences
+            if self.cfg.mode == "packed":
+                record[f"tokens_{key}"] = sequences * self.cfg.seq_len
+        skipped = loader.damage()
+        record["skipped_records"] = sum(skipped.values())
+        record.update({f"skipped_{reason}": n for reason, n in sorted(skipped.items())})
+        return record
 
 
 SOURCES = {"prepared": PreparedTokens, "stream": StreamedTokens}
@@ -80,15 +102,31 @@ class TokenPrediction(Task):
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
         nll, count = self.evaluate_loss(engine, batches)
         val_loss = nll / max(count, 1)
-        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": count}
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "val_tokens": count,
+                **self.data_report()}
+
+    def data_report(self) -> dict:
+        """Fields the data source adds to each validation record ({}: none)."""
+        return {}
 
     def describe_validation(self, record: dict) -> str:
-        return f"val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}  ({record['val_tokens']} tokens)"
+        return (f"val_loss {record['val_loss']:.4f}  val_ppl {record['val_ppl']:.2f}  ({record['val_tokens']} tokens)"
+                f"{skipped_note(record)}")
 
     def summarize(self, final: dict, best_val_loss: float) -> tuple[dict, str]:
+        read = {k: v for k, v in final.items() if k.startswith(("sequences_", "tokens_", "skipped_"))}
         return ({"val_ppl": final["val_ppl"], "val_loss": final["val_loss"], "val_tokens": final["val_tokens"],
-                 "best_val_ppl": math.exp(min(best_val_loss, 50.0))},
-                f"validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens")
+                 "best_val_ppl": math.exp(min(best_val_loss, 50.0)), **read},
+                f"validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens{skipped_note(final)}")
+
+
+def skipped_note(record: dict) -> str:
+    """The streamed train split's unusable records, by reason, in a line ('' when none or not streamed)."""
+    if not record.get("skipped_records"):
+        return ""
+    reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in sorted(record.items())
+                        if k.startswith("skipped_") and k != "skipped_records")
+    return f"; the train split's records skipped: {record['skipped_records']} ({reasons})"
 
 
 class LanguageModeling(TokenPrediction):
@@ -106,6 +144,9 @@ class LanguageModeling(TokenPrediction):
         cfg = self.cfg
         return ModelRecipe(build=lambda: family_of(cfg.model).build(cfg.model, init_seed=None),
                            initialize=lambda model: init_weights(model, cfg.train.seed))
+
+    def data_report(self) -> dict:
+        return self.source.report(self.loader)
 
     @property
     def eval_tokens(self) -> int:

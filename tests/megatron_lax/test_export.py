@@ -39,7 +39,7 @@ def test_hugging_face_export_matches_our_logits(prepared_sample, tmp_path, metho
 @pytest.mark.parametrize("method,gate", [("svd", "identity"), ("cola", "none"), ("cola", "tensor")])
 def test_lax_and_cola_export_in_our_format(prepared_sample, tmp_path, method, gate):
     run_dir = trained(prepared_sample, tmp_path / "run", **{"model.method": method, "model.lax_gate": gate})
-    assert export(run_dir, tmp_path / "out") == "megatron_lax"
+    assert export(run_dir, tmp_path / "out", fmt="megatron_lax") == "megatron_lax"
     loaded = load_pretrained(tmp_path / "out")
     ours, _, _ = load_model(run_dir, torch.device("cpu"))
     tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
@@ -47,6 +47,33 @@ def test_lax_and_cola_export_in_our_format(prepared_sample, tmp_path, method, ga
         assert torch.equal(loaded(tokens), ours(tokens))
     with pytest.raises(ValueError, match="not a megatron_lax export"):
         load_pretrained(tmp_path)
+
+
+def test_lax_export_is_a_transformers_model_our_loaders_do_not_run(prepared_sample, tmp_path):
+    """The command's default for a LaX model: a transformers folder (remote code) with our logits;
+    our own loaders refuse it in one line and never run its modeling file."""
+    from transformers import AutoModelForCausalLM
+    from megatron_lax.evaluate import load_for_evaluation
+    from megatron_lax.export import main
+    from megatron_lax.loading.bases import load_base
+    run_dir = trained(prepared_sample, tmp_path / "run", **{"model.method": "svd", "model.lax_gate": "identity"})
+    assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")]) == 0
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True).eval()
+    ours, _, _ = load_model(run_dir, torch.device("cpu"))
+    tokens = torch.randint(0, ours.cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(tokens).logits, ours(tokens), rtol=1e-5, atol=1e-5)
+    assert "3 steps" in (tmp_path / "hf" / "README.md").read_text()
+    modeling = tmp_path / "hf" / "modeling_megatron_lax.py"
+    modeling.write_text(f"open({str(tmp_path / 'ran')!r}, 'w')\n" + modeling.read_text())
+    for load in (load_pretrained, load_base):
+        with pytest.raises(ValueError):
+            load(str(tmp_path / "hf"))
+    read, _, _, step = load_for_evaluation(tmp_path / "hf", torch.device("cpu"))  # as tensors, for evaluate
+    with torch.no_grad():
+        assert step == 3 and torch.equal(read(tokens), ours(tokens))
+    assert not (tmp_path / "ran").exists()
+    assert main(["--checkpoint", str(run_dir), "--output", str(tmp_path / "hf")]) == 2  # not empty: refused
 
 
 def test_evaluation_is_the_same_on_one_and_two_processes(prepared_sample, tmp_path):
@@ -88,7 +115,7 @@ def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(prepared_
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --output {out} is not empty; choose a new directory, or pass --force to replace what it holds"]
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force"]) == 0
+    assert main(["--checkpoint", str(lax_run), "--output", str(out), "--force", "--format", "megatron_lax"]) == 0
     assert not (out / "config.json").exists()  # nothing of the earlier export is left beside the new one
     assert load_pretrained(out).cfg.lax_gate == "identity"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lax", "out"]  # no staging folder left

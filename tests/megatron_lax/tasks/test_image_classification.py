@@ -135,7 +135,7 @@ def test_a_vit_export_loads_back_in_evaluate_and_generate_refuses_it(single, tmp
     from megatron_lax import generate
     from megatron_lax.evaluate import evaluate_checkpoint
     from megatron_lax.export import export
-    assert export(single / "full", tmp_path / "vit") == "megatron_lax"
+    assert export(single / "full", tmp_path / "vit", fmt="megatron_lax") == "megatron_lax"
     exported, checkpoint = evaluate_checkpoint(tmp_path / "vit"), evaluate_checkpoint(single / "full")
     assert exported["step"] == checkpoint["step"] == 4
     assert {k: exported[k] for k in ("val_acc1", "val_loss", "val_images")} == \
@@ -143,6 +143,44 @@ def test_a_vit_export_loads_back_in_evaluate_and_generate_refuses_it(single, tmp
     assert generate.main(["--checkpoint", str(tmp_path / "vit"), "--prompt", "x"]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path / 'vit'} holds a vit image classifier, which "
                                                f"generates no text (python -m megatron_lax.evaluate scores it)")
+
+
+def test_a_vit_export_classifies_through_the_transformers_pipeline(single, tmp_path):
+    """export's default for a ViT: an AutoModelForImageClassification folder whose image processor
+    gives the evaluation view ours gives (here of a 40x34 image, resized and centre-cropped), whose
+    logits are ours, and which pipeline() labels as our model does."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    transformers = pytest.importorskip("transformers")
+    from megatron_lax.data import images
+    from megatron_lax.evaluate import load_for_evaluation
+    from megatron_lax.export import export
+    from megatron_lax.tasks.image_classification import augment_config
+    assert export(single / "full", tmp_path / "vit_hf") == "transformers image classifier (remote code)"
+    ours, cfg, _, _ = load_for_evaluation(single / "full", torch.device("cpu"))
+    dataset = images.open_image_dataset(str(SAMPLE), "val")
+    pictures = [dataset.open(i).convert("L").resize((40, 34), Image.Resampling.BILINEAR) for i in range(4)]
+
+    class Pictures:  # the evaluation transform's view of these pictures
+        def label(self, i):
+            return 0
+
+        def open(self, i):
+            return pictures[i].copy()
+    transform = images.SampleTransform(augment_config(cfg, train=False), dataset.channels)
+    view = np.stack([transform.sample(Pictures(), i, np.random.default_rng(0))[0] for i in range(4)])
+    normalize = images.BatchAugment(augment_config(cfg, train=False), cfg.model.num_classes, dataset.channels).normalize
+    with torch.no_grad():
+        expected = ours(normalize(torch.from_numpy(view)))
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "vit_hf", trust_remote_code=True)
+    theirs = transformers.AutoModelForImageClassification.from_pretrained(tmp_path / "vit_hf", trust_remote_code=True)
+    with torch.no_grad():
+        logits = theirs(**processor(pictures, return_tensors="pt")).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    classify = transformers.pipeline("image-classification", model=str(tmp_path / "vit_hf"), trust_remote_code=True)
+    labels = [classify(picture, top_k=1)[0]["label"] for picture in pictures]
+    assert labels == [theirs.config.id2label[int(i)] for i in expected.argmax(-1)]
 
 
 def test_info_prints_the_vit_counts():

@@ -373,12 +373,22 @@ def test_plain_lora_exports_to_peft_and_merges_into_the_base(lora_run, tmp_path)
 
 def test_lax_lora_exports_in_our_format_and_refuses_to_merge(lax_run, tmp_path):
     ours, _, _ = load_finetuned(lax_run)
-    assert export_finetuned(lax_run, tmp_path / "lax") == "megatron_lax LaX-LoRA"
+    assert export_finetuned(lax_run, tmp_path / "lax", fmt="megatron_lax") == "megatron_lax LaX-LoRA"
     loaded = load_lax_lora(tmp_path / "lax")
     with torch.no_grad():
         assert torch.equal(loaded(TOKENS), ours(TOKENS))
     with pytest.raises(ValueError, match="cannot be merged"):
         export_finetuned(lax_run, tmp_path / "merged", merge=True)
+
+
+def test_lax_lora_exports_as_one_transformers_model(lax_run, tmp_path):
+    """By default the base and its LaX-LoRA adapters are one transformers model (remote code)."""
+    transformers = pytest.importorskip("transformers")
+    ours, _, _ = load_finetuned(lax_run)
+    assert export_finetuned(lax_run, tmp_path / "lax_hf") == "transformers (remote code, base and LaX-LoRA adapters)"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "lax_hf", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(TOKENS).logits, ours(TOKENS), rtol=1e-5, atol=1e-5)
 
 
 # --- evaluation -------------------------------------------------------------------------------------
