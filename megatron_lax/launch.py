@@ -15,7 +15,11 @@ another) from the hub, stream:DIR or stream:GLOB for local C4-layout shards; for
 root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was prepared
 with, or the stream is tokenised with; default hf:t5-base: a hub name or a local copy), PRECISION
 (default bf16-pure for the LLaMA recipes, the recipe's for the ViTs: fp32 official, bf16-mixed deit),
-RECIPE (ViTs: official | deit), RUN_DIR.
+RECIPE (ViTs: official | deit), RUN_DIR. Before training, the LLaMA recipes run the memory plan
+(megatron_lax.plan) for this GPU (PLAN_GPU: a name such as a100-40 or GiB, for a node without one) and
+the launch's number of ranks, and refuse a job that cannot fit in one line naming the micro-batch and
+checkpointing mode that would; MEMORY_PLAN=ignore runs it anyway, MEMORY_PLAN=only prints the whole
+plan (memory table, largest micro-batches, time; WORLD_SIZE ranks) and exits.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import sys
 
 from . import paper
 from .method.formats import FORMATS
+from .plan import config_of, preflight, report, this_gpu
 
 # Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
 # trains; PRECISION=bf16-mixed keeps fp32 master weights and optimizer states instead (docs/METHOD.md).
@@ -196,5 +201,14 @@ def recipe_arguments(scale: str, argv: list[str], environ) -> list[str]:
 def main(scale: str) -> None:
     args = recipe_arguments(scale, sys.argv[1:], os.environ)
     from .parallel.distributed import end_process
+    world, gpu = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("PLAN_GPU")
+    if os.environ.get("MEMORY_PLAN") == "only":
+        print(report(config_of(args), world, gpu or this_gpu() or "a100-80", None, None))
+        end_process(0)
+    refusal = None if os.environ.get("MEMORY_PLAN") == "ignore" else preflight(args, world, gpu)
+    if refusal:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {refusal} (MEMORY_PLAN=ignore runs it anyway)", file=sys.stderr)
+        end_process(2)
     from .train import main as train_main
     end_process(train_main(args, exiting=True))

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import resource
+import weakref
 import time
 
 import torch
 import torch.nn as nn
+import torch.utils._python_dispatch
 
 from ..method.lowrank import LatentLinear, LinearGate
 
@@ -172,3 +174,80 @@ def counting_host_reads():
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class RetainedActivations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the activation memory a forward pass leaves for the backward: the bytes of every storage
+    that an operation inside the `with` block created and that is still alive when the block ends
+    (saved for backward, kept by activation checkpointing as a block's inputs, or cached by its
+    selective policy), parameters excluded. Works on the meta device, so a model of any size can be
+    counted on a CPU. `saved_tensor_bytes` is the narrower count of saved-tensor hooks: what autograd
+    itself packs for backward outside checkpointed regions."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.excluded = {p.untyped_storage()._cdata for p in model.parameters()}
+        self.outputs: list = []
+        self.saved: dict[int, torch.Tensor] = {}
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = t.untyped_storage()._cdata
+        if key not in self.excluded:
+            self.saved[key] = t
+        return t
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor):
+                self.outputs.append(weakref.ref(t))
+        return out
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.hooks.__exit__(*exc)
+
+    def retained_bytes(self, *excluding: torch.Tensor) -> int:
+        """Bytes of the live storages created inside the block, less those of `excluding` (the outputs)."""
+        skip = self.excluded | {t.untyped_storage()._cdata for t in excluding}
+        live = {}
+        for ref in self.outputs:
+            t = ref()
+            if t is not None and t.untyped_storage()._cdata not in skip:
+                live[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return sum(live.values())
+
+    def saved_tensor_bytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in self.saved.values())
+
+
+def block_activation_bytes(build, inputs, tokens_per_sample: int, mode: str, dtype=torch.float32) -> float:
+    """Measured bytes per token that one block keeps for backward: `build(n_layers)` returns a model
+    (with blocks in `model.layers`) and `inputs(batch)` its input; the count is the difference between
+    3 and 2 blocks and between 2 samples and 1, so the embedding, the head and anything that does not
+    grow with the tokens cancel out. Runs under FakeTensorMode: no memory is allocated, any size fits."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..parallel.recompute import apply_activation_checkpointing
+
+    def retained(n_layers, batch):
+        default = torch.get_default_dtype()
+        with FakeTensorMode():
+            torch.set_default_dtype(dtype)
+            try:
+                model = build(n_layers)
+            finally:
+                torch.set_default_dtype(default)
+            apply_activation_checkpointing(model, mode)
+            x = inputs(batch)
+            with RetainedActivations(model) as counter:
+                out = model(x)
+            return counter.retained_bytes(out)
+
+    per_block = lambda batch: retained(3, batch) - retained(2, batch)
+    return (per_block(2) - per_block(1)) / tokens_per_sample
