@@ -6,7 +6,8 @@ arithmetic text in the allenai/c4 layout for pre-training a base model that can 
 writes
     DIR/train.json, DIR/test.json      [{"instruction", "input": "", "output", "answer"}, ...]
     DIR/test_seen_operands.json        a diagnostic: new problems over the training operands
-    (--split templates: DIR/train.json and DIR/test_{templates,pairs,both}.json, see `template_split`)
+    (--split templates: DIR/train.json, DIR/test_{templates,pairs,both}.json and the selection set
+     DIR/select_templates.json, see `template_split`)
     DIR/pretrain/arith-{train,validation}.00000-of-00001.json.gz     narrative text, C4 layout
 
 Problems take one step (add, take away, compare, multiply) or two (add then take away, multiply then
@@ -55,30 +56,37 @@ def _people(rng):
     return first, second
 
 
-# One-step problems in four wordings each. Wording 0 is the original task's; the template split holds the
-# last one out of training (HELD_OUT_WORDING). Every wording tells the operation with a word the
-# narrative pre-training text uses for it ("more", "added", "took", "lost", "each"), as a base model's
-# general knowledge would; the held-out one is the closest to that text, so that a model can read it
-# without having been fine-tuned on it, and the question is whether the fine-tune carries over.
+# One-step problems in five wordings each. Wording 0 is the original task's; the template split trains on
+# wordings 0-2, tests on HELD_OUT_WORDING and chooses hyperparameters on SELECTION_WORDING, so that the
+# choice measures transfer to a new wording without looking at the test's. Every wording tells the
+# operation with a word the narrative pre-training text uses for it ("more", "added", "took", "lost",
+# "each"), as a base model's general knowledge would; the two held-out ones are close to that text, so
+# that a model can read them without having been fine-tuned on them, and the question is whether the
+# fine-tune carries over.
 WORDINGS = {
     "add": ["{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?",
             "{n} found {a} {t} in the morning, and {b} more turned up later. How many {t} did {n} end up with?",
             "In the shed there were {a} {t}, and then {n} added another {b}. What is the number of {t} in the shed?",
-            "{n} put {a} {t} on the table and {m} added {b}. How many {t} are on the table?"],
+            "{n} put {a} {t} on the table and {m} added {b}. How many {t} are on the table?",
+            "The market sold {a} {t} before noon and {b} after it. How many {t} did the market sell?"],
     "take_away": ["{n} has {a} {t}. {n} gives {b} {t} to {m}. How many {t} does {n} have left?",
                   "Of the {a} {t} in the drawer, {m} took {b}. How many {t} stayed behind?",
                   "There were {a} {t} in a jar until {m} took {b} away. How many {t} are still in the jar?",
-                  "{n} had {a} {t} but lost {b} of them on the way home. How many {t} were left?"],
+                  "{n} had {a} {t} but lost {b} of them on the way home. How many {t} were left?",
+                  "{n} had {a} {t} and {m} took {b} of them. How many {t} stayed with {n}?"],
     "compare": ["{n} has {a} {t} and {m} has {b} {t}. How many more {t} does {n} have than {m}?",
                 "{m} collected {b} {t}, while {n} collected {a}. How many more {t} did {n} collect?",
                 "Compare the {a} {t} of {n} with the {b} {t} of {m}: how many more does {n} have?",
-                "{n} owns {a} {t} and {m} owns {b}. How many more {t} does {n} own than {m}?"],
+                "{n} owns {a} {t} and {m} owns {b}. How many more {t} does {n} own than {m}?",
+                "{n} counted {a} {t} and {m} counted {b}. How many more {t} did {n} count?"],
     "multiply": ["There are {a} {plural} with {b} {t} in each {single}. How many {t} are there in total?",
                  "{n} fills {a} {plural} with {b} {t} each. How many {t} does {n} use?",
                  "Each of the {a} {plural} holds {b} {t}. How many {t} are there altogether?",
-                 "{n} kept {a} {plural} of {b} {t} each in the shed. How many {t} are in the shed?"],
+                 "{n} kept {a} {plural} of {b} {t} each in the shed. How many {t} are in the shed?",
+                 "The {a} {plural} held {b} {t} each. How many {t} did the {plural} hold altogether?"],
 }
-HELD_OUT_WORDING = 3
+HELD_OUT_WORDING = 3  # the test files'
+SELECTION_WORDING = 4  # the selection file's (select_templates.json)
 
 
 def add(rng, pick, wording=0):
@@ -204,16 +212,22 @@ def pair_problems(n: int, numbers: list[int], seed: int, side: str, kinds, max_f
 
 def template_split(n_train: int, n_test: int, numbers: list[int], seed: int, kinds, max_factor: int,
                    test_share: float) -> dict[str, list[dict]]:
-    """Training problems in three wordings of each kind over the training operand pairs, and three test
-    sets that change one thing or both: the held-out wording over pairs that training shows
-    (`test_templates`), held-out pairs in the training wordings (`test_pairs`), or both (`test_both`)."""
-    seen = {k: [w for w in range(len(WORDINGS[k])) if w != HELD_OUT_WORDING] for k in kinds}
+    """Training problems in three wordings of each kind over the training operand pairs, three test sets
+    that change one thing or both: the held-out wording over pairs that training shows (`test_templates`),
+    held-out pairs in the training wordings (`test_pairs`), or both (`test_both`); and a selection set,
+    `select_templates`, that is `test_templates` in a wording of its own (SELECTION_WORDING), for choosing
+    hyperparameters on transfer to new text without looking at any test wording."""
+    held_out = (HELD_OUT_WORDING, SELECTION_WORDING)
+    seen = {k: [w for w in range(len(WORDINGS[k])) if w not in held_out] for k in kinds}
     unseen = {k: [HELD_OUT_WORDING] for k in kinds}
+    selection = {k: [SELECTION_WORDING] for k in kinds}
     split = lambda n, side, wordings, name, among=None: pair_problems(n, numbers, seed, side, kinds, max_factor,
                                                                       test_share, wordings, name, among)
     train = split(n_train, "train", seen, "seen-wording-")
+    train_pairs = {operand_pair(r) for r in train}
     return {"train": train,
-            "test_templates": split(n_test, "train", unseen, "unseen-wording-", {operand_pair(r) for r in train}),
+            "select_templates": split(n_test, "train", selection, "selection-wording-", train_pairs),
+            "test_templates": split(n_test, "train", unseen, "unseen-wording-", train_pairs),
             "test_pairs": split(n_test, "test", seen, "seen-wording-"),
             "test_both": split(n_test, "test", unseen, "unseen-wording-")}
 
@@ -265,7 +279,8 @@ def make(output: Path, n_train: int, n_test: int, n_documents: int, seed: int, m
     test_seen_operands.json diagnostic); `pairs` (one-step kinds only): every number appears on both
     sides but no test operand pair is a training pair, so a test answer is a fact the base saw in
     pre-training and the fine-tune never showed; `templates` (one-step kinds): the pairs split, and
-    one of the four wordings of each kind held out of training as well (`template_split`)."""
+    two of the five wordings of each kind held out of training as well, one for the tests and one for
+    choosing hyperparameters (`template_split`)."""
     output.mkdir(parents=True, exist_ok=True)
     if split in ("pairs", "templates") and set(kinds) - set(ONE_STEP):
         raise ValueError(f"the {split} split needs one-step kinds ({', '.join(ONE_STEP)})")

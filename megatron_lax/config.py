@@ -165,6 +165,10 @@ class AugmentConfig:
     crop_pct: float = 0.875  # evaluation: resize the short side to image_size / crop_pct, then centre-crop
 
 
+CHECKPOINTING_MODES = ("none", "block", "lowrank")
+CHECKPOINTING_ALIASES = {"false": "none", "true": "block", "0": "none", "1": "block", "off": "none", "on": "block"}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 0  # 0: follow token_budget (or, for a ViT, epochs)
@@ -178,7 +182,7 @@ class TrainConfig:
     eval_tokens: int = 0  # 0: data.val_tokens
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | block (recompute each block) | lowrank (keep the rank-r latents, CoLA-M); true/false: block/none
     compile: bool = False
     tf32: bool = False  # fp32 matmuls on TF32 tensor cores (Ampere and later), as timm's train.py runs "fp32"
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
@@ -551,11 +555,19 @@ def validate_run(cfg: Config) -> None:
         raise ConfigError(f"data.mode {cfg.data.mode!r} is unknown (packed or paper)")
     if cfg.train.precision not in ("auto", "fp32", "bf16-mixed", "bf16-pure"):
         raise ConfigError(f"train.precision {cfg.train.precision!r} is unknown (auto, fp32, bf16-mixed, bf16-pure)")
+    mode = str(cfg.train.activation_checkpointing).lower()
+    cfg.train.activation_checkpointing = CHECKPOINTING_ALIASES.get(mode, mode)
+    if cfg.train.activation_checkpointing not in CHECKPOINTING_MODES:
+        raise ConfigError(f"train.activation_checkpointing {mode!r} is unknown ({', '.join(CHECKPOINTING_MODES)}; "
+                          f"true and false mean block and none)")
     if cfg.parallel.engine not in ("single", "ddp", "fsdp", "deepspeed"):
         raise ConfigError(f"parallel.engine {cfg.parallel.engine!r} is unknown (single, ddp, fsdp, deepspeed)")
     if cfg.parallel.zero_stage not in (1, 2, 3):
         hint = "; stage 0 shards nothing: use parallel.engine ddp" if cfg.parallel.zero_stage == 0 else ""
         raise ConfigError(f"parallel.zero_stage must be 1, 2 or 3, got {cfg.parallel.zero_stage}{hint}")
+    if cfg.train.compile and cfg.parallel.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
+        raise ConfigError("train.compile does not run under ZeRO-3 (its parameter gathering cannot be compiled into a "
+                          "block): use parallel.engine fsdp, parallel.zero_stage 1 or 2, or train.compile false")
     if cfg.checkpoint.overwrite and cfg.checkpoint.resume == "auto":
         raise ConfigError("checkpoint.overwrite true starts the run over, checkpoint.resume auto continues it: "
                           "choose one")

@@ -15,7 +15,11 @@ another) from the hub, stream:DIR or stream:GLOB for local C4-layout shards; for
 root with train/ and val/ class folders, default data/imagenet), TOKENIZER (the one DATA was prepared
 with, or the stream is tokenised with; default hf:t5-base: a hub name or a local copy), PRECISION
 (default bf16-pure for the LLaMA recipes, the recipe's for the ViTs: fp32 official, bf16-mixed deit),
-RECIPE (ViTs: official | deit), RUN_DIR.
+RECIPE (ViTs: official | deit), RUN_DIR. Before training, the LLaMA recipes run the memory plan
+(megatron_lax.plan) for this GPU (PLAN_GPU: a name such as a100-40 or GiB, for a node without one) and
+the launch's number of ranks, and refuse a job that cannot fit in one line naming the micro-batch and
+checkpointing mode that would; MEMORY_PLAN=ignore runs it anyway, MEMORY_PLAN=only prints the whole
+plan (memory table, largest micro-batches, time; WORLD_SIZE ranks) and exits.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import sys
 
 from . import paper
 from .method.formats import FORMATS
+from .plan import config_of, preflight, report, this_gpu
 
 # Pure bf16 (weights, gradients and AdamW states), as the GaLore and CoLA code that produced Table 5
 # trains; PRECISION=bf16-mixed keeps fp32 master weights and optimizer states instead (docs/METHOD.md).
@@ -153,21 +158,57 @@ def user_arguments(argv: list[str]) -> list[str]:
     return out
 
 
-def main(scale: str) -> None:
+# The environment a recipe is read from. The DeepSpeed launcher starts remote ranks through pdsh with
+# only a few prefixes of its own environment (NCCL_, PYTHON...) and .deepspeed_env: launch.sh hands
+# these over as `--launch-env NAME=VALUE` arguments instead, which every rank receives.
+RECIPE_ENVIRONMENT = ("METHOD", "GATE", "ENGINE", "ZERO_STAGE", "DATA", "TOKENIZER", "PRECISION", "RUN_DIR", "RECIPE")
+
+
+def forwarded_environment(argv: list[str], environ) -> tuple[list[str], dict]:
+    """(argv without the `--launch-env NAME=VALUE` pairs, `environ` updated with them)."""
+    rest, environ = [], dict(environ)
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg != "--launch-env":
+            rest.append(arg)
+            continue
+        name, _, value = next(arguments, "=").partition("=")
+        if name not in RECIPE_ENVIRONMENT:
+            raise SystemExit(f"error: --launch-env {name!r} is not a recipe setting ({', '.join(RECIPE_ENVIRONMENT)})")
+        environ[name] = value
+    return rest, environ
+
+
+def recipe_arguments(scale: str, argv: list[str], environ) -> list[str]:
+    """The training arguments of a rank: the recipe from the (forwarded) environment, then the user's."""
+    argv, environ = forwarded_environment(argv, environ)
     vit = scale in paper.TABLES_9_10
-    method, gate = os.environ.get("METHOD", "cola"), os.environ.get("GATE", "tensor" if vit else "identity")
+    method, gate = environ.get("METHOD", "cola"), environ.get("GATE", "tensor" if vit else "identity")
     if method in FORMATS and not FORMATS[method].lowrank:
         gate = "none"
-    engine = os.environ.get("ENGINE", "deepspeed")
-    run_dir = os.environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")
-    zero_stage = os.environ.get("ZERO_STAGE", "1")
+    engine = environ.get("ENGINE", "deepspeed")
+    run_dir = environ.get("RUN_DIR", f"runs/{scale}_{method}_{gate}")
+    zero_stage = environ.get("ZERO_STAGE", "1")
     if vit:
-        args = vit_recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/imagenet"), run_dir,
-                          os.environ.get("PRECISION"), os.environ.get("RECIPE", "official"))
+        args = vit_recipe(scale, method, gate, engine, zero_stage, environ.get("DATA", "data/imagenet"), run_dir,
+                          environ.get("PRECISION"), environ.get("RECIPE", "official"))
     else:
-        args = recipe(scale, method, gate, engine, zero_stage, os.environ.get("DATA", "data/prepared/c4"), run_dir,
-                      os.environ.get("TOKENIZER", "hf:t5-base"), os.environ.get("PRECISION", RECIPE_PRECISION))
-    args += user_arguments(sys.argv[1:])
+        args = recipe(scale, method, gate, engine, zero_stage, environ.get("DATA", "data/prepared/c4"), run_dir,
+                      environ.get("TOKENIZER", "hf:t5-base"), environ.get("PRECISION", RECIPE_PRECISION))
+    return args + user_arguments(argv)
+
+
+def main(scale: str) -> None:
+    args = recipe_arguments(scale, sys.argv[1:], os.environ)
     from .parallel.distributed import end_process
+    world, gpu = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("PLAN_GPU")
+    if os.environ.get("MEMORY_PLAN") == "only":
+        print(report(config_of(args), world, gpu or this_gpu() or "a100-80", None, None))
+        end_process(0)
+    refusal = None if os.environ.get("MEMORY_PLAN") == "ignore" else preflight(args, world, gpu)
+    if refusal:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {refusal} (MEMORY_PLAN=ignore runs it anyway)", file=sys.stderr)
+        end_process(2)
     from .train import main as train_main
     end_process(train_main(args, exiting=True))

@@ -69,8 +69,13 @@ except RendezvousError as e:
 case "$engine" in
   deepspeed)
     [ -z "${HOSTFILE:-}" ] || check_hostfile "$HOSTFILE"
+    # pdsh does not carry these to other nodes: every rank gets them as arguments (megatron_lax/launch.py)
+    recipe_env=()
+    for name in METHOD GATE ENGINE ZERO_STAGE DATA TOKENIZER PRECISION RUN_DIR RECIPE; do
+      [ -z "${!name+set}" ] || recipe_env+=(--launch-env "$name=${!name}")
+    done
     exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} \
-      ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$script" "$@" ;;
+      ${MASTER_PORT:+--master_port "$MASTER_PORT"} "$script" ${recipe_env[@]+"${recipe_env[@]}"} "$@" ;;
   fsdp|ddp)
     endpoint="${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}"
     [ "${NNODES:-1}" = 1 ] || check_resolves "${MASTER_ADDR:-127.0.0.1}" "MASTER_ADDR"

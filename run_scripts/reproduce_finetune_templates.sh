@@ -1,46 +1,86 @@
 #!/usr/bin/env bash
-# Issue 24's fine-tuning study (docs/FINETUNING.md, "The template study"), end to end: the task
-# (data/arithmetic_templates), the study's base, each cell's learning rate chosen on held-out training
-# examples (selection seeds 100-101), the reported seeds (1-7: seed 0 chose the task and the length, see
-# docs/FINETUNING.md), and the table with paired intervals.
-# Resumable: finished runs are skipped. Environment: BASE_STEPS (3000: the base's pre-training steps; 1000
-# gives the first study's weaker base), OUT (runs/finetune_templates_base$BASE_STEPS), SEEDS ("1 2 3 4 5 6
-# 7"), CELLS (below), STEPS (300), JOBS (2: cells run side by side, one thread each).
+# The LoRA vs LaX-LoRA template study over several pre-trained bases (docs/FINETUNING.md, "The multi-base
+# template study", issue 36), end to end from a fresh clone:
+#   1. the task (data/arithmetic_templates, with its selection wording select_templates.json), if missing;
+#   2. the bases: the study's base config (configs/finetune_study_base.yaml, BASE_STEPS steps) once per base
+#      seed (train.seed = data.seed = the base seed: initialisation and data order), one thread each, so that
+#      a base does not depend on JOBS: the selection base (SELECTION_BASE) and the reported ones (BASES);
+#   3. each cell's learning rate, chosen on the selection base and selection seeds (SELECT_SEEDS) by exact
+#      match on the selection wording (SELECT), never on a reported base or a test file;
+#   4. every cell with every reported seed (SEEDS) on every reported base, at its chosen rate;
+#   5. OUT/table.md: every comparison pooled over bases x seeds (hierarchical bootstrap over bases, seeds
+#      and problems; Student's t over the base means) and per base.
+# Resumable: finished bases and runs are skipped (an interrupted base resumes from its checkpoint).
+# Expected cost with the defaults, from the measured per-run costs (docs/FINETUNING.md, "The template study over
+# several bases"): about 6.8 CPU-hours (4 bases x ~1,840 s, ~40 tuning runs x ~89 s, 147 runs x ~93 s), about
+# 3.4 hours of wall time with JOBS=2 on an idle 2-core machine.
+# Environment: OUT (runs/finetune_bases), BASE_STEPS (3000), SELECTION_BASE (0), BASES ("1 2 3"), SEEDS
+# ("1 2 3 4 5 6 7"), SELECT_SEEDS ("100 101"), CELLS (below), STEPS (300), RATES ("3e-3 1e-2 3e-2"),
+# FULL_RATES ("3e-4 1e-3 3e-3"), SELECT (data/arithmetic_templates/select_templates.json), JOBS (2: runs side
+# by side, one thread each), BASE_ARGS (more --section.key value for every base), FT_SET (more KEY=VALUE
+# for every fine-tune), PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
+out=${OUT:-runs/finetune_bases}
 base_steps=${BASE_STEPS:-3000}
-out=${OUT:-runs/finetune_templates_base$base_steps}
+selection_base=${SELECTION_BASE:-0}
+bases=${BASES:-1 2 3}
 jobs=${JOBS:-2}
 steps=${STEPS:-300}
+select=${SELECT:-data/arithmetic_templates/select_templates.json}
+cells=${CELLS:-lora_r1 lax_identity_nonorm_r1 lora_r4 lax_identity_r4 lax_linear_r4 lax_identity_nonorm_r4 full}
 export OMP_NUM_THREADS=1
 SECONDS=0
-mkdir -p "$out"
+for b in $bases; do
+  [ "$b" != "$selection_base" ] || { echo "BASES must not hold the selection base $selection_base" >&2; exit 1; }
+done
+mkdir -p "$out/bases"
 
-[ -f data/arithmetic_templates/test_both.json ] || "$py" -m data_prep.make_arithmetic \
+[ -f "$select" ] || "$py" -m data_prep.make_arithmetic \
   --output data/arithmetic_templates --train 1200 --test 300 --documents 6000 --max-number 12 --max-factor 6 \
   --kinds add,take_away,compare,multiply --split templates
-echo "base model ($out/base: the study's base config, $base_steps steps)"
-if [ -f "$out/base/finished.json" ]; then  # a base of another length would be mixed into this study's runs
-  "$py" -c 'import json, sys; s = json.load(open(sys.argv[1]))["steps"]; sys.exit(
-      0 if s == int(sys.argv[2]) else f"{sys.argv[1]}: the base was trained {s} steps, not BASE_STEPS={sys.argv[2]}; set OUT to another folder")' \
-    "$out/base/finished.json" "$base_steps"
-fi
-[ -f "$out/base/finished.json" ] || OMP_NUM_THREADS=$jobs "$py" -m megatron_lax.train \
-  --config configs/finetune_study_base.yaml --logging.run_dir "$out/base" --checkpoint.resume auto \
-  --train.steps "$base_steps" \
-  > "$out/base.log" 2>&1 || { tail -5 "$out/base.log"; exit 1; }
-cells=${CELLS:-"lora_r1 lax_identity_nonorm_r1 lora_r4 lax_identity_r4 lax_linear_r4 lax_identity_nonorm_r4 full"}
-common=(--config configs/finetune_templates.yaml --base "$out/base" --set "train.steps=$steps"
-        "optim.warmup_steps=$((steps / 10))")
-echo "learning rates (adapters 3e-3, 1e-2, 3e-2; full 3e-4, 1e-3, 3e-3; two finalists; seeds 100 101)"
+
+train_base() {  # SEED: OUT/bases/baseSEED, or stop if a base of another length is there
+  local dir="$out/bases/base$1"
+  if [ -f "$dir/finished.json" ]; then
+    "$py" -c 'import json, sys; s = json.load(open(sys.argv[1]))["steps"]; sys.exit(0 if s == int(sys.argv[2]) else
+        f"{sys.argv[1]}: the base was trained {s} steps, not BASE_STEPS={sys.argv[2]}; set OUT to another folder")' \
+      "$dir/finished.json" "$base_steps"
+    return
+  fi
+  # shellcheck disable=SC2086
+  "$py" -m megatron_lax.train --config configs/finetune_study_base.yaml --logging.run_dir "$dir" \
+    --checkpoint.resume auto --train.steps "$base_steps" --train.seed "$1" --data.seed "$1" ${BASE_ARGS:-} \
+    > "$dir.log" 2>&1 || { echo "base $1 failed:" >&2; tail -5 "$dir.log" >&2; return 1; }
+}
+export -f train_base
+export py out base_steps
+echo "bases (seeds $selection_base $bases, $base_steps steps, one thread each): $out/bases"
+for b in $selection_base $bases; do  # a base trained before with another length stops the study here
+  [ ! -f "$out/bases/base$b/finished.json" ] || train_base "$b"
+done
+printf '%s\n' $selection_base $bases | xargs -P "$jobs" -I{} bash -c 'train_base {}'
+
+failed="$out/failed.txt"
+rm -f "$failed"
+read -r -a ft_set <<< "${FT_SET:-}"
+common=(--config configs/finetune_templates.yaml --set "train.steps=$steps" "optim.warmup_steps=$((steps / 10))"
+        "${ft_set[@]}")
+# shellcheck disable=SC2086
+echo "learning rates on base $selection_base, seeds ${SELECT_SEEDS:-100 101}, by exact match on $select"
 printf '%s\n' $cells | xargs -P "$jobs" -I{} sh -c \
-  '"$0" -m megatron_lax.finetune_study tune "$@" --cells {} >> "'"$out"'/tune.{}.log" 2>&1 || echo "{} failed"' \
-  "$py" "${common[@]}" --out "$out/tune"
-grep -h chosen "$out"/tune.*.log
-echo "reported seeds"
+  '"$0" -m megatron_lax.finetune_study tune "$@" --cells {} >> "'"$out"'/tune.{}.log" 2>&1 || echo "tune {}" >> "'"$failed"'"' \
+  "$py" "${common[@]}" --base "$out/bases/base$selection_base" --select "$select" --out "$out/tune" \
+  --seeds ${SELECT_SEEDS:-100 101} --rates ${RATES:-3e-3 1e-2 3e-2} --full-rates ${FULL_RATES:-3e-4 1e-3 3e-3}
+grep -h chosen "$out"/tune.*.log || true
+base_dirs=()
+for b in $bases; do base_dirs+=("$out/bases/base$b"); done
+echo "reported seeds ${SEEDS:-1 2 3 4 5 6 7} on bases $bases"
+# shellcheck disable=SC2086
 printf '%s\n' $cells | xargs -P "$jobs" -I{} sh -c \
-  '"$0" -m megatron_lax.finetune_study run "$@" --cells {} >> "'"$out"'/cells.{}.log" 2>&1 || echo "{} failed"' \
-  "$py" "${common[@]}" --out "$out/cells" --lrs "$out/tune" --seeds ${SEEDS:-1 2 3 4 5 6 7}
+  '"$0" -m megatron_lax.finetune_study run "$@" --cells {} >> "'"$out"'/cells.{}.log" 2>&1 || echo "run {}" >> "'"$failed"'"' \
+  "$py" "${common[@]}" --bases "${base_dirs[@]}" --out "$out/cells" --lrs "$out/tune" --seeds ${SEEDS:-1 2 3 4 5 6 7}
 "$py" -m megatron_lax.finetune_study table "$out/cells" --output "$out/table.md"
 echo "total time ${SECONDS}s with $jobs jobs of one thread" | tee -a "$out/table.md"
+[ ! -f "$failed" ] || { echo "failed (see $out/tune.CELL.log, $out/cells.CELL.log):" >&2; cat "$failed" >&2; exit 1; }

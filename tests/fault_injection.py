@@ -38,9 +38,9 @@ def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _train_step(original):
+def _run_step(original):
     @functools.wraps(original)
-    def train_step(self):
+    def run_step(self):
         if self.step + 1 in NAN_STEPS:
             engine = self.engine
             forward_backward = engine.forward_backward
@@ -54,7 +54,7 @@ def _train_step(original):
         if self.step in KILL_AT_STEPS:
             kill_self()
         return record
-    return train_step
+    return run_step
 
 
 def _write_state(original):
@@ -81,10 +81,10 @@ def install(nan_steps=(), kill_at_steps=(), kill_in_checkpoint=(), slow_prepare:
     KILL_AT_STEPS.clear(), KILL_AT_STEPS.update(kill_at_steps)
     KILL_IN_CHECKPOINT.clear(), KILL_IN_CHECKPOINT.update(kill_in_checkpoint)
     if not _originals:
-        _originals.update(train_step=Trainer.train_step, write_state=checkpoint._write_state,
+        _originals.update(run_step=Trainer.run_step, write_state=checkpoint._write_state,
                           ensure_prepared=tokens.ensure_prepared,
                           init_process_group=torch.distributed.init_process_group)
-        Trainer.train_step = _train_step(Trainer.train_step)
+        Trainer.run_step = _run_step(Trainer.run_step)  # train_step runs it too
         checkpoint._write_state = _write_state(checkpoint._write_state)
     tokens.ensure_prepared = _slow(_originals["ensure_prepared"], slow_prepare) if slow_prepare \
         else _originals["ensure_prepared"]
@@ -96,7 +96,7 @@ def install(nan_steps=(), kill_at_steps=(), kill_in_checkpoint=(), slow_prepare:
 def uninstall() -> None:
     """Puts back every function install() wrapped."""
     if _originals:
-        Trainer.train_step, checkpoint._write_state = _originals["train_step"], _originals["write_state"]
+        Trainer.run_step, checkpoint._write_state = _originals["run_step"], _originals["write_state"]
         tokens.ensure_prepared = _originals["ensure_prepared"]
         torch.distributed.init_process_group = _originals["init_process_group"]
         _originals.clear()

@@ -329,6 +329,7 @@ class BatchAugment:
         self.cfg, self.num_classes = cfg, num_classes
         mean, std = normalization(cfg, channels)
         self.mean, self.std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.on_device: dict = {}  # device -> (mean, std), copied there once
 
     def plan(self, labels: torch.Tensor, keys: tuple[int, ...]) -> MixPlan:
         """Draws a micro-batch's erasing and mixing from its seed keys (numpy, in this process)."""
@@ -348,7 +349,9 @@ class BatchAugment:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (b, S, S, C) -> float32 (b, C, S, S), normalised, on the images' device."""
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        if images.device not in self.on_device:
+            self.on_device[images.device] = (self.mean.to(images.device), self.std.to(images.device))
+        mean, std = self.on_device[images.device]
         return ((images.permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous()
 
     def __call__(self, images: torch.Tensor, plan: MixPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,8 +360,9 @@ class BatchAugment:
         targets = soft_targets(labels, self.num_classes, self.cfg.label_smoothing)
         if len(plan) == 0:
             return x, targets
-        if plan.erase[:, 2].any():
-            x = erase(x, plan.erase.to(x.device), plan.noise_seed)
+        if plan.erase[:, 2].numpy().any():  # the plan is on the host: no device read
+            boxes = plan.erase.pin_memory() if x.is_cuda else plan.erase  # pinned: a copy that does not wait
+            x = erase(x, boxes.to(x.device, non_blocking=True), plan.noise_seed)
         if plan.mix == "mixup":
             x = plan.lam * x + (1 - plan.lam) * x.flip(0)
         elif plan.mix == "cutmix":

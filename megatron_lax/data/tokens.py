@@ -344,14 +344,16 @@ def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode
     run, batch size and number of ranks. Every rank gets as many batches as rank 0: sharded engines
     (FSDP2, ZeRO-3) gather parameters inside each forward, so a rank with one batch fewer would leave
     the others waiting forever. The extra batches are fully masked (pad inputs, no scored target),
-    so they add nothing to the NLL or the token count."""
+    so they add nothing to the NLL or the token count. A short last batch is filled up the same way:
+    every batch has micro_batch rows, so a compiled model sees one shape (no recompile)."""
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
     ids = validation_sequence_ids(sequences, n_tokens, after_tokens)
     mine = ids[rank::world_size]
-    batches = [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
-    most = math.ceil(len(ids[0::world_size]) / micro_batch)
     padding = (torch.full((micro_batch, seq_len), sequences.split.pad_id, dtype=torch.int64),
                torch.full((micro_batch, seq_len), IGNORE, dtype=torch.int64))
+    batches = [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
+    batches = [tuple(torch.cat([part, pad[len(part):]]) for part, pad in zip(batch, padding)) for batch in batches]
+    most = math.ceil(len(ids[0::world_size]) / micro_batch)
     return batches + [padding] * (most - len(batches))
 
 

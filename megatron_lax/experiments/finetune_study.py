@@ -2,9 +2,12 @@
 
     python -m megatron_lax.finetune_study probe --base RUN [--output probe.json]
     python -m megatron_lax.finetune_study run --config configs/finetune_study.yaml --out DIR [--seeds 0 1 2 3 4]
-    python -m megatron_lax.finetune_study tune --config C --out TUNED --cells lora_r4 ... [--rates ...]
+    python -m megatron_lax.finetune_study tune --config C --base SELECTION_BASE --select FILE --out TUNED
+        --cells lora_r4 ... [--rates ...]
     python -m megatron_lax.finetune_study run --config C --out DIR --cells ... --lrs TUNED --seeds 1 2 ...
+        [--bases BASE1 BASE2 BASE3]
     python -m megatron_lax.finetune_study table DIR [--output table.md]
+    python -m megatron_lax.finetune_study same-weights BASE_A BASE_B
 
 `probe` asks the base, before any fine-tuning, whether it can do what the task needs, on sentences
 of its own pre-training text with every operand pair: copy the two numbers of a sentence into the
@@ -16,14 +19,17 @@ resumes): exact match on the whole test file (greedy decoding) and the teacher-f
 gold response and of its answer tokens. LoRA and LaX-LoRA of one seed share A's initialisation
 (seeded by parameter name), the held-out split and the example order (data.seed = train.seed).
 
-`tune` chooses each cell's learning rate at full length on the held-out loss of training examples,
-on selection seeds that the report does not use (`tune`'s docstring); `run --lrs` then runs each cell at
-its own rate.
+`tune` chooses each cell's learning rate at full length by exact match on a selection file in a wording
+that neither training nor the test files use, on a selection base and selection seeds that the report
+does not use (`tune`'s docstring); `run --lrs` then runs each cell at its own rate. `run --bases` runs
+every cell and seed on each of several pre-trained bases (DIR/BASE/CELL/seedS/result.json), since the
+base is a source of variance as the seed is (issue 36: a fresh base reversed a one-base conclusion).
 
 `table` reports each cell's mean ± sample standard deviation over seeds, and each LaX-LoRA cell's
 per-seed difference from LoRA at the same rank and seed (mean ± standard deviation, and on how many
 seeds LaX-LoRA was better). Results that keep per-problem hits (every run since the template study) get
-`effects_table` instead: per test file, paired intervals and sign tests.
+`effects_table` instead: per test file, paired intervals and sign tests; a directory of bases gets
+`pooled_table`: every comparison pooled over bases x seeds with intervals that resample bases, and per base.
 """
 from __future__ import annotations
 
@@ -115,10 +121,9 @@ def cells(ranks: list[int], methods: list[str], full: bool) -> list[tuple[str, d
     return [cell(f"{method}_r{rank}") for rank in ranks for method in methods] + ([cell(FULL)] if full else [])
 
 
-def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float, evaluate: bool = True) -> dict:
-    """Fine-tune one cell; with `evaluate`, score every test file (exact match per problem, greedy) and
-    its teacher-forced losses. Tuning runs pass evaluate=False: they are chosen on the held-out loss of
-    training examples alone, and the test files are never looked at."""
+def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict:
+    """Fine-tune one cell and score every file of finetune.test_json (exact match per problem, greedy) and
+    its teacher-forced losses (tuning runs set test_json to the selection file alone)."""
     from ..data.tokenizer import load_tokenizer
 
     from ..config import load_config
@@ -144,7 +149,7 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float, evaluat
     result = {"overrides": overrides, "seed": cfg.train.seed, "lr": cfg.optim.lr,
               "trainable": trainable_parameters(model), "val_loss": summary["val_loss"],
               "train_seconds": train_seconds, "files": []}
-    for path in f.test_json if evaluate else []:
+    for path in f.test_json:
         acc = accuracy(model, tokenizer, path, f.max_new_tokens, 64, f.num_beams, bos)
         losses = teacher_forced(model, tokenizer, read_test_file(path)[0], 64, bos)
         result["files"].append({**{k: acc[k] for k in ("file", "n", "correct", "accuracy")}, **losses,
@@ -156,13 +161,13 @@ def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float, evaluat
 
 
 def run_cell(config: str, target: Path, name: str, overrides: dict, seed: int, full_lr: float, base: str,
-             extra: dict | None, evaluate: bool = True) -> dict:
+             extra: dict | None) -> dict:
     """One cell and seed, written to `target` (read back when it is there already: a study resumes)."""
     if target.is_file():
         return json.loads(target.read_text())
     overrides = {**overrides, "train.seed": str(seed), "data.seed": str(seed),
                  **({"finetune.base": base} if base else {}), **(extra or {})}
-    result = run_one(config, overrides, target.parent / "run", full_lr, evaluate)
+    result = run_one(config, overrides, target.parent / "run", full_lr)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=1))
     scores = f"held-out loss {result['val_loss']:.4f}"
@@ -174,49 +179,78 @@ def run_cell(config: str, target: Path, name: str, overrides: dict, seed: int, f
 
 
 def run(config: str, out: Path, seeds: list[int], plan: list[tuple[str, dict]], full_lr: float, base: str = "",
-        extra: dict | None = None, lrs: dict[str, float] | None = None) -> None:
+        extra: dict | None = None, lrs: dict[str, float] | None = None, bases: list[str] | None = None) -> None:
     """Seed by seed (every cell of seed 0, then of seed 1, ...), so that a study cut short has whole seeds.
-    `lrs` (cell -> rate, as `tune` writes) sets each cell's own learning rate."""
+    `lrs` (cell -> rate, as `tune` writes) sets each cell's own learning rate. `bases` (run directories of
+    pre-trained bases): every seed's cells on each base in turn, in OUT/BASE/CELL/seedS (BASE: the base
+    directory's name), so that a study cut short has whole seeds on every base."""
     missing = [name for name, _ in plan if lrs and name not in lrs]
     if missing:
         raise SystemExit(f"no chosen rate for {', '.join(missing)}: run `finetune_study tune` for them first")
+    names = [Path(b).name for b in bases or []]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--bases: two bases share a folder name ({', '.join(names)}); their runs would mix")
     for seed in seeds:
-        for name, overrides in plan:
-            if lrs:
-                overrides = {**overrides, "optim.lr": repr(lrs[name])}
-            run_cell(config, out / name / f"seed{seed}" / "result.json", name, overrides, seed, full_lr, base, extra)
+        for base_dir, where in zip(bases, names) if bases else [(base, None)]:
+            for name, overrides in plan:
+                if lrs:
+                    overrides = {**overrides, "optim.lr": repr(lrs[name])}
+                target = (out / where if where else out) / name / f"seed{seed}" / "result.json"
+                run_cell(config, target, name, overrides, seed, full_lr, base_dir, extra)
 
 
 # --- choosing each cell's learning rate -----------------------------------------------------------------
 
+SELECTION_FILE = "data/arithmetic_templates/select_templates.json"  # the template split's selection wording
+
+
+def selection_score(result: dict, select: str) -> tuple[float, float]:
+    """(exact match, -answer loss) on the selection file: higher is better, exact match first."""
+    if [f["file"] for f in result["files"]] != [select]:
+        raise SystemExit(f"a tuning run of seed {result['seed']} at {result['lr']:g} was scored on "
+                         f"{[f['file'] for f in result['files']]}, not on {select} alone (an older protocol's "
+                         f"run?): tune into another --out")
+    return result["files"][0]["accuracy"], -result["files"][0]["answer_loss"]
+
+
 def tune(config: str, out: Path, plan: list[tuple[str, dict]], rates: list[float], full_rates: list[float],
-         seeds: list[int], finalists: int, base: str = "", extra: dict | None = None) -> dict[str, float]:
-    """Each cell's learning rate, chosen at full length on the held-out loss of training examples: every
-    rate of the grid on the first seed (plus one rate past an edge of the grid that wins), the best
-    `finalists` on the other seeds too, and the lowest mean held-out loss over the seeds wins. The test
-    files are not evaluated. Writes OUT/CELL/lrLR/seedS/result.json and OUT/CELL/chosen.json."""
+         seeds: list[int], finalists: int, base: str = "", extra: dict | None = None,
+         select: str = SELECTION_FILE) -> dict[str, float]:
+    """Each cell's learning rate, chosen at full length by exact match (greedy) on `select`, problems in a
+    wording that neither training nor the test files use, so that the choice measures transfer to new text
+    (the held-out loss of training examples separates rates by hundredths of a nat while exact match on a
+    new wording moves by 5-10 points; issue 36): every rate of the grid on the first seed (plus one rate past
+    an edge of the grid that wins), the best `finalists` on the other seeds too, and the highest mean exact
+    match over the seeds wins (ties: the lower mean answer loss). Only `select` is evaluated, never the
+    config's test files; `base` should be a selection base that no reported figure uses.
+    Writes OUT/CELL/lrLR/seedS/result.json and OUT/CELL/chosen.json."""
+    extra = {**(extra or {}), "finetune.test_json": select}
     chosen = {}
     for name, overrides in plan:
         grid = sorted(full_rates if name == FULL else rates)
 
-        def loss(lr: float, seed: int) -> float:
+        def score(lr: float, seed: int) -> tuple[float, float]:
             target = out / name / f"lr{lr:g}" / f"seed{seed}" / "result.json"
-            return run_cell(config, target, name, {**overrides, "optim.lr": repr(lr)}, seed, 0.0, base, extra,
-                            evaluate=False)["val_loss"]
+            return selection_score(run_cell(config, target, name, {**overrides, "optim.lr": repr(lr)}, seed, 0.0,
+                                            base, extra), select)
 
-        first = {lr: loss(lr, seeds[0]) for lr in grid}
-        best = min(first, key=first.get)
+        first = {lr: score(lr, seeds[0]) for lr in grid}
+        best = max(first, key=first.get)
         if len(grid) > 1 and best in (grid[0], grid[-1]):  # the grid's edge won: look one step past it
             step = grid[1] / grid[0] if best == grid[0] else grid[-1] / grid[-2]
             past = float(f"{best / step if best == grid[0] else best * step:.0e}")  # one significant digit
-            first[past] = loss(past, seeds[0])
-        ranked = sorted(first, key=first.get)[:finalists]
-        mean = {lr: statistics.fmean([first[lr]] + [loss(lr, s) for s in seeds[1:]]) for lr in ranked}
-        chosen[name] = min(mean, key=mean.get)
-        print(f"{name}: held-out loss on seed {seeds[0]} " + ", ".join(f"{lr:g} {v:.4f}" for lr, v in
-              sorted(first.items())) + f"; finalists over seeds {seeds}: " +
-              ", ".join(f"{lr:g} {v:.4f}" for lr, v in mean.items()) + f"; chosen {chosen[name]:g}", flush=True)
-        (out / name / "chosen.json").write_text(json.dumps({"lr": chosen[name], "held_out_loss": mean}) + "\n")
+            first[past] = score(past, seeds[0])
+        ranked = sorted(first, key=first.get, reverse=True)[:finalists]
+        mean = {lr: tuple(map(statistics.fmean, zip(first[lr], *(score(lr, s) for s in seeds[1:])))) for lr in ranked}
+        chosen[name] = max(mean, key=mean.get)
+        shown = lambda v: f"{100 * v[0]:.1f}% ({-v[1]:.3f})"
+        print(f"{name}: exact match (answer loss) on {Path(select).name}, seed {seeds[0]}: " +
+              ", ".join(f"{lr:g} {shown(v)}" for lr, v in sorted(first.items())) + f"; finalists over seeds {seeds}: "
+              + ", ".join(f"{lr:g} {shown(v)}" for lr, v in mean.items()) + f"; chosen {chosen[name]:g}", flush=True)
+        (out / name / "chosen.json").write_text(json.dumps({
+            "lr": chosen[name], "selection_file": select, "seeds": seeds,
+            "exact_match": {f"{lr:g}": v[0] for lr, v in mean.items()},
+            "answer_loss": {f"{lr:g}": -v[1] for lr, v in mean.items()}}) + "\n")
     return chosen
 
 
@@ -321,8 +355,8 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 
 def t_interval(values: list[float]) -> tuple[float, float]:
-    """95% interval of the mean of per-seed differences (Student's t): with few seeds it is wider than the
-    bootstrap's, which treats the seeds it has as the whole spread of seeds."""
+    """95% interval of the mean of per-seed (or per-base) differences (Student's t): with few seeds it is
+    wider than the bootstrap's, which treats the seeds it has as the whole spread of seeds."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return float("-inf"), float("inf")
@@ -389,7 +423,115 @@ def effects_table(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+# --- several bases -------------------------------------------------------------------------------------
+
+def weight_differences(run_a: Path, run_b: Path) -> dict:
+    """Two pre-trained bases (run or checkpoint directories) compared bit for bit: how many tensors and
+    values they hold, and each differing tensor's largest absolute difference."""
+    from ..loading.bases import load_base
+    a, b = (load_base(str(run)).state_dict() for run in (run_a, run_b))
+    if a.keys() != b.keys():
+        raise SystemExit(f"{run_a} and {run_b} hold different tensors: not two bases of one config")
+    return {"tensors": len(a), "values": sum(t.numel() for t in a.values()),
+            "differing": {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}}
+
+
+def read_study(out: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """base -> cell -> seed -> result, from OUT/BASE/CELL/seedS/result.json (`run --bases`)."""
+    bases = sorted({path.parent.parent.parent.name for path in out.glob("*/*/seed*/result.json")})
+    return {base: read_results(out / base) for base in bases}
+
+
+def hierarchical_bootstrap(differences: list, reps: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean paired difference over bases (each base weighs the same), with a 95% percentile interval that
+    resamples bases, then seeds within each drawn base, then test problems (one draw of problems per
+    replicate, shared by every run, since every run answers the same problems). `differences`: one
+    seeds x problems array per base. With one base it is `paired_bootstrap`'s interval."""
+    import numpy as np
+    per_base = [np.asarray(d, dtype=float) for d in differences]
+    rng = np.random.default_rng(seed)
+    n_items = per_base[0].shape[1]
+    means = []
+    for _ in range(reps):
+        items = rng.integers(0, n_items, n_items)
+        drawn = [per_base[b] for b in rng.integers(0, len(per_base), len(per_base))]
+        means.append(np.mean([d[rng.integers(0, len(d), len(d))][:, items].mean() for d in drawn]))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(np.mean([d.mean() for d in per_base])), float(low), float(high)
+
+
+def pooled_comparison(study: dict, cell: str, ref: str, k: int) -> dict:
+    """One comparison on test file k over every base that has both cells: per base, the paired seeds'
+    exact-match differences (seeds x problems) and their bootstrap and t intervals; pooled, the hierarchical
+    bootstrap and Student's t over the base means, and an effect only where both exclude zero."""
+    import numpy as np
+    per_base = {}
+    for base, results in study.items():
+        seeds = sorted(set(results.get(cell, {})) & set(results.get(ref, {})))
+        if seeds:
+            hits = lambda c: np.array([results[c][s]["files"][k]["hits"] for s in seeds], dtype=float)
+            per_seed = [results[cell][s]["files"][k]["accuracy"] - results[ref][s]["files"][k]["accuracy"]
+                        for s in seeds]
+            answer = [results[cell][s]["files"][k]["answer_loss"] - results[ref][s]["files"][k]["answer_loss"]
+                      for s in seeds]
+            per_base[base] = {"d": hits(cell) - hits(ref), "per_seed": per_seed, "answer": answer,
+                              "bootstrap": paired_bootstrap(hits(cell), hits(ref)), "t": t_interval(per_seed)}
+    if not per_base:
+        return {}
+    mean, low, high = hierarchical_bootstrap([b["d"] for b in per_base.values()])
+    base_means = [statistics.fmean(b["per_seed"]) for b in per_base.values()]
+    t_low, t_high = t_interval(base_means)
+    return {"per_base": per_base, "mean": mean, "bootstrap": (low, high), "t": (t_low, t_high),
+            "base_means": base_means, "runs": [d for b in per_base.values() for d in b["per_seed"]],
+            "answer": statistics.fmean(statistics.fmean(b["answer"]) for b in per_base.values()),
+            "effect": (low > 0 and t_low > 0) or (high < 0 and t_high < 0)}
+
+
+def pooled_table(study: dict[str, dict[str, dict[int, dict]]]) -> str:
+    """Per test file: each cell's exact match pooled over bases (the mean of the base means ± their standard
+    deviation: the spread a fresh base adds) and per base (mean ± standard deviation over its seeds); each
+    comparison pooled over bases x seeds (`pooled_comparison`), then per base."""
+    order = cell_order({c for results in study.values() for c in results})
+    some = next(iter(next(iter(next(iter(study.values())).values())).values()))
+    points = lambda pair: f"[{100 * pair[0]:+.1f}, {100 * pair[1]:+.1f}]"
+    lines = [f"Bases: {', '.join(study)}.", ""]
+    for k, file in enumerate(some["files"]):
+        lines += [f"{Path(file['file']).name} ({file['n']} problems)", "",
+                  "| cell | LR | bases x seeds | exact match %, over bases | per base (over seeds) | answer loss |",
+                  "|---" * 6 + "|"]
+        for cell in order:
+            runs = {b: results[cell] for b, results in study.items() if cell in results}
+            em = {b: [r[s]["files"][k]["accuracy"] for s in sorted(r)] for b, r in runs.items()}
+            loss = [statistics.fmean(r[s]["files"][k]["answer_loss"] for s in r) for r in runs.values()]
+            lr = next(iter(next(iter(runs.values())).values())).get("lr", 0)
+            lines.append(f"| {cell} | {lr:g} | {len(runs)} x {'/'.join(str(len(v)) for v in em.values())} | "
+                         f"{spread([statistics.fmean(v) for v in em.values()], 100)} | "
+                         f"{' / '.join(spread(v, 100) for v in em.values())} | {spread(loss, 1, 3)} |")
+        lines += ["", "| comparison | bases x seeds | Δ exact match (pp) | 95% hierarchical bootstrap (bases, seeds, "
+                  "problems) | 95% t over base means | bases ahead / behind | runs ahead / behind | effect | "
+                  "Δ answer loss |", "|---" * 9 + "|"]
+        per_base_lines = ["", "| comparison | base | seeds | Δ exact match (pp) | 95% bootstrap (seeds, problems) | "
+                          "95% t over seeds | seeds ahead / behind |", "|---" * 7 + "|"]
+        for cell, ref in comparisons(order):
+            c = pooled_comparison(study, cell, ref, k)
+            if not c:
+                continue
+            ahead, behind, _ = sign_test(c["base_means"])
+            runs_ahead, runs_behind, _ = sign_test(c["runs"])
+            lines.append(f"| {cell} − {ref} | {len(c['per_base'])} x "
+                         f"{'/'.join(str(len(b['per_seed'])) for b in c['per_base'].values())} | "
+                         f"{100 * c['mean']:+.1f} | {points(c['bootstrap'])} | {points(c['t'])} | {ahead} / {behind} | "
+                         f"{runs_ahead} / {runs_behind} | {'yes' if c['effect'] else 'no'} | {c['answer']:+.3f} |")
+            for base, b in c["per_base"].items():
+                seeds_ahead, seeds_behind, _ = sign_test(b["per_seed"])
+                per_base_lines.append(f"| {cell} − {ref} | {base} | {len(b['per_seed'])} | "
+                                      f"{100 * b['bootstrap'][0]:+.1f} | {points(b['bootstrap'][1:])} | "
+                                      f"{points(b['t'])} | {seeds_ahead} / {seeds_behind} |")
+        lines += per_base_lines + [""]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m megatron_lax.finetune_study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -413,20 +555,29 @@ def main(argv=None) -> int:
                                               "of ranks x methods (+ full)")
     r.add_argument("--full-lr", type=float, default=1e-3)
     r.add_argument("--lrs", type=Path, help="a `tune` directory: each cell at the rate chosen there")
-    u = commands.add_parser("tune", help="choose each cell's learning rate on held-out training examples")
+    r.add_argument("--bases", nargs="+", help="several pre-trained bases: every cell and seed on each, in "
+                                              "OUT/BASE_FOLDER_NAME/CELL/seedS")
+    u = commands.add_parser("tune", help="choose each cell's learning rate by exact match on a selection wording")
     u.add_argument("--config", required=True)
     u.add_argument("--out", type=Path, required=True)
-    u.add_argument("--base", default="")
+    u.add_argument("--base", default="", help="the selection base (never a reported one)")
+    u.add_argument("--select", default=SELECTION_FILE, help="the selection file, in a wording no test file uses")
     u.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     u.add_argument("--cells", nargs="+", required=True)
     u.add_argument("--rates", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2])
     u.add_argument("--full-rates", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     u.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="selection seeds, none of them reported")
     u.add_argument("--finalists", type=int, default=2)
+    w = commands.add_parser("same-weights", help="are two bases' weights identical bit for bit? (exit 1 if not)")
+    w.add_argument("runs", type=Path, nargs=2)
     t = commands.add_parser("table", help="the Markdown table of a study directory")
     t.add_argument("out", type=Path)
     t.add_argument("--output", type=Path)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "probe":
         from ..data.tokenizer import load_tokenizer
@@ -447,19 +598,25 @@ def main(argv=None) -> int:
             args.output.write_text(text)
         print(text)
         return 0
+    if args.command == "same-weights":
+        found = weight_differences(*args.runs)
+        worst = max(found["differing"].values(), default=0.0)
+        print(f"{len(found['differing'])} of {found['tensors']} tensors ({found['values']:,} values) differ"
+              + (f"; largest absolute difference {worst:.3g}" if found["differing"] else ": identical bit for bit"))
+        return 1 if found["differing"] else 0
     extra = dict(item.split("=", 1) for item in getattr(args, "set", []))  # run and tune: --set KEY=VALUE
     if args.command == "run":
         plan = [cell(name) for name in args.cells] if args.cells else cells(args.ranks, args.methods, not args.no_full)
         run(args.config, args.out, args.seeds, plan, args.full_lr, args.base, extra,
-            chosen_rates(args.lrs) if args.lrs else None)
+            chosen_rates(args.lrs) if args.lrs else None, args.bases)
         return 0
     if args.command == "tune":
         tune(args.config, args.out, [cell(name) for name in args.cells], args.rates, args.full_rates, args.seeds,
-             args.finalists, args.base, extra)
+             args.finalists, args.base, extra, args.select)
         return 0
-    results = read_results(args.out)
+    study, results = read_study(args.out), read_results(args.out)
     with_hits = all("hits" in f for runs in results.values() for r in runs.values() for f in r["files"])
-    text = effects_table(results) if results and with_hits else table(args.out)
+    text = pooled_table(study) if study else effects_table(results) if results and with_hits else table(args.out)
     if args.output:
         args.output.write_text(text + "\n")
     print(text)

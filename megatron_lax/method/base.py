@@ -41,9 +41,8 @@ class Format:
     fields: Optional[type] = None  # a dataclass of the model.* fields it adds (flat keys), or None
     lowrank: bool = True  # has a rank and a latent that LaX can cross
     default_lowrank_init: str = "cola"  # what model.lowrank_init auto resolves to
-    # Places for the per-format pieces other parts of the code add (None: not supported by this format):
+    # A place for a per-format piece other parts of the code add (None: not supported by this format):
     export = None  # how it is written for other tools (Hugging Face export)
-    memory = None  # its memory plan (activations, per-rank shards)
 
     def validate(self, m, shapes: dict[str, tuple[int, int]]) -> None:
         """Raises ValueError (the config reports it as a ConfigError) on a config this format cannot
@@ -75,6 +74,20 @@ class Format:
         """(parameters, forward FLOPs per token, latent width) of the projection without its crossing
         and bias."""
         raise NotImplementedError
+
+    def saved_bytes(self, cfg, projection: str, d_in: int, d_out: int, layer: int, mode: str,
+                    act_bytes: int) -> int:
+        """Bytes per token the projection keeps for backward beyond its input, under
+        train.activation_checkpointing `mode` (none, block, lowrank), with activations of `act_bytes`
+        bytes: the memory plan's count, which the tests check against a real forward's saved tensors.
+        A format that does not declare it cannot be planned (python -m megatron_lax.plan says so)."""
+        raise NotImplementedError(f"model.method {self.name} does not count what it keeps for backward "
+                                  f"(Format.saved_bytes in its file), so the memory plan cannot size it")
+
+    def kept_flops(self, cfg, projection: str, d_in: int, d_out: int) -> int:
+        """Forward FLOPs per token of the matmul whose output low-rank recompute keeps (its module's
+        kept_matmul()), which a lowrank-checkpointed backward does not redo; 0: it redoes everything."""
+        return 0
 
     def mergeable(self, cfg) -> bool:
         """Whether a trained projection is one dense weight matrix (W, or B A): a base LoRA can go on,

@@ -19,6 +19,9 @@ class Dense(Format):
     def count(self, cfg, projection, d_in, d_out):
         return d_in * d_out, 2 * d_in * d_out, 0
 
+    def saved_bytes(self, cfg, projection, d_in, d_out, layer, mode, act_bytes):
+        return 0  # W x saves only its input; no latent to keep under lowrank recompute
+
     def mergeable(self, cfg) -> bool:
         return True
 

@@ -4,8 +4,9 @@ projection of any model family by `model.method`.
 A format is an object (a `base.Format` subclass, one file each) that owns everything about itself: the
 model.* fields it adds (a small dataclass, merged into ModelConfig by megatron_lax/config.py, so YAML,
 `--model.x`, --help and --print-config see them), their validation, its label in tables, its default
-initialisation, how it builds a projection, its parameter and FLOP counts, and whether it merges into
-one dense weight. A new format is its file plus one line in FORMATS below; nothing else names it.
+initialisation, how it builds a projection, its parameter and FLOP counts, what it keeps for backward
+(the memory plan), and whether it merges into one dense weight. A new format is its file plus one line
+in FORMATS below; nothing else names it.
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def make_linear(cfg, projection: str, d_in: int, d_out: int, layer: int, bias: b
                     latent=cfg.lax_latent, norm=cfg.lax_norm)
     module = format_of(cfg).build(cfg, projection, d_in, d_out, bias, activation, crossing)
     module.projection = projection
+    if hasattr(module, "hands_on"):
+        module.hands_on = cfg.crosses(projection, layer + 1)
     return module
 
 
@@ -60,3 +63,10 @@ def projection_counts(cfg, projection: str, d_in: int, d_out: int, layer: int, b
         params += crossing_parameters(cfg.lax_gate, latent_width, cfg.lax_gate_init, cfg.lax_norm)
         flops += crossing_flops(cfg.lax_gate, latent_width)
     return params + (d_out if bias else 0), flops
+
+
+def projection_saved_bytes(cfg, projection: str, d_in: int, d_out: int, layer: int, mode: str,
+                           act_bytes: int) -> int:
+    """Bytes per token the projection make_linear builds keeps for backward beyond its input, under
+    train.activation_checkpointing `mode` (none, block, lowrank), with activations of act_bytes bytes."""
+    return format_of(cfg).saved_bytes(cfg, projection, d_in, d_out, layer, mode, act_bytes)

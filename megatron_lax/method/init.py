@@ -10,6 +10,7 @@ DeepSpeed ZeRO-3.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from typing import Callable
 
 import torch
@@ -49,7 +50,9 @@ def assign_parameters(model: nn.Module, value_of: Callable[[str, torch.Tensor], 
         full = value_of(name, p)
         if hasattr(p, "device_mesh"):  # DTensor
             from torch.distributed.tensor import distribute_tensor
-            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None)
+            # src_data_rank=None (torch >= 2.7): every rank holds the full value, so no rank sends it
+            own = {"src_data_rank": None} if "src_data_rank" in inspect.signature(distribute_tensor).parameters else {}
+            local = distribute_tensor(full.to(p.device, p.dtype), p.device_mesh, p.placements, **own)
             p.to_local().copy_(local.to_local())
         elif hasattr(p, "ds_id"):  # DeepSpeed ZeRO-3
             import deepspeed

@@ -126,8 +126,9 @@ class TensorGate(nn.Module):
         return r0 * r0 + r1 * r1, 2 * r * (r0 + r1)
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict:
-        if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in)
-            return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / getattr(self, f"core{j}").shape[1])) for j in (0, 1)}
+        if self.init == "kaiming":  # uniform on [-b, b], b = sqrt(6 / fan-in); fan-in from the shapes, not the
+            # parameters, which ZeRO-3 leaves empty
+            return {f"{at}core{j}": ("uniform", math.sqrt(6.0 / self.in_shape[j])) for j in (0, 1)}
         return {f"{at}core0": ("eye", 0.0), f"{at}core1": ("eye", 0.0)}
 
 
@@ -192,6 +193,7 @@ class LatentLinear(nn.Module):
         self.activation, self.latent = activation, latent
         self.lax_gate = GATES[gate](rank, gate_init) if gate else None
         self.lax_norm = nn.LayerNorm(rank) if gate and norm else None
+        self.hands_on = True  # False where the next block's projection does not cross (make_linear sets it)
 
     def cross(self, h, prev_latent):
         z = h
@@ -204,7 +206,14 @@ class LatentLinear(nn.Module):
     def forward(self, x, prev_latent=None):
         h = self.encode(x)
         z = self.cross(h, prev_latent)
-        return self.decode(z), (z if self.latent == "output" else h)
+        return self.decode(z), self.handed_on(h, z)
+
+    def handed_on(self, h, z):
+        """The latent the same projection of the next block crosses with, or None where it does not
+        cross (no LaX): a latent handed on would be kept alive across blocks for nothing."""
+        if not self.hands_on:
+            return None
+        return z if self.latent == "output" else h
 
 
 class LowRankLinear(LatentLinear):
@@ -219,6 +228,12 @@ class LowRankLinear(LatentLinear):
 
     def encode(self, x):
         return self.A(x)
+
+    def kept_matmul(self) -> tuple[int, int]:
+        """What low-rank recompute (train.activation_checkpointing lowrank, CoLA-M) keeps of this
+        projection: the output of the matmul that makes the latent, A x, named by its (input width,
+        output width). Everything after it (crossing, activation, B) is recomputed from it."""
+        return self.d_in, self.rank
 
     def decode(self, z):
         return self.B(z)
@@ -245,6 +260,32 @@ def gate_parameter_names(model: nn.Module) -> set[str]:
     return {f"{prefix}.{name}" if prefix else name
             for prefix, module in model.named_modules() if isinstance(module, tuple(GATES.values()))
             for name, _ in module.named_parameters()}
+
+
+# --- what a projection keeps for the backward pass (the plan's activation count) ---------------------
+# Bytes per token that a projection leaves saved for backward beyond its input (the block counts the
+# input, which q, k and v share), for train.activation_checkpointing `none`, `block` or `lowrank`,
+# with activations of `a` bytes (4: fp32, 2: bf16; CUDA keeps a bf16 LayerNorm's two statistics in
+# fp32, 4 bytes more per crossing than counted here). Derived from the
+# operations in forward() and checked against a real forward pass's saved tensors (tests).
+
+def latent_saved_bytes(cfg, r: int, layer: int, projection: str, activation: bool, mode: str, a: int) -> int:
+    """The latent part every latent format shares: what B (or CoLA's activation) reads, the crossing,
+    and in the checkpointing modes the kept latent and the latent handed on to the next block."""
+    crosses, hands_on = cfg.crosses(projection, layer), cfg.crosses(projection, layer + 1)
+    if cfg.lax_latent != "output" and cfg.uses_lax:
+        raise ValueError("activation counts model model.lax_latent output only")
+    handed_on = r * a if hands_on else 0
+    if mode == "block":
+        return handed_on
+    if mode == "lowrank":  # the kept matmul output, and the handed-on latent where it is another tensor
+        return r * a + (handed_on if crosses or activation else 0)
+    saved = r * a * (2 if activation else 1)  # B's input (and the activation's input)
+    if crosses and cfg.lax_norm:
+        saved += r * a + 2 * a  # the LayerNorm's input h + G(z), its mean and 1/std (CPU: activation dtype)
+    if crosses and cfg.lax_gate == "tensor":
+        saved += 2 * r * a  # the batched matmuls' copies of the folded latent and of C0 Z
+    return saved
 
 
 # --- transformers exports (megatron_lax/hub/) ------------------------------------------------------

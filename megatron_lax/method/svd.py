@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from .base import Format
-from .lowrank import LowRankLinear
+from .lowrank import LowRankLinear, latent_saved_bytes
 
 
 class SVD(Format):
@@ -20,6 +20,14 @@ class SVD(Format):
     def count(self, cfg, projection, d_in, d_out):
         r = cfg.rank_of(projection)
         return r * (d_in + d_out), 2 * r * (d_in + d_out), r
+
+    def saved_bytes(self, cfg, projection, d_in, d_out, layer, mode, act_bytes):
+        """A x saves only the input; the rest is the latent part (lowrank.latent_saved_bytes)."""
+        return latent_saved_bytes(cfg, cfg.rank_of(projection), layer, projection, self.latent_activation, mode,
+                                  act_bytes)
+
+    def kept_flops(self, cfg, projection, d_in, d_out):
+        return 2 * d_in * cfg.rank_of(projection)  # A x (LowRankLinear.kept_matmul)
 
     def mergeable(self, cfg) -> bool:
         return not cfg.uses_lax  # W = B A; a crossing makes a projection depend on the block before

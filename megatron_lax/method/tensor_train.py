@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from .base import ROLE_NAMES, Format
-from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std
+from .lowrank import IdentityGate, LatentLinear, TensorGate, bias_init_rule, kaiming_std, latent_saved_bytes
 
 
 def tt_ranks(dims: list[int], rank: int) -> list[int]:
@@ -122,6 +122,12 @@ class TTLinear(LatentLinear):
                 partials.append(state.reshape(n, math.prod(rest) * r_next))
         return state.reshape(*x.shape[:-1], self.rank)
 
+    def kept_matmul(self) -> tuple[int, int]:
+        """What low-rank recompute keeps of this projection: the output of encode's last contraction,
+        the latent of width r_k, named by that matmul's (input width d_{k-1} r_{k-1}, output width r_k).
+        The partial contractions before it (wider than the latent) are recomputed."""
+        return self.in_dims[-1] * self.ranks[self.k - 1], self.rank
+
     def decode(self, z, partials: Optional[list] = None):
         """Expands the latent through the output cores: (N, P, r_j) -> (N, P d_j, r_{j+1}), adding
         the mirrored left partial after each inner step when intra-layer LaX is on."""
@@ -140,7 +146,7 @@ class TTLinear(LatentLinear):
         partials = [] if self.intra_gates is not None else None
         h = self.encode(x, partials)
         z = self.cross(h, prev_latent)
-        return self.decode(z, partials), (z if self.latent == "output" else h)
+        return self.decode(z, partials), self.handed_on(h, z)
 
     def init_rules(self, at: str, init: str, init_std: float) -> dict[str, tuple[str, float]]:
         """Each core N(0, s^2) with s chosen so that W's entries have std sigma: Var(W) =
@@ -151,7 +157,8 @@ class TTLinear(LatentLinear):
         r_{n-1} x d_{n-1} last): the product of its dimensions after the first."""
         n = len(self.cores)
         if init == "kaiming":
-            shapes = [[size for size in core.shape] for core in self.cores]
+            # the cores' shapes from the modes and ranks: ZeRO-3 leaves the parameters themselves empty
+            shapes = [[self.ranks[j], d, self.ranks[j + 1]] for j, d in enumerate(self.in_dims + self.out_dims)]
             shapes[0], shapes[-1] = shapes[0][1:], shapes[-1][:-1]
             rules = {f"{at}cores.{j}": ("normal", kaiming_std(math.prod(shape[1:]))) for j, shape in enumerate(shapes)}
         else:
@@ -224,6 +231,29 @@ class TensorTrain(Format):
         if self.intra(cfg, projection):
             params += intra_parameters(*modes, r, cfg.lax_intra_gate)
         return params, flops, tt_ranks(modes[0] + modes[1], r)[len(modes[0])]
+
+    def saved_bytes(self, cfg, projection, d_in, d_out, layer, mode, act_bytes):
+        """With checkpointing off, the input of every core's matmul (the transposed copy of x for the
+        first core, each partial contraction after it, each partial expansion before the last output
+        core) plus the latent part (lowrank.latent_saved_bytes); intra-layer LaX is not modelled."""
+        if self.intra(cfg, projection):
+            raise ValueError("activation counts do not model intra-layer LaX (model.lax_intra_modules)")
+        (in_dims, out_dims), a = modes_of(cfg, projection), act_bytes
+        ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
+        latent = latent_saved_bytes(cfg, ranks[k], layer, projection, False, mode, a)
+        if mode != "none":
+            return latent
+        copied_input = in_dims[0] > 1 and math.prod(in_dims[1:]) > 1
+        encode = (math.prod(in_dims) if copied_input else 0) + \
+            sum(math.prod(in_dims[j:]) * ranks[j] for j in range(1, k))
+        decode = sum(math.prod(out_dims[:i]) * ranks[k + i] for i in range(1, k))
+        return latent + a * (encode + decode)
+
+    def kept_flops(self, cfg, projection, d_in, d_out):
+        """encode's last contraction (TTLinear.kept_matmul): one (d_{k-1} r_{k-1}) x r_k matmul a token."""
+        in_dims, out_dims = modes_of(cfg, projection)
+        ranks, k = tt_ranks(in_dims + out_dims, cfg.rank_of(projection)), len(in_dims)
+        return 2 * in_dims[-1] * ranks[k - 1] * ranks[k]
 
     def vit_overrides(self, scale, gate: str) -> dict:
         """Its three TT ranks and the official fc2 modes; with LaX, intra-layer LaX on q, k, v, o."""

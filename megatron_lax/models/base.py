@@ -43,6 +43,17 @@ class Family:
         """{"forward", "train"} FLOPs per unit of the task (a token, an image)."""
         raise NotImplementedError
 
+    def activation_rows(self, cfg, seq_len: int, mode: str, act_bytes: int, flash: bool) -> dict[str, int]:
+        """The memory plan's bytes per sample of a micro-batch, by what holds them (what it keeps for
+        backward under train.activation_checkpointing `mode`, workspaces), with activations of
+        `act_bytes` bytes. A family that does not declare it cannot be planned."""
+        raise NotImplementedError(f"model.arch {self.name} does not count its activations "
+                                  f"(Family.activation_rows in its file), so the memory plan cannot size it")
+
+    def recompute_flops(self, cfg, mode: str, seq_len: int = 0) -> float:
+        """Extra forward FLOPs per unit a checkpointed backward spends; by default the whole forward again."""
+        return 0.0 if mode == "none" else self.flops(cfg, seq_len)["forward"]
+
 
 def memory_gb(n_params: int) -> float:
     """The paper's Table 5 estimate: BF16 weights, gradients and two Adam states (8 bytes per

@@ -20,15 +20,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..method.formats import format_of, make_linear, projection_counts
+from ..method.formats import format_of, make_linear, projection_counts, projection_saved_bytes
 from ..method.init import init_weights, module_init_rules
 from ..method.lowrank import DenseLinear, Latents
 from .base import Family, memory_gb  # noqa: F401 (memory_gb: the benchmarks' import)
 
 try:  # optional: used only on CUDA with half-precision tensors
+    import flash_attn
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+    flash_attn = flash_attn_func = None
+
+# flash-attn registers its kernels as torch custom ops from 2.6.0 on; older versions break the graph,
+# an error under train.compile's fullgraph: compiled blocks then use SDPA (FlashAttention-2 for bf16 too).
+FLASH_ATTN_COMPILES = flash_attn is not None and tuple(int(p) for p in flash_attn.__version__.split(".")[:2]) >= (2, 6)
+
+
+def flash_attn_usable(q: torch.Tensor, requested: bool) -> bool:
+    if not (requested and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    return FLASH_ATTN_COMPILES or not torch.compiler.is_compiling()
 
 # --- LLaMA ----------------------------------------------------------------------------------------
 
@@ -65,7 +76,7 @@ def apply_rotary(x, cos, sin):
 
 def attention(q, k, v, use_flash: bool):
     """Causal attention on (B, T, H, D) tensors; k and v may have fewer heads (grouped-query)."""
-    if use_flash and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if flash_attn_usable(q, use_flash):
         return flash_attn_func(q, k, v, causal=True)
     if k.shape[2] != q.shape[2]:
         k, v = (t.repeat_interleave(q.shape[2] // k.shape[2], dim=2) for t in (k, v))
@@ -277,6 +288,36 @@ def flops_per_token(cfg, seq_len: int) -> dict:
     return {"forward": forward, "train": 3 * forward}
 
 
+def block_saved_bytes(cfg, layer: int, mode: str, act_bytes: int, flash: bool) -> int:
+    """Bytes per token block `layer` keeps for backward (the plan's activation count; checked against
+    a real forward pass's saved tensors in the tests). `mode`: train.activation_checkpointing;
+    `act_bytes`: 4 (fp32) or 2 (bf16 compute); `flash`: flash-attn (grouped-query keys and values
+    kept once) or SDPA (repeated per head first). Each RMSNorm keeps its input in fp32, 1/rms
+    and the normalised input before and after the weight; attention keeps the rotated q and k, v,
+    its output (which o reads in place: both kernels lay it out token-major) and the log-sum-exp
+    per head (fp32); the MLP keeps gate, act(gate), up and their
+    product; each projection what its format says (method.formats.projection_saved_bytes)."""
+    d, f, a = cfg.dim, cfg.ffn_dim, act_bytes
+    projections = sum(projection_saved_bytes(cfg, name, d_in, d_out, layer, mode, a)
+                      for name, (d_in, d_out) in _projection_shapes(cfg).items())
+    if mode != "none":
+        return a * d + projections  # the block's input, and what the projections keep
+    kv = _projection_shapes(cfg)["k"][1] if flash else d  # SDPA repeats grouped-query keys and values
+    norms = 2 * (4 * d * (1 if a == 4 else 2) + 4 + 2 * a * d)  # x.float() is x itself in fp32, two copies else
+    attention = a * (2 * d + 2 * kv) + 4 * cfg.n_heads
+    mlp = a * f * (3 if cfg.only_latent_act else 4)
+    return norms + attention + mlp + projections
+
+
+def activation_bytes(cfg, tokens: int, mode: str, act_bytes: int, flash: bool) -> int:
+    """Bytes of activations one micro-batch of `tokens` tokens keeps for backward, every block, the
+    final norm and the LM head's logits (act_bytes each; their fp32 copy and gradient in the loss are
+    counted by the plan's workspace, not here)."""
+    blocks = sum(block_saved_bytes(cfg, layer, mode, act_bytes, flash) for layer in range(cfg.n_layers))
+    final_norm = 4 * cfg.dim + 4 + 2 * act_bytes * cfg.dim
+    return tokens * (blocks + final_norm + act_bytes * cfg.vocab_size)
+
+
 # --- the family (registered in models/__init__.py) ------------------------------------------------
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -315,3 +356,31 @@ class Llama(Family):
 
     def flops(self, cfg, seq_len: int = 0) -> dict:
         return flops_per_token(cfg, seq_len)
+
+    def activation_rows(self, cfg, seq_len: int, mode: str, act_bytes: int, flash: bool) -> dict[str, int]:
+        """Bytes per sequence of a micro-batch, by what holds them: what it keeps for backward (every
+        block, the final norm, the logits), the one block a checkpointed backward rematerialises, the
+        loss's fp32 log-probabilities and their gradient, and the attention backward's workspace for
+        one layer (the fp32 accumulator of dq and the softmax statistics; SDPA also the gradients of
+        the grouped-query keys and values it repeated per head)."""
+        a, T, d = act_bytes, seq_len, cfg.dim
+        recompute = 0 if mode == "none" else T * max(block_saved_bytes(cfg, layer, "none", a, flash)
+                                                    for layer in range(cfg.n_layers))
+        kv = _projection_shapes(cfg)["k"][1]
+        attention = T * (4 * d + 4 * cfg.n_heads + (0 if flash or kv == d else 2 * a * d))
+        return {f"activations kept for backward (checkpointing {mode})": activation_bytes(cfg, T, mode, a, flash),
+                "recomputed block in backward": recompute,
+                "loss workspace (fp32 log-probs, gradient)": T * cfg.vocab_size * (4 + 4),
+                f"attention backward workspace ({'flash-attn' if flash else 'SDPA'})": attention}
+
+    def recompute_flops(self, cfg, mode: str, seq_len: int) -> float:
+        """Extra forward FLOPs per token a checkpointed backward spends: every block again (`block`), or
+        every block but the matmuls whose outputs low-rank recompute keeps (each format's kept_flops)."""
+        if mode == "none":
+            return 0.0
+        blocks = flops_per_token(cfg, seq_len)["forward"] - 2 * cfg.dim * cfg.vocab_size
+        if mode == "block":
+            return blocks
+        kept = sum(format_of(cfg).kept_flops(cfg, name, d_in, d_out)
+                   for name, (d_in, d_out) in _projection_shapes(cfg).items())
+        return blocks - cfg.n_layers * kept

@@ -6,27 +6,18 @@ model: it is constructed on the meta device (or inside DeepSpeed's zero.Init for
 allocated shard by shard, and only then given its values."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
 from . import trust
 from ..config import Config
 from .distributed import DistInfo
 from .engine import Engine, LocalEngine, StepResult, materialize, resolve_precision
-
-
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each block's activations in the backward pass. The block's forward is wrapped in
-    place, so parameter names (and checkpoints) are unchanged; LaX latents are ordinary inputs and
-    outputs of the checkpointed function, so they cross block boundaries as usual."""
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+from .recompute import apply_activation_checkpointing
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -71,8 +62,7 @@ def build_engine(cfg: Config, source: Union[nn.Module, ModelRecipe], dist_info: 
     model, initialize = construct(source, cfg, precision, dist_info.world_size)
     if cfg.train.compile:
         apply_compile(model)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
     engine = cfg.parallel.engine
     if engine in ("single", "ddp"):
         return LocalEngine(cfg, dist_info, precision, loss, model, ddp=engine == "ddp", initialize=initialize)

@@ -15,7 +15,7 @@ import torch
 
 from . import trust
 from .optim import param_groups
-from .distributed import broadcast_object
+from .distributed import run_on_main
 from .engine import Engine, StepResult, materialize
 
 TAG = "deepspeed"
@@ -172,30 +172,33 @@ def saved_world_size(directory: Path) -> int:
 
 
 def universal_checkpoint(directory: Path, dist_info) -> str:
-    """Converts directory/deepspeed into directory/deepspeed_universal unless that exists; returns its tag."""
+    """Converts directory/deepspeed into directory/deepspeed_universal unless that exists; returns its
+    tag. Rank 0 converts while the others wait as long as it takes (run_on_main: a gloo group with a
+    long timeout; a 7B model's conversion outlasts NCCL's 10 minutes)."""
     import argparse
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     target = Path(directory) / UNIVERSAL
-    failure = None
-    if dist_info.is_main and not target.is_dir():
+
+    def convert() -> None:
+        if target.is_dir():
+            return
         staging = target.with_name(UNIVERSAL + ".incomplete")
         shutil.rmtree(staging, ignore_errors=True)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                ds_to_universal(argparse.Namespace(
-                    input_folder=str(Path(directory) / TAG), output_folder=str(staging), num_extract_workers=1,
-                    num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
-            os.replace(staging, target)
-        except Exception as e:  # noqa: BLE001 - reported on every rank in one line below
-            failure = f"{type(e).__name__}: {e}"
-    failure = broadcast_object(failure)
-    if failure:
+        with contextlib.redirect_stdout(io.StringIO()):
+            ds_to_universal(argparse.Namespace(
+                input_folder=str(Path(directory) / TAG), output_folder=str(staging), num_extract_workers=1,
+                num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        os.replace(staging, target)
+
+    try:
+        run_on_main(convert)
+    except Exception as e:  # noqa: BLE001 - every rank reports it in one line
         raise ValueError(f"{directory} was written by {saved_world_size(directory)} ranks and could not be converted "
-                         f"for {dist_info.world_size} ({failure}); convert it with `python -m "
+                         f"for {dist_info.world_size} ({type(e).__name__}: {e}); convert it with `python -m "
                          f"deepspeed.checkpoint.ds_to_universal --inject_missing_state --input_folder "
-                         f"{Path(directory) / TAG} --output_folder {target}`")
+                         f"{Path(directory) / TAG} --output_folder {target}`") from None
     return UNIVERSAL
 
 

@@ -31,8 +31,8 @@ def materialize(model: nn.Module, initialize: Optional[Callable], device: torch.
 
 @dataclass
 class StepResult:
-    grad_norm: float
-    skipped: bool  # the gradient was not finite, so no update was applied
+    grad_norm: float | torch.Tensor  # a device tensor where the engine decides on the device (no host read)
+    skipped: bool | torch.Tensor  # the gradient was not finite, so no update was applied
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -101,15 +101,20 @@ class Engine:
             group["lr"] = lr
 
     def clipped_step(self, parameters) -> StepResult:
-        """Clips to optim.grad_clip on the global norm, then steps unless the norm is not finite."""
+        """Clips to optim.grad_clip on the global norm, then steps unless the norm is not finite. The
+        fused AdamW skips on the device (its found_inf, as under a GradScaler): nothing is read back
+        on the host; another optimizer needs the norm on the host to decide."""
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # DTensor under FSDP2
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # DTensor under FSDP2
+        skipped = ~torch.isfinite(norm)
+        if all(group.get("fused") for group in self.optimizer.param_groups):
+            self.optimizer.found_inf = skipped.float()
+            self.optimizer.step()
+        elif not skipped:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(grad_norm, skipped)
+        return StepResult(norm.detach(), skipped)
 
     def train(self, mode: bool = True):
         self.model.train(mode)

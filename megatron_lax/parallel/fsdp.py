@@ -113,9 +113,10 @@ def reading_errors_unwrapped(load) -> None:
 
 def shard_model(model: torch.nn.Module, world_size: int, device: torch.device, precision: str) -> None:
     """Shards in place. With bf16-mixed, parameters are gathered in bf16 and gradients reduced in fp32
-    (the sharded fp32 parameters are the master weights)."""
+    (the sharded fp32 parameters are the master weights). Forward inputs are not cast: the blocks'
+    rotary cos/sin stay fp32, as under DDP's autocast (the activations are bf16 already)."""
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if precision == "bf16-mixed" else MixedPrecisionPolicy()
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=policy)

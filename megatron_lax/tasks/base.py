@@ -109,8 +109,9 @@ class Task:
     def describe(self, engine) -> str:
         raise NotImplementedError
 
-    def throughput_basis(self) -> tuple[float, float]:
-        """(units per optimizer step, training FLOPs per unit) for throughput and MFU."""
+    def throughput_basis(self) -> tuple[float | None, float]:
+        """(units per optimizer step, training FLOPs per unit) for throughput and MFU; None units per
+        step: the units the loss scored, counted as they come."""
         raise NotImplementedError
 
     # --- a saved model (python -m megatron_lax.evaluate) -------------------------------------------------

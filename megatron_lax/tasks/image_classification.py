@@ -55,20 +55,33 @@ def validation_loader(cfg: Config, dataset: images.ImageDataset, rank: int = 0, 
                                    cfg.data.loader_workers, pin_memory)
 
 
+PAD_LABEL = -100  # a padding row's label: nll_loss's ignore_index, never a top-k hit, not counted
+
+
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor):
     log_probs = torch.nn.functional.log_softmax(logits.float(), dim=-1)
     return torch.nn.functional.nll_loss(log_probs, labels, reduction="sum"), labels.numel()
 
 
 def accuracy_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[summed cross-entropy, top-1 hits, top-5 hits, images] of one batch, in fp32."""
+    """[summed cross-entropy, top-1 hits, top-5 hits, images] of one batch, in fp32; rows labelled
+    PAD_LABEL count for nothing."""
     if labels.numel() == 0:
         return torch.zeros(4, device=logits.device)
     loss, _ = cross_entropy_sum(logits, labels)
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top == labels[:, None]
-    return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(),
-                        torch.tensor(float(labels.numel()), device=logits.device)])
+    return torch.stack([loss, hits[:, 0].sum().float(), hits.any(-1).sum().float(), (labels >= 0).sum().float()])
+
+
+def padded(pixels: torch.Tensor, labels: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch filled up to `rows` rows with blank images labelled PAD_LABEL: a compiled model then
+    sees one batch size, whatever the split's remainder (or a rank's empty batch)."""
+    missing = rows - len(labels)
+    if missing <= 0:
+        return pixels, labels
+    return (torch.cat([pixels, pixels.new_zeros((missing, *pixels.shape[1:]))]),
+            torch.cat([labels, labels.new_full((missing,), PAD_LABEL)]))
 
 
 def skipped_note(record: dict) -> str:
@@ -78,10 +91,13 @@ def skipped_note(record: dict) -> str:
             f"{record['skipped_val_images']} validation)")
 
 
-def accuracy_over(batches, forward, normalize, device: torch.device) -> torch.Tensor:
-    """accuracy_sums over uint8 batches, each normalised on the device and passed through `forward`."""
+def accuracy_over(batches, forward, normalize, device: torch.device, rows: int = 0) -> torch.Tensor:
+    """accuracy_sums over uint8 batches, each normalised on the device and passed through `forward`;
+    `rows` > 0: each batch padded to that many rows first."""
     sums = torch.zeros(4, device=device)
     for pixels, labels in batches:
+        if rows:
+            pixels, labels = padded(pixels, labels, rows)
         sums += accuracy_sums(forward(normalize(pixels.to(device, non_blocking=True))),
                               labels.to(device, non_blocking=True))
     return sums
@@ -140,7 +156,7 @@ class ImageClassification(Task):
 
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
         sums = accuracy_over(self.val_loader, engine.predict, self.loader.batch_augment.normalize,
-                             self.dist.device)  # streamed: `batches` holds only the first
+                             self.dist.device, self.cfg.train.micro_batch)  # streamed: `batches` holds only the first
         self.val_skipped = self.val_loader.skipped
         return {**summary_of(all_reduce_sum(sums)), **self.unreadable(seen)}
 

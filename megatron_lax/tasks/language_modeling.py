@@ -7,6 +7,7 @@ import dataclasses
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +98,7 @@ class TokenPrediction(Task):
         return family_of(self.cfg.model).loss(outputs, targets)
 
     def scored(self, targets) -> int:
-        return int((targets != data.IGNORE).sum())
+        return int(np.count_nonzero(targets.numpy() != data.IGNORE))  # host data, counted without torch
 
     def evaluate(self, engine, batches, seen: int = 0) -> dict:
         nll, count = self.evaluate_loss(engine, batches)
@@ -244,9 +245,12 @@ class LanguageModeling(TokenPrediction):
                 f"{cfg.data.seq_len} tokens on {self.dist.world_size} rank(s), engine {cfg.parallel.engine}, "
                 f"precision {engine.precision}")
 
-    def throughput_basis(self) -> tuple[float, float]:
+    def throughput_basis(self) -> tuple[float | None, float]:
+        """Packed sequences: every position is a token trained on. One document per sequence (paper):
+        the scored tokens, counted each step (None), so that padding does not count as throughput."""
         cfg = self.cfg
-        return cfg.train.global_batch * cfg.data.seq_len, family_of(cfg.model).flops(cfg.model, cfg.data.seq_len)["train"]
+        per_step = None if cfg.data.mode == "paper" else cfg.train.global_batch * cfg.data.seq_len
+        return per_step, family_of(cfg.model).flops(cfg.model, cfg.data.seq_len)["train"]
 
     @classmethod
     def display_config(cls, cfg: Config) -> Config:

@@ -7,16 +7,20 @@ import signal
 
 import torch
 
-from ..parallel.distributed import all_reduce_sum
+import torch.distributed as dist
+
+from ..parallel.distributed import is_distributed
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopFlag:
-    """Set by a preemption signal on any rank; `agreed()` is the all-ranks view (one tiny all-reduce)."""
+    """Set by a preemption signal on any rank; `agreed()` is the all-ranks view: one tiny all-reduce
+    on the host, in a gloo group of its own, so that asking every step never waits for the GPU."""
 
     def __init__(self, device: torch.device):
         self.device, self.signal = device, None
+        self.group = dist.new_group(backend="gloo") if is_distributed() else None
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self._handle)
             # Restart system calls the signal interrupts: it may land on any thread, and the
@@ -27,8 +31,11 @@ class StopFlag:
         self.signal = signum
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=self.device)
-        return bool(all_reduce_sum(flag).item() > 0)
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([1 if self.signal is not None else 0], dtype=torch.int32)  # on the host
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=self.group)
+        return bool(flag[0] > 0)
 
 
 def ignore_preemption_signals() -> None:

@@ -93,6 +93,7 @@ class Trainer:
         self.run_dir = Path(self.cfg.logging.run_dir)
         self.metrics = MetricsLogger(self.run_dir, self.dist.is_main, self.cfg.logging.tensorboard)
         self.step, self.seen, self.nonfinite_in_a_row, self.skipped_steps = 0, 0, 0, 0
+        self.nonfinite = NonfiniteCounters(self.dist.device)
         # the divergence detector's state (train.stop_if_diverged): smoothed training loss, its running best
         self.loss_ema: float | None = None
         self.best_loss_ema = math.inf
@@ -109,7 +110,21 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------------------------
 
+    # The global count of scored units: a Python int, or while steps have not been read back on the
+    # host, plus their counts on the device (summed, one host read, when something asks for it).
+    @property
+    def seen(self) -> int:
+        if self.unseen:
+            self._seen += int(sum(self.unseen))
+            self.unseen = []
+        return self._seen
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        self._seen, self.unseen = value, []
+
     def trainer_state(self) -> dict:
+        self.nonfinite_in_a_row, self.skipped_steps, _ = self.nonfinite.read()
         return {"step": self.step, "seen": self.seen, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_loss": self.best_val_loss,
                 "last_val": self.last_val, "loss_ema": self.loss_ema, "best_loss_ema": self.best_loss_ema}
@@ -118,6 +133,7 @@ class Trainer:
         # the task's units trained on; checkpoints before the task's unit named the count "tokens"
         self.step, self.seen = state["step"], state["seen"] if "seen" in state else state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
+        self.nonfinite.set(self.nonfinite_in_a_row, self.skipped_steps)
         self.last_val = state["last_val"]
         if "best_val_loss" in state:
             self.best_val_loss = state["best_val_loss"]
@@ -167,35 +183,43 @@ class Trainer:
     # --- one optimizer step ----------------------------------------------------------------------
 
     def train_step(self) -> dict:
+        """One optimizer step; its record read back on the host, the non-finite rule applied."""
+        return self.settle(self.run_step())
+
+    def run_step(self) -> dict:
+        """One optimizer step without reading anything back from the device: the record's loss, grad
+        norm and `skipped` stay device tensors (settle() reads them at logging steps)."""
         micro_batches = [next(self.loader) for _ in range(self.accumulation)]
         device = self.dist.device
-        scored = all_reduce_sum(torch.tensor(float(sum(self.task.scored(y) for _, y in micro_batches)),
-                                             device=device))
+        scored = sum(self.task.scored(y) for _, y in micro_batches)  # on the host: the loader's batches
+        if self.dist.world_size > 1:  # a fill, not a copy: no wait for the device
+            scored = all_reduce_sum(torch.full((), float(scored), device=device))
         total_loss = torch.zeros((), device=device)
-        loss_weight = 1.0 / float(scored)
+        loss_weight = 1.0 / scored
         for i, (x, y) in enumerate(micro_batches):
             x, y = self.task.to_device(x, y)
             loss, _ = self.engine.forward_backward(x, y, loss_weight, sync=i == len(micro_batches) - 1)
             total_loss += loss.float()
         lr = self.task.learning_rate(self.step)
         result = self.engine.step(lr)
-        loss = float(all_reduce_sum(total_loss) / scored)
+        loss = all_reduce_sum(total_loss) / scored
         self.step += 1
-        self.seen += int(scored)
-        self.count_nonfinite(result, loss)
-        return {"step": self.step, "loss": loss, "lr": lr, self.task.unit: self.seen, "grad_norm": result.grad_norm,
-                "skipped": int(result.skipped)}
+        self.unseen.append(scored)
+        self.nonfinite.add(result.skipped, loss)
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": result.grad_norm, "skipped": result.skipped}
 
-    def count_nonfinite(self, result, loss: float) -> None:
-        if not (result.skipped or not math.isfinite(loss)):
-            self.nonfinite_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self.nonfinite_in_a_row += 1
-        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
-            raise TrainingError(f"step {self.step}: {self.nonfinite_in_a_row} non-finite steps in a row (loss "
-                                f"{loss}, grad norm {result.grad_norm}); stopping. The last good checkpoint is "
-                                f"left as it was.")
+    def settle(self, record: dict) -> dict:
+        """A run_step record as Python numbers (one host read) with the units seen; stops the run
+        (TrainingError) if train.max_nonfinite non-finite steps came in a row since the last look."""
+        values = torch.stack([torch.as_tensor(record[k], device=self.dist.device).float().reshape(())
+                              for k in ("loss", "grad_norm", "skipped")]).tolist()
+        record = {**record, "loss": values[0], "grad_norm": values[1], "skipped": int(values[2]),
+                  self.task.unit: self.seen}
+        self.nonfinite_in_a_row, self.skipped_steps, worst = self.nonfinite.read()
+        if worst >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"step {self.step}: {worst} non-finite steps in a row (loss {record['loss']}, grad "
+                                f"norm {record['grad_norm']}); stopping. The last good checkpoint is left as it was.")
+        return record
 
     # --- validation ---------------------------------------------------------------------------------
 
@@ -271,7 +295,7 @@ class Trainer:
         stop = faults.StopFlag(self.dist.device)
         try:
             while self.step < self.task.total_steps:
-                record = self.train_step()
+                record = self.run_step()  # read back on the host at logging steps only (Throughput)
                 throughput.add(record, bar)
                 bar.update(1)
                 ended = self.after_step(record, stop)
@@ -293,11 +317,11 @@ class Trainer:
             self.validate()
         if self.periodic_checkpoint_due():
             self.save_checkpoint()
-        if t.stop_if_diverged and self.diverged(record["loss"]):
-            self.log(f"diverged at step {self.step}: loss {record['loss']:.4f} (smoothed {self.loss_ema:.4f}, its "
+        if t.stop_if_diverged and self.diverged(float(record["loss"])):  # a host read every step: sweeps only
+            self.log(f"diverged at step {self.step}: loss {float(record['loss']):.4f} (smoothed {self.loss_ema:.4f}, its "
                      f"best {self.best_loss_ema:.4f}); stopping (train.stop_if_diverged)")
             self.metrics.log({"step": self.step, "diverged": 1}, prefix="event")
-            return {"diverged": True, "steps": self.step, "loss": record["loss"], "run_dir": str(self.run_dir)}
+            return {"diverged": True, "steps": self.step, "loss": float(record["loss"]), "run_dir": str(self.run_dir)}
         if t.stop_after and t.stop_after <= self.step < self.task.total_steps:
             return self.pause()
         if stop.agreed():
@@ -335,23 +359,54 @@ class Trainer:
         return summary
 
 
+class NonfiniteCounters:
+    """The non-finite steps, counted on the device and read on the host only when asked: the current
+    run of them, the longest run since the last read, and the total (skipped steps)."""
+
+    def __init__(self, device: torch.device):
+        self.run, self.longest, self.total = (torch.zeros((), dtype=torch.int64, device=device) for _ in range(3))
+
+    def set(self, in_a_row: int, total: int) -> None:
+        self.run.fill_(in_a_row)
+        self.longest.fill_(in_a_row)
+        self.total.fill_(total)
+
+    def add(self, skipped, loss: torch.Tensor) -> None:
+        bad = torch.as_tensor(skipped, device=loss.device) | ~torch.isfinite(loss)
+        self.run = torch.where(bad, self.run + 1, 0)
+        self.longest = torch.maximum(self.longest, self.run)
+        self.total = self.total + bad
+
+    def read(self) -> tuple[int, int, int]:
+        """(non-finite steps in a row now, in total, the longest run since the last read): one host read."""
+        run, total, longest = torch.stack([self.run, self.total, self.longest]).tolist()
+        self.longest = self.run.clone()
+        return run, total, longest
+
+
 class Throughput:
     """Every logging.log_every steps: samples/s, FLOP/s, MFU, peak memory and the LaX gates, logged
     with the step's record."""
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
-        self.per_step, self.flops_per_unit = trainer.task.throughput_basis()
+        self.per_step, self.flops_per_unit = trainer.task.throughput_basis()  # per_step None: the units seen
         dist = trainer.dist
-        self.cluster_peak = introspection.peak_flops(dist.device, trainer.cfg.logging.peak_flops) * dist.world_size
+        cfg = trainer.cfg
+        self.cluster_peak = dist.world_size * introspection.peak_flops(
+            dist.device, cfg.logging.peak_flops, trainer.engine.precision, cfg.train.tf32)
         self.start = self.window_start = time.time()
-        self.window = 0
+        self.window, self.seen_before = 0, trainer.seen
 
     def add(self, record: dict, bar) -> None:
+        """Counts a run_step record; at logging steps reads it back (in place) and logs it."""
         trainer = self.trainer
-        self.window += self.per_step
+        self.window += self.per_step or 0
         if trainer.step % trainer.cfg.logging.log_every and trainer.step != trainer.task.total_steps:
             return
+        record.update(trainer.settle(record))
+        if self.per_step is None:  # the units the loss scored (padding excluded)
+            self.window, self.seen_before = trainer.seen - self.seen_before, trainer.seen
         elapsed = time.time() - self.window_start
         rate_key = f"{trainer.task.unit}_per_s"
         record[rate_key] = self.window / max(elapsed, 1e-9)
@@ -363,6 +418,29 @@ class Throughput:
         trainer.metrics.log(record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record[rate_key]:.0f}")
         self.window_start, self.window = time.time(), 0
+
+
+def fit_counting_per_step(trainer: Trainer, count) -> tuple[dict, dict[int, int]]:
+    """trainer.fit() with `count()` (a running total such as host reads, or a tuple of them) taken as each
+    step starts and once its periodic work is done: (the run's summary, {step: the growth in that step})."""
+    per_step, run_step, after_step = {}, trainer.run_step, trainer.after_step
+    at_start = [0]
+
+    def counted_run_step():
+        at_start[0] = count()
+        return run_step()
+
+    def counted_after_step(record, stop):
+        ended = after_step(record, stop)
+        now = count()
+        per_step[trainer.step] = tuple(map(int.__sub__, now, at_start[0])) if isinstance(now, tuple) else now - at_start[0]
+        return ended
+
+    trainer.run_step, trainer.after_step = counted_run_step, counted_after_step
+    try:
+        return trainer.fit(), per_step
+    finally:
+        del trainer.run_step, trainer.after_step
 
 
 def train(cfg: Config, task_class, exiting: bool = False) -> dict:

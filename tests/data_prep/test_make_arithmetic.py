@@ -87,23 +87,27 @@ def wording(record: dict) -> tuple[str, int]:
 def test_the_template_split_holds_one_wording_of_each_kind_and_the_test_pairs_out_of_training(tmp_path):
     import json
 
-    from data_prep.make_arithmetic import HELD_OUT_WORDING
+    from data_prep.make_arithmetic import HELD_OUT_WORDING, SELECTION_WORDING
     make(tmp_path, **{**STUDY, "n_test": 300, "split": "templates"})
     files = {name: json.loads((tmp_path / f"{name}.json").read_text())
-             for name in ("train", "test_templates", "test_pairs", "test_both")}
+             for name in ("train", "test_templates", "test_pairs", "test_both", "select_templates")}
     held_out = {(kind, HELD_OUT_WORDING) for kind in STUDY["kinds"]}
+    selection = {(kind, SELECTION_WORDING) for kind in STUDY["kinds"]}
     wordings = {name: {wording(r) for r in records} for name, records in files.items()}
     pairs = {name: {pair(r) for r in records} for name, records in files.items()}
     assert len(files["train"]) == 1200 and all(len(files[n]) == 300 for n in files if n != "train")
-    assert len(wordings["train"]) == 12 and not wordings["train"] & held_out  # 3 wordings of 4 kinds
+    assert len(wordings["train"]) == 12 and not wordings["train"] & (held_out | selection)  # 3 wordings of 4 kinds
     assert wordings["test_templates"] == wordings["test_both"] == held_out
+    assert wordings["select_templates"] == selection  # a fourth split: no test or training wording
     assert wordings["test_pairs"] <= wordings["train"]
-    assert pairs["test_templates"] <= pairs["train"]  # only the wording is new
+    assert pairs["test_templates"] <= pairs["train"] and pairs["select_templates"] <= pairs["train"]  # new wording only
+    assert {r["instruction"] for r in files["select_templates"]}.isdisjoint(
+        r["instruction"] for name in files if name != "select_templates" for r in files[name])
     assert not (pairs["test_pairs"] | pairs["test_both"]) & pairs["train"]  # the facts are new
     for records in files.values():
         for r in records:
             a, op, b, result = EQUATION.findall(r["output"])[0]
             assert {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op] == int(result)
             assert {int(a), int(b)} <= operands(r) and r["answer"] == result
-    for name in ("train.json", "test_templates.json", "test_pairs.json", "test_both.json"):
+    for name in ("train.json", "test_templates.json", "test_pairs.json", "test_both.json", "select_templates.json"):
         assert (tmp_path / name).read_bytes() == (REPO / "data" / "arithmetic_templates" / name).read_bytes()

@@ -95,6 +95,14 @@ def test_yaml_values_of_a_compatible_type_are_converted(tmp_path):
     assert isinstance(cfg.optim.lr, float) and cfg.model.attn_rank is None and cfg.finetune.add_bos == "true"
 
 
+def test_compile_under_zero3_is_refused_in_one_line():
+    """ZeRO-3's parameter-gathering hooks are excluded from compilation, an error in a fullgraph block."""
+    from megatron_lax.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="^train.compile does not run under ZeRO-3"):
+        load_config("llama_tiny", {"train.compile": "true", "parallel.engine": "deepspeed", "parallel.zero_stage": "3"})
+    load_config("llama_tiny", {"train.compile": "true", "parallel.engine": "deepspeed", "parallel.zero_stage": "2"})
+
+
 OUT_OF_RANGE = [("model", "n_heads", 0, "at least 1"), ("data", "seq_len", 0, "at least 1"),
                 ("logging", "log_every", 0, "at least 1"), ("model", "n_layers", 0, "at least 1"),
                 ("checkpoint", "every", -1, "at least 0"), ("checkpoint", "keep", 0, "at least 1"),

@@ -137,6 +137,15 @@ def test_a_format_field_is_validated_and_on_the_command_line(toy_format, capsys)
     assert "--model.toy_blocks" in capsys.readouterr().out
 
 
+def test_the_memory_plan_says_in_one_line_what_a_format_without_a_count_lacks(toy_format, capsys):
+    from megatron_lax.plan import main, preflight
+    args = ["--config", "llama_micro", "--model.method", toy_format]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.method blockdiag does not count" in err and "Format.saved_bytes" in err and err.count("\n") == 1
+    assert preflight(args, 1, "a100-40") is None  # a launch is not refused for what the plan cannot size
+
+
 def test_a_format_field_set_for_another_format_is_refused():
     from megatron_lax.config import ConfigError
     with pytest.raises(ConfigError, match="needs model.method tt"):

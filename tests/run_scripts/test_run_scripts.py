@@ -3,6 +3,7 @@ torchrun rendezvous on this machine."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -212,11 +213,82 @@ def test_each_vit_script_resolves_to_table_9(scale, capsys):
 def test_finetune_templates_script_refuses_a_base_of_another_length(tmp_path):
     """A rerun whose OUT already holds a base trained for other steps stops before training anything,
     rather than mixing that base into the study's runs."""
-    base = tmp_path / "out" / "base"
+    base = tmp_path / "out" / "bases" / "base2"
     base.mkdir(parents=True)
     (base / "finished.json").write_text('{"steps": 1000}')
     result = subprocess.run(["bash", "run_scripts/reproduce_finetune_templates.sh"], cwd=REPO, capture_output=True,
                             text=True, env={**os.environ, **launcher_env(OUT=str(tmp_path / "out"))}, timeout=60)
     assert result.returncode != 0
     assert "the base was trained 1000 steps, not BASE_STEPS=3000" in result.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["base"]  # no tuning or reported run began
+    assert sorted(p.name for p in (tmp_path / "out" / "bases").iterdir()) == ["base2"]  # nothing else began
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bases"]
+
+
+def test_a_remote_deepspeed_rank_builds_the_recipe_of_the_launching_node(tmp_path):
+    """pdsh starts remote ranks without METHOD, GATE, ...: what the launcher is handed must carry them."""
+    from megatron_lax.launch import RECIPE_ENVIRONMENT, recipe_arguments
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "deepspeed").write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
+    (bin_dir / "deepspeed").chmod(0o755)
+    local = {"METHOD": "svd", "GATE": "dense", "ZERO_STAGE": "2", "DATA": str(tmp_path / "my data"),
+             "PRECISION": "bf16-mixed", "RUN_DIR": str(tmp_path / "run")}
+    env = {**os.environ, **launcher_env(**local), "PATH": os.pathsep.join([str(bin_dir), os.environ["PATH"]])}
+    subprocess.run(["bash", "run_scripts/pretrain_1b.sh", "--optim.lr", "0.1"], cwd=REPO, env=env, check=True,
+                   timeout=60)
+    script, *handed = (tmp_path / "argv").read_text().splitlines()
+    assert script == "run_scripts/pretrain_1b.sh"
+    remote_environment = {k: v for k, v in os.environ.items() if k not in RECIPE_ENVIRONMENT}
+    on_remote_rank = recipe_arguments("1b", handed + ["--local_rank=3"], remote_environment)
+    assert on_remote_rank == recipe_arguments("1b", ["--optim.lr", "0.1"], local)
+    assert on_remote_rank != recipe_arguments("1b", ["--optim.lr", "0.1"], {})  # the defaults differ
+    launch_source = (REPO / "megatron_lax" / "launch.py").read_text()
+    read = set(re.findall(r'environ\.get\("([A-Z_]+)"', launch_source))
+    assert read <= set(RECIPE_ENVIRONMENT) and set(RECIPE_ENVIRONMENT) <= set(
+        re.findall(r"\b([A-Z_]+)\b", (REPO / "run_scripts" / "launch.sh").read_text()))
+
+
+def tiny_template_task(where: Path) -> dict:
+    """The template task's files, a few problems each, and a little narrative pre-training text."""
+    from data_prep.make_arithmetic import narrative_documents, template_split, write_c4_shard, write_json
+    split = template_split(24, 6, list(range(2, 13)), 0, ("add", "take_away", "compare", "multiply"), 6, 0.3)
+    for name in ("train", "test_templates", "select_templates"):
+        write_json(where / f"{name}.json", split[name])
+    (where / "raw").mkdir()
+    for side, n in (("train", 60), ("validation", 10)):
+        write_c4_shard(where / "raw" / f"arith-{side}.00000-of-00001.json.gz", narrative_documents(n, side, 12, 6))
+    return {"base": f"--data.raw {where / 'raw'} --data.path {where / 'prepared'} --model.dim 32 --model.n_heads 2 "
+                    f"--model.n_layers 2 --model.ffn_dim 64 --train.global_batch 4 --train.micro_batch 4 "
+                    f"--train.eval_tokens 512 --logging.log_every 1",
+            "finetune": f"finetune.train_json={where / 'train.json'} finetune.test_json={where / 'test_templates.json'} "
+                        f"finetune.val_size=4 finetune.max_new_tokens=12 train.global_batch=4 train.micro_batch=4"}
+
+
+def test_finetune_templates_script_runs_the_study_over_bases_end_to_end(tmp_path):
+    """The whole study, shrunk: a selection base and two reported bases (seeds 0; 1, 2) of 3 steps, each
+    cell's rate chosen on base 0 by the selection wording, two cells x two seeds on each reported base,
+    the pooled table. The bases differ (the base seed sets the initialisation), the tuning runs saw only
+    the selection file and base 0, and every reported run used its own base."""
+    import json
+
+    from megatron_lax.experiments.finetune_study import main, weight_differences
+    task = tiny_template_task(tmp_path)
+    out = tmp_path / "out"
+    env = launcher_env(OUT=str(out), BASE_STEPS="3", BASES="1 2", SEEDS="1 2", SELECT_SEEDS="100", RATES="1e-2",
+                       CELLS="lora_r1 lax_identity_nonorm_r1", STEPS="2", SELECT=str(tmp_path / "select_templates.json"),
+                       BASE_ARGS=task["base"], FT_SET=task["finetune"])
+    result = run_command(["bash", "run_scripts/reproduce_finetune_templates.sh"], env=env, timeout=300)
+    table = (out / "table.md").read_text()
+    assert "Bases: base1, base2." in table and "| lax_identity_nonorm_r1 − lora_r1 | 2 x 2/2 |" in table
+    assert "| lax_identity_nonorm_r1 − lora_r1 | base2 | 2 |" in table
+    bases = [out / "bases" / f"base{b}" for b in (0, 1, 2)]
+    assert all(weight_differences(a, b)["differing"] for a, b in [bases[:2], bases[1:], bases[::2]])
+    assert main(["same-weights", str(bases[1]), str(bases[1])]) == 0 and main(["same-weights", *map(str, bases[1:])]) == 1
+    tuned = [json.loads(p.read_text()) for p in (out / "tune").rglob("result.json")]
+    assert len(tuned) == 2 and all(r["overrides"]["finetune.base"].endswith("bases/base0") for r in tuned)
+    assert all([f["file"] for f in r["files"]] == [str(tmp_path / "select_templates.json")] for r in tuned)
+    for path in (out / "cells").rglob("result.json"):
+        r = json.loads(path.read_text())
+        assert r["overrides"]["finetune.base"].endswith(f"bases/{path.parts[-4]}") and r["lr"] == 1e-2
+        assert [f["file"] for f in r["files"]] == [str(tmp_path / "test_templates.json")]
+    assert len(list((out / "cells").rglob("result.json"))) == 8 and "chosen 0.01" in result.stdout

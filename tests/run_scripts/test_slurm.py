@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, TINY, as_cli, free_port, losses
 
 SRUN = """#!/usr/bin/env bash
-while [[ $1 == -* ]]; do shift; done  # srun's own options
+while [[ $1 == -* ]]; do echo "$1" >> "${SRUN_LOG:-/dev/null}"; shift; done  # srun's own options, recorded
 pids=()
 for ((node = 0; node < SLURM_NNODES; node++)); do
   SLURM_NODEID=$node "$@" &
@@ -196,3 +196,14 @@ def validation_tokens(run_dir: Path) -> list[int]:
     import json
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r["val_tokens"] for r in map(json.loads, lines) if "val_tokens" in r]
+
+
+def test_srun_is_given_the_jobs_cpus_per_task(slurm, tmp_path):
+    """From Slurm 22.05 srun no longer inherits --cpus-per-task from sbatch: the loader workers of each
+    node would share one core unless the script passes it on."""
+    fake = executable(tmp_path / "fake_python", FAKE_TRAINER)
+    job = slurm(tmp_path / "run", 1, ENGINE="single", PYTHON=str(fake), FAKE_END="finish",
+                FAKE_STATUS_WHEN_SIGNALLED="0", SLURM_CPUS_PER_TASK="64", SRUN_LOG=str(tmp_path / "srun.log"))
+    finish(job, 30)
+    assert job.returncode == 0
+    assert "--cpus-per-task=64" in (tmp_path / "srun.log").read_text().split()

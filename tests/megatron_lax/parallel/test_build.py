@@ -43,3 +43,18 @@ def test_whole_model_traces_into_one_graph(method, gate):
     torch.testing.assert_close(compiled(inputs), eager(inputs))
     for a, b in zip(traced.parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6 * float(b.grad.abs().max()))
+
+
+def test_compiled_blocks_use_sdpa_where_flash_attn_would_break_the_graph(monkeypatch):
+    """flash-attn before 2.6 is not a custom op: under fullgraph compile it is not called (SDPA is)."""
+    from megatron_lax.models import llama
+
+    class CudaLike:
+        is_cuda, dtype = True, torch.bfloat16
+
+    monkeypatch.setattr(llama, "flash_attn_func", lambda *a, **k: None)
+    for compiles, compiling, expected in ((True, True, True), (False, True, False), (False, False, True)):
+        monkeypatch.setattr(llama, "FLASH_ATTN_COMPILES", compiles)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        assert llama.flash_attn_usable(CudaLike(), requested=True) is expected
+    assert llama.flash_attn_usable(CudaLike(), requested=False) is False

@@ -99,9 +99,12 @@ def test_engine_matches_single_process_resumes_skips_and_consolidates(prepared_s
     engine, precisions = ENGINES[name]
     runs = standard_runs(prepared_sample, tmp_path, **engine)
     runs += [extra_run(prepared_sample, tmp_path, p, **engine, **{"train.precision": p}) for p in precisions]
-    if name == "fsdp":  # LaX latents cross FSDP-wrapped, checkpointed blocks
+    if name == "fsdp":  # LaX latents cross FSDP-wrapped, checkpointed blocks (true: the old spelling of block)
         runs.append(extra_run(prepared_sample, tmp_path, "cola_checkpointed", **engine, **COLA_DENSE,
                              **{"train.activation_checkpointing": "true"}))
+    if name in ("fsdp", "zero3"):  # low-rank recompute under FSDP2 and under ZeRO-3's gathered parameters
+        runs.append(extra_run(prepared_sample, tmp_path, "cola_lowrank", **engine, **COLA_DENSE,
+                             **{"train.activation_checkpointing": "lowrank"}))
     if name == "zero2":  # a user's own DeepSpeed JSON; its scheduler must not fight the trainer's LR
         user_json = tmp_path / "user_ds.json"
         user_json.write_text(json.dumps(USER_DEEPSPEED_CONFIG))
@@ -155,6 +158,9 @@ def test_engine_matches_single_process_resumes_skips_and_consolidates(prepared_s
             == {torch.float32}
         cola, wrapped = losses(reference / "cola"), losses(tmp_path / "cola_checkpointed")
         assert cola.keys() == wrapped.keys() and all(wrapped[s] == pytest.approx(cola[s], rel=1e-5) for s in cola)
+    if name in ("fsdp", "zero3"):
+        cola, lowrank = losses(reference / "cola"), losses(tmp_path / "cola_lowrank")
+        assert cola.keys() == lowrank.keys() and all(lowrank[s] == pytest.approx(cola[s], rel=1e-5) for s in cola)
     if name == "zero2":
         user = losses(tmp_path / "user_json")
         assert user.keys() == single.keys() and all(user[s] == pytest.approx(single[s], rel=1e-5) for s in user)
@@ -185,10 +191,11 @@ def test_compiled_checkpointed_blocks_pass_lax_latents():
         return nll.detach(), [p.grad for p in model.parameters()]
 
     eager = loss_and_grads(lambda model: None)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    compiled = loss_and_grads(lambda model: (apply_compile(model), apply_activation_checkpointing(model)))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert compiled[0] == pytest.approx(float(eager[0]), rel=1e-5)
-    for a, b in zip(compiled[1], eager[1]):  # fused kernels sum in another order: tolerance scaled to the tensor
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
+    for mode in ("block", "lowrank"):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        compiled = loss_and_grads(lambda model: (apply_compile(model), apply_activation_checkpointing(model, mode)))
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+        assert compiled[0] == pytest.approx(float(eager[0]), rel=1e-5)
+        for a, b in zip(compiled[1], eager[1]):  # fused kernels sum in another order: tolerance scaled to the tensor
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))

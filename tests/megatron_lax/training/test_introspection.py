@@ -55,3 +55,12 @@ def test_lax_lora_adapters_are_found_by_the_introspection():
     assert set(gate_values(model)) == {f"lax_gate/{p}/{i}" for p in ("q", "up") for i in (1, 2)}
     stats = latent_rms(model, lambda: model(torch.randint(0, 64, (2, 8))))
     assert "lax_rms/up/2/crossing" in stats and "lax_rms/q/0/own" in stats
+
+
+def test_peak_flops_by_gpu_name_and_precision():
+    from megatron_lax.training.introspection import gpu_peak_flops
+    assert gpu_peak_flops("NVIDIA H100 NVL") == 835e12 and gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA H800") == 989e12 and gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert gpu_peak_flops("Some Future GPU") == 0.0
