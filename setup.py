@@ -13,10 +13,10 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["megatron_lax", "megatron_lax.*", "tokenizer", "tokenizer.*",
-                                    "data_prep", "data_prep.*"]),
-    include_package_data=True,
-    package_data={"tokenizer": ["sample/*", "english/*"]},
+    # Only megatron_lax: tokenizer/ and data_prep/ hold commands run from the repository root (python -m
+    # tokenizer.train, python -m data_prep.prepare) over code in megatron_lax/data/, and are not installed
+    # under their generic names (other packages on PyPI are called `tokenizer`).
+    packages=find_packages(include=["megatron_lax", "megatron_lax.*"]),
     install_requires=requirements,
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
@@ -38,8 +38,8 @@ setup(
             "megatron-lax-reproduce=megatron_lax.experiments.reproduce:main",
             "megatron-lax-finetune=megatron_lax.finetune:main",
             "megatron-lax-finetune-eval=megatron_lax.finetune_eval:main",
-            "megatron-lax-prepare=data_prep.prepare:main",
-            "megatron-lax-tokenizer=tokenizer.train:main",
+            "megatron-lax-prepare=megatron_lax.data.prepare:main",
+            "megatron-lax-tokenizer=megatron_lax.data.train_tokenizer:main",
         ],
     },
 )

@@ -51,7 +51,7 @@ class SyntheticTokenizer:
 
 
 def write_split(directory: Path, split: str, tokens: int, documents: int, shards: int, tok, rng) -> list[dict]:
-    from data_prep.prepare import write_shard
+    from megatron_lax.data.prepare import write_shard
     import numpy as np
 
     (directory / split).mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ def write_split(directory: Path, split: str, tokens: int, documents: int, shards
 def ensure_synthetic(directory: Path, tokens: int, documents: int, shards: int, seed: int) -> dict:
     """The manifest of the synthetic set in `directory`, written unless it is there with these parameters."""
     import numpy as np
-    from data_prep.prepare import write_manifest
+    from megatron_lax.data.prepare import write_manifest
 
     tok = SyntheticTokenizer(name=f"synthetic(tokens={tokens}, documents={documents}, shards={shards}, seed={seed})")
     manifest_path = directory / "manifest.json"

@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data_prep.prepare import BATCH_DOCUMENTS, prepare  # noqa: E402
-from tokenizer import load_tokenizer  # noqa: E402
+from megatron_lax.data.prepare import BATCH_DOCUMENTS, prepare  # noqa: E402
+from megatron_lax.data.tokenizer import load_tokenizer  # noqa: E402
 
 SHARD = REPO / "data" / "sample" / "c4-train.00000-of-00001.json.gz"
 

@@ -51,7 +51,7 @@ MFU = 0.5
 def stand_in_tokenizers(directory: Path) -> dict[str, str]:
     """The 32k stand-in for t5-base, as t5-base loads (a Hugging Face T5 tokenizer directory) and as
     the plain SentencePiece model it holds."""
-    from tokenizer.train import train_tokenizer
+    from megatron_lax.data.train_tokenizer import train_tokenizer
     model = train_tokenizer(sorted(ENGLISH.glob("c4-train.*")) + sorted((REPO / "data" / "sample").glob("c4-train.*")),
                             32000, directory / "spm")
     hf = directory / "t5_stand_in"
@@ -88,7 +88,7 @@ def index_shards(raw: Path, tokenizer: str, cache: Path) -> list[list]:
     """Times counting one shard's documents (paper mode) and their tokens (packed mode), as
     streaming.Index does, and stores each result as the index of every shard: they are copies of
     one file, so the stream does not count them again."""
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer)
     split = streaming.open_split(str(raw), "train", "train")
     rows = []
@@ -151,8 +151,8 @@ def encode_limit(tokenizer: str, seconds: float) -> float:
     """Tokens/s of one process batch-encoding the English train texts from memory."""
     from collections import Counter
 
-    from data_prep.readers import iter_documents
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.readers import iter_documents
+    from megatron_lax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer)
     texts = list(iter_documents(next(ENGLISH.glob("c4-train.*")), Counter()))
     start, tokens = time.perf_counter(), 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.readers import find_idx_file, read_idx
+from megatron_lax.data.readers import find_idx_file, read_idx
 
 README = """# Fashion-MNIST sample
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from tokenizer import HF_TOKENIZER_FILES
+from .data.tokenizer import HF_TOKENIZER_FILES
 
 from .config import ModelConfig, dump_yaml
 from .loading.bases import base_kind, is_finetune_run

@@ -234,7 +234,7 @@ def eval_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def evaluate(checkpoint_dir: Path | None, base: str | None, tests: list[str], max_new_tokens: int = 0,
              batch_size: int = 32, label: str | None = None, num_beams: int = 0, precision: str = "") -> dict:
-    from tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer
 
     from .tasks.instruction_tuning import uses_bos
 

@@ -160,7 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trust-checkpoint", action="store_true", help="unpickle checkpoint files that need it (DeepSpeed's) from this source; only for files you trust")
     args = parser.parse_args(argv)
-    from tokenizer import load_tokenizer
+    from .data.tokenizer import load_tokenizer
     try:
         with trust.trusting(everything=args.trust_checkpoint):
             model, tokenizer_spec = load_for_generation(args.checkpoint)

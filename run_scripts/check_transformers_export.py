@@ -57,7 +57,7 @@ def isolated(*args: str) -> dict:
 
 def check_llama(model, cfg, folder: Path) -> dict:
     from megatron_lax.generate import decode_batch
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     theirs = isolated(str(folder), "llama", PROMPT)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     ids = tokenizer.encode(PROMPT)

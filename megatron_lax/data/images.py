@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_prep.readers import find_idx_file, read_idx  # noqa: F401 (read_idx: the tests' and tools' import)
+from .readers import find_idx_file, read_idx  # noqa: F401 (read_idx: the tests' and tools' import)
 
 from . import image_augment
 from .cursor import GlobalBatchCursor, permutation_order

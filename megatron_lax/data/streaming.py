@@ -49,9 +49,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data_prep.prepare import expand_inputs
-from data_prep.readers import iter_documents, split_of, usable_text
-from tokenizer import check_hub_reachable
+from .prepare import expand_inputs
+from .readers import iter_documents, split_of, usable_text
+from .tokenizer import check_hub_reachable
 
 from . import tokens as data
 from .cursor import GlobalBatchCursor
@@ -79,7 +79,7 @@ class StreamError(ValueError):
 # --- where documents come from ---------------------------------------------------------------------
 
 class LocalSplit:
-    """The local files of one split, read with data_prep.readers (bad records skipped and counted)."""
+    """The local files of one split, read with data/readers.py (bad records skipped and counted)."""
 
     def __init__(self, paths: list[Path]):
         self.paths = paths
@@ -252,7 +252,7 @@ def count_shard(split, shard: int, tok=None) -> dict:
 
 def _count_into_cache(job: tuple) -> None:
     """A pool worker's share of Index: one shard counted into its cache file."""
-    from tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     split, shard, tokenizer, path = job
     _cached_npz(path, lambda: count_shard(split, shard, load_tokenizer(tokenizer) if tokenizer else None),
                 "document index")
@@ -545,7 +545,7 @@ class RankStream(torch.utils.data.IterableDataset):
         self.plans, self.tokenizer, self.lanes, self.first_step = plans, tokenizer, lanes, first_step
 
     def __iter__(self):
-        from tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         tok, skipped = load_tokenizer(self.tokenizer), Counter()
@@ -778,7 +778,7 @@ class Stream:
     selection batches, the unigram baseline."""
 
     def __init__(self, data_cfg, rank: int = 0, world_size: int = 1):
-        from tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer
         if not data_cfg.raw:
             raise StreamError("data.source stream reads data.raw, which is not set")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork: one thread each

@@ -1,4 +1,4 @@
-"""Training and validation data from prepared shards (see data_prep/prepare.py), memory-mapped.
+"""Training and validation data from prepared shards (see data/prepare.py), memory-mapped.
 
 Two ways to cut documents into sequences of `seq_len` inputs (+1 token for the shifted targets):
 - packed: the split is one token stream (documents joined by EOS), cut every seq_len tokens; each
@@ -59,7 +59,7 @@ def ensure_prepared(data_cfg) -> Path:
         raise FileNotFoundError(f"data.path {path} holds no prepared data; to prepare it, set data.raw to the raw "
                                 f"text (data.raw is the default {default.raw}, the shipped sample corpus, which is "
                                 f"prepared only into the default data.path {default.path})")
-    from data_prep.prepare import expand_inputs, prepare
+    from .prepare import expand_inputs, prepare
     inputs = expand_inputs(data_cfg.raw)
     if not inputs:
         raise FileNotFoundError(f"data.raw {data_cfg.raw}: no input files found")
@@ -69,7 +69,7 @@ def ensure_prepared(data_cfg) -> Path:
 
 def check_tokenizer(manifest: dict, tokenizer_spec: str, path) -> None:
     """Token ids mean nothing under another tokenizer: compare content hashes, not names."""
-    from tokenizer import load_tokenizer
+    from .tokenizer import load_tokenizer
     prepared, wanted = manifest["tokenizer"], load_tokenizer(tokenizer_spec)
     if prepared["hash"] != wanted.hash:
         raise ValueError(f"{path} was prepared with tokenizer {prepared['name']} (hash {prepared['hash']}) but "

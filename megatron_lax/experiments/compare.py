@@ -119,8 +119,9 @@ def load_run(path: Union[str, Path], label: Optional[str] = None) -> Run:
         cfg = load_config(str(path / "config.yaml"))
     except ConfigError as e:
         raise RunError(f"{path}: unreadable config.yaml ({e})") from None
-    if family_of(cfg.model).uses_tokenizer and cfg.model.vocab_size <= 0:
-        raise RunError(f"{path}: config.yaml has no resolved model.vocab_size, cannot count parameters")
+    for field in family_of(cfg.model).data_fields:  # a vocabulary, classes: filled in by the run from its data
+        if getattr(cfg.model, field) <= 0:
+            raise RunError(f"{path}: config.yaml has no resolved model.{field}, cannot count parameters")
     records, malformed = read_records(path / "metrics.jsonl")
     train, val = split_records(records)
     if not train and not val:

@@ -124,7 +124,7 @@ def cells(ranks: list[int], methods: list[str], full: bool) -> list[tuple[str, d
 def run_one(config: str, overrides: dict, run_dir: Path, full_lr: float) -> dict:
     """Fine-tune one cell and score every file of finetune.test_json (exact match per problem, greedy) and
     its teacher-forced losses (tuning runs set test_json to the selection file alone)."""
-    from tokenizer import load_tokenizer
+    from ..data.tokenizer import load_tokenizer
 
     from ..config import load_config
     from ..finetune import finetune
@@ -580,7 +580,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     if args.command == "probe":
-        from tokenizer import load_tokenizer
+        from ..data.tokenizer import load_tokenizer
 
         from ..loading.bases import base_tokenizer, load_base
         from ..parallel import trust

@@ -49,11 +49,6 @@ from ..models import count_parameters, family_of
 from ..tasks import task_class
 from ..training.trainer import Trainer
 
-# A plan's `metric`: how it is named, whether higher is better, and the baseline its runs log.
-METRICS = {"val_ppl": ("val PPL", False, "unigram_ppl"), "val_loss": ("val loss", False, "unigram_ppl"),
-           "val_acc1": ("top-1 accuracy (%)", True, "chance_acc1")}
-
-
 def load_plan(path: Path, quick: bool = False) -> dict:
     try:
         plan = yaml.safe_load(Path(path).read_text())
@@ -162,7 +157,8 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
     swept = copy.deepcopy(cfg)
     apply_dict(swept, plan.get("select") or {}, source="plan select")
     swept.train.seed = swept.data.seed = first
-    plateau, metric = plan.get("plateau", 0.1), plan.get("metric", "val_ppl")
+    task = task_class(cfg)  # names the plan's metric and its baseline
+    plateau, metric = plan.get("plateau", 0.1), plan.get("metric") or task.headline_metric[0]
     lrs = grid(plan, name)
     sweep = successive_halving(swept, lrs, root / "sweep", plan.get("rungs", 3), plan.get("eta", 2), log,
                                plan.get("finalists", 2), plateau)
@@ -179,30 +175,28 @@ def run_variant(plan: dict, name: str, out: Path, log=print) -> dict:
         log(f"{name}: seed {seed} at lr {sweep['best_lr']:g}: {metric} {summaries[seed][metric]:.4g}")
     reported = [s for s in summaries if plan.get("report", "fresh") == "all" or s != first] or [first]
     values = [summaries[s][metric] for s in reported]
-    if family_of(m).uses_tokenizer:
-        cfg.model.vocab_size = cfg.model.vocab_size or _vocab(root)
-    else:
-        cfg.model.num_classes, cfg.model.in_channels = _image_shape(root)
-    baseline = METRICS.get(metric, METRICS["val_ppl"])[2]
+    complete_shape(cfg.model, root)
+    title, higher_is_better = task.metric_titles.get(metric, (metric, False))
+    baseline, baseline_title = task.baseline_metric
     return {"variant": name, "base": plan["variants"][name].get("base"), "lr": sweep["best_lr"], "metric": metric,
+            "metric_title": title, "higher_is_better": higher_is_better,
             "lrs": lrs, "lr_at_edge": len(lrs) > 1 and sweep["best_lr"] in (lrs[0], lrs[-1]),
             "values": {str(s): summaries[s][metric] for s in reported}, "sweep_seed": first,
             "sweep_seed_value": summaries[first][metric], "sweep_seed_reported": first in reported,
             "stalled": sum(stalled(summaries[s], plateau) for s in reported), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "params": count_parameters(cfg.model), "sweep": sweep, "runs": str(root),
-            "baseline": {baseline: summaries[first].get(baseline, math.nan)}}
+            "baseline": {baseline: summaries[first].get(baseline, math.nan)} if baseline else {},
+            "baseline_title": baseline_title}
 
 
-def _vocab(root: Path) -> int:
+def complete_shape(m, root: Path) -> None:
+    """Fills the model fields that follow the data (Family.data_fields: a vocabulary, classes) from one
+    of the variant's runs under `root`, for its parameter count."""
     from ..config import load_config
-    return load_config(str(next(root.rglob("config.yaml")))).model.vocab_size
-
-
-def _image_shape(root: Path) -> tuple[int, int]:
-    from ..config import load_config
-    model = load_config(str(next(root.rglob("config.yaml")))).model
-    return model.num_classes, model.in_channels
+    run = load_config(str(next(root.rglob("config.yaml")))).model
+    for field in family_of(m).data_fields:
+        setattr(m, field, getattr(m, field) or getattr(run, field))
 
 
 def variant_family_label(variant: str) -> str:
@@ -238,8 +232,7 @@ def lax_effects(results: list[dict], setting_of, sweep_seed: bool = False) -> di
 
 def results_table(results: list[dict]) -> str:
     by_name = {r["variant"]: r for r in results}
-    metric = results[0]["metric"] if results else "val_ppl"
-    label, higher_is_better, _ = METRICS.get(metric, (metric, False, ""))
+    label, higher_is_better = (results[0]["metric_title"], results[0]["higher_is_better"]) if results else ("", False)
     lines = [f"| variant | LR | {label}, mean ± std | min - max | stalled | vs base (mean) | sweep seed | params (M) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -255,10 +248,9 @@ def results_table(results: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {lr} | {r['mean']:.2f} ± {r['std']:.2f} (n={n}) | "
                      f"{r['min']:.2f} - {r['max']:.2f} | {r['stalled']}/{n} | {delta} | {sweep_seed} | "
                      f"{r['params'] / 1e6:.3f} |")
-    baselines = [(k, v) for r in results for k, v in r.get("baseline", {}).items() if math.isfinite(v)]
+    baselines = [(r["baseline_title"], v) for r in results for v in r["baseline"].values() if math.isfinite(v)]
     if baselines:
-        key, value = baselines[0]
-        what = "Unigram baseline" if key == "unigram_ppl" else "Chance"
+        what, value = baselines[0]
         lines.append(f"\n{what} on the same validation data: {value:.2f}.")
     return "\n".join(lines)
 

@@ -14,6 +14,7 @@ class Family:
     projections: tuple = ()  # its projection names (model.lax_modules, ModelConfig.role_of)
     task: str = ""  # the task (megatron_lax.tasks) it is trained for by default (train.task auto)
     uses_tokenizer: bool = True  # its inputs are token ids (vocabulary from a tokenizer), else images
+    data_fields: tuple = ()  # the model.* fields a run completes from its data (0 in a config: follow the data)
     run_prefix: str = ""  # experiments name its runs' folders with it
     exports_to_huggingface: bool = False  # a mergeable model of it is written as a Hugging Face directory
     transformers_export: str = ""  # its module in megatron_lax/hub/ (a transformers folder with remote code), if any

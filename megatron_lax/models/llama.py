@@ -334,6 +334,7 @@ class LlamaFields:
 class Llama(Family):
     name, fields, projections = "llama", LlamaFields, PROJECTIONS
     task, uses_tokenizer, exports_to_huggingface = "language_modeling", True, True
+    data_fields = ("vocab_size",)
     transformers_export = "llama"  # hub/llama.py
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:

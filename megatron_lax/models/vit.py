@@ -212,6 +212,7 @@ class ViTFields:
 class ViT(Family):
     name, fields, projections = "vit", ViTFields, ("q", "k", "v", "o", "fc1", "fc2")
     task, uses_tokenizer, run_prefix = "image_classification", False, "vit_"
+    data_fields = ("num_classes", "in_channels")
     transformers_export = "vit"  # hub/vit.py
 
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:

@@ -44,10 +44,7 @@ def init_distributed(engine: str, requested_device: str, backend: str = "auto") 
     if engine != "single" and not dist.is_initialized():
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
-        # a test hook (see faults.py): a short timeout, to show that no wait depends on it
-        timeout = os.environ.get("MEGATRON_LAX_TEST_PG_TIMEOUT")
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
-                                **({"timeout": timedelta(seconds=float(timeout))} if timeout else {}))
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     elif engine == "single" and world_size > 1:
         raise RuntimeError("parallel.engine single cannot run with WORLD_SIZE > 1: choose ddp, fsdp or deepspeed")
     return DistInfo(rank, world_size, local_rank, device)

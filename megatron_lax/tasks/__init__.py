@@ -15,7 +15,7 @@ import importlib
 from ..config import Config, ConfigError
 from ..models import family_of
 
-TASKS = {  # name: (module, class)
+TASKS = {  # name: (module, class), or the Task class itself
     "language_modeling": ("language_modeling", "LanguageModeling"),
     "image_classification": ("image_classification", "ImageClassification"),
     "instruction_tuning": ("instruction_tuning", "InstructionTuning"),
@@ -25,6 +25,8 @@ TASKS = {  # name: (module, class)
 def task_named(name: str):
     if name not in TASKS:
         raise ConfigError(f"train.task {name!r} is unknown (choose from auto, {', '.join(TASKS)})")
+    if isinstance(TASKS[name], type):  # a Task class registered as it is (a task defined outside this folder)
+        return TASKS[name]
     module, cls = TASKS[name]
     return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
 

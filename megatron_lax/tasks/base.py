@@ -24,6 +24,10 @@ class Task:
     keep_best = False  # write RUN/best at each new lowest validation loss
     # (summary key, column title, higher is better): how experiments rank finished runs
     headline_metric = ("val_loss", "val loss", False)
+    # the summary fields a reproduction plan may report (its `metric`): key -> (title, higher is better)
+    metric_titles = {"val_loss": ("val loss", False)}
+    # (key, title) of the reference number baselines() logs beside the final validation; ("", "") if none
+    baseline_metric = ("", "")
 
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg, self.dist = copy.deepcopy(cfg), dist
@@ -108,6 +112,21 @@ class Task:
     def throughput_basis(self) -> tuple[float | None, float]:
         """(units per optimizer step, training FLOPs per unit) for throughput and MFU; None units per
         step: the units the loss scored, counted as they come."""
+        raise NotImplementedError
+
+    # --- a saved model (python -m megatron_lax.evaluate) -------------------------------------------------
+
+    @classmethod
+    def evaluate_checkpoint(cls, model, cfg: Config, dist: DistInfo, data_path: str | None = None, count: int = 0,
+                            micro_batch: int = 0) -> dict:
+        """The validation metrics of a loaded model (any engine's checkpoint, or an export) on its run's
+        validation data, or on `data_path`; `count`: how many units (0: the run's). Every rank calls it."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe_evaluation(cls, result: dict) -> str:
+        """The line evaluate prints for evaluate_checkpoint's result (which also holds "precision"), before
+        the checkpoint and step."""
         raise NotImplementedError
 
     @classmethod

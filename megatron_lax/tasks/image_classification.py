@@ -112,6 +112,8 @@ def summary_of(sums: torch.Tensor) -> dict:
 class ImageClassification(Task):
     unit = "images"
     headline_metric = ("val_acc1", "top-1 (%)", True)
+    metric_titles = {"val_acc1": ("top-1 accuracy (%)", True), "val_loss": ("val loss", False)}
+    baseline_metric = ("chance_acc1", "Chance")
 
     def __init__(self, cfg: Config, dist: DistInfo):
         super().__init__(cfg, dist)
@@ -197,6 +199,23 @@ class ImageClassification(Task):
 
     def throughput_basis(self) -> tuple[float, float]:
         return self.cfg.train.global_batch, family_of(self.cfg.model).flops(self.cfg.model)["train"]
+
+    @classmethod
+    def evaluate_checkpoint(cls, model, cfg: Config, dist: DistInfo, data_path: str | None = None, count: int = 0,
+                            micro_batch: int = 0) -> dict:
+        """Top-1 / top-5 accuracy and loss on the run's validation split (one process); `count` is not
+        used: the split is data.val_images long."""
+        if dist.world_size > 1:
+            raise ValueError("evaluating a ViT checkpoint runs on one process")
+        if data_path:
+            cfg.data.path = data_path
+        return evaluate_model(model, cfg, dist.device, cfg.data.eval_split, cfg.data.val_images, micro_batch)
+
+    @classmethod
+    def describe_evaluation(cls, result: dict) -> str:
+        return (f"top-1 accuracy {result['val_acc1']:.2f}% (top-5 {result['val_acc5']:.2f}%, loss "
+                f"{result['val_loss']:.4f}) on {result['val_images']} images of the {result['split']} split "
+                f"({result['skipped_images']} unreadable), {result['precision']}")
 
     @classmethod
     def planned_steps(cls, cfg: Config, steps_per_epoch: int = 0) -> int:

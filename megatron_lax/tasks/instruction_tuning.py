@@ -104,7 +104,7 @@ class InstructionTuning(TokenPrediction):
     """Adapters (or, with finetune.full, every weight) trained on instruction data over a frozen base."""
 
     def __init__(self, cfg: Config, dist: DistInfo):
-        from tokenizer import load_tokenizer
+        from ..data.tokenizer import load_tokenizer
 
         super().__init__(cfg, dist)
         cfg, t, f = self.cfg, self.cfg.train, self.cfg.finetune

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..config import Config
 from ..data import tokens as data
@@ -16,8 +17,7 @@ from ..data.streaming import Stream
 from ..method.init import init_weights
 from ..models import family_of
 from ..parallel import ModelRecipe
-from ..parallel.distributed import DistInfo, run_on_main
-from ..training import faults
+from ..parallel.distributed import DistInfo, is_distributed, run_on_main
 from .base import Task
 
 
@@ -26,10 +26,7 @@ class PreparedTokens:
     it takes), behind the interface a streamed source (data/streaming.py Stream) has too."""
 
     def __init__(self, data_cfg, rank: int, world_size: int):
-        def prepare():
-            time.sleep(faults.SLOW_PREPARE)  # the tests' stand-in for a long preparation
-            data.ensure_prepared(data_cfg)
-        run_on_main(prepare)
+        run_on_main(lambda: data.ensure_prepared(data_cfg))
         self.cfg, self.rank, self.world_size = data_cfg, rank, world_size
         self.path, self.manifest = Path(data_cfg.path), data.read_manifest(data_cfg.path)
 
@@ -94,6 +91,8 @@ class TokenPrediction(Task):
     excluded), perplexity."""
     unit = "tokens"
     headline_metric = ("val_ppl", "val PPL", False)
+    metric_titles = {"val_ppl": ("val PPL", False), "val_loss": ("val loss", False)}
+    baseline_metric = ("unigram_ppl", "Unigram baseline")
 
     def loss(self, outputs, targets):
         return family_of(self.cfg.model).loss(outputs, targets)
@@ -121,6 +120,35 @@ class TokenPrediction(Task):
                  "best_val_ppl": math.exp(min(best_val_loss, 50.0)), **read},
                 f"validation perplexity {final['val_ppl']:.2f} on {final['val_tokens']} tokens{skipped_note(final)}")
 
+    @classmethod
+    def evaluate_checkpoint(cls, model, cfg: Config, dist: DistInfo, data_path: str | None = None, count: int = 0,
+                            micro_batch: int = 0) -> dict:
+        """Validation perplexity with a 95% interval (perplexity_interval) on the run's validation tokens
+        (prepared shards, or a streamed run's cached validation set), or on the shards at `data_path`."""
+        n_tokens = count or cfg.train.eval_tokens or cfg.data.val_tokens
+        micro_batch = micro_batch or cfg.train.micro_batch
+        streamed = cfg.data.source == "stream" and not data_path  # the stream's (cached) validation set
+        if streamed:
+            stream = Stream(cfg.data, dist.rank, dist.world_size)
+            batches = stream.validation_batches(micro_batch, n_tokens)
+        else:
+            if data_path:  # shards of another tokenizer would give a number that means nothing
+                data.check_tokenizer(data.read_manifest(data_path), cfg.data.tokenizer, data_path)
+            data_dir = data_path or cfg.data.path
+            batches = data.validation_batches(data_dir, cfg.data.seq_len, micro_batch, n_tokens, cfg.data.mode,
+                                              dist.rank, dist.world_size)
+        result = perplexity_interval(gather_rows(sequence_nll(model, batches, dist.device)))
+        unigram = stream.unigram_perplexity(n_tokens) if streamed else \
+            data.unigram_perplexity(data_dir, cfg.data.seq_len, cfg.data.mode, n_tokens)
+        return {"mode": cfg.data.mode, "unigram_ppl": unigram, **result}
+
+    @classmethod
+    def describe_evaluation(cls, result: dict) -> str:
+        return (f"validation perplexity {result['val_ppl']:.3f} (95% interval {result['ppl_low']:.3f}-"
+                f"{result['ppl_high']:.3f}, loss {result['val_loss']:.4f}) on {result['tokens']} tokens in "
+                f"{result['sequences']} sequences, {result['precision']}; unigram baseline "
+                f"{result['unigram_ppl']:.3f}")
+
 
 def skipped_note(record: dict) -> str:
     """The streamed train split's unusable records, by reason, in a line ('' when none or not streamed)."""
@@ -129,6 +157,42 @@ def skipped_note(record: dict) -> str:
     reasons = ", ".join(f"{k[len('skipped_'):]} {v}" for k, v in sorted(record.items())
                         if k.startswith("skipped_") and k != "skipped_records")
     return f"; the train split's records skipped: {record['skipped_records']} ({reasons})"
+
+
+@torch.no_grad()
+def sequence_nll(model, batches, device) -> torch.Tensor:
+    """(n_sequences, 2): summed NLL and scored tokens of each of this rank's sequences (the fully
+    masked rows that pad a rank's share to the common batch count are left out)."""
+    rows = []
+    for x, y in batches:
+        logits = model(x.to(device)).float()
+        y = y.to(device)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=data.IGNORE, reduction="none")
+        rows.append(torch.stack([nll.view_as(y).sum(1).double(), (y != data.IGNORE).sum(1).double()], dim=1))
+    rows = torch.cat(rows) if rows else torch.zeros(0, 2, dtype=torch.float64, device=device)
+    return rows[rows[:, 1] > 0]
+
+
+def perplexity_interval(per_sequence: torch.Tensor, z: float = 1.96) -> dict:
+    """Perplexity as exp(total NLL / total scored tokens), and a 95% interval that treats each
+    validation sequence (a document in `paper` mode, a fixed-length window of the token stream in
+    `packed` mode) as a unit: a delta-method interval for the ratio estimator of the mean token
+    NLL, exponentiated."""
+    nll, tokens = per_sequence[:, 0], per_sequence[:, 1]
+    loss = float(nll.sum() / tokens.sum())
+    n = len(per_sequence)
+    residual = nll - loss * tokens
+    stderr = math.sqrt(float(residual.pow(2).sum()) / max(n - 1, 1) / n) / float(tokens.mean()) if n > 1 else 0.0
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "ppl_low": math.exp(loss - z * stderr),
+            "ppl_high": math.exp(loss + z * stderr), "tokens": int(tokens.sum()), "sequences": n}
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return rows
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, rows.cpu())
+    return torch.cat(gathered)
 
 
 class LanguageModeling(TokenPrediction):

@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from .. import config as config_lib
 from ..parallel import trust
-from . import faults
 from ..parallel.distributed import DistInfo, all_gather_object, broadcast_object
 
 MANIFEST = "manifest.json"
@@ -151,8 +150,6 @@ def save(root: Path, step: int, engine, trainer_state: dict, rank_state: dict, c
     try:
         _collectively(dist, lambda: _make_staging(staging) if dist.is_main else None)
         _collectively(dist, lambda: _write_state(staging, engine, trainer_state, rank_state, cfg, dist))
-        if step in faults.KILL_IN_CHECKPOINT:
-            faults.kill_self()
         sizes = _from_main(dist, lambda: _file_sizes(staging))
         digests = _collectively(dist, lambda: _hash_share(staging, sizes, dist))
         files = {name: meta for share in digests for name, meta in share.items()}

@@ -1,9 +1,8 @@
-"""Preemption and fault handling: SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before they kill
-a job) ask the loop to finish its step, write a checkpoint and exit 0; every rank stops at the same
-step. Also the test hooks that inject faults at a chosen step (environment variables, read once)."""
+"""Preemption: SIGTERM / SIGUSR1 (what SLURM and Kubernetes send before they kill a job) ask the loop
+to finish its step, write a checkpoint and exit 0; every rank stops at the same step. (The tests
+inject faults from outside, by wrapping the step and the checkpoint writer: tests/fault_injection.py.)"""
 from __future__ import annotations
 
-import os
 import signal
 
 import torch
@@ -55,22 +54,3 @@ def preemption_handlers() -> dict:
 def restore_signals(previous: dict) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
-def _steps_from_env(name: str) -> set[int]:
-    return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
-
-
-# Test hooks: MEGATRON_LAX_TEST_NAN_STEPS=3,4 poisons the gradients of those steps;
-# MEGATRON_LAX_TEST_KILL_AT_STEP=5 SIGKILLs the process after step 5;
-# MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT=4 SIGKILLs it halfway through writing the step-4 checkpoint;
-# MEGATRON_LAX_TEST_SLOW_PREPARE=20 makes preparing data on the fly take 20 s longer, and
-# MEGATRON_LAX_TEST_PG_TIMEOUT=5 gives the process group a 5 s timeout (read in parallel/distributed.py).
-NAN_STEPS = _steps_from_env("MEGATRON_LAX_TEST_NAN_STEPS")
-KILL_AT_STEPS = _steps_from_env("MEGATRON_LAX_TEST_KILL_AT_STEP")
-KILL_IN_CHECKPOINT = _steps_from_env("MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT")
-SLOW_PREPARE = float(os.environ.get("MEGATRON_LAX_TEST_SLOW_PREPARE", "0"))
-
-
-def kill_self() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)

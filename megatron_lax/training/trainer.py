@@ -125,12 +125,13 @@ class Trainer:
 
     def trainer_state(self) -> dict:
         self.nonfinite_in_a_row, self.skipped_steps, _ = self.nonfinite.read()
-        return {"step": self.step, "tokens": self.seen, "skipped_steps": self.skipped_steps,
+        return {"step": self.step, "seen": self.seen, "skipped_steps": self.skipped_steps,
                 "nonfinite_in_a_row": self.nonfinite_in_a_row, "best_val_loss": self.best_val_loss,
                 "last_val": self.last_val, "loss_ema": self.loss_ema, "best_loss_ema": self.best_loss_ema}
 
     def load_trainer_state(self, state: dict) -> None:
-        self.step, self.seen = state["step"], state["tokens"]  # "tokens" counts the task's unit
+        # the task's units trained on; checkpoints before the task's unit named the count "tokens"
+        self.step, self.seen = state["step"], state["seen"] if "seen" in state else state["tokens"]
         self.skipped_steps, self.nonfinite_in_a_row = state["skipped_steps"], state["nonfinite_in_a_row"]
         self.nonfinite.set(self.nonfinite_in_a_row, self.skipped_steps)
         self.last_val = state["last_val"]
@@ -194,7 +195,7 @@ class Trainer:
         if self.dist.world_size > 1:  # a fill, not a copy: no wait for the device
             scored = all_reduce_sum(torch.full((), float(scored), device=device))
         total_loss = torch.zeros((), device=device)
-        loss_weight = float("nan") if self.step + 1 in faults.NAN_STEPS else 1.0 / scored
+        loss_weight = 1.0 / scored
         for i, (x, y) in enumerate(micro_batches):
             x, y = self.task.to_device(x, y)
             loss, _ = self.engine.forward_backward(x, y, loss_weight, sync=i == len(micro_batches) - 1)
@@ -295,8 +296,6 @@ class Trainer:
         try:
             while self.step < self.task.total_steps:
                 record = self.run_step()  # read back on the host at logging steps only (Throughput)
-                if self.step in faults.KILL_AT_STEPS:
-                    faults.kill_self()
                 throughput.add(record, bar)
                 bar.update(1)
                 ended = self.after_step(record, stop)
@@ -345,7 +344,7 @@ class Trainer:
         selection = self.selection_summary()
         path = self.save_checkpoint()
         fields, headline = self.task.summarize(final, self.best_val_loss)
-        summary = {**fields, "steps": self.step, "tokens": self.seen, "seconds": time.time() - start,
+        summary = {**fields, "steps": self.step, self.task.unit: self.seen, "seconds": time.time() - start,
                    "checkpoint": str(path), "run_dir": str(self.run_dir), **selection}
         baselines = self.task.baselines() if self.dist.is_main else {}
         if baselines:

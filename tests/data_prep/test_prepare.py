@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.prepare import prepare
-from data_prep.readers import SKIP_REASONS
+from megatron_lax.data.prepare import prepare
+from megatron_lax.data.readers import SKIP_REASONS
 from megatron_lax.data.tokens import Split
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,7 +56,7 @@ def test_damaged_shards_are_skipped_counted_and_valid_records_kept(tmp_path):
     assert manifest["skipped"] == {reason: expected["skipped"].get(reason, 0) for reason in SKIP_REASONS}
     assert manifest["splits"]["train"]["skipped"] == manifest["skipped"]
     assert manifest["splits"]["train"]["documents"] == len(expected["valid"])
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(TOKENIZER)
     decoded = [tok.decode(d[:-1]) for shard in ("c4-train.00000-of-00002", "c4-train.00001-of-00002")
                for d in documents_of(tmp_path / "out", "train", shard)]
@@ -74,7 +74,7 @@ def test_sample_counts_round_trip_and_idempotent_rerun(tmp_path):
     docs = documents_of(out, "train", "c4-train.00000-of-00001")
     assert sum(len(d) for d in docs) == first["splits"]["train"]["tokens"]
     assert all(d[-1] == first["tokenizer"]["eos_id"] for d in docs)
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     tok = load_tokenizer(TOKENIZER)
     for i in (0, 17, 2892):  # token-level round trip, modulo whitespace normalisation
         assert " ".join(tok.decode(docs[i][:-1]).split()) == " ".join(texts[i].split())
@@ -158,7 +158,7 @@ def test_cli_plain_text_and_missing_input(tmp_path):
 def test_parts_cover_every_line_once_and_are_balanced(tmp_path):
     from collections import Counter
 
-    from data_prep.readers import _raw_lines, count_lines, iter_documents
+    from megatron_lax.data.readers import _raw_lines, count_lines, iter_documents
     texts = [f"document {i}" for i in range(10)]
     (tmp_path / "no-final-newline.jsonl").write_bytes(b"".join(record(t) for t in texts).rstrip(b"\n"))
     (tmp_path / "final-newline.jsonl.gz").write_bytes(gzip.compress(b"".join(record(t) for t in texts)))
@@ -176,7 +176,7 @@ def test_parts_cover_every_line_once_and_are_balanced(tmp_path):
 
 
 def test_an_output_that_contains_an_input_is_refused_and_the_input_kept(tmp_path, capsys):
-    from data_prep.prepare import main
+    from megatron_lax.data.prepare import main
     raw = tmp_path / "train"  # --output is the raw folder's parent; shards of the train split go to OUTPUT/train
     raw.mkdir()
     source = raw / "c4-train.json"  # uncompressed: its shard's metadata would be OUTPUT/train/c4-train.json
@@ -211,7 +211,7 @@ def test_inputs_in_the_hub_download_folder_of_the_output_are_prepared(tmp_path):
 
 
 def test_a_mistyped_local_path_is_not_taken_for_a_hub_dataset(tmp_path, capsys, monkeypatch):
-    from data_prep import prepare as prepare_module
+    from megatron_lax.data import prepare as prepare_module
     (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(prepare_module, "stream_hub_dataset", lambda *a, **k: pytest.fail("asked the hub"))

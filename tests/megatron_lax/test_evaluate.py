@@ -54,7 +54,7 @@ def test_fsdp_bf16_runs_evaluate_as_they_validated(prepared_sample, tmp_path):
 
 def test_evaluate_refuses_data_of_another_tokenizer(prepared_sample, tmp_path, capsys):
     from conftest import REPO
-    from data_prep.prepare import prepare
+    from megatron_lax.data.prepare import prepare
     from megatron_lax.config import load_config
     from megatron_lax.evaluate import main
     from megatron_lax.train import make_trainer

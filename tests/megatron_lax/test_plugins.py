@@ -16,6 +16,7 @@ from megatron_lax.config import ModelConfig, load_config
 from megatron_lax.method import FORMATS, Format, register
 from megatron_lax.method.lowrank import LatentLinear
 from megatron_lax.models import Family
+from megatron_lax.tasks.language_modeling import LanguageModeling
 from tests.conftest import losses
 
 
@@ -222,8 +223,23 @@ class MixerLM(nn.Module):
         return self.head(x)
 
 
+class ToyLanguageModeling(LanguageModeling):
+    """A task of the toy family's own: language modelling that reports and ranks by the validation loss."""
+    headline_metric = ("val_loss", "toy val loss", False)
+    metric_titles = {"val_loss": ("toy val loss", False)}
+
+    @classmethod
+    def describe_evaluation(cls, result):
+        return f"toy: val loss {result['val_loss']:.4f} on {result['tokens']} tokens"
+
+    def summarize(self, final, best_val_loss):
+        fields, _ = super().summarize(final, best_val_loss)
+        return fields, f"toy: val loss {final['val_loss']:.4f}"
+
+
 class Mixer(Family):
-    name, fields, projections, task = "mixer", MixerFields, ("mix",), "language_modeling"
+    name, fields, projections, task = "mixer", MixerFields, ("mix",), "toy_language_modeling"
+    data_fields = ("vocab_size",)
 
     def build(self, cfg, init_seed=0):
         return MixerLM(cfg, init_seed)
@@ -250,10 +266,11 @@ class Mixer(Family):
 
 @pytest.fixture
 def toy_family(monkeypatch):
-    from megatron_lax import models
+    from megatron_lax import models, tasks
     monkeypatch.setattr(ModelConfig, "__dataclass_fields__", dict(ModelConfig.__dataclass_fields__))  # undone after
     monkeypatch.setitem(models.FAMILIES, "mixer", models.FAMILIES.get("mixer"))
     models.register(Mixer())  # the one line a new family needs
+    monkeypatch.setitem(tasks.TASKS, "toy_language_modeling", ToyLanguageModeling)  # and the one of its task
     return "mixer"
 
 
@@ -281,15 +298,21 @@ def test_a_family_defined_in_a_test_trains_resumes_evaluates_exports_and_is_repo
     records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert any("lax_rms/mix/1/crossing" in r for r in records)  # introspection found the toy's projections
 
+    finished = json.loads((straight / "finished.json").read_text())
+    assert finished["tokens"] == [r for r in records if "loss" in r][-1]["tokens"] > 0  # the task's unit
     capsys.readouterr()
     assert evaluate(["--checkpoint", str(straight), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["val_ppl"] > 1
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["val_ppl"] > 1
+    assert evaluate(["--checkpoint", str(straight)]) == 0  # the line is the task's
+    assert capsys.readouterr().out.startswith(f"toy: val loss {evaluated['val_loss']:.4f} on {evaluated['tokens']} tokens  [")
     assert export.main(["--checkpoint", str(straight), "--output", str(tmp_path / "export")]) == 0
     assert isinstance(load_pretrained(tmp_path / "export"), MixerLM)
     capsys.readouterr()
     assert info.main(["--config", str(straight / "config.yaml"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["params"] == count_parameters(cfg.model)
     assert compare.main([str(straight), str(paused), "--output", str(tmp_path / "c.png")]) == 0
+    assert "| toy val loss |" in capsys.readouterr().out  # compare ranks by the task's headline metric
 
     overrides = tiny_overrides(tmp_path / "unused", **{**extra, "checkpoint__every": 0}, train__select_tokens=2048)
     assert sweep.main([*_cli(overrides), "--lrs", "1e-3,4e-3", "--rungs", "2", "--plateau=-inf",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenizer import load_tokenizer
-from tokenizer.train import sample_documents, train_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
+from megatron_lax.data.train_tokenizer import sample_documents, train_tokenizer
 from megatron_lax.train import make_trainer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_hub_name_without_a_hub_is_one_clear_line():
 
 @pytest.mark.parametrize("spec", ["tokenizer/englsh", "englsh", "t5-base", "megatron-lax/not-cached"])
 def test_a_spec_without_hf_is_a_local_path_and_never_reaches_the_hub(spec, monkeypatch):
-    import tokenizer
+    from megatron_lax.data import tokenizer
 
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked")
@@ -131,7 +131,7 @@ def test_t5_layout_tokenizer_works_with_every_preset(tmp_path):
 
 def test_a_malformed_tokenizer_config_is_one_line_naming_the_tokenizer(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from data_prep.prepare import main
+    from megatron_lax.data.prepare import main
     tok = t5_layout_directory(tmp_path / "tok")
     (tok / "tokenizer_config.json").write_text('{"tokenizer_class": 5}')
     assert main(["--input", str(REPO / "data" / "sample"), "--tokenizer", str(tok), "--output",

@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO
 from megatron_lax.data import instructions as instruct
-from tokenizer import load_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
 
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5.", "answer": "5"}
 

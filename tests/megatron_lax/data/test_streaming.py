@@ -25,7 +25,7 @@ from megatron_lax.data import tokens as data
 from megatron_lax.data import streaming
 from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data.tokens import DataExhausted
-from tokenizer import load_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "parallel"))
 from train_runs import launch  # noqa: E402
@@ -378,16 +378,18 @@ def run(command, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-def train_command(shards, run_dir, **extra) -> list[str]:
+def train_command(shards, run_dir, faults: bool = False, **extra) -> list[str]:
+    """The training command; with `faults`, through tests/fault_injection.py (the faults in the environment)."""
     values = {**RUN, "data.raw": shards, "data.stream_cache": run_dir / "cache", "logging.run_dir": run_dir,
               "data.loader_workers": 2, **extra}
-    return [sys.executable, "-m", "megatron_lax.train", "--config", "llama_tiny", *as_cli(values)]
+    entry = "tests.fault_injection" if faults else "megatron_lax.train"
+    return [sys.executable, "-m", entry, "--config", "llama_tiny", *as_cli(values)]
 
 
 def test_a_killed_streamed_run_resumes_with_the_losses_of_an_uninterrupted_one(shards, tmp_path):
     full = run(train_command(shards, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = run(train_command(shards, tmp_path / "killed"), env={"MEGATRON_LAX_TEST_KILL_AT_STEP": "5"})
+    killed = run(train_command(shards, tmp_path / "killed", faults=True), env={"MEGATRON_LAX_TEST_KILL_AT_STEP": "5"})
     assert killed.returncode == -signal.SIGKILL
     resumed = run(train_command(shards, tmp_path / "killed", **{"checkpoint.resume": "auto"}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

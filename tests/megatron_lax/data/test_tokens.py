@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.prepare import prepare, write_manifest, write_shard
+from megatron_lax.data.prepare import prepare, write_manifest, write_shard
 from megatron_lax.data import tokens as data
 from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data.tokens import IGNORE, DataExhausted, Permutation, Sequences, Split, TrainLoader, ensure_prepared, model_vocab_size, resolve_steps, unigram_perplexity, validation_batches
-from tokenizer import load_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[3]
 TOKENIZER = str(REPO / "tokenizer" / "sample")

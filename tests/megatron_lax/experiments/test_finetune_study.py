@@ -11,7 +11,7 @@ from megatron_lax import finetune_eval
 from megatron_lax.experiments import finetune_study
 from megatron_lax.config import ModelConfig
 from megatron_lax.models.llama import LlamaLax
-from tokenizer import load_tokenizer
+from megatron_lax.data.tokenizer import load_tokenizer
 
 
 def test_cells_name_a_method_and_a_rank_with_alpha_twice_the_rank():

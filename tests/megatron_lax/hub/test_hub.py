@@ -109,7 +109,7 @@ def test_export_folder_holds_what_the_hub_expects(tmp_path):
     from huggingface_hub import ModelCard
     from transformers import AutoTokenizer
 
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     _, _, out = exported(tmp_path, "cola_dense_small")
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_megatron_lax.MegatronLaxForCausalLM"
@@ -183,7 +183,7 @@ print(json.dumps(report))
 def test_export_loads_where_megatron_lax_is_not_installed(tmp_path):
     """One process, its path without the editable megatron_lax, loads several variants; their logits
     and greedy tokens are ours, a save_pretrained copy reloads, bf16 and torch_dtype="auto" load."""
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     names = ["svd_identity", "cola_dense_small", "lax_lora_tensor"]
     models = {name: exported(tmp_path, name) for name in names}
     tokens = torch.randint(0, 8192, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -233,7 +233,7 @@ def test_lm_eval_scores_an_export_as_we_do(tmp_path, monkeypatch):
     from lm_eval.tasks import TaskManager
 
     from megatron_lax.evaluate import sequence_nll
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     ours, _, out = exported(tmp_path, "cola_dense_small")
     monkeypatch.chdir(REPO)  # the tasks' data_files are relative to the repository root
     results = lm_eval.simple_evaluate(

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import torch  # noqa: E402
 
-from megatron_lax.training import faults  # noqa: E402
+from tests import fault_injection  # noqa: E402
 from megatron_lax.training.checkpoint import CheckpointError  # noqa: E402
 from megatron_lax.config import load_config  # noqa: E402
 from megatron_lax.parallel.distributed import barrier, end_process, shutdown  # noqa: E402
@@ -70,10 +70,8 @@ def run_one(run: dict) -> None:
 
 def run_all(runs: list[dict]) -> None:
     for run in runs:
-        faults.NAN_STEPS.clear()
-        faults.NAN_STEPS.update(run.get("nan_steps", []))
+        fault_injection.install(nan_steps=run.get("nan_steps", ()))
         run_one(run)
-    faults.NAN_STEPS.clear()
 
 
 def as_json(runs: list[dict]) -> str:
@@ -114,6 +112,7 @@ def stop_launch(process: subprocess.Popen) -> None:
 
 
 if __name__ == "__main__":
+    fault_injection.install_from_env()
     try:
         run_all(json.loads(Path(sys.argv[1]).read_text()))
         barrier()  # as megatron_lax.train.train: no rank tears the group down while another still uses it

@@ -149,7 +149,7 @@ def test_bos_follows_the_base_s_own_convention(base, tmp_path):
     transformers = pytest.importorskip("transformers")
     from conftest import REPO
     from megatron_lax.tasks.instruction_tuning import uses_bos
-    from tokenizer import load_tokenizer
+    from megatron_lax.data.tokenizer import load_tokenizer
     ours = load_tokenizer(str(REPO / "tokenizer" / "sample"))
     assert ours.bos_id >= 0 and not uses_bos("auto", str(base), ours)  # our pre-training never saw BOS
     for adds, name in ((True, "llama"), (False, "no_bos")):

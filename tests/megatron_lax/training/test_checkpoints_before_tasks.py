@@ -27,10 +27,14 @@ def old_losses(run: str) -> dict[int, float]:
 
 
 def resume_and_compare(cfg, run: str, rel: float = 1e-6) -> None:
-    make_trainer(cfg).fit()
+    trainer = make_trainer(cfg)
+    summary = trainer.fit()
     resumed = losses(Path(cfg.logging.run_dir))
     assert sorted(resumed) == [3, 4]
     assert resumed == pytest.approx({s: old_losses(run)[s] for s in (3, 4)}, rel=rel, abs=1e-7)
+    # the count the old trainer state named "tokens" (images for a ViT) goes on: steps 3-4 add as many again
+    old_count = json.loads((BEFORE / run / "step_00000002" / "trainer_state.json").read_text())["tokens"]
+    assert summary[trainer.task.unit] == 2 * old_count
 
 
 def test_a_language_model_checkpoint_from_before_resumes_to_the_old_losses(tmp_path):

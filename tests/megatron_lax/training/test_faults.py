@@ -23,9 +23,11 @@ RUN = {"model.method": "svd", "model.lax_gate": "identity", "optim.lr": 1e-2, "t
        "logging.log_every": 1, "checkpoint.every": 2, "checkpoint.keep": 3}
 
 
-def train_command(prepared, run_dir, **extra) -> list[str]:
+def train_command(prepared, run_dir, faults: bool = False, **extra) -> list[str]:
+    """The training command; with `faults`, through tests/fault_injection.py (the faults in the environment)."""
     values = {**TINY, **RUN, "data.path": prepared, "logging.run_dir": run_dir, **extra}
-    return [sys.executable, "-m", "megatron_lax.train", "--config", "llama_tiny", *as_cli(values)]
+    entry = "tests.fault_injection" if faults else "megatron_lax.train"
+    return [sys.executable, "-m", entry, "--config", "llama_tiny", *as_cli(values)]
 
 
 def run(command, env=None) -> subprocess.CompletedProcess:
@@ -44,7 +46,7 @@ def uninterrupted(prepared_sample, tmp_path_factory):
                                                     ("MEGATRON_LAX_TEST_KILL_AT_STEP", 4, 2),
                                                     ("MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT", 6, 4)])
 def test_sigkill_then_resume_is_bitwise_exact(prepared_sample, uninterrupted, tmp_path, hook, step, resumes_from):
-    killed = run(train_command(prepared_sample, tmp_path), env={hook: str(step)})
+    killed = run(train_command(prepared_sample, tmp_path, faults=True), env={hook: str(step)})
     assert killed.returncode == -signal.SIGKILL
     resumed = run(train_command(prepared_sample, tmp_path, **{"checkpoint.resume": "auto"}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -99,13 +101,16 @@ def tiny_trainer(prepared, run_dir, **extra) -> Trainer:
 
 
 def test_non_finite_step_is_skipped_without_touching_weights_or_optimizer(prepared_sample, tmp_path, monkeypatch):
-    from megatron_lax.training import faults
+    import fault_injection
     trainer = tiny_trainer(prepared_sample, tmp_path)
     trainer.train_step(), trainer.train_step()
     params = {k: v.clone() for k, v in trainer.engine.base_model.state_dict().items()}
     moments = [s["exp_avg"].clone() for s in trainer.engine.optimizer.state.values()]
-    monkeypatch.setattr(faults, "NAN_STEPS", {3})
-    record = trainer.train_step()
+    fault_injection.install(nan_steps={3})
+    try:
+        record = trainer.train_step()
+    finally:
+        fault_injection.uninstall()
     assert record["skipped"] == 1 and trainer.skipped_steps == 1
     assert all(torch.equal(params[k], v) for k, v in trainer.engine.base_model.state_dict().items())
     assert all(torch.equal(a, s["exp_avg"]) for a, s in zip(moments, trainer.engine.optimizer.state.values()))
@@ -113,7 +118,7 @@ def test_non_finite_step_is_skipped_without_touching_weights_or_optimizer(prepar
 
 
 def test_too_many_non_finite_steps_stop_the_run_and_keep_the_last_checkpoint(prepared_sample, tmp_path):
-    result = run(train_command(prepared_sample, tmp_path, **{"train.max_nonfinite": 3}),
+    result = run(train_command(prepared_sample, tmp_path, faults=True, **{"train.max_nonfinite": 3}),
                  env={"MEGATRON_LAX_TEST_NAN_STEPS": "3,4,5"})
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: step 5: 3 non-finite steps in a row")
