@@ -161,7 +161,11 @@ def user_arguments(argv: list[str]) -> list[str]:
 # The environment a recipe is read from. The DeepSpeed launcher starts remote ranks through pdsh with
 # only a few prefixes of its own environment (NCCL_, PYTHON...) and .deepspeed_env: launch.sh hands
 # these over as `--launch-env NAME=VALUE` arguments instead, which every rank receives.
-RECIPE_ENVIRONMENT = ("METHOD", "GATE", "ENGINE", "ZERO_STAGE", "DATA", "TOKENIZER", "PRECISION", "RUN_DIR", "RECIPE")
+# MEMORY_PLAN and PLAN_GPU steer the memory check every rank runs before training, so they travel too.
+RECIPE_ENVIRONMENT = ("METHOD", "GATE", "ENGINE", "ZERO_STAGE", "DATA", "TOKENIZER", "PRECISION", "RUN_DIR", "RECIPE",
+                      "MEMORY_PLAN", "PLAN_GPU")
+# Set by the launcher on each rank itself, never forwarded.
+RANK_ENVIRONMENT = ("RANK", "WORLD_SIZE")
 
 
 def forwarded_environment(argv: list[str], environ) -> tuple[list[str], dict]:
@@ -201,13 +205,14 @@ def recipe_arguments(scale: str, argv: list[str], environ) -> list[str]:
 def main(scale: str) -> None:
     args = recipe_arguments(scale, sys.argv[1:], os.environ)
     from .parallel.distributed import end_process
-    world, gpu = int(os.environ.get("WORLD_SIZE", "1")), os.environ.get("PLAN_GPU")
-    if os.environ.get("MEMORY_PLAN") == "only":
+    _, environ = forwarded_environment(sys.argv[1:], os.environ)
+    world, gpu = int(environ.get("WORLD_SIZE", "1")), environ.get("PLAN_GPU")
+    if environ.get("MEMORY_PLAN") == "only":
         print(report(config_of(args), world, gpu or this_gpu() or "a100-80", None, None))
         end_process(0)
-    refusal = None if os.environ.get("MEMORY_PLAN") == "ignore" else preflight(args, world, gpu)
+    refusal = None if environ.get("MEMORY_PLAN") == "ignore" else preflight(args, world, gpu)
     if refusal:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if int(environ.get("RANK", "0")) == 0:
             print(f"error: {refusal} (MEMORY_PLAN=ignore runs it anyway)", file=sys.stderr)
         end_process(2)
     from .train import main as train_main

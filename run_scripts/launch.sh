@@ -71,7 +71,7 @@ case "$engine" in
     [ -z "${HOSTFILE:-}" ] || check_hostfile "$HOSTFILE"
     # pdsh does not carry these to other nodes: every rank gets them as arguments (megatron_lax/launch.py)
     recipe_env=()
-    for name in METHOD GATE ENGINE ZERO_STAGE DATA TOKENIZER PRECISION RUN_DIR RECIPE; do
+    for name in METHOD GATE ENGINE ZERO_STAGE DATA TOKENIZER PRECISION RUN_DIR RECIPE MEMORY_PLAN PLAN_GPU; do
       [ -z "${!name+set}" ] || recipe_env+=(--launch-env "$name=${!name}")
     done
     exec deepspeed ${HOSTFILE:+--hostfile "$HOSTFILE"} ${NUM_GPUS:+--num_gpus "$NUM_GPUS"} \

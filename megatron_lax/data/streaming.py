@@ -840,8 +840,9 @@ class Stream:
 
     def validation_batches(self, micro_batch: int, n_tokens: int, after_tokens: int = 0) -> list:
         """This rank's share of the validation windows, as data.validation_batches shares them out
-        (round-robin; every rank as many batches as rank 0, padded with fully masked ones). Rank 0
-        reads them and broadcasts them (a collective; without a process group each reads them)."""
+        (round-robin; every rank as many batches as rank 0, each of micro_batch rows, filled up with fully
+        masked ones: a compiled model sees one shape). Rank 0 reads them and broadcasts them (a
+        collective; without a process group each reads them)."""
         result = None
         if self.rank == 0 or not is_distributed():
             try:
@@ -854,10 +855,7 @@ class Stream:
         mine = result[self.rank::self.world_size]
         batches = [to_batch(mine[i: i + micro_batch], self.pad_id) for i in range(0, len(mine), micro_batch)]
         most = math.ceil(len(result[0::self.world_size]) / micro_batch)
-        T = self.cfg.seq_len
-        padding = (torch.full((micro_batch, T), self.pad_id, dtype=torch.int64),
-                   torch.full((micro_batch, T), data.IGNORE, dtype=torch.int64))
-        return batches + [padding] * (most - len(batches))
+        return data.filled_batches(batches, micro_batch, self.cfg.seq_len, self.pad_id, most)
 
     def unigram_counts(self, max_train_tokens: int) -> np.ndarray:
         """Token counts over the first max_train_tokens tokens of the train split, shards in order."""

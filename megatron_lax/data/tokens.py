@@ -17,9 +17,12 @@ memory-mapped files, and only a few numbers per shard are held in RAM.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import math
+import os
 import re
 import resource
 from pathlib import Path
@@ -49,9 +52,28 @@ def ensure_prepared(data_cfg) -> Path:
     """Prepares data_cfg.raw into data_cfg.path with data_cfg.tokenizer unless it is already there,
     and refuses prepared data that another tokenizer wrote."""
     path = Path(data_cfg.path)
-    if (path / "manifest.json").is_file():
-        check_tokenizer(read_manifest(path), data_cfg.tokenizer, path)
-        return path
+    if not (path / "manifest.json").is_file():
+        with preparing(path):  # a run started beside this one waits here, then reads what the first one wrote
+            if not (path / "manifest.json").is_file():
+                return prepare_from_raw(data_cfg, path)
+    check_tokenizer(read_manifest(path), data_cfg.tokenizer, path)
+    return path
+
+
+@contextlib.contextmanager
+def preparing(path: Path):
+    """Holds an exclusive lock on the prepared folder's parent while `path` is prepared (a lock on the
+    directory itself, so no lock file is left behind); released when the process ends, however it ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def prepare_from_raw(data_cfg, path: Path) -> Path:
     if not data_cfg.raw:
         raise FileNotFoundError(f"data.path {path} holds no prepared data and data.raw is not set")
     default = type(data_cfg)()
@@ -349,12 +371,18 @@ def validation_batches(path, seq_len: int, micro_batch: int, n_tokens: int, mode
     sequences = Sequences(Split(path, "validation"), seq_len, mode)
     ids = validation_sequence_ids(sequences, n_tokens, after_tokens)
     mine = ids[rank::world_size]
-    padding = (torch.full((micro_batch, seq_len), sequences.split.pad_id, dtype=torch.int64),
-               torch.full((micro_batch, seq_len), IGNORE, dtype=torch.int64))
     batches = [_stack(sequences, mine[i: i + micro_batch]) for i in range(0, len(mine), micro_batch)]
-    batches = [tuple(torch.cat([part, pad[len(part):]]) for part, pad in zip(batch, padding)) for batch in batches]
     most = math.ceil(len(ids[0::world_size]) / micro_batch)
-    return batches + [padding] * (most - len(batches))
+    return filled_batches(batches, micro_batch, seq_len, sequences.split.pad_id, most)
+
+
+def filled_batches(batches: list, micro_batch: int, seq_len: int, pad_id: int, most: int) -> list:
+    """`batches` with each filled up to micro_batch rows, then more up to `most` batches, with fully
+    masked rows (pad inputs, no scored target): they add nothing to the NLL or the token count."""
+    padding = (torch.full((micro_batch, seq_len), pad_id, dtype=torch.int64),
+               torch.full((micro_batch, seq_len), IGNORE, dtype=torch.int64))
+    filled = [tuple(torch.cat([part, pad[len(part):]]) for part, pad in zip(batch, padding)) for batch in batches]
+    return filled + [padding] * (most - len(filled))
 
 
 # --- token budget ----------------------------------------------------------------------------------

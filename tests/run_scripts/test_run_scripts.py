@@ -226,7 +226,7 @@ def test_finetune_templates_script_refuses_a_base_of_another_length(tmp_path):
 
 def test_a_remote_deepspeed_rank_builds_the_recipe_of_the_launching_node(tmp_path):
     """pdsh starts remote ranks without METHOD, GATE, ...: what the launcher is handed must carry them."""
-    from megatron_lax.launch import RECIPE_ENVIRONMENT, recipe_arguments
+    from megatron_lax.launch import RANK_ENVIRONMENT, RECIPE_ENVIRONMENT, recipe_arguments
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "deepspeed").write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {tmp_path / 'argv'}\n")
@@ -244,7 +244,7 @@ def test_a_remote_deepspeed_rank_builds_the_recipe_of_the_launching_node(tmp_pat
     assert on_remote_rank != recipe_arguments("1b", ["--optim.lr", "0.1"], {})  # the defaults differ
     launch_source = (REPO / "megatron_lax" / "launch.py").read_text()
     read = set(re.findall(r'environ\.get\("([A-Z_]+)"', launch_source))
-    assert read <= set(RECIPE_ENVIRONMENT) and set(RECIPE_ENVIRONMENT) <= set(
+    assert read <= set(RECIPE_ENVIRONMENT) | set(RANK_ENVIRONMENT) and set(RECIPE_ENVIRONMENT) <= set(
         re.findall(r"\b([A-Z_]+)\b", (REPO / "run_scripts" / "launch.sh").read_text()))
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_lax.data.prepare import prepare, write_manifest, write_shard
+from megatron_lax.data.prepare import expand_inputs, prepare, write_manifest, write_shard
 from megatron_lax.data import tokens as data
 from megatron_lax.config import DataConfig, load_config
 from megatron_lax.data.tokens import IGNORE, DataExhausted, Permutation, Sequences, Split, TrainLoader, ensure_prepared, model_vocab_size, resolve_steps, unigram_perplexity, validation_batches
@@ -300,3 +300,27 @@ def test_a_mistyped_data_path_is_an_error_not_the_sample_corpus(tmp_path):
                                 f"(data.raw is the default data/sample, the shipped sample corpus, which is prepared "
                                 f"only into the default data.path data/prepared/sample)")
     assert not typo.exists()
+
+
+def test_a_second_process_waits_for_the_preparation_under_way_and_reuses_it(tmp_path):
+    """Runs started side by side on data nobody has prepared yet (a study's bases): the second one waits
+    for the first one's preparation and reads it, instead of writing the same shards at the same time."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[3]
+    cfg = DataConfig(path=str(tmp_path / "prepared" / "sample"), raw=str(repo / "data" / "sample"),
+                     tokenizer=str(repo / "tokenizer" / "sample"))
+    second = [sys.executable, "-c", "import sys; from megatron_lax.config import DataConfig; "
+              "from megatron_lax.data.tokens import ensure_prepared; "
+              "ensure_prepared(DataConfig(path=sys.argv[1], raw=sys.argv[2], tokenizer=sys.argv[3]))",
+              cfg.path, cfg.raw, cfg.tokenizer]
+    with data.preparing(Path(cfg.path)):
+        process = subprocess.Popen(second, cwd=repo)
+        time.sleep(3)
+        assert process.poll() is None and not Path(cfg.path).exists()  # waiting, writing nothing
+        prepare(expand_inputs(cfg.raw), cfg.tokenizer, Path(cfg.path), 1, progress=False)
+        written = (Path(cfg.path) / "manifest.json").stat().st_mtime_ns
+    assert process.wait(timeout=120) == 0
+    assert (Path(cfg.path) / "manifest.json").stat().st_mtime_ns == written  # read, not prepared again
