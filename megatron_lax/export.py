@@ -48,7 +48,6 @@ from .method.formats import format_of
 from .models import family_of
 from .parallel import trust
 from .training import checkpoint
-from .models.llama import LlamaLax
 
 
 def hf_config(cfg: ModelConfig) -> dict:
@@ -161,7 +160,7 @@ def export(checkpoint_dir: Path, output: Path, force: bool = False, fmt: str = "
 
 # --- fine-tuned adapters -------------------------------------------------------------------------------
 
-def peft_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
+def peft_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Plain LoRA adapters under the names PEFT writes for LlamaForCausalLM."""
     from .models.lora import LoraLinear
     out = {}
@@ -182,7 +181,7 @@ def peft_config(cfg, base_path: str) -> dict:
             "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False}
 
 
-def write_huggingface(model: LlamaLax, cfg: ModelConfig, output: Path) -> None:
+def write_huggingface(model: torch.nn.Module, cfg: ModelConfig, output: Path) -> None:
     from safetensors.torch import save_file
     output.mkdir(parents=True, exist_ok=True)
     save_file(hf_state_dict(model), str(output / "model.safetensors"), metadata={"format": "pt"})

@@ -17,7 +17,6 @@ import torch
 from .parallel import trust
 from .training import checkpoint
 from .models import family_of
-from .models.llama import KVCache
 
 
 # --- batched decoding with a KV cache -------------------------------------------------------------------
@@ -29,7 +28,7 @@ def _start(model, prompts: list[list[int]], rows_per_prompt: int, max_new_tokens
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     width, rows = max(len(p) for p in prompts), len(prompts) * rows_per_prompt
     tokens = torch.zeros(rows, width, dtype=torch.long, device=device)
-    cache = KVCache(model.cfg, rows, width + max_new_tokens, device, dtype)
+    cache = family_of(model.cfg).new_cache(model.cfg, rows, width + max_new_tokens, device, dtype)
     for i, p in enumerate(prompts):
         for row in range(i * rows_per_prompt, (i + 1) * rows_per_prompt):
             tokens[row, width - len(p):] = torch.tensor(p, device=device)
@@ -39,7 +38,7 @@ def _start(model, prompts: list[list[int]], rows_per_prompt: int, max_new_tokens
     return logits, cache, positions[:, -1] + 1
 
 
-def _step(model, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _step(model, cache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     cache.valid[:, cache.length] = True
     return model(tokens[:, None], cache, positions[:, None])[:, -1].float()
 

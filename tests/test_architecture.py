@@ -265,3 +265,20 @@ def test_the_library_holds_no_fault_injection_hook():
     readers = [str(p.relative_to(REPO)) for package in PACKAGES for p in (REPO / package).rglob("*.py")
                if "MEGATRON_LAX_TEST" in p.read_text()]
     assert not readers, readers
+
+
+# The transformers export templates: each is the family's model rewritten against transformers, and
+# the export copies the source of the family's pieces it imports into the written modeling file.
+TEMPLATES_OF_A_FAMILY = {"megatron_lax.hub.llama", "megatron_lax.hub.vit"}
+
+
+def test_no_module_outside_models_imports_a_family_by_name():
+    """Outside megatron_lax/models/, a family is reached through its registered object (family_of,
+    FAMILIES), never by importing its file; the family files come from the registry itself."""
+    from megatron_lax.models import FAMILIES
+    family_modules = {type(family).__module__ for family in FAMILIES.values()}
+    assert family_modules and all(m.startswith("megatron_lax.models.") for m in family_modules), family_modules
+    offending = [f"{m} imports {t}" for m, targets in graph(with_packages=False).items()
+                 if not m.startswith("megatron_lax.models") and m not in TEMPLATES_OF_A_FAMILY
+                 for t in targets if t in family_modules]
+    assert not offending, "\n".join(sorted(offending))

@@ -11,7 +11,7 @@ import torch
 
 from ..config import Config
 from ..method.formats import format_of
-from ..models.llama import LlamaLax
+from ..models import family_of
 from ..training import checkpoint
 from .huggingface import hf_state_dict, load_hf_llama, mergeable, state_dict_from_hf
 from .ours import OUR_FORMAT, load_checkpoint_model, load_pretrained
@@ -44,7 +44,7 @@ def is_finetune_run(path) -> bool:
     return bool(checkpoint.checkpoint_config(Path(path)).finetune.base)
 
 
-def load_base(spec: str, dtype: torch.dtype = torch.float32) -> LlamaLax:
+def load_base(spec: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """The base as a dense LlamaLax on the CPU (frozen weights in `dtype`). SVD models without LaX are
     merged (W = B A); CoLA and LaX models are refused: their projections are not single weight matrices."""
     kind = base_kind(spec)
@@ -61,7 +61,7 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> LlamaLax:
             raise ValueError(f"finetune.base {spec} is {what} model: LoRA needs plain linear projections (only dense "
                              f"and SVD-without-LaX bases can be fine-tuned)")
         dense_cfg = dataclasses.replace(cfg, method="dense", rank=0, attn_rank=None, mlp_rank=None)
-        dense = LlamaLax(dense_cfg, init_seed=None)
+        dense = family_of(dense_cfg).build(dense_cfg, init_seed=None)
         dense.load_state_dict(state_dict_from_hf(hf_state_dict(model), cfg.n_layers))
         model = dense
     return model.to(dtype).eval()
@@ -80,7 +80,7 @@ def base_fingerprint(named_tensors) -> str:
     return digest.hexdigest()[:16]
 
 
-def check_base(cfg: Config, base: LlamaLax, where) -> None:
+def check_base(cfg: Config, base: torch.nn.Module, where) -> None:
     """Refuses a base whose weights are not those the run was trained on."""
     expected = cfg.finetune.base_fingerprint
     found = base_fingerprint(base.named_parameters())

@@ -8,7 +8,7 @@ import torch
 
 from ..config import Config, load_config
 from ..method.init import assign_parameters
-from ..models.llama import LlamaLax, init_rules
+from ..models import family_of
 from ..models.lora import adapter_value, apply_lora
 from ..parallel import ModelRecipe, consolidated_state_dict
 from ..training import checkpoint
@@ -26,9 +26,9 @@ def load_finetuned(path, device: torch.device = torch.device("cpu")):
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     adapt = (lambda m: m) if cfg.finetune.full else (lambda m: apply_lora(m, cfg.lora, seed=cfg.train.seed))
     with torch.device("meta"):
-        names = adapt(LlamaLax(cfg.model, init_seed=None)).state_dict().keys()
+        names = adapt(family_of(cfg.model).build(cfg.model, init_seed=None)).state_dict().keys()
     if all(k in state for k in names):
-        model = adapt(LlamaLax(cfg.model, init_seed=None))
+        model = adapt(family_of(cfg.model).build(cfg.model, init_seed=None))
     else:  # adapters only: the frozen weights are the base's
         base = load_base(cfg.finetune.base)
         check_base(cfg, base, ckpt)
@@ -54,7 +54,7 @@ def selected_checkpoint(path) -> Path:
     return path
 
 
-def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> LlamaLax:
+def load_lax_lora(directory, base: str | None = None, device: str = "cpu") -> torch.nn.Module:
     """A LaX-LoRA export on its base (the one the run used unless `base` names another copy)."""
     directory = Path(directory)
     if not (directory / LAX_LORA_FORMAT).is_file():
@@ -85,11 +85,11 @@ def finetune_recipe(cfg: Config):
     full = cfg.finetune.full
 
     def build():
-        model = LlamaLax(model_cfg, init_seed=None)
+        model = family_of(model_cfg).build(model_cfg, init_seed=None)
         return model.requires_grad_(True) if full else apply_lora(model, cfg.lora, seed=cfg.train.seed, init=False)
 
     def initialize(model):
-        rules = init_rules(model, model_cfg)
+        rules = model.weight_init_rules()
         shape_of = lambda p: tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
         sample = []
 
@@ -104,7 +104,7 @@ def finetune_recipe(cfg: Config):
     return model_cfg, ModelRecipe(build=build, initialize=initialize)
 
 
-def load_any(path) -> tuple[LlamaLax, str]:
+def load_any(path) -> tuple[torch.nn.Module, str]:
     """(model, tokenizer spec) of whatever `path` is: our export, a Hugging Face directory, a
     fine-tuning run (its selected checkpoint, adapters on its base) or a pre-training checkpoint."""
     path = Path(path)

@@ -9,7 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..method.formats import format_of
-from ..models.llama import LlamaLax
+from ..models import family_of
 from ..parallel import trust
 
 HF_NAMES = {"attn.q": "self_attn.q_proj", "attn.k": "self_attn.k_proj", "attn.v": "self_attn.v_proj",
@@ -22,7 +22,7 @@ def mergeable(cfg: ModelConfig) -> bool:
     return format_of(cfg).mergeable(cfg)
 
 
-def hf_state_dict(model: LlamaLax) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Our weights under Hugging Face LLaMA names; SVD factors merged into W = B A. Both codebases use
     the rotate-half rotary convention, so q and k need no permutation."""
     out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
@@ -148,7 +148,7 @@ def read_hf_config(directory) -> tuple[dict, ModelConfig]:
     return hf, model_config_from_hf(hf, str(directory))
 
 
-def load_hf_llama(directory, dtype: torch.dtype = torch.float32) -> LlamaLax:
+def load_hf_llama(directory, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A local Hugging Face LlamaForCausalLM directory as our dense LlamaLax on the CPU, in `dtype`:
     built on the meta device and given its tensors one by one (never a second copy of the model)."""
     directory = Path(directory)
@@ -159,7 +159,7 @@ def load_hf_llama(directory, dtype: torch.dtype = torch.float32) -> LlamaLax:
         tied = bool(hf.get("tie_word_embeddings", False))
         check_hf_names(weights.keys(), names, cfg.n_layers, tied)
         with torch.device("meta"):
-            model = LlamaLax(cfg, init_seed=None)
+            model = family_of(cfg).build(cfg, init_seed=None)
         state = {ours: weights.get(tied_name(theirs, weights, tied)).to(dtype) for ours, theirs in names.items()}
     except (OSError, RuntimeError) as e:
         raise ValueError(f"{directory}: cannot read the weights ({str(e).splitlines()[0]})") from None

@@ -26,6 +26,10 @@ class Family:
         """(summed loss, number of scored targets)."""
         raise NotImplementedError
 
+    def new_cache(self, cfg, rows: int, capacity: int, device, dtype):
+        """An empty cache of `capacity` positions for incremental decoding (megatron_lax.generate)."""
+        raise NotImplementedError(f"model.arch {self.name} has no incremental decoding (Family.new_cache)")
+
     def projection_shapes(self, m) -> dict[str, tuple[int, int]]:
         """{projection: (d_in, d_out)}, for the formats' checks; by default by role (ModelConfig.role_of):
         attention dim -> dim, MLP dim -> ffn_dim, MLP output ffn_dim -> dim."""

@@ -340,6 +340,9 @@ class Llama(Family):
     def build(self, cfg, init_seed: Optional[int] = 0) -> nn.Module:
         return LlamaLax(cfg, init_seed)
 
+    def new_cache(self, cfg, rows: int, capacity: int, device, dtype) -> KVCache:
+        return KVCache(cfg, rows, capacity, device, dtype)
+
     def loss(self, outputs, targets):
         return token_nll(outputs, targets)
 
