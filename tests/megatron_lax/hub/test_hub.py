@@ -232,7 +232,7 @@ def test_lm_eval_scores_an_export_as_we_do(tmp_path, monkeypatch):
 
     from lm_eval.tasks import TaskManager
 
-    from megatron_lax.evaluate import sequence_nll
+    from megatron_lax.tasks.language_modeling import sequence_nll
     from megatron_lax.data.tokenizer import load_tokenizer
     ours, _, out = exported(tmp_path, "cola_dense_small")
     monkeypatch.chdir(REPO)  # the tasks' data_files are relative to the repository root
