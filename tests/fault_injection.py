@@ -106,9 +106,10 @@ def _steps(name: str) -> set[int]:
     return {int(s) for s in os.environ.get(name, "").split(",") if s.strip()}
 
 
-def install_from_env() -> None:
+def install_from_env(nan_steps=()) -> None:
+    """The faults the MEGATRON_LAX_TEST_* variables name, plus `nan_steps`."""
     timeout = os.environ.get("MEGATRON_LAX_TEST_PG_TIMEOUT")
-    install(_steps("MEGATRON_LAX_TEST_NAN_STEPS"), _steps("MEGATRON_LAX_TEST_KILL_AT_STEP"),
+    install(_steps("MEGATRON_LAX_TEST_NAN_STEPS") | set(nan_steps), _steps("MEGATRON_LAX_TEST_KILL_AT_STEP"),
             _steps("MEGATRON_LAX_TEST_KILL_IN_CHECKPOINT"),
             float(os.environ.get("MEGATRON_LAX_TEST_SLOW_PREPARE", "0")), float(timeout) if timeout else None)
 
