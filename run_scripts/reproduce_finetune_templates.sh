@@ -76,11 +76,20 @@ printf '%s\n' $cells | xargs -P "$jobs" -I{} sh -c \
 grep -h chosen "$out"/tune.*.log || true
 base_dirs=()
 for b in $bases; do base_dirs+=("$out/bases/base$b"); done
+run_one() {  # SEED CELL: the cell at its chosen rate with this seed on every reported base
+  local ft_set
+  read -r -a ft_set <<< "${FT_SET:-}"
+  # shellcheck disable=SC2086
+  "$py" -m megatron_lax.finetune_study run --config configs/finetune_templates.yaml --set "train.steps=$steps" \
+    "optim.warmup_steps=$((steps / 10))" "${ft_set[@]}" --bases $base_list --out "$out/cells" --lrs "$out/tune" \
+    --seeds "$1" --cells "$2" >> "$out/cells.$2.log" 2>&1 || echo "run $2 seed $1" >> "$out/failed.txt"
+}
+export -f run_one
+export steps
+export base_list="${base_dirs[*]}"
 echo "reported seeds ${SEEDS:-1 2 3 4 5 6 7} on bases $bases"
-# shellcheck disable=SC2086
-printf '%s\n' $cells | xargs -P "$jobs" -I{} sh -c \
-  '"$0" -m megatron_lax.finetune_study run "$@" --cells {} >> "'"$out"'/cells.{}.log" 2>&1 || echo "run {}" >> "'"$failed"'"' \
-  "$py" "${common[@]}" --bases "${base_dirs[@]}" --out "$out/cells" --lrs "$out/tune" --seeds ${SEEDS:-1 2 3 4 5 6 7}
+# one job a (seed, cell), seed by seed: the jobs stay balanced, and a study cut short has whole seeds
+for s in ${SEEDS:-1 2 3 4 5 6 7}; do printf "$s %s\n" $cells; done | xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _
 "$py" -m megatron_lax.finetune_study table "$out/cells" --output "$out/table.md"
 echo "total time ${SECONDS}s with $jobs jobs of one thread" | tee -a "$out/table.md"
 [ ! -f "$failed" ] || { echo "failed (see $out/tune.CELL.log, $out/cells.CELL.log):" >&2; cat "$failed" >&2; exit 1; }

@@ -86,11 +86,52 @@ def modeling_source(method: str, template=llama_hf) -> str:
              f'(python -m megatron_lax.export) out of\n{template.__name__.replace(".", "/")}.py and the package code '
              f'it uses, copied below as it is there; it imports nothing\nfrom megatron_lax. Load it with '
              f'from_pretrained(DIR, trust_remote_code=True).\n"""\n' + imports]
-    for module, names in package_objects(template, method):
+    objects = package_objects(template, method)
+    sources = {(module, name): top_level_source(module, name) for module, names in objects for name in names}
+    formats = {key for key in sources if is_format_class(getattr(key[0], key[1]))}
+    methods = used_methods([text for key, text in sources.items() if key not in formats] + [body],
+                           [sources[key] for key in formats])
+    for module, names in objects:
         parts.append(f"# --- from {module.__name__.replace('.', '/')}.py ---\n")
-        parts += [top_level_source(module, name) + "\n\n" for name in names]
+        parts += [(without_methods(sources[module, name], methods) if (module, name) in formats else
+                   sources[module, name]) + "\n\n" for name in names]
     parts.append(f"FORMATS = {{{method!r}: {type(FORMATS[method]).__name__}()}}\n")
     return "\n".join(parts) + MODEL_SECTION + body
+
+
+def is_format_class(obj) -> bool:
+    from ..method.base import Format
+    return inspect.isclass(obj) and issubclass(obj, Format)
+
+
+def used_methods(model_sources: list[str], format_sources: list[str]) -> set[str]:
+    """The Format methods an export calls: the attributes the model's code reads (`.build`), then, from
+    those methods, every `self.name` they read, until nothing is added. The rest (counts, validation, the
+    memory plan's `saved_bytes`) is training-side code that would call helpers the file does not hold."""
+    def attributes(text: str, of_self: bool = False) -> set[str]:
+        return {n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
+                and (not of_self or isinstance(n.value, ast.Name) and n.value.id == "self")}
+    defined = {f.name: f for text in format_sources for f in ast.parse(text).body[0].body
+               if isinstance(f, ast.FunctionDef)}
+    wanted = set().union(*map(attributes, model_sources)) & defined.keys()
+    while True:
+        more = set().union(set(), *(attributes(ast.unparse(defined[n]), of_self=True) for n in wanted)) & defined.keys()
+        if more <= wanted:
+            return wanted
+        wanted |= more
+
+
+def without_methods(class_source: str, keep: set[str]) -> str:
+    """`class_source` without the methods that are not in `keep` (dunder methods always stay)."""
+    lines = class_source.splitlines()
+    node = ast.parse(class_source).body[0]
+    for f in reversed(node.body):
+        if isinstance(f, ast.FunctionDef) and f.name not in keep and not f.name.startswith("__"):
+            first = min([f.lineno] + [d.lineno for d in f.decorator_list])
+            last = f.end_lineno + (f.end_lineno < len(lines) and not lines[f.end_lineno].strip())
+            del lines[first - 1:last]
+    text = "\n".join(lines).rstrip()
+    return text if len(ast.parse(text).body[0].body) else text + "\n    pass"
 
 
 # --- config and weights -----------------------------------------------------------------------------

@@ -141,7 +141,41 @@ def test_modeling_file_is_the_package_code():
                 for alias in node.names}
     assert {name.split(".")[0] for name in imported} == {"__future__", "dataclasses", "math", "typing", "torch",
                                                          "transformers"}
-    assert "FORMATS = {'svd': SVD()}" in source and inspect.getsource(SVD) in source
+    assert "FORMATS = {'svd': SVD()}" in source and inspect.getsource(SVD.build) in source
+    assert "def saved_bytes" not in source and "def count" not in inspect.getsource(SVD).split("def build")[0]
+
+
+def global_names_read(source: str) -> set[str]:
+    """The global names that the code of `source` reads (in any function or class), by the compiler's
+    own scopes."""
+    import symtable
+
+    def walk(table):
+        yield table
+        for child in table.get_children():
+            yield from walk(child)
+    return {s.get_name() for t in walk(symtable.symtable(source, "modeling", "exec")) for s in t.get_symbols()
+            if s.is_referenced() and (t.get_type() == "module" or s.is_global())}
+
+
+def module_level_names(source: str) -> set[str]:
+    import symtable
+    return {s.get_name() for s in symtable.symtable(source, "modeling", "exec").get_symbols()
+            if s.is_assigned() or s.is_imported()}
+
+
+@pytest.mark.parametrize("template", ["llama", "vit"])
+def test_modeling_file_defines_every_name_it_reads(template):
+    """Each format's modeling file holds every name its code reads: the export copies only the format
+    methods the model calls (training-side ones, such as the memory plan's saved_bytes, would call helpers
+    the file does not hold)."""
+    import builtins
+
+    from megatron_lax.method.formats import FORMATS
+    for method in FORMATS:
+        source = hub.modeling_source(method, getattr(hub, f"{template}_hf"))
+        missing = global_names_read(source) - module_level_names(source) - set(dir(builtins))
+        assert not missing, f"{template} {method}: {sorted(missing)}"
 
 
 @pytest.mark.parametrize("fields", [dict(method="svd", rank=16), dict(method="cola", rank=16, attn_rank=8, mlp_rank=12,
