@@ -219,7 +219,7 @@ class TensorTrain(Format):
             raise ValueError("model.lax_intra_modules (intra-layer LaX) needs model.method tt")
 
     def intra(self, cfg, projection: str) -> bool:
-        return projection in cfg.lax_intra_modules
+        return "all" in cfg.lax_intra_modules or projection in cfg.lax_intra_modules
 
     def build(self, cfg, projection, d_in, d_out, bias, activation, crossing):
         intra = cfg.lax_intra_gate if self.intra(cfg, projection) else None

@@ -61,7 +61,8 @@ def test_plain_tt_vit_b_at_table_13_modes():
 
 
 @pytest.mark.parametrize("method,gate,intra", [("dense", "none", ""), ("svd", "tensor", ""), ("cola", "dense", ""),
-                                               ("tt", "tensor", "q,k,v,o,fc1,fc2"), ("tt", "linear", "fc1")])
+                                               ("tt", "tensor", "q,k,v,o,fc1,fc2"), ("tt", "linear", "fc1"),
+                                               ("tt", "tensor", "all")])
 def test_analytic_count_equals_the_built_model(method, gate, intra):
     cfg = vit_config("vit_b", method, gate, model__lax_intra_modules=intra)
     with torch.device("meta"):
@@ -126,6 +127,8 @@ def test_cola_latent_activation_is_gelu_and_tt_layers_are_built():
     assert isinstance(tt.layers[1].mlp.fc1, TTLinear) and tt.layers[1].mlp.fc1.intra_gates is not None
     assert tt.layers[1].attn.k.intra_gates is None
     assert tt(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    every, _ = micro("tt", "identity", model__lax_intra_modules="all", model__attn_rank=24, model__mlp_rank=24)
+    assert all(m.intra_gates is not None for m in every.modules() if isinstance(m, TTLinear))
 
 
 def test_an_empty_batch_goes_through_every_format():
