@@ -599,7 +599,12 @@ def main(argv=None) -> int:
         print(text)
         return 0
     if args.command == "same-weights":
-        found = weight_differences(*args.runs)
+        from ..training import checkpoint
+        try:
+            found = weight_differences(*args.runs)
+        except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         worst = max(found["differing"].values(), default=0.0)
         print(f"{len(found['differing'])} of {found['tensors']} tensors ({found['values']:,} values) differ"
               + (f"; largest absolute difference {worst:.3g}" if found["differing"] else ": identical bit for bit"))

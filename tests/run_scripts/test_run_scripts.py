@@ -264,7 +264,7 @@ def tiny_template_task(where: Path) -> dict:
                         f"finetune.val_size=4 finetune.max_new_tokens=12 train.global_batch=4 train.micro_batch=4"}
 
 
-def test_finetune_templates_script_runs_the_study_over_bases_end_to_end(tmp_path):
+def test_finetune_templates_script_runs_the_study_over_bases_end_to_end(tmp_path, capsys):
     """The whole study, shrunk: a selection base and two reported bases (seeds 0; 1, 2) of 3 steps, each
     cell's rate chosen on base 0 by the selection wording, two cells x two seeds on each reported base,
     the pooled table. The bases differ (the base seed sets the initialisation), the tuning runs saw only
@@ -284,6 +284,9 @@ def test_finetune_templates_script_runs_the_study_over_bases_end_to_end(tmp_path
     bases = [out / "bases" / f"base{b}" for b in (0, 1, 2)]
     assert all(weight_differences(a, b)["differing"] for a, b in [bases[:2], bases[1:], bases[::2]])
     assert main(["same-weights", str(bases[1]), str(bases[1])]) == 0 and main(["same-weights", *map(str, bases[1:])]) == 1
+    fine_tune = next((out / "cells").rglob("finished.json")).parent  # scored, its checkpoints removed
+    assert main(["same-weights", str(bases[1]), str(fine_tune)]) == 2
+    assert f"error: no intact checkpoint found at {fine_tune}" in capsys.readouterr().err
     tuned = [json.loads(p.read_text()) for p in (out / "tune").rglob("result.json")]
     assert len(tuned) == 2 and all(r["overrides"]["finetune.base"].endswith("bases/base0") for r in tuned)
     assert all([f["file"] for f in r["files"]] == [str(tmp_path / "select_templates.json")] for r in tuned)
