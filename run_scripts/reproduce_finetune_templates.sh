@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The LoRA vs LaX-LoRA template study over several pre-trained bases (docs/FINETUNING.md, "The multi-base
-# template study", issue 36), end to end from a fresh clone:
+# The LoRA vs LaX-LoRA template study over several pre-trained bases (docs/FINETUNING.md, "The template
+# study over several bases", issue 36), end to end from a fresh clone:
 #   1. the task (data/arithmetic_templates, with its selection wording select_templates.json), if missing;
 #   2. the bases: the study's base config (configs/finetune_study_base.yaml, BASE_STEPS steps) once per base
 #      seed (train.seed = data.seed = the base seed: initialisation and data order), one thread each, so that
@@ -11,9 +11,9 @@
 #   5. OUT/table.md: every comparison pooled over bases x seeds (hierarchical bootstrap over bases, seeds
 #      and problems; Student's t over the base means) and per base.
 # Resumable: finished bases and runs are skipped (an interrupted base resumes from its checkpoint).
-# Expected cost with the defaults, from the measured per-run costs (docs/FINETUNING.md, "The template study over
-# several bases"): about 6.8 CPU-hours (4 bases x ~1,840 s, ~40 tuning runs x ~89 s, 147 runs x ~93 s), about
-# 3.4 hours of wall time with JOBS=2 on an idle 2-core machine.
+# Cost with the defaults, measured on a 2-core VM with JOBS=2 (docs/FINETUNING.md, "The template study over
+# several bases"): the 4 bases 1,064-1,151 s each, two at a time; 21 tuning runs and 60 reported runs (~100 s
+# each) 4,562 s; about 1.9 hours of wall time, 3.5 CPU-hours.
 # Environment: OUT (runs/finetune_bases), BASE_STEPS (3000), SELECTION_BASE (0), BASES ("1 2 3"), SEEDS
 # ("1 2 3 4 5 6 7"), SELECT_SEEDS ("100 101"), CELLS (below), STEPS (300), RATES ("3e-3 1e-2 3e-2"),
 # FULL_RATES ("3e-4 1e-3 3e-3"), SELECT (data/arithmetic_templates/select_templates.json), JOBS (2: runs side
@@ -49,10 +49,11 @@ train_base() {  # SEED: OUT/bases/baseSEED, or stop if a base of another length 
       "$dir/finished.json" "$base_steps"
     return
   fi
+  # the log is appended to: a second launch, which the base's run.lock refuses, must not empty a live run's log
   # shellcheck disable=SC2086
   "$py" -m megatron_lax.train --config configs/finetune_study_base.yaml --logging.run_dir "$dir" \
     --checkpoint.resume auto --train.steps "$base_steps" --train.seed "$1" --data.seed "$1" ${BASE_ARGS:-} \
-    > "$dir.log" 2>&1 || { echo "base $1 failed:" >&2; tail -5 "$dir.log" >&2; return 1; }
+    >> "$dir.log" 2>&1 || { echo "base $1 failed:" >&2; tail -5 "$dir.log" >&2; return 1; }
 }
 export -f train_base
 export py out base_steps

@@ -264,6 +264,30 @@ def tiny_template_task(where: Path) -> dict:
                         f"finetune.val_size=4 finetune.max_new_tokens=12 train.global_batch=4 train.micro_batch=4"}
 
 
+def test_finetune_templates_script_leaves_a_live_base_and_its_log_alone(tmp_path):
+    """A second launch of the study while a base is still training (its run.lock held, here by this
+    process) stops at that base with the run's one-line refusal, and the live run's log keeps its lines."""
+    import subprocess
+
+    from megatron_lax.training.checkpoint import lock_run_dir, release_run_dir
+    task = tiny_template_task(tmp_path)
+    out = tmp_path / "out"
+    live = out / "bases" / "base1"
+    lock_run_dir(live)
+    (out / "bases" / "base1.log").write_text("step 7 of the live run\n")
+    env = launcher_env(OUT=str(out), BASE_STEPS="3", BASES="1", SEEDS="1", SELECT_SEEDS="100", RATES="1e-2",
+                       CELLS="lora_r1", STEPS="2", SELECT=str(tmp_path / "select_templates.json"),
+                       BASE_ARGS=task["base"], FT_SET=task["finetune"])
+    try:
+        result = subprocess.run(["bash", "run_scripts/reproduce_finetune_templates.sh"], cwd=REPO, text=True,
+                                capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    finally:
+        release_run_dir(live)
+    assert result.returncode != 0 and "base 1 failed" in result.stderr and not (out / "tune").exists()
+    log = (out / "bases" / "base1.log").read_text()
+    assert log.startswith("step 7 of the live run\n") and "is in use by a live run" in log
+
+
 def test_finetune_templates_script_runs_the_study_over_bases_end_to_end(tmp_path, capsys):
     """The whole study, shrunk: a selection base and two reported bases (seeds 0; 1, 2) of 3 steps, each
     cell's rate chosen on base 0 by the selection wording, two cells x two seeds on each reported base,
