@@ -111,11 +111,14 @@ def used_methods(model_sources: list[str], format_sources: list[str]) -> set[str
     def attributes(text: str, of_self: bool = False) -> set[str]:
         return {n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
                 and (not of_self or isinstance(n.value, ast.Name) and n.value.id == "self")}
-    defined = {f.name: f for text in format_sources for f in ast.parse(text).body[0].body
-               if isinstance(f, ast.FunctionDef)}
+    defined: dict[str, list] = {}  # a method's name -> its definitions in every class (a base's and an override)
+    for text in format_sources:
+        for f in ast.parse(text).body[0].body:
+            if isinstance(f, ast.FunctionDef):
+                defined.setdefault(f.name, []).append(ast.unparse(f))
     wanted = set().union(*map(attributes, model_sources)) & defined.keys()
     while True:
-        more = set().union(set(), *(attributes(ast.unparse(defined[n]), of_self=True) for n in wanted)) & defined.keys()
+        more = set().union(*(attributes(f, of_self=True) for n in wanted for f in defined[n])) & defined.keys()
         if more <= wanted:
             return wanted
         wanted |= more

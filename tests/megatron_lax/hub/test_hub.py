@@ -168,7 +168,8 @@ def module_level_names(source: str) -> set[str]:
 def test_modeling_file_defines_every_name_it_reads(template):
     """Each format's modeling file holds every name its code reads: the export copies only the format
     methods the model calls (training-side ones, such as the memory plan's saved_bytes, would call helpers
-    the file does not hold)."""
+    the file does not hold), and every format method that the kept ones call on `self`."""
+    import ast
     import builtins
 
     from megatron_lax.method.formats import FORMATS
@@ -176,6 +177,13 @@ def test_modeling_file_defines_every_name_it_reads(template):
         source = hub.modeling_source(method, getattr(hub, f"{template}_hf"))
         missing = global_names_read(source) - module_level_names(source) - set(dir(builtins))
         assert not missing, f"{template} {method}: {sorted(missing)}"
+        namespace: dict = {}
+        exec(compile(source, "modeling", "exec"), namespace)
+        kept = namespace["FORMATS"][method]
+        read = {node.attr for cls in type(kept).__mro__ if cls.__name__ in namespace
+                for node in ast.walk(next(n for n in ast.parse(source).body if getattr(n, "name", "") == cls.__name__))
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"}
+        assert {name for name in read if not hasattr(kept, name)} == set(), f"{template} {method}"
 
 
 @pytest.mark.parametrize("fields", [dict(method="svd", rank=16), dict(method="cola", rank=16, attn_rank=8, mlp_rank=12,
