@@ -78,20 +78,17 @@ printf '%s\n' $cells | xargs -P "$jobs" -I{} sh -c \
 grep -h chosen "$out"/tune.*.log || true
 base_dirs=()
 for b in $bases; do base_dirs+=("$out/bases/base$b"); done
-run_one() {  # SEED CELL: the cell at its chosen rate with this seed on every reported base
-  local ft_set
-  read -r -a ft_set <<< "${FT_SET:-}"
-  # shellcheck disable=SC2086
-  "$py" -m megatron_lax.finetune_study run --config configs/finetune_templates.yaml --set "train.steps=$steps" \
-    "optim.warmup_steps=$((steps / 10))" "${ft_set[@]}" --bases $base_list --out "$out/cells" --lrs "$out/tune" \
-    --seeds "$1" --cells "$2" >> "$out/cells.$2.log" 2>&1 || echo "run $2 seed $1" >> "$out/failed.txt"
+run_one() {  # ARGS... SEED CELL: `finetune_study run ARGS` for that seed and cell, on every reported base
+  local seed=${@: -2:1} cell=${@: -1}
+  "$py" -m megatron_lax.finetune_study run "${@:1:$#-2}" --seeds "$seed" --cells "$cell" >> "$out/cells.$cell.log" 2>&1 \
+    || echo "run $cell seed $seed" >> "$failed"
 }
 export -f run_one
-export steps
-export base_list="${base_dirs[*]}"
+export failed
 echo "reported seeds $seeds on bases $bases"
 # one job a (seed, cell), seed by seed: the jobs stay balanced, and a study cut short has whole seeds
-for s in $seeds; do printf "$s %s\n" $cells; done | xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _
+for s in $seeds; do printf "$s %s\n" $cells; done | xargs -P "$jobs" -L 1 bash -c 'run_one "$@"' _ \
+  "${common[@]}" --bases "${base_dirs[@]}" --out "$out/cells" --lrs "$out/tune"
 "$py" -m megatron_lax.finetune_study table "$out/cells" --output "$out/table.md"
 echo "total time ${SECONDS}s with $jobs jobs of one thread" | tee -a "$out/table.md"
 [ ! -f "$failed" ] || { echo "failed (see $out/tune.CELL.log, $out/cells.CELL.log):" >&2; cat "$failed" >&2; exit 1; }
