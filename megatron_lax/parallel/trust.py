@@ -126,6 +126,9 @@ def load_tensors(path, map_location="cpu", mmap: bool = False):
     """torch.load of tensors and plain data. A file holding other objects is unpickled only with the
     user's flag (never because of where it sits); a file that is not a torch file at all is a
     one-line ValueError, never described as pickled."""
+    kind = _torch_file_kind(path)
+    if kind != "torch":
+        raise ValueError(f"{path}: not a readable PyTorch file ({kind})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -133,13 +136,29 @@ def load_tensors(path, map_location="cpu", mmap: bool = False):
             raise ValueError(f"{path}: not a readable PyTorch file (damaged, or not written by torch.save)") from None
         if not flagged():
             raise refusal(path, "holds pickled Python objects besides tensors") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        reason = "empty or cut short" if isinstance(e, EOFError) else _first_line(e)
-        raise ValueError(f"{path}: not a readable PyTorch file ({reason})") from None
+    except EOFError:
+        raise ValueError(f"{path}: not a readable PyTorch file (empty or cut short)") from None
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler runs no code; damaged bytes fail in many ways
+        raise ValueError(f"{path}: not a readable PyTorch file ({_first_line(e)})") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - a trusted file that still does not load
         raise ValueError(f"{path}: cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _torch_file_kind(path) -> str:
+    """'torch' when the file starts as torch.save writes (a zip archive, or the legacy format's pickle
+    protocol header); otherwise why not."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if not head:
+        return "empty or cut short"
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "torch"
+    return "neither a zip archive nor a pickle: damaged, or not written by torch.save"
 
 
 def _first_line(error: BaseException) -> str:
@@ -177,5 +196,5 @@ def restricted_load(path, allowed: dict[str, set[str]], what: str):
             raise UntrustedFile(f"{path} holds {what} that is not plain data ({e}), which can run code when "
                                 f"loaded; this code never writes such a file, so it is not loaded") from None
         raise ValueError(f"{path}: not readable {what} ({_first_line(e)})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - only allowed classes are built; damaged bytes fail in many ways
         raise ValueError(f"{path}: not readable {what} ({type(e).__name__}: {_first_line(e)})") from None

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import random
 import shutil
 from pathlib import Path
 
@@ -132,12 +133,38 @@ def test_a_payload_in_a_checkpoint_does_not_run_on_resume(prepared_sample, run, 
 def test_a_random_bytes_model_file_is_unreadable_not_pickled(run, tmp_path, capsys):
     from megatron_lax import evaluate
     handed = crafted(run, tmp_path)
-    (handed / "model.pt").write_bytes(os.urandom(4096))
+    (handed / "model.pt").write_bytes(random.Random(0).randbytes(4096))
     reseal(handed)
     assert evaluate.main(["--checkpoint", str(handed)]) == 2
     line = one_error_line(capsys)
     assert f"{handed / 'model.pt'}: not a readable PyTorch file" in line
     assert "pickled" not in line and FLAG not in line
+
+
+@pytest.mark.parametrize("head", [b"", b"PK\x03\x04", b"\x80\x02"], ids=["random", "zip-header", "pickle-header"])
+def test_damaged_bytes_of_any_kind_are_one_clear_error(tmp_path, head):
+    """The weights-only unpickler meets damaged bytes with errors of many types (IndexError, KeyError,
+    struct.error, ...): each must come out as the loader's one-line error, whatever the bytes hold."""
+    rng = random.Random(len(head))
+    for i in range(300):
+        path = tmp_path / f"{i}.pt"
+        path.write_bytes(head + rng.randbytes(rng.randrange(4096)))
+        with pytest.raises(ValueError) as caught:
+            trust.load_tensors(path)
+        message = str(caught.value)
+        assert "\n" not in message and message.startswith(str(path))
+        if not head and not isinstance(caught.value, trust.UntrustedFile):
+            assert "not a readable PyTorch file" in message
+
+
+def test_damaged_bytes_in_a_restricted_pickle_are_one_clear_error(tmp_path):
+    rng = random.Random(1)
+    for i in range(300):
+        path = tmp_path / f"{i}.metadata"
+        path.write_bytes(b"\x80\x04" + rng.randbytes(rng.randrange(4096)))
+        with pytest.raises(ValueError) as caught:
+            trust.restricted_load(path, {"collections": {"OrderedDict"}}, "checkpoint metadata")
+        assert "\n" not in str(caught.value) and str(caught.value).startswith(str(path))
 
 
 @pytest.mark.parametrize("tool", ["evaluate", "export", "generate"])
