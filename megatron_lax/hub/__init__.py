@@ -108,17 +108,17 @@ def used_methods(model_sources: list[str], format_sources: list[str]) -> set[str
     """The Format methods an export calls: the attributes the model's code reads (`.build`), then, from
     those methods, every `self.name` they read, until nothing is added. The rest (counts, validation, the
     memory plan's `saved_bytes`) is training-side code that would call helpers the file does not hold."""
-    def attributes(text: str, of_self: bool = False) -> set[str]:
-        return {n.attr for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Attribute)
+    def attributes(tree, of_self: bool = False) -> set[str]:
+        return {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
                 and (not of_self or isinstance(n.value, ast.Name) and n.value.id == "self")}
-    defined: dict[str, list] = {}  # a method's name -> its definitions in every class (a base's and an override)
+    reads: dict[str, set[str]] = {}  # a method's name -> the self.X its definitions read (a base's and an override's)
     for text in format_sources:
         for f in ast.parse(text).body[0].body:
             if isinstance(f, ast.FunctionDef):
-                defined.setdefault(f.name, []).append(ast.unparse(f))
-    wanted = set().union(*map(attributes, model_sources)) & defined.keys()
+                reads.setdefault(f.name, set()).update(attributes(f, of_self=True))
+    wanted = set().union(*(attributes(ast.parse(text)) for text in model_sources)) & reads.keys()
     while True:
-        more = set().union(*(attributes(f, of_self=True) for n in wanted for f in defined[n])) & defined.keys()
+        more = set().union(*(reads[name] for name in wanted)) & reads.keys()
         if more <= wanted:
             return wanted
         wanted |= more
