@@ -126,9 +126,9 @@ def load_tensors(path, map_location="cpu", mmap: bool = False):
     """torch.load of tensors and plain data. A file holding other objects is unpickled only with the
     user's flag (never because of where it sits); a file that is not a torch file at all is a
     one-line ValueError, never described as pickled."""
-    kind = _torch_file_kind(path)
-    if kind != "torch":
-        raise ValueError(f"{path}: not a readable PyTorch file ({kind})")
+    why_not = not_a_torch_file(path)
+    if why_not:
+        raise ValueError(f"{path}: not a readable PyTorch file ({why_not})")
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -146,9 +146,9 @@ def load_tensors(path, map_location="cpu", mmap: bool = False):
         raise ValueError(f"{path}: cannot be loaded ({type(e).__name__}: {_first_line(e)})") from None
 
 
-def _torch_file_kind(path) -> str:
-    """'torch' when the file starts as torch.save writes (a zip archive, or the legacy format's pickle
-    protocol header); otherwise why not."""
+def not_a_torch_file(path) -> str | None:
+    """Why the file cannot be one torch.save wrote, judged by its first bytes (a zip archive, or the
+    legacy format's pickle protocol header); None when it may be."""
     try:
         with open(path, "rb") as f:
             head = f.read(4)
@@ -157,7 +157,7 @@ def _torch_file_kind(path) -> str:
     if not head:
         return "empty or cut short"
     if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
-        return "torch"
+        return None
     return "neither a zip archive nor a pickle: damaged, or not written by torch.save"
 
 

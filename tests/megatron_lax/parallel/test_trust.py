@@ -157,6 +157,15 @@ def test_damaged_bytes_of_any_kind_are_one_clear_error(tmp_path, head):
             assert "not a readable PyTorch file" in message
 
 
+@pytest.mark.parametrize("content,why", [(b"", "empty or cut short"),
+                                         (b"step,loss\n1,2.5\n", "neither a zip archive nor a pickle")])
+def test_a_file_that_is_no_torch_file_is_named_as_such(tmp_path, content, why):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{path}: not a readable PyTorch file \({why}"):
+        trust.load_tensors(path)
+
+
 def test_damaged_bytes_in_a_restricted_pickle_are_one_clear_error(tmp_path):
     rng = random.Random(1)
     for i in range(300):
